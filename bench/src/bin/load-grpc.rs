@@ -1,0 +1,264 @@
+//! `load-grpc`: drives a session server with a mix of gRPC calls and reports ops/s, latency
+//! percentiles (HDR histogram, microseconds) and errors by code; optionally runs
+//! `redis-benchmark` afterwards as a raw-Redis baseline and prints the ratio.
+//!
+//! ```sh
+//! target/release/load-grpc --spawn --mix get=100 --concurrency 32 --duration 10s \
+//!     --vs-redis redis://127.0.0.1:6379
+//! ```
+//!
+//! Client and server share the machine: the numbers are for the pair, not the server alone.
+
+#![allow(clippy::print_stdout)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use bench::load_grpc::{self, Limit, LoadSettings, Mix};
+use clap::{Parser, ValueEnum};
+
+/// How long a spawned server gets to accept connections (a release build starts in well under
+/// a second; a cold Redis pool may take a little longer).
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Drive a Stickless session server with gRPC load and report throughput and latency.
+#[derive(Debug, Parser)]
+#[command(name = "load-grpc", version)]
+struct Cli {
+    /// Server to drive (ignored with --spawn).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    target: String,
+    /// Start `session-server` (next to this executable) on a free port, and stop it after.
+    #[arg(long)]
+    spawn: bool,
+    /// Store of the spawned server.
+    #[arg(long, value_enum, default_value_t = Store::Memory)]
+    store: Store,
+    /// Redis of the spawned server's `--store redis` [default: --vs-redis, else
+    /// redis://127.0.0.1:6379].
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// The `session-server` binary to spawn [default: next to this executable].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Op weights (ops: get, touch, update, create).
+    #[arg(long, default_value = "get=80,touch=10,update=8,create=2")]
+    mix: Mix,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Tonic channels (HTTP/2 connections) shared by the callers.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// How long to run (e.g. 10s); the default when --count is not given.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    duration: Option<Duration>,
+    /// Stop after this many calls instead of after a duration.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Size of each session's one attribute, in bytes.
+    #[arg(long, default_value_t = 200)]
+    session_bytes: usize,
+    /// Sessions pre-created for get, touch and update.
+    #[arg(long, default_value_t = 10_000)]
+    pool: usize,
+    /// Total calls per second to aim for (latency then counts from each call's scheduled
+    /// start); flat out when unset.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// After the load, run `redis-benchmark` against this Redis for a baseline.
+    #[arg(long)]
+    vs_redis: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Store {
+    Memory,
+    Redis,
+}
+
+/// A spawned `session-server`, killed on drop.
+struct Spawned {
+    /// The process.
+    child: Child,
+    /// Its stderr and stdout, kept until it is stopped, shown when it fails to start.
+    log: tempfile::NamedTempFile,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn server_bin(cli: &Cli) -> Result<PathBuf, String> {
+    if let Some(path) = &cli.server_bin {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let path = exe.with_file_name("session-server");
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing; build it with `cargo build --release -p session-server` or pass \
+             --server-bin",
+            path.display()
+        ))
+    }
+}
+
+fn spawn_server(cli: &Cli) -> Result<(Spawned, SocketAddr), String> {
+    let bin = server_bin(cli)?;
+    let addr = free_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
+    let log = tempfile::NamedTempFile::new().map_err(|e| format!("cannot make a log: {e}"))?;
+    let out = log
+        .reopen()
+        .map_err(|e| format!("cannot open the log: {e}"))?;
+    let err = log
+        .reopen()
+        .map_err(|e| format!("cannot open the log: {e}"))?;
+    let mut command = Command::new(&bin);
+    command.args(["--listen", &addr.to_string()]);
+    match cli.store {
+        Store::Memory => command.args(["--store", "memory"]),
+        Store::Redis => {
+            let url = cli
+                .redis_url
+                .clone()
+                .or_else(|| cli.vs_redis.clone())
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+            // A prefix of its own, so the run neither reads nor clobbers anyone's sessions.
+            let prefix = format!("stickless-load-{}", std::process::id());
+            command.args([
+                "--store",
+                "redis",
+                "--redis-url",
+                &url,
+                "--redis-prefix",
+                &prefix,
+            ])
+        }
+    };
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let mut spawned = Spawned { child, log };
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok((spawned, addr));
+        }
+        let exited = spawned.child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() >= deadline {
+            let log = std::fs::read_to_string(spawned.log.path()).unwrap_or_default();
+            let why = exited.map_or(format!("not listening within {START_TIMEOUT:?}"), |s| {
+                format!("exited ({s})")
+            });
+            return Err(format!("session-server {why}:\n{log}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("load-grpc: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("load-grpc: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let (_server, target) = if cli.spawn {
+        let (server, addr) = spawn_server(&cli)?;
+        let store = match cli.store {
+            Store::Memory => "memory",
+            Store::Redis => "redis",
+        };
+        println!("load-grpc: spawned session-server on {addr} (store {store})");
+        (Some(server), format!("http://{addr}"))
+    } else {
+        (None, cli.target.clone())
+    };
+    let duration = cli.duration.unwrap_or(Duration::from_secs(10));
+    let settings = LoadSettings {
+        target,
+        mix: cli.mix.clone(),
+        concurrency: cli.concurrency.max(1),
+        connections: cli.connections.max(1),
+        limit: cli.count.map_or(Limit::Duration(duration), Limit::Count),
+        session_bytes: cli.session_bytes,
+        pool: cli.pool,
+        rate: cli.rate.filter(|r| *r > 0.0),
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "load-grpc: NOTE client and server share this {cores}-core machine; the numbers are \
+         for the pair, a lower bound for the server alone"
+    );
+    let report = load_grpc::run(&settings).await.map_err(|e| e.to_string())?;
+    println!("{report}");
+
+    let Some(redis_url) = &cli.vs_redis else {
+        return Ok(());
+    };
+    let lasts = match settings.limit {
+        Limit::Duration(d) => d,
+        Limit::Count(_) => report.elapsed,
+    };
+    println!(
+        "load-grpc: redis-benchmark against {redis_url} (after the load, not during it; \
+         -c {} -d {} -t get,set, sized to ~{:.0} s per test)",
+        settings.concurrency,
+        settings.session_bytes,
+        lasts.as_secs_f64()
+    );
+    match load_grpc::redis_benchmark_for(
+        redis_url,
+        settings.concurrency,
+        settings.session_bytes,
+        lasts,
+    )
+    .await
+    {
+        Ok(raw) => {
+            let get_ops = report
+                .by_op
+                .get("get")
+                .map_or(0.0, |n| *n as f64 / report.elapsed.as_secs_f64());
+            println!(
+                "  redis-benchmark -n {}: GET {:.0}/s SET {:.0}/s",
+                raw.requests, raw.get_per_sec, raw.set_per_sec
+            );
+            println!(
+                "  ratio ours/raw: Get {:.0}/s / redis GET {:.0}/s = {:.2}x",
+                get_ops,
+                raw.get_per_sec,
+                get_ops / raw.get_per_sec
+            );
+        }
+        Err(error) => println!("  {error}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,448 @@
+//! The demo backend on real session servers: shared sessions across instances, the local
+//! baseline that loses them, store outages with and without the cookie fallback, logout replay,
+//! and session fixation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use demo::{DemoConfig, Sessions};
+use reqwest::StatusCode;
+use serde_json::Value;
+use session_client::FallbackMode;
+use session_proto::v1::ListByUserRequest;
+use session_proto::v1::session_store_client::SessionStoreClient;
+use session_server::config::Settings;
+use session_server::metrics::Metrics;
+use session_server::store::memory::MemoryStore;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A session server on a fixed loopback port that a test can stop and start again (empty).
+struct StoreServer {
+    /// Its address (kept across restarts).
+    addr: SocketAddr,
+    /// Stops the running instance.
+    stop: Option<oneshot::Sender<()>>,
+    /// The running instance.
+    task: Option<JoinHandle<()>>,
+}
+
+impl StoreServer {
+    async fn start() -> StoreServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut server = StoreServer {
+            addr,
+            stop: None,
+            task: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let settings = Settings::default();
+        let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+        self.task = Some(tokio::spawn(async move {
+            let signal = async {
+                let _ = stopped.await;
+            };
+            session_server::server::run(listener, &settings, store, Metrics::new(), signal)
+                .await
+                .unwrap();
+        }));
+        self.stop = Some(stop);
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops it: the store and every session in it are gone. A shutdown signal, not an abort:
+    /// aborting the accept loop would leave its connection tasks serving the clients' open
+    /// HTTP/2 connections; shutdown closes them too.
+    async fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let stopped = tokio::time::timeout(Duration::from_secs(10), task).await;
+            assert!(stopped.is_ok(), "session server did not stop within 10s");
+        }
+    }
+
+    /// Starts a fresh, empty one on the same port.
+    async fn restart(&mut self) {
+        self.kill().await;
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the same port");
+        self.serve(listener);
+    }
+}
+
+/// A demo-app instance served in-process.
+struct Demo {
+    /// Base URL.
+    url: String,
+    /// The server task.
+    task: JoinHandle<()>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn demo(name: &str, sessions: Sessions, fallback: FallbackMode) -> Demo {
+    let mut config = DemoConfig::new(name, sessions);
+    config.fallback = fallback;
+    config.cookie_keys = vec![vec![42u8; 32]];
+    config.secure_cookies = false;
+    let app = demo::app(&config).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Demo { url, task }
+}
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .cookie_store(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn login(client: &reqwest::Client, on: &Demo, user: &str) -> reqwest::Response {
+    let response = client
+        .post(format!("{}/login", on.url))
+        .form(&[("user", user)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
+
+async fn me(client: &reqwest::Client, on: &Demo) -> (StatusCode, Value, String) {
+    let response = client.get(format!("{}/me", on.url)).send().await.unwrap();
+    let status = response.status();
+    let served_by = response.headers()["x-served-by"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body, served_by)
+}
+
+async fn add(client: &reqwest::Client, on: &Demo, item: &str) -> StatusCode {
+    let response = client
+        .post(format!("{}/cart/add", on.url))
+        .json(&serde_json::json!({ "item": item }))
+        .send()
+        .await
+        .unwrap();
+    response.status()
+}
+
+async fn cart(client: &reqwest::Client, on: &Demo) -> Vec<String> {
+    let body: Value = client
+        .get(format!("{}/cart", on.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `name=value` pairs of a response's Set-Cookie headers.
+fn set_cookies(response: &reqwest::Response) -> Vec<(String, String)> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_in_on_one_instance_and_be_known_on_the_other() {
+    let store = StoreServer::start().await;
+    let (a, b) = (
+        demo("s1", Sessions::Store(store.url()), FallbackMode::Off).await,
+        demo("s2", Sessions::Store(store.url()), FallbackMode::Off).await,
+    );
+    let user = browser();
+    login(&user, &a, "alice").await;
+    let (status, body, served_by) = me(&user, &b).await;
+    assert_eq!((status, served_by.as_str()), (StatusCode::OK, "s2"));
+    assert_eq!(body["user"], "alice");
+    assert_eq!(add(&user, &b, "book").await, StatusCode::OK);
+    assert_eq!(add(&user, &a, "pen").await, StatusCode::OK);
+    assert_eq!(cart(&user, &a).await, ["book", "pen"]);
+    assert_eq!(cart(&user, &b).await, ["book", "pen"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_sessions_are_lost_on_another_instance() {
+    let (a, b) = (
+        demo("s1", Sessions::Local, FallbackMode::Off).await,
+        demo("s2", Sessions::Local, FallbackMode::Off).await,
+    );
+    let user = browser();
+    login(&user, &a, "bob").await;
+    assert_eq!(me(&user, &a).await.0, StatusCode::OK);
+    let (status, body, _) = me(&user, &b).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "the baseline loses the session: {body}"
+    );
+    assert!(body["login"].is_string(), "401 carries a login hint");
+}
+
+async fn outage_keeps_users_logged_in(fallback: FallbackMode) {
+    let mut store = StoreServer::start().await;
+    let (a, b) = (
+        demo("s1", Sessions::Store(store.url()), fallback).await,
+        demo("s2", Sessions::Store(store.url()), fallback).await,
+    );
+    let user = browser();
+    login(&user, &a, "carol").await;
+    assert_eq!(add(&user, &a, "before").await, StatusCode::OK);
+
+    store.kill().await;
+    let (status, body, _) = me(&user, &b).await;
+    assert_eq!(status, StatusCode::OK, "served from the snapshot: {body}");
+    assert_eq!(
+        (body["user"].as_str(), body["degraded"].as_bool()),
+        (Some("carol"), Some(true))
+    );
+    assert_eq!(add(&user, &b, "during").await, StatusCode::OK);
+    assert_eq!(cart(&user, &a).await, ["before", "during"]);
+
+    // The store comes back empty (a memory store restarted): the snapshot is pushed back.
+    store.restart().await;
+    let (status, body, _) = me(&user, &a).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["degraded"], false);
+    let mut direct = SessionStoreClient::connect(store.url()).await.unwrap();
+    let listed = direct
+        .list_by_user(ListByUserRequest {
+            namespace: "demo".into(),
+            user_id: "carol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(listed.len(), 1, "the session is in the store again");
+    let stored: Value = serde_json::from_slice(&listed[0].attrs["cart"]).unwrap();
+    assert_eq!(
+        stored["items"],
+        serde_json::json!(["before", "during"]),
+        "outage changes reached the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_is_survived_with_on_outage_fallback() {
+    outage_keeps_users_logged_in(FallbackMode::OnOutage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_is_survived_with_always_fallback() {
+    outage_keeps_users_logged_in(FallbackMode::Always).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_without_fallback_is_a_clear_503() {
+    let mut store = StoreServer::start().await;
+    let a = demo("s1", Sessions::Store(store.url()), FallbackMode::Off).await;
+    let user = browser();
+    login(&user, &a, "dan").await;
+    store.kill().await;
+    let (status, _, _) = me(&user, &a).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "never a silent logout (401)"
+    );
+    assert_eq!(add(&user, &a, "x").await, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_cookies_after_logout_brings_nothing_back() {
+    let store = StoreServer::start().await;
+    let a = demo("s1", Sessions::Store(store.url()), FallbackMode::Always).await;
+    let user = browser();
+    let response = login(&user, &a, "erin").await;
+    let old = set_cookies(&response);
+    assert!(
+        old.iter().any(|(n, _)| n == "sid") && old.iter().any(|(n, _)| n == "sid_snap"),
+        "{old:?}"
+    );
+    assert_eq!(me(&user, &a).await.0, StatusCode::OK);
+
+    let out = user.post(format!("{}/logout", a.url)).send().await.unwrap();
+    assert_eq!(out.status(), StatusCode::OK);
+    assert_eq!(
+        me(&user, &a).await.0,
+        StatusCode::UNAUTHORIZED,
+        "cookies cleared"
+    );
+
+    // An attacker (or a back button) replays the cookies from before the logout.
+    let replay = reqwest::Client::new();
+    let cookie = old
+        .iter()
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let response = replay
+        .get(format!("{}/me", a.url))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "a logged-out session came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_gives_a_new_session_id_and_keeps_the_guest_cart() {
+    let store = StoreServer::start().await;
+    let a = demo("s1", Sessions::Store(store.url()), FallbackMode::OnOutage).await;
+    let user = browser();
+    let guest = user
+        .post(format!("{}/cart/add", a.url))
+        .form(&[("item", "mug")])
+        .send()
+        .await
+        .unwrap();
+    let before = set_cookies(&guest)
+        .into_iter()
+        .find(|(n, _)| n == "sid")
+        .expect("guest session")
+        .1;
+    let after = set_cookies(&login(&user, &a, "fay").await)
+        .into_iter()
+        .find(|(n, _)| n == "sid")
+        .unwrap()
+        .1;
+    assert_ne!(
+        before, after,
+        "session fixation: the id must change on login"
+    );
+    assert_eq!(
+        cart(&user, &a).await,
+        ["mug"],
+        "the guest cart survives the login"
+    );
+
+    // The pre-login id is dead, even with its snapshot cookie.
+    let planted = reqwest::Client::new();
+    let response = planted
+        .get(format!("{}/cart", a.url))
+        .header("cookie", format!("sid={before}"))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["items"],
+        serde_json::json!([]),
+        "old id still reads the cart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_mode_reads_injected_headers_and_writes_to_the_store() {
+    use base64::Engine as _;
+    let store = StoreServer::start().await;
+    let a = demo("s1", Sessions::Proxy(store.url()), FallbackMode::Off).await;
+    let http = reqwest::Client::new();
+    // Without the proxy's headers the app knows nobody, whatever cookies say.
+    let me = http
+        .get(format!("{}/me", a.url))
+        .header("cookie", "sid=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
+
+    let login = http
+        .post(format!("{}/login", a.url))
+        .form(&[("user", "gus")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let id = set_cookies(&login)
+        .into_iter()
+        .find(|(n, _)| n == "sid")
+        .expect("session cookie")
+        .1;
+
+    // What session-proxy's lookup plugin would inject for that cookie.
+    let added = http
+        .post(format!("{}/cart/add", a.url))
+        .header("x-session-id", &id)
+        .header("x-session-user", "gus")
+        .form(&[("item", "tea")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::OK);
+    let mut direct = SessionStoreClient::connect(store.url()).await.unwrap();
+    let stored = direct
+        .get(session_proto::v1::GetRequest {
+            namespace: "demo".into(),
+            id: id.clone(),
+            touch: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.user_id, "gus");
+    let cart = stored.attrs["cart"].clone();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&cart).unwrap()["items"],
+        serde_json::json!(["tea"])
+    );
+
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&cart);
+    let me = http
+        .get(format!("{}/me", a.url))
+        .header("x-session-id", &id)
+        .header("x-session-user", "gus")
+        .header("x-session-attr-cart", encoded)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = me.json().await.unwrap();
+    assert_eq!(
+        (body["user"].as_str(), body["cart_items"].as_u64()),
+        (Some("gus"), Some(1))
+    );
+}

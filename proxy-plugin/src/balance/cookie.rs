@@ -1,0 +1,62 @@
+//! Reading cookies from request headers, for the cookie-hash and sticky-cookie balancers.
+//!
+//! Handles several `Cookie` headers (HTTP/2 clients may split them) and `a=1; b=2` lists;
+//! header values that are not visible ASCII and pairs without `=` are skipped, never a panic.
+
+use http::HeaderMap;
+use http::header::COOKIE;
+
+/// The values of every cookie called `name` in the request, in header order; surrounding
+/// whitespace and double quotes are removed.
+pub(crate) fn cookie_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|list| list.split(';'))
+        .filter_map(move |pair| {
+            let (n, v) = pair.split_once('=')?;
+            (n.trim() == name).then(|| {
+                let v = v.trim();
+                v.strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v)
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&[u8]]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(COOKIE, HeaderValue::from_bytes(v).expect("test header"));
+        }
+        h
+    }
+
+    #[test]
+    fn finds_cookies_across_headers_and_lists() {
+        let h = headers(&[b"a=1; b=2", b"c=\"3\";b=4", b"junk; ;=;b"]);
+        assert_eq!(cookie_values(&h, "b").collect::<Vec<_>>(), ["2", "4"]);
+        assert_eq!(cookie_values(&h, "c").collect::<Vec<_>>(), ["3"]);
+        assert_eq!(cookie_values(&h, "z").count(), 0);
+    }
+
+    #[test]
+    fn garbage_is_skipped() {
+        let h = headers(&[b"\xff\xfe=1", b"b=\xc3\xa9", b"=", b";;;", b"b"]);
+        assert_eq!(cookie_values(&h, "b").count(), 0);
+        assert_eq!(
+            cookie_values(&h, "").count(),
+            1,
+            "`=` is an empty name with an empty value"
+        );
+    }
+}

@@ -1,0 +1,523 @@
+//! The proxy's configuration: command-line flags with environment-variable twins (clap), and an
+//! optional TOML file (`--config`) whose unknown keys are an error naming the key and its line.
+//!
+//! Precedence: flag or environment variable, then the file, then the built-in default (backends
+//! given as flags replace the file's whole list). [`resolve`] takes the parsed flags and the
+//! file's text as arguments, so tests inject values and `SIGHUP` re-resolves the same flags
+//! over a fresh read of the file.
+//!
+//! Every value is checked where it is read, with one parser per kind of value shared by flags
+//! and file: a bad flag is refused naming the flag, a bad file value naming its line. Checks
+//! that involve several settings run last, in [`resolve`].
+//!
+//! ```toml
+//! listen = "0.0.0.0:8080"
+//! admin_listen = "127.0.0.1:8081"
+//! balance = "cookie-hash:sid"      # or round-robin, least-conn, ip-hash, sticky-cookie, ...
+//! hash_type = "consistent"         # map (default) or consistent
+//! trusted_proxies = ["10.0.0.0/8"]
+//!
+//! [[backend]]
+//! url = "http://127.0.0.1:9001"
+//! weight = 2
+//! name = "s1"
+//!
+//! [health]            # check, interval, timeout, rise, fall, max_fails, fail_timeout
+//! check = "http:/healthz"
+//!
+//! [limits]            # header_read_timeout, max_header_bytes, max_body_bytes, connect_timeout,
+//! max_tries = 3       # response_timeout, max_connections, max_tries, retry_buffer_bytes
+//!
+//! [sticky]            # for balance = "sticky-cookie"
+//! cookie = "stickless_backend"
+//! key = "<64 hex digits or base64 of 32+ bytes>"
+//!
+//! [session_lookup]    # url turns the plugin on
+//! url = "http://127.0.0.1:50051"
+//! attrs = ["cart"]    # also namespace, cookie, on_failure, timeout, auth_token
+//! snapshot_keys = ["<hex or base64 of 32+ bytes>"]  # outage fallback; also snapshot_cookie
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::balance::{BalanceMode, HashType, StickyConfig};
+
+mod file;
+mod flags;
+mod lookup;
+mod values;
+
+use file::FileConfig;
+pub use flags::Cli;
+use values::Parsed;
+pub use values::{AttrName, CookieName, LookupUrl, Namespace, SnapshotKey, StickyKey, Token};
+
+/// Default client-facing address: loopback only, so a fresh start exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default name of the sticky-cookie balancer's cookie.
+pub const DEFAULT_STICKY_COOKIE: &str = "stickless_backend";
+/// Shortest sticky-cookie key: 256 bits, the HMAC-SHA256 output size.
+pub const MIN_STICKY_KEY_BYTES: usize = 32;
+/// Highest backend weight in the configuration (nginx caps at 1000 as well); 0 is only for
+/// the admin API, to drain a backend at run time.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Smallest `max_header_bytes`: hyper's read buffer cannot be smaller, and ordinary browser
+/// requests with a few cookies need about that much.
+pub const MIN_HEADER_BYTES: u64 = 8 * 1024;
+/// Default name of the cookie holding the session id (the session-lookup plugin).
+pub const DEFAULT_SESSION_COOKIE: &str = "sid";
+/// Default session namespace (what the session server calls an empty one).
+pub const DEFAULT_SESSION_NAMESPACE: &str = "default";
+/// Default bound on one session lookup: a slow store must not hold every request for long.
+pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default name of the signed session snapshot cookie (`session-client`'s default too).
+pub const DEFAULT_SNAPSHOT_COOKIE: &str = "sid_snap";
+
+/// One backend as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Name (defaults to `host:port`).
+    pub name: String,
+    /// `host:port` to connect to (from an `http://host:port` URL).
+    pub authority: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// No active checks (passive marking only).
+    Off,
+    /// A TCP connect.
+    Tcp,
+    /// `GET <path>` expecting a 2xx.
+    Http(String),
+}
+
+/// Health checking settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Active check kind.
+    pub kind: HealthCheckKind,
+    /// Time between checks of one backend.
+    pub interval: Duration,
+    /// Bound on one check.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// Passive: failures within `fail_timeout` that take a backend down (0: off).
+    pub max_fails: u32,
+    /// Passive window, and how long a passively marked backend stays down before it is tried
+    /// again (when no active check brings it back sooner).
+    pub fail_timeout: Duration,
+}
+
+impl Default for HealthConfig {
+    /// TCP checks every 2 s (1 s bound), up after 2 successes, down after 3 failures; passive:
+    /// one failure marks a backend down for 10 s (nginx's `max_fails=1 fail_timeout=10s`).
+    fn default() -> Self {
+        HealthConfig {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the session-lookup plugin does when the session store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupFailure {
+    /// Forward the request without session headers.
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+/// The session-lookup plugin's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupConfig {
+    /// Session server URL (`http://host:port`).
+    pub session_server: String,
+    /// Session namespace.
+    pub namespace: String,
+    /// Name of the cookie holding the session id.
+    pub cookie: String,
+    /// Attributes forwarded as `x-session-attr-NAME` (values base64, standard alphabet).
+    pub attrs: Vec<String>,
+    /// Behaviour when the store is unreachable.
+    pub on_failure: LookupFailure,
+    /// Bearer token for the session server.
+    pub auth_token: Option<String>,
+    /// Bound on one lookup.
+    pub timeout: Duration,
+    /// Keys of the signed session snapshot cookie, signing key first (the backends' cookie key
+    /// material); empty: no snapshot, so an unreachable store means `on_failure`.
+    pub snapshot_keys: Vec<SnapshotKey>,
+    /// Name of the snapshot cookie.
+    pub snapshot_cookie: String,
+}
+
+/// Limits and timeouts, each answered with its own status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Time a client gets to send the whole request head (408 past it).
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes (431 past it).
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes (413 past it).
+    pub max_body_bytes: u64,
+    /// Bound on connecting to a backend (then retry or 502).
+    pub connect_timeout: Duration,
+    /// Bound on a backend's response head (504 past it).
+    pub response_timeout: Duration,
+    /// Most client connections at once (503 past it).
+    pub max_connections: usize,
+    /// Most backends one request tries (like nginx `proxy_next_upstream_tries`).
+    pub max_tries: u32,
+    /// Largest request body kept in memory so that the request can be retried on another
+    /// backend; larger bodies are streamed and never replayed.
+    pub retry_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    /// nginx-like: 10 s for the head, 64 KiB of head, 10 MiB of body, 2 s to connect, 30 s for
+    /// the response head, 10 000 connections, 3 tries, 64 KiB of body kept for a retry.
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_tries: 3,
+            retry_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Client-facing address.
+    pub listen: SocketAddr,
+    /// Admin API address (JSON of backends, Prometheus metrics), if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// The backends.
+    pub backends: Vec<BackendConfig>,
+    /// The balancing algorithm.
+    pub balance: BalanceMode,
+    /// Peers whose `X-Forwarded-For` is believed (empty: none, the default).
+    pub trusted_proxies: Vec<IpNet>,
+    /// Health checking.
+    pub health: HealthConfig,
+    /// Limits and timeouts.
+    pub limits: Limits,
+    /// The session-lookup plugin, if on.
+    pub lookup: Option<LookupConfig>,
+}
+
+/// A balancing mode as written (`--balance`, `balance = ...`), before the hash type and the
+/// sticky-cookie settings complete it into a [`BalanceMode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BalanceSpec {
+    /// `round-robin`.
+    RoundRobin,
+    /// `static-rr`.
+    StaticRr,
+    /// `least-conn`.
+    LeastConn,
+    /// `random`.
+    Random,
+    /// `ip-hash`.
+    IpHash,
+    /// `source`.
+    Source,
+    /// `uri`.
+    Uri,
+    /// `url-param:NAME`.
+    UrlParam(String),
+    /// `header:NAME` (name lowercased).
+    Header(String),
+    /// `cookie-hash:NAME` or `rdp-cookie:NAME`.
+    CookieHash(String),
+    /// `sticky-cookie`.
+    StickyCookie,
+}
+
+impl BalanceSpec {
+    /// The mode's name as written, without its `:NAME`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BalanceSpec::RoundRobin => "round-robin",
+            BalanceSpec::StaticRr => "static-rr",
+            BalanceSpec::LeastConn => "least-conn",
+            BalanceSpec::Random => "random",
+            BalanceSpec::IpHash => "ip-hash",
+            BalanceSpec::Source => "source",
+            BalanceSpec::Uri => "uri",
+            BalanceSpec::UrlParam(_) => "url-param",
+            BalanceSpec::Header(_) => "header",
+            BalanceSpec::CookieHash(_) => "cookie-hash",
+            BalanceSpec::StickyCookie => "sticky-cookie",
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a bad value; the message names
+    /// the line.
+    #[error("invalid config file{}: {source}", file_label(path.as_deref()))]
+    Parse {
+        /// The file, when known.
+        path: Option<PathBuf>,
+        /// The parser's error (line, column, the line itself, what is wrong).
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Settings that are each valid do not fit together (or a required one is missing).
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// " <path>" when the file is known, for error messages.
+fn file_label(path: Option<&std::path::Path>) -> String {
+    path.map(|p| format!(" {}", p.display()))
+        .unwrap_or_default()
+}
+
+/// Reads the file named by `--config` (if any) and resolves everything.
+pub fn load(cli: Cli) -> Result<ProxyConfig, ConfigError> {
+    let Some(path) = cli.config.clone() else {
+        return resolve(cli, None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    resolve(cli, Some(&text)).map_err(|error| match error {
+        ConfigError::Parse { source, .. } => ConfigError::Parse {
+            path: Some(path),
+            source,
+        },
+        other => other,
+    })
+}
+
+/// Merges flags over the file's text over the defaults, then checks what involves several
+/// settings.
+pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigError> {
+    let file: FileConfig = match file_text {
+        Some(text) => {
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: None, source })?
+        }
+        None => FileConfig::default(),
+    };
+    let invalid = |msg: String| ConfigError::Invalid(msg);
+    let lookup = lookup::resolve(&cli, file.session_lookup)?;
+
+    let backends = if cli.backends.is_empty() {
+        file.backends.into_iter().map(|b| b.0).collect()
+    } else {
+        cli.backends
+    };
+    if backends.is_empty() {
+        return Err(invalid(
+            "no backend: give --backend http://host:port or a [[backend]] table".into(),
+        ));
+    }
+    for (i, backend) in backends.iter().enumerate() {
+        if backends[..i].iter().any(|b| b.name == backend.name) {
+            return Err(invalid(format!(
+                "two backends are named {:?}; give each a distinct name",
+                backend.name
+            )));
+        }
+    }
+
+    let listen = cli
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
+    let admin_listen = cli.admin_listen.or(file.admin_listen);
+    if admin_listen == Some(listen) {
+        return Err(invalid(format!(
+            "admin_listen and listen are the same address ({listen})"
+        )));
+    }
+
+    let spec = cli
+        .balance
+        .or(file.balance.map(|b| b.0))
+        .unwrap_or(BalanceSpec::RoundRobin);
+    let hash_type = cli.hash_type.or(file.hash_type.map(|h| h.0));
+    let sticky = StickyConfig {
+        cookie: cli
+            .sticky_cookie_name
+            .or(file.sticky.cookie.map(|c| c.0))
+            .map_or_else(|| DEFAULT_STICKY_COOKIE.to_owned(), |c| c.0),
+        key: match cli.sticky_key.or(file.sticky.key.map(|k| k.0)) {
+            Some(key) => key.0,
+            None if spec == BalanceSpec::StickyCookie => generated_sticky_key(),
+            None => Vec::new(),
+        },
+    };
+    let balance = balance_mode(spec, hash_type, sticky)?;
+
+    let defaults = HealthConfig::default();
+    let fh = file.health;
+    let health = HealthConfig {
+        kind: cli
+            .health_check
+            .or(fh.check.map(|c| c.0))
+            .unwrap_or(defaults.kind),
+        interval: pick(cli.health_interval, fh.interval, defaults.interval),
+        timeout: pick(cli.health_timeout, fh.timeout, defaults.timeout),
+        rise: cli
+            .health_rise
+            .or(fh.rise.map(|n| n.0))
+            .unwrap_or(defaults.rise),
+        fall: cli
+            .health_fall
+            .or(fh.fall.map(|n| n.0))
+            .unwrap_or(defaults.fall),
+        max_fails: cli.max_fails.or(fh.max_fails).unwrap_or(defaults.max_fails),
+        fail_timeout: pick(cli.fail_timeout, fh.fail_timeout, defaults.fail_timeout),
+    };
+
+    let defaults = Limits::default();
+    let fl = file.limits;
+    let limits = Limits {
+        header_read_timeout: pick(
+            cli.header_read_timeout,
+            fl.header_read_timeout,
+            defaults.header_read_timeout,
+        ),
+        max_header_bytes: cli
+            .max_header_bytes
+            .or(fl.max_header_bytes.map(|b| b.0))
+            .unwrap_or(defaults.max_header_bytes),
+        max_body_bytes: cli
+            .max_body_bytes
+            .or(fl.max_body_bytes.map(|n| n.0))
+            .unwrap_or(defaults.max_body_bytes),
+        connect_timeout: pick(
+            cli.connect_timeout,
+            fl.connect_timeout,
+            defaults.connect_timeout,
+        ),
+        response_timeout: pick(
+            cli.response_timeout,
+            fl.response_timeout,
+            defaults.response_timeout,
+        ),
+        max_connections: cli
+            .max_connections
+            .or(fl.max_connections.map(|n| n.0))
+            .unwrap_or(defaults.max_connections),
+        max_tries: cli
+            .max_tries
+            .or(fl.max_tries.map(|n| n.0))
+            .unwrap_or(defaults.max_tries),
+        retry_buffer_bytes: cli
+            .retry_buffer_bytes
+            .or(fl.retry_buffer_bytes)
+            .unwrap_or(defaults.retry_buffer_bytes),
+    };
+
+    Ok(ProxyConfig {
+        listen,
+        admin_listen,
+        backends,
+        balance,
+        trusted_proxies: cli
+            .trusted_proxies
+            .or(file
+                .trusted_proxies
+                .map(|nets| nets.into_iter().map(|n| n.0).collect()))
+            .unwrap_or_default(),
+        health,
+        limits,
+        lookup,
+    })
+}
+
+/// The flag value, else the file's, else the default.
+fn pick<T>(flag: Option<T>, file: Option<Parsed<T>>, default: T) -> T {
+    flag.or(file.map(|v| v.0)).unwrap_or(default)
+}
+
+/// Completes a balancing mode with the hash type and the sticky-cookie settings.
+fn balance_mode(
+    spec: BalanceSpec,
+    hash_type: Option<HashType>,
+    sticky: StickyConfig,
+) -> Result<BalanceMode, ConfigError> {
+    let hash = hash_type.unwrap_or(HashType::Map);
+    let mode = match spec {
+        BalanceSpec::Source => BalanceMode::Source(hash),
+        BalanceSpec::Uri => BalanceMode::Uri(hash),
+        BalanceSpec::UrlParam(name) => BalanceMode::UrlParam(name, hash),
+        BalanceSpec::Header(name) => BalanceMode::Header(name, hash),
+        BalanceSpec::CookieHash(name) => BalanceMode::CookieHash(name, hash),
+        other => {
+            if hash_type == Some(HashType::Consistent) {
+                return Err(ConfigError::Invalid(format!(
+                    "hash_type \"consistent\" applies to source, uri, url-param, header and \
+                     cookie-hash, not to {} (ip-hash is always map-based; for consistent \
+                     hashing of the client address use balance \"source\")",
+                    other.name()
+                )));
+            }
+            match other {
+                BalanceSpec::RoundRobin => BalanceMode::RoundRobin,
+                BalanceSpec::StaticRr => BalanceMode::StaticRr,
+                BalanceSpec::LeastConn => BalanceMode::LeastConn,
+                BalanceSpec::Random => BalanceMode::Random,
+                BalanceSpec::IpHash => BalanceMode::IpHash,
+                _ => BalanceMode::StickyCookie(sticky),
+            }
+        }
+    };
+    Ok(mode)
+}
+
+/// The key used when sticky-cookie mode has none configured: made once per process, so a
+/// reload keeps every pin while a restart loses them.
+fn generated_sticky_key() -> Vec<u8> {
+    static KEY: OnceLock<Vec<u8>> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let mut key = vec![0u8; MIN_STICKY_KEY_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+            .expect("the system random generator works");
+        tracing::warn!(
+            "no sticky key configured (--sticky-key or [sticky] key): using a random one, so \
+             sticky-cookie pins will not survive a restart"
+        );
+        key
+    })
+    .clone()
+}

@@ -1,0 +1,105 @@
+//! The TOML file's shape: the same settings as the flags, grouped in tables, every key
+//! optional and every unknown key an error (`deny_unknown_fields` on every table).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use super::values::{
+    AtLeastOne, AttrName, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed, SnapshotKey,
+    StickyKey, Token, backend,
+};
+use super::{BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure};
+use crate::balance::HashType;
+
+/// The TOML file: the same settings as the flags, grouped in tables, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) listen: Option<SocketAddr>,
+    pub(super) admin_listen: Option<SocketAddr>,
+    pub(super) balance: Option<Parsed<BalanceSpec>>,
+    pub(super) hash_type: Option<Parsed<HashType>>,
+    pub(super) trusted_proxies: Option<Vec<Parsed<IpNet>>>,
+    #[serde(default, rename = "backend")]
+    pub(super) backends: Vec<FileBackend>,
+    #[serde(default)]
+    pub(super) health: FileHealth,
+    #[serde(default)]
+    pub(super) limits: FileLimits,
+    #[serde(default)]
+    pub(super) sticky: FileSticky,
+    pub(super) session_lookup: Option<FileLookup>,
+}
+
+/// `[[backend]]`: checked as a whole, so a bad weight is reported at its table's line.
+#[derive(Debug)]
+pub(super) struct FileBackend(pub(super) BackendConfig);
+
+impl<'de> Deserialize<'de> for FileBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            url: String,
+            weight: Option<u32>,
+            name: Option<String>,
+        }
+        let t = Table::deserialize(d)?;
+        backend(&t.url, t.weight, t.name)
+            .map(FileBackend)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[health]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHealth {
+    pub(super) check: Option<Parsed<HealthCheckKind>>,
+    pub(super) interval: Option<Parsed<Duration>>,
+    pub(super) timeout: Option<Parsed<Duration>>,
+    pub(super) rise: Option<AtLeastOne<u32>>,
+    pub(super) fall: Option<AtLeastOne<u32>>,
+    pub(super) max_fails: Option<u32>,
+    pub(super) fail_timeout: Option<Parsed<Duration>>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLimits {
+    pub(super) header_read_timeout: Option<Parsed<Duration>>,
+    pub(super) max_header_bytes: Option<HeaderBytes>,
+    pub(super) max_body_bytes: Option<AtLeastOne<u64>>,
+    pub(super) connect_timeout: Option<Parsed<Duration>>,
+    pub(super) response_timeout: Option<Parsed<Duration>>,
+    pub(super) max_connections: Option<AtLeastOne<usize>>,
+    pub(super) max_tries: Option<AtLeastOne<u32>>,
+    pub(super) retry_buffer_bytes: Option<usize>,
+}
+
+/// `[sticky]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSticky {
+    pub(super) cookie: Option<Parsed<CookieName>>,
+    pub(super) key: Option<Parsed<StickyKey>>,
+}
+
+/// `[session_lookup]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLookup {
+    pub(super) url: Option<Parsed<LookupUrl>>,
+    pub(super) namespace: Option<Parsed<Namespace>>,
+    pub(super) cookie: Option<Parsed<CookieName>>,
+    pub(super) attrs: Option<Vec<Parsed<AttrName>>>,
+    pub(super) on_failure: Option<Parsed<LookupFailure>>,
+    pub(super) timeout: Option<Parsed<Duration>>,
+    pub(super) auth_token: Option<Parsed<Token>>,
+    pub(super) snapshot_keys: Option<Vec<Parsed<SnapshotKey>>>,
+    pub(super) snapshot_cookie: Option<Parsed<CookieName>>,
+}

@@ -1,0 +1,288 @@
+//! The command-line flags, each with an environment-variable twin (`STICKLESS_PROXY_*`).
+//! Every one is optional here: unset ones fall back to the file, then to the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::builder::RangedU64ValueParser;
+use ipnet::IpNet;
+
+use super::values::{
+    AttrName, CookieName, LookupUrl, Namespace, SnapshotKey, StickyKey, Token, parse_setting,
+    positive,
+};
+use super::{BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure, MIN_HEADER_BYTES};
+use crate::balance::HashType;
+
+/// Command-line flags; each has an environment-variable twin. Unset ones fall back to the file,
+/// then to the defaults.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "session-proxy",
+    version,
+    about = "Stickless reverse proxy: every routing mode, health checks, session lookup"
+)]
+pub struct Cli {
+    /// TOML file with the same settings (snake_case keys); unknown keys are an error. Re-read
+    /// on SIGHUP.
+    #[arg(long, value_name = "FILE", env = "STICKLESS_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address clients connect to [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR", env = "STICKLESS_PROXY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin API address (`GET /backends`, `GET /metrics`, `PUT /backends/NAME/weight`); off
+    /// when unset.
+    #[arg(long, value_name = "ADDR", env = "STICKLESS_PROXY_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// A backend, `http://host:port[,weight=N][,name=NAME]` (weight 1..=1000, default 1; name
+    /// defaults to host:port); repeat for more. Replaces the file's backends. The environment
+    /// variable takes several, separated by spaces.
+    #[arg(
+        long = "backend",
+        value_name = "URL[,weight=N][,name=NAME]",
+        env = "STICKLESS_PROXY_BACKENDS",
+        value_delimiter = ' ',
+        value_parser = parse_setting::<BackendConfig>
+    )]
+    pub backends: Vec<BackendConfig>,
+    /// Balancing mode: round-robin, static-rr, least-conn, random, ip-hash, source, uri,
+    /// url-param:NAME, header:NAME, cookie-hash:NAME, rdp-cookie:NAME, sticky-cookie
+    /// [default: round-robin].
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "STICKLESS_PROXY_BALANCE",
+        value_parser = parse_setting::<BalanceSpec>,
+    )]
+    pub balance: Option<BalanceSpec>,
+    /// How hashing modes (source, uri, url-param, header, cookie-hash) map keys to backends:
+    /// map or consistent [default: map].
+    #[arg(
+        long,
+        value_name = "map|consistent",
+        env = "STICKLESS_PROXY_HASH_TYPE",
+        value_parser = parse_setting::<HashType>,
+    )]
+    pub hash_type: Option<HashType>,
+    /// Cookie of the sticky-cookie mode [default: stickless_backend].
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "STICKLESS_PROXY_STICKY_COOKIE_NAME",
+        value_parser = parse_setting::<CookieName>,
+    )]
+    pub sticky_cookie_name: Option<CookieName>,
+    /// Key signing sticky cookies, hex or base64, at least 32 bytes. Without it a random key
+    /// is made at start, so pins do not survive a restart.
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "STICKLESS_PROXY_STICKY_KEY",
+        hide_env_values = true,
+        value_parser = parse_setting::<StickyKey>,
+    )]
+    pub sticky_key: Option<StickyKey>,
+    /// Peers (CIDRs or addresses, comma-separated) whose X-Forwarded-For is believed
+    /// [default: none].
+    #[arg(
+        long,
+        value_name = "CIDR,...",
+        env = "STICKLESS_PROXY_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = parse_setting::<IpNet>,
+    )]
+    pub trusted_proxies: Option<Vec<IpNet>>,
+    /// Active health check: off, tcp or http:/PATH (GET expecting 2xx) [default: tcp].
+    #[arg(
+        long,
+        value_name = "off|tcp|http:/PATH",
+        env = "STICKLESS_PROXY_HEALTH_CHECK",
+        value_parser = parse_setting::<HealthCheckKind>,
+    )]
+    pub health_check: Option<HealthCheckKind>,
+    /// Time between health checks of one backend [default: 2s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_HEALTH_INTERVAL",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub health_interval: Option<Duration>,
+    /// Bound on one health check [default: 1s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_HEALTH_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub health_timeout: Option<Duration>,
+    /// Consecutive passed checks that bring a backend up [default: 2].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "STICKLESS_PROXY_HEALTH_RISE",
+        value_parser = positive::<u32>(),
+    )]
+    pub health_rise: Option<u32>,
+    /// Consecutive failed checks that take a backend down [default: 3].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "STICKLESS_PROXY_HEALTH_FALL",
+        value_parser = positive::<u32>(),
+    )]
+    pub health_fall: Option<u32>,
+    /// Failed requests within --fail-timeout that take a backend down; 0: off [default: 1].
+    #[arg(long, value_name = "N", env = "STICKLESS_PROXY_MAX_FAILS")]
+    pub max_fails: Option<u32>,
+    /// Window of --max-fails, and how long a backend it took down rests [default: 10s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_FAIL_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub fail_timeout: Option<Duration>,
+    /// Time a client gets to send a request head (408 past it) [default: 10s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_HEADER_READ_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub header_read_timeout: Option<Duration>,
+    /// Largest request head in bytes, at least 8192 (431 past it) [default: 65536].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "STICKLESS_PROXY_MAX_HEADER_BYTES",
+        value_parser = RangedU64ValueParser::<usize>::new().range(MIN_HEADER_BYTES..),
+    )]
+    pub max_header_bytes: Option<usize>,
+    /// Largest request body in bytes (413 past it) [default: 10485760].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "STICKLESS_PROXY_MAX_BODY_BYTES",
+        value_parser = positive::<u64>(),
+    )]
+    pub max_body_bytes: Option<u64>,
+    /// Bound on connecting to a backend [default: 2s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_CONNECT_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub connect_timeout: Option<Duration>,
+    /// Bound on a backend's response head (504 past it) [default: 30s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_RESPONSE_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub response_timeout: Option<Duration>,
+    /// Most client connections at once (503 past it) [default: 10000].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "STICKLESS_PROXY_MAX_CONNECTIONS",
+        value_parser = positive::<usize>(),
+    )]
+    pub max_connections: Option<usize>,
+    /// Most backends one request tries [default: 3].
+    #[arg(
+        long,
+        value_name = "N",
+        env = "STICKLESS_PROXY_MAX_TRIES",
+        value_parser = positive::<u32>(),
+    )]
+    pub max_tries: Option<u32>,
+    /// Largest request body kept so the request can be retried elsewhere [default: 65536].
+    #[arg(long, value_name = "BYTES", env = "STICKLESS_PROXY_RETRY_BUFFER_BYTES")]
+    pub retry_buffer_bytes: Option<usize>,
+    /// Session server URL (http:// or https://); turns the session-lookup plugin on.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "STICKLESS_PROXY_SESSION_LOOKUP",
+        value_parser = parse_setting::<LookupUrl>,
+    )]
+    pub session_lookup: Option<LookupUrl>,
+    /// Session namespace [default: default].
+    #[arg(
+        long,
+        value_name = "NAMESPACE",
+        env = "STICKLESS_PROXY_SESSION_NAMESPACE",
+        value_parser = parse_setting::<Namespace>,
+    )]
+    pub session_namespace: Option<Namespace>,
+    /// Cookie holding the session id [default: sid].
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "STICKLESS_PROXY_SESSION_COOKIE",
+        value_parser = parse_setting::<CookieName>,
+    )]
+    pub session_cookie: Option<CookieName>,
+    /// Session attribute forwarded as `x-session-attr-NAME`; repeat for more. Replaces the
+    /// file's list.
+    #[arg(
+        long = "session-attr",
+        value_name = "NAME",
+        env = "STICKLESS_PROXY_SESSION_ATTRS",
+        value_delimiter = ',',
+        value_parser = parse_setting::<AttrName>,
+    )]
+    pub session_attrs: Vec<AttrName>,
+    /// When the session server is unreachable: open (forward without session) or closed (503)
+    /// [default: open].
+    #[arg(
+        long,
+        value_name = "open|closed",
+        env = "STICKLESS_PROXY_SESSION_FAIL",
+        value_parser = parse_setting::<LookupFailure>,
+    )]
+    pub session_fail: Option<LookupFailure>,
+    /// Bound on one session lookup [default: 500ms].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_SESSION_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub session_timeout: Option<Duration>,
+    /// Bearer token for the session server.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "STICKLESS_AUTH_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_setting::<Token>,
+    )]
+    pub session_auth_token: Option<Token>,
+    /// Key of the signed session snapshot cookie, hex or base64, at least 32 bytes: the same
+    /// material as the backends' `demo-app --cookie-key`. Repeat for rotation, signing key
+    /// first. Turns on the outage fallback: while the session server is unreachable, a valid
+    /// snapshot stands in for the session. Replaces the file's list.
+    #[arg(
+        long = "session-snapshot-key",
+        value_name = "KEY",
+        env = "STICKLESS_PROXY_SESSION_SNAPSHOT_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_parser = parse_setting::<SnapshotKey>,
+    )]
+    pub session_snapshot_keys: Vec<SnapshotKey>,
+    /// Cookie holding the signed session snapshot [default: sid_snap].
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "STICKLESS_PROXY_SESSION_SNAPSHOT_COOKIE",
+        value_parser = parse_setting::<CookieName>,
+    )]
+    pub session_snapshot_cookie: Option<CookieName>,
+}

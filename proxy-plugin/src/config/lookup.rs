@@ -1,0 +1,234 @@
+//! The session-lookup plugin's settings: flags over `[session_lookup]` over the defaults.
+
+use super::file::FileLookup;
+use super::{
+    Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_SESSION_COOKIE, DEFAULT_SESSION_NAMESPACE,
+    DEFAULT_SNAPSHOT_COOKIE, LookupConfig, LookupFailure, pick,
+};
+
+/// The plugin is on when a session server URL is given (flag or file); its other settings
+/// without one are a mistake worth reporting rather than ignoring.
+pub(super) fn resolve(
+    cli: &Cli,
+    file: Option<FileLookup>,
+) -> Result<Option<LookupConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let Some(url) = cli
+        .session_lookup
+        .clone()
+        .map(|u| u.0)
+        .or(file.url.map(|u| u.0.0))
+    else {
+        let stray = [
+            ("--session-namespace", cli.session_namespace.is_some()),
+            ("--session-cookie", cli.session_cookie.is_some()),
+            ("--session-attr", !cli.session_attrs.is_empty()),
+            ("--session-fail", cli.session_fail.is_some()),
+            ("--session-timeout", cli.session_timeout.is_some()),
+            (
+                "--session-snapshot-key",
+                !cli.session_snapshot_keys.is_empty(),
+            ),
+            (
+                "--session-snapshot-cookie",
+                cli.session_snapshot_cookie.is_some(),
+            ),
+            (
+                "[session_lookup] settings",
+                file.namespace.is_some()
+                    || file.cookie.is_some()
+                    || file.attrs.is_some()
+                    || file.on_failure.is_some()
+                    || file.timeout.is_some()
+                    || file.auth_token.is_some()
+                    || file.snapshot_keys.is_some()
+                    || file.snapshot_cookie.is_some(),
+            ),
+        ];
+        if let Some((what, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(ConfigError::Invalid(format!(
+                "{what} given without a session server: add --session-lookup URL or \
+                 [session_lookup] url"
+            )));
+        }
+        return Ok(None);
+    };
+    let config = LookupConfig {
+        session_server: url,
+        namespace: cli
+            .session_namespace
+            .clone()
+            .map(|n| n.0)
+            .or(file.namespace.map(|n| n.0.0))
+            .unwrap_or_else(|| DEFAULT_SESSION_NAMESPACE.to_owned()),
+        cookie: cli
+            .session_cookie
+            .clone()
+            .map(|c| c.0)
+            .or(file.cookie.map(|c| c.0.0))
+            .unwrap_or_else(|| DEFAULT_SESSION_COOKIE.to_owned()),
+        attrs: if cli.session_attrs.is_empty() {
+            file.attrs
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| a.0.0)
+                .collect()
+        } else {
+            cli.session_attrs.iter().map(|a| a.0.clone()).collect()
+        },
+        on_failure: cli
+            .session_fail
+            .or(file.on_failure.map(|f| f.0))
+            .unwrap_or(LookupFailure::Open),
+        auth_token: cli
+            .session_auth_token
+            .clone()
+            .map(|t| t.0)
+            .or(file.auth_token.map(|t| t.0.0)),
+        timeout: pick(cli.session_timeout, file.timeout, DEFAULT_LOOKUP_TIMEOUT),
+        snapshot_keys: if cli.session_snapshot_keys.is_empty() {
+            file.snapshot_keys
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.0)
+                .collect()
+        } else {
+            cli.session_snapshot_keys.clone()
+        },
+        snapshot_cookie: cli
+            .session_snapshot_cookie
+            .clone()
+            .map(|c| c.0)
+            .or(file.snapshot_cookie.map(|c| c.0.0))
+            .unwrap_or_else(|| DEFAULT_SNAPSHOT_COOKIE.to_owned()),
+    };
+    if config.snapshot_cookie == config.cookie {
+        return Err(ConfigError::Invalid(format!(
+            "the session snapshot cookie and the session cookie are both named {:?}; give them \
+             distinct names",
+            config.cookie
+        )));
+    }
+    let keys = &config.snapshot_keys;
+    if keys.iter().enumerate().any(|(i, k)| keys[..i].contains(k)) {
+        return Err(ConfigError::Invalid(
+            "the same session snapshot key is given twice".into(),
+        ));
+    }
+    Ok(Some(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use clap::Parser as _;
+
+    use super::super::{Cli, ConfigError, SnapshotKey, resolve as resolve_all};
+    use super::LookupConfig;
+
+    /// The lookup settings of these flags (plus a backend) over `file`.
+    fn resolve(args: &[&str], file: Option<&str>) -> Result<Option<LookupConfig>, ConfigError> {
+        let args = ["session-proxy", "--backend", "http://127.0.0.1:9001"]
+            .iter()
+            .chain(args);
+        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        resolve_all(cli, file).map(|config| config.lookup)
+    }
+
+    #[test]
+    fn snapshot_keys_come_from_flags_or_file_and_default_to_none() {
+        let hex = "ab".repeat(32);
+        let b64 = base64::engine::general_purpose::STANDARD.encode([0xab; 32]);
+        let other = "cd".repeat(40);
+        let plain = resolve(&["--session-lookup", "http://127.0.0.1:1"], None)
+            .unwrap()
+            .unwrap();
+        assert!(plain.snapshot_keys.is_empty());
+        assert_eq!(plain.snapshot_cookie, "sid_snap");
+
+        let flags = resolve(
+            &[
+                "--session-lookup",
+                "http://127.0.0.1:1",
+                "--session-snapshot-key",
+                &hex,
+                "--session-snapshot-key",
+                &other,
+                "--session-snapshot-cookie",
+                "snap",
+            ],
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            flags.snapshot_keys,
+            [SnapshotKey(vec![0xab; 32]), SnapshotKey(vec![0xcd; 40])],
+            "signing key first"
+        );
+        assert_eq!(flags.snapshot_cookie, "snap");
+
+        let file = format!(
+            "[session_lookup]\nurl = \"http://127.0.0.1:1\"\nsnapshot_keys = [\"{b64}\"]\n\
+             snapshot_cookie = \"s2\"\n"
+        );
+        let from_file = resolve(&[], Some(&file)).unwrap().unwrap();
+        assert_eq!(from_file.snapshot_keys, [SnapshotKey(vec![0xab; 32])]);
+        assert_eq!(from_file.snapshot_cookie, "s2");
+        let overridden = resolve(&["--session-snapshot-key", &other], Some(&file))
+            .unwrap()
+            .unwrap();
+        assert_eq!(overridden.snapshot_keys, [SnapshotKey(vec![0xcd; 40])]);
+        assert!(
+            !format!("{overridden:?}").contains("205"),
+            "keys never printed"
+        );
+    }
+
+    #[test]
+    fn bad_snapshot_settings_are_refused() {
+        let url = ["--session-lookup", "http://127.0.0.1:1"];
+        let short = "ab".repeat(31);
+        let message = |args: &[&str], file: Option<&str>| match resolve(args, file) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(error) => error.to_string(),
+        };
+        let m = message(&[url[0], url[1], "--session-snapshot-key", &short], None);
+        assert!(m.contains("at least 32 bytes"), "{m}");
+        let m = message(
+            &[url[0], url[1], "--session-snapshot-key", "not a key!"],
+            None,
+        );
+        assert!(m.contains("hex or base64"), "{m}");
+        let key = "ab".repeat(32);
+        let m = message(&["--session-snapshot-key", &key], None);
+        assert!(
+            m.contains("--session-snapshot-key") && m.contains("--session-lookup"),
+            "{m}"
+        );
+        let m = message(&[url[0], url[1], "--session-snapshot-cookie", "sid"], None);
+        assert!(m.contains("distinct"), "{m}");
+        let m = message(
+            &[
+                url[0],
+                url[1],
+                "--session-snapshot-key",
+                &key,
+                "--session-snapshot-key",
+                &key,
+            ],
+            None,
+        );
+        assert!(m.contains("twice"), "{m}");
+        let m = message(&[], Some("[session_lookup]\nsnapshot_cookie = \"s\"\n"));
+        assert!(m.contains("session_lookup"), "{m}");
+        let m = message(
+            &[],
+            Some("[session_lookup]\nurl = \"http://h:1\"\nsnapshot_keys = [\"abcd\"]\n"),
+        );
+        assert!(
+            m.contains("line 3") && m.contains("at least 32 bytes"),
+            "{m}"
+        );
+    }
+}

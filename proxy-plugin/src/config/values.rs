@@ -1,0 +1,445 @@
+//! Parsers of single configuration values, shared by flags and file: the same text is accepted
+//! or refused with the same message wherever it is written. Flags get them as clap value
+//! parsers (the error names the flag), the file through [`Parsed`] (the error names the line).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::builder::RangedU64ValueParser;
+use ipnet::IpNet;
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+use session_client::cookie::MIN_KEY_BYTES;
+
+use super::{
+    BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure, MAX_WEIGHT, MIN_HEADER_BYTES,
+    MIN_STICKY_KEY_BYTES,
+};
+use crate::balance::HashType;
+
+/// A value read from one piece of text.
+pub(super) trait ParseSetting: Sized {
+    /// The value, or why the text is not one (a message for the operator).
+    fn parse_setting(text: &str) -> Result<Self, String>;
+}
+
+/// [`ParseSetting::parse_setting`] as a function, for clap's `value_parser`.
+pub(super) fn parse_setting<T: ParseSetting>(text: &str) -> Result<T, String> {
+    T::parse_setting(text.trim())
+}
+
+/// Clap's parser of a number that must be at least 1.
+pub(super) fn positive<T: TryFrom<u64>>() -> RangedU64ValueParser<T> {
+    RangedU64ValueParser::new().range(1..)
+}
+
+/// A file value written as a string and parsed like its flag.
+#[derive(Debug)]
+pub(super) struct Parsed<T>(pub(super) T);
+
+impl<'de, T: ParseSetting> Deserialize<'de> for Parsed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_setting(&text).map(Parsed).map_err(D::Error::custom)
+    }
+}
+
+/// A file number that must be at least 1.
+#[derive(Debug)]
+pub(super) struct AtLeastOne<T>(pub(super) T);
+
+impl<'de, T: TryFrom<u64>> Deserialize<'de> for AtLeastOne<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 {
+            return Err(D::Error::custom("must be at least 1"));
+        }
+        T::try_from(n)
+            .map(AtLeastOne)
+            .map_err(|_| D::Error::custom(format!("{n} is too large")))
+    }
+}
+
+/// The file's `max_header_bytes`, at least [`MIN_HEADER_BYTES`].
+#[derive(Debug)]
+pub(super) struct HeaderBytes(pub(super) usize);
+
+impl<'de> Deserialize<'de> for HeaderBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n < MIN_HEADER_BYTES {
+            return Err(D::Error::custom(format!(
+                "max_header_bytes must be at least {MIN_HEADER_BYTES}, got {n}"
+            )));
+        }
+        usize::try_from(n)
+            .map(HeaderBytes)
+            .map_err(|_| D::Error::custom(format!("{n} is too large")))
+    }
+}
+
+impl ParseSetting for Duration {
+    /// humantime syntax ("500ms", "5s", "1h 30m"); zero is refused, since every duration
+    /// here bounds a wait or spaces out work.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let duration = humantime::parse_duration(text)
+            .map_err(|e| format!("bad duration {text:?} ({e}); write e.g. \"500ms\" or \"5s\""))?;
+        if duration.is_zero() {
+            return Err(format!("duration {text:?} must be above zero"));
+        }
+        Ok(duration)
+    }
+}
+
+impl ParseSetting for IpNet {
+    /// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        text.parse::<IpNet>()
+            .map(|net| net.trunc())
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| format!("{text:?} is not a CIDR (10.0.0.0/8) or an IP address"))
+    }
+}
+
+impl ParseSetting for HashType {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text {
+            "map" | "map-based" => Ok(HashType::Map),
+            "consistent" => Ok(HashType::Consistent),
+            _ => Err(format!("hash type {text:?} is not map or consistent")),
+        }
+    }
+}
+
+impl ParseSetting for LookupFailure {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text {
+            "open" => Ok(LookupFailure::Open),
+            "closed" => Ok(LookupFailure::Closed),
+            _ => Err(format!(
+                "session failure mode {text:?} is not open (forward without session) or closed \
+                 (503)"
+            )),
+        }
+    }
+}
+
+impl ParseSetting for HealthCheckKind {
+    /// `off`, `tcp` or `http:/PATH`.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        match text {
+            "off" => return Ok(HealthCheckKind::Off),
+            "tcp" => return Ok(HealthCheckKind::Tcp),
+            _ => {}
+        }
+        let Some(path) = text.strip_prefix("http:") else {
+            return Err(format!(
+                "health check {text:?} is not off, tcp or http:/PATH (e.g. http:/healthz)"
+            ));
+        };
+        let valid = path.starts_with('/')
+            && !path.starts_with("//")
+            && path.parse::<http::uri::PathAndQuery>().is_ok();
+        if !valid {
+            return Err(format!(
+                "health check path {path:?} must be an absolute path such as /healthz"
+            ));
+        }
+        Ok(HealthCheckKind::Http(path.to_owned()))
+    }
+}
+
+impl ParseSetting for BalanceSpec {
+    /// The mode names (dashes or underscores; `roundrobin`, `leastconn` as in HAProxy), with
+    /// `:NAME` for the modes that hash one request field.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let (mode, arg) = match text.split_once(':') {
+            Some((mode, arg)) => (mode, Some(arg.trim())),
+            None => (text, None),
+        };
+        let mode = mode.trim().to_ascii_lowercase().replace('_', "-");
+        let name = |kind: &str| match arg {
+            Some(name) if !name.is_empty() => Ok(name),
+            _ => Err(format!(
+                "balance mode {mode} needs the {kind}'s name: {mode}:NAME"
+            )),
+        };
+        let spec = match mode.as_str() {
+            "url-param" => BalanceSpec::UrlParam(url_param(name("query parameter")?)?),
+            "header" | "hdr" => BalanceSpec::Header(header_name(name("header")?)?),
+            "cookie-hash" | "rdp-cookie" => {
+                BalanceSpec::CookieHash(CookieName::parse_setting(name("cookie")?)?.0)
+            }
+            plain => {
+                let spec = match plain {
+                    "round-robin" | "roundrobin" => BalanceSpec::RoundRobin,
+                    "static-rr" => BalanceSpec::StaticRr,
+                    "least-conn" | "leastconn" => BalanceSpec::LeastConn,
+                    "random" => BalanceSpec::Random,
+                    "ip-hash" => BalanceSpec::IpHash,
+                    "source" => BalanceSpec::Source,
+                    "uri" => BalanceSpec::Uri,
+                    "sticky-cookie" => BalanceSpec::StickyCookie,
+                    _ => {
+                        return Err(format!(
+                            "unknown balance mode {text:?}; expected round-robin, static-rr, \
+                             least-conn, random, ip-hash, source, uri, url-param:NAME, \
+                             header:NAME, cookie-hash:NAME, rdp-cookie:NAME or sticky-cookie"
+                        ));
+                    }
+                };
+                if arg.is_some() {
+                    return Err(format!("balance mode {plain} takes no :NAME"));
+                }
+                spec
+            }
+        };
+        Ok(spec)
+    }
+}
+
+/// A query parameter name, as it appears before `=` in the query string.
+fn url_param(name: &str) -> Result<String, String> {
+    if name.contains(['&', '=', '#', '?']) || name.contains(char::is_whitespace) {
+        return Err(format!(
+            "query parameter name {name:?} has &, =, #, ? or a space"
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+/// A header name, lowercased (header names are case-insensitive).
+fn header_name(name: &str) -> Result<String, String> {
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map(|h| h.as_str().to_owned())
+        .map_err(|_| format!("{name:?} is not a valid header name"))
+}
+
+impl ParseSetting for BackendConfig {
+    /// The flag form, `http://host:port[,weight=N][,name=NAME]`.
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let mut parts = text.split(',').map(str::trim);
+        let url = parts.next().unwrap_or_default();
+        let (mut weight, mut name) = (None, None);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("weight", n)) => {
+                    let n = n
+                        .parse::<u32>()
+                        .map_err(|_| format!("backend {url}: weight {n:?} is not a number"))?;
+                    weight = Some(n);
+                }
+                Some(("name", n)) => name = Some(n.to_owned()),
+                _ => {
+                    return Err(format!(
+                        "backend {url}: {part:?} is not weight=N or name=NAME \
+                         (write http://host:port,weight=2,name=s1)"
+                    ));
+                }
+            }
+        }
+        backend(url, weight, name)
+    }
+}
+
+/// A backend from its URL, weight (default 1) and name (default `host:port`).
+pub(super) fn backend(
+    url: &str,
+    weight: Option<u32>,
+    name: Option<String>,
+) -> Result<BackendConfig, String> {
+    let authority = backend_authority(url)?;
+    let name = name.unwrap_or_else(|| authority.clone());
+    let name_ok = (1..=255).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:[]".contains(&b));
+    if !name_ok {
+        return Err(format!(
+            "backend name {name:?} must be 1 to 255 characters of letters, digits and . _ - : [ ]"
+        ));
+    }
+    let weight = weight.unwrap_or(1);
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err(format!(
+            "backend {name}: weight must be 1..={MAX_WEIGHT}, got {weight} (a weight of 0, to \
+             drain a backend, is set at run time through the admin API)"
+        ));
+    }
+    Ok(BackendConfig {
+        name,
+        authority,
+        weight,
+    })
+}
+
+/// `host:port` of an `http://host[:port]` URL (port 80 when absent).
+fn backend_authority(url: &str) -> Result<String, String> {
+    let shape = || format!("backend URL {url:?} must look like http://host:port");
+    let uri: http::Uri = url.parse().map_err(|_| shape())?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "backend URL {url:?}: only http:// backends are supported (no TLS to backends)"
+            ));
+        }
+        _ => return Err(shape()),
+    }
+    let authority = uri.authority().ok_or_else(shape)?;
+    if authority.as_str().contains('@') || authority.host().is_empty() {
+        return Err(shape());
+    }
+    if !matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/")) {
+        return Err(format!(
+            "backend URL {url:?} must not have a path or query: requests keep their own"
+        ));
+    }
+    Ok(format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    ))
+}
+
+/// A cookie name (an RFC 6265 token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CookieName(pub String);
+
+impl ParseSetting for CookieName {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let ok = (1..=128).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !ok {
+            return Err(format!(
+                "{text:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+            ));
+        }
+        Ok(CookieName(text.to_owned()))
+    }
+}
+
+/// The sticky-cookie signing key, decoded from hex or base64; at least 32 bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StickyKey(pub Vec<u8>);
+
+impl fmt::Debug for StickyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StickyKey(<{} bytes>)", self.0.len())
+    }
+}
+
+impl ParseSetting for StickyKey {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        key_material(text, "sticky key", MIN_STICKY_KEY_BYTES).map(StickyKey)
+    }
+}
+
+/// One key of the signed session snapshot cookie, decoded from hex or base64; at least 32
+/// bytes. The same material as the backends' `demo-app --cookie-key`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SnapshotKey(pub Vec<u8>);
+
+impl fmt::Debug for SnapshotKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SnapshotKey(<{} bytes>)", self.0.len())
+    }
+}
+
+impl ParseSetting for SnapshotKey {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        key_material(text, "session snapshot key", MIN_KEY_BYTES).map(SnapshotKey)
+    }
+}
+
+/// Secret key material written as hex or base64 (standard or url-safe, padded or not), at
+/// least `min` bytes; `what` names the key in errors.
+fn key_material(text: &str, what: &str, min: usize) -> Result<Vec<u8>, String> {
+    let bytes = session_client::cookie::key_from_text(text)
+        .ok_or_else(|| format!("{what} must be hex or base64"))?;
+    if bytes.len() < min {
+        return Err(format!(
+            "{what} must be at least {min} bytes, got {} (e.g. `openssl rand -hex 32`)",
+            bytes.len()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The session server's URL, `http(s)://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupUrl(pub String);
+
+impl ParseSetting for LookupUrl {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let shape = || format!("session server URL {text:?} must look like http://host:port");
+        let uri: http::Uri = text.parse().map_err(|_| shape())?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+        let host_ok = uri
+            .authority()
+            .is_some_and(|a| !a.host().is_empty() && !a.as_str().contains('@'));
+        let path_ok = matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/"));
+        if !(scheme_ok && host_ok && path_ok) {
+            return Err(shape());
+        }
+        Ok(LookupUrl(text.trim_end_matches('/').to_owned()))
+    }
+}
+
+/// A session namespace: 1 to 64 of `[A-Za-z0-9_.-]`, as the session server requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace(pub String);
+
+impl ParseSetting for Namespace {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let ok = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !ok {
+            return Err(format!(
+                "session namespace {text:?} must be 1 to 64 characters of [A-Za-z0-9_.-]"
+            ));
+        }
+        Ok(Namespace(text.to_owned()))
+    }
+}
+
+/// A session attribute forwarded as the header `x-session-attr-NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttrName(pub String);
+
+impl ParseSetting for AttrName {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        if text.is_empty()
+            || http::HeaderName::from_bytes(format!("x-session-attr-{text}").as_bytes()).is_err()
+        {
+            return Err(format!(
+                "session attribute {text:?} cannot be a header name (x-session-attr-{text})"
+            ));
+        }
+        Ok(AttrName(text.to_owned()))
+    }
+}
+
+/// The session server's bearer token (never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<hidden>)")
+    }
+}
+
+impl ParseSetting for Token {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("session auth token must be non-empty visible ASCII".to_owned());
+        }
+        Ok(Token(text.to_owned()))
+    }
+}

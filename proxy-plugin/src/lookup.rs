@@ -1,0 +1,605 @@
+//! The session-lookup plugin: a request filter (pingora's `request_filter` hook) run before a
+//! backend is picked, so backends get the session without any session code.
+//!
+//! On every request, plugin on or off, it first strips each `x-session-*` header the client
+//! sent: those headers are the proxy's word, and a client must never be able to claim a user.
+//! With the plugin on ([`LookupConfig`]), it then reads the session cookie, fetches the session
+//! through one shared [`SessionClient`] (`get(id, touch = true)`, so a request slides the expiry
+//! like a backend would) and sets:
+//!
+//! | header | value |
+//! |---|---|
+//! | `x-session-id` | the session id |
+//! | `x-session-user` | the user id (absent for anonymous sessions) |
+//! | `x-session-attr-<name>` | each configured attribute present, base64 (standard alphabet, padded), since attributes are bytes |
+//! | `x-session-degraded` | `1` when the session comes from its snapshot cookie (store unreachable, see below) |
+//!
+//! No cookie, a malformed id or an unknown session: the request goes on without session
+//! headers. Store unreachable (or not answering within `timeout`), and no snapshot to stand in:
+//! [`LookupFailure::Open`] forwards without session headers, [`LookupFailure::Closed`] answers
+//! 503. Nothing is cached: a logout is seen by the very next request.
+//!
+//! # Outage fallback: the snapshot cookie
+//! With snapshot keys configured ([`LookupConfig::snapshot_keys`]) the plugin keeps a signed
+//! snapshot of the session in a second cookie (`sid_snap` by default), in `session-client`'s
+//! format ([`session_client::cookie`]) and by the rule its layer follows in `OnOutage` mode:
+//! - **Store reachable, session found**: the plugin's response filter ([`ResponseFilter`]) sets
+//!   the snapshot cookie (`Path=/; HttpOnly; SameSite=Lax`) when the request's is missing,
+//!   invalid, of another session or version, or past half its life; a fresh one is left alone,
+//!   so a user gets a new snapshot about twice a ttl, not on every response. It snapshots the
+//!   session as the lookup saw it: a change the backend makes in that request is taken up by
+//!   the next one (the version differs). Snapshots are sealed (AES-256-GCM): the client cannot
+//!   read the attributes. A response that sets the session cookie or the snapshot cookie itself
+//!   (login, logout, a backend keeping its own snapshot) is left alone. A session too large for
+//!   a 4096-byte cookie gets no snapshot (a stale one the client sent is expired).
+//! - **Store unreachable** (down, or no answer within `timeout`): a valid snapshot of the
+//!   session the session cookie names stands in for it: its id, user and configured attributes
+//!   become the headers, plus `x-session-degraded: 1`, and the request is forwarded whatever
+//!   `on_failure` says (a valid snapshot is a session). Its expiry slides as the store's would
+//!   (rewritten once past half its life). Without a valid snapshot, `on_failure` applies.
+//! - **Store reachable, session missing** (logged out, expired): the snapshot is never trusted,
+//!   whatever it says, and the client's is expired: this is what makes a logout stick.
+//!
+//! A snapshot counts only when its HMAC verifies (constant time), it has not expired, and its
+//! session id and namespace are those of the request's session cookie and this plugin: a
+//! forged, altered, expired or foreign one is ignored.
+//!
+//! **The proxy and the backends must share the key material**: the same bytes, signing key
+//! first, in `--session-snapshot-key` here and `demo-app --cookie-key` (a `session-client`
+//! [`KeyRing`]) there. Key ids derive from the material ([`CookieKey::new`]), so each side
+//! verifies what the other signed; with different keys each ignores (and overwrites) the
+//! other's snapshots. Limits: the proxy never pushes a snapshot back into the store (backends
+//! using `session-client` do, with `Restore`), so a session that expired in the store during a
+//! long outage ends when the store is back; a session deleted in the store behind its user's
+//! back (`DeleteByUser`) stays usable through its snapshot during an outage that begins before
+//! that user's next request, until the snapshot expires.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use futures::future::BoxFuture;
+use http::header::{COOKIE, HeaderName, SET_COOKIE};
+use http::{HeaderMap, HeaderValue};
+use session_client::cookie::{
+    CookieCodec, CookieError, CookieKey, Encryption, KeyRing, MAX_COOKIE_BYTES, Snapshot, unix_ms,
+};
+use session_client::{ClientConfig, ClientError, SessionClient, SessionData};
+
+use crate::config::{LookupConfig, LookupFailure};
+use crate::metrics::{ProxyMetrics, RejectReason};
+use crate::proxy::{RequestFilter, ResponseFilter};
+
+/// Prefix of every header this plugin owns.
+const SESSION_HEADER_PREFIX: &str = "x-session-";
+/// Set (to `1`) when the session comes from its snapshot because the store is unreachable.
+const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-session-degraded");
+/// Longest cookie value sent to the store as an id: real ids are 32 characters; anything much
+/// longer is garbage not worth a round trip.
+const MAX_ID_LEN: usize = 128;
+
+/// Why the plugin cannot be built from its config.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The session server URL or token is unusable.
+    #[error("session client: {0}")]
+    Client(#[source] ClientError),
+    /// An attribute name that cannot be part of a header name.
+    #[error("attribute {0:?} cannot be used in a header name")]
+    AttrName(String),
+    /// An empty cookie name.
+    #[error("the session cookie name is empty")]
+    CookieName,
+    /// A snapshot key refused (shorter than 32 bytes) or two with the same id.
+    #[error("session snapshot keys: {0}")]
+    SnapshotKeys(#[source] CookieError),
+    /// An empty snapshot cookie name, or the session cookie's.
+    #[error(
+        "the session snapshot cookie name must be non-empty and differ from the session cookie"
+    )]
+    SnapshotCookie,
+}
+
+/// The plugin; with no config it only strips client-sent `x-session-*` headers.
+#[derive(Debug)]
+pub struct SessionLookup {
+    /// The lookup itself, when on.
+    plugin: Option<Plugin>,
+    /// Lookup outcomes are counted here.
+    metrics: ProxyMetrics,
+}
+
+/// An enabled plugin.
+#[derive(Debug)]
+struct Plugin {
+    /// Its settings (kept to compare on reload).
+    config: LookupConfig,
+    /// The one client every request shares (one HTTP/2 connection).
+    client: SessionClient,
+    /// Configured attribute names with their header names, built once.
+    attrs: Vec<(String, HeaderName)>,
+    /// The snapshot cookie, when keys are configured; shared with the response filters of
+    /// requests in flight.
+    snapshots: Option<Arc<Snapshots>>,
+}
+
+/// The snapshot-cookie side of the plugin.
+#[derive(Debug)]
+struct Snapshots {
+    /// Signs (and seals) with the first key, verifies with every key.
+    codec: CookieCodec,
+    /// Name of the snapshot cookie.
+    cookie: String,
+    /// Name of the session cookie: a response setting it changed the session, so its snapshot
+    /// is left to the next request.
+    session_cookie: String,
+    /// Namespace written into snapshots and required of them.
+    namespace: String,
+}
+
+/// A request's snapshot cookie, as far as the session it names is concerned.
+enum Sent {
+    /// No snapshot cookie.
+    Absent,
+    /// One that is not a valid snapshot of this session (forged, altered, expired, another
+    /// session or namespace, an unknown key).
+    Invalid,
+    /// A valid snapshot of this session.
+    Valid(Snapshot),
+}
+
+/// The plugin's response filter for one request: the snapshot cookie to set, or to expire.
+#[derive(Debug)]
+struct SnapshotUpdate {
+    /// Codec and cookie names.
+    snapshots: Arc<Snapshots>,
+    /// The session to snapshot (issued-at set when encoded); `None` expires the client's.
+    snapshot: Option<Snapshot>,
+    /// Whether the request carried a snapshot cookie (expired when no new one can be made).
+    sent: bool,
+}
+
+impl SessionLookup {
+    /// The plugin for `config` (`None`: strip only). Must be called in a tokio runtime (the
+    /// client connects lazily, on first use).
+    pub fn new(config: Option<&LookupConfig>, metrics: ProxyMetrics) -> Result<Self, LookupError> {
+        let plugin = match config {
+            None => None,
+            Some(config) => Some(Plugin::new(config)?),
+        };
+        Ok(SessionLookup { plugin, metrics })
+    }
+
+    /// The settings it runs with (`None`: strip only).
+    pub fn config(&self) -> Option<&LookupConfig> {
+        self.plugin.as_ref().map(|p| &p.config)
+    }
+
+    /// Strips client-sent session headers, then (when on) adds the session's; returns the
+    /// response filter that keeps the snapshot cookie up to date, when one is needed.
+    pub async fn apply(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<Box<dyn ResponseFilter>>, RejectReason> {
+        strip_session_headers(headers);
+        let Some(plugin) = &self.plugin else {
+            return Ok(None);
+        };
+        let Some(id) = session_cookie(headers, &plugin.config.cookie) else {
+            self.metrics.lookup("no_cookie");
+            return Ok(None);
+        };
+        if !plausible_id(id) {
+            self.metrics.lookup("malformed");
+            tracing::debug!("session cookie is not a session id; forwarding without session");
+            return Ok(None);
+        }
+        let id = id.to_owned();
+        let result = tokio::time::timeout(plugin.config.timeout, plugin.client.get(&id, true))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Unavailable(format!(
+                    "no answer within {:?}",
+                    plugin.config.timeout
+                )))
+            });
+        let snapshots = plugin.snapshots.as_ref();
+        match result {
+            Ok(session) => {
+                self.metrics.lookup("found");
+                plugin.set_headers(headers, &session.id, &session.user_id, |name| {
+                    session.attrs.get(name)
+                });
+                Ok(snapshots.and_then(|s| s.refresh(headers, &session)))
+            }
+            Err(ClientError::NotFound)
+                if let Some(restored) = self.restore(plugin, headers, &id).await =>
+            {
+                self.metrics.lookup("restored");
+                plugin.set_headers(headers, &restored.id, &restored.user_id, |name| {
+                    restored.attrs.get(name)
+                });
+                Ok(snapshots.and_then(|s| s.refresh(headers, &restored)))
+            }
+            Err(ClientError::NotFound | ClientError::Invalid(_)) => {
+                self.metrics.lookup("missing");
+                Ok(snapshots.and_then(|s| s.expire(headers)))
+            }
+            Err(error) => {
+                if error.is_unavailable()
+                    && let Some(snapshots) = snapshots
+                    && let Sent::Valid(snapshot) = snapshots.sent(headers, &id)
+                {
+                    self.metrics.lookup("snapshot");
+                    tracing::warn!(%error, "session lookup failed; session served from its snapshot cookie");
+                    plugin.set_headers(headers, &snapshot.id, &snapshot.user_id, |name| {
+                        snapshot.attrs.get(name)
+                    });
+                    headers.insert(DEGRADED_HEADER, HeaderValue::from_static("1"));
+                    return Ok(snapshots.slide(snapshot));
+                }
+                match plugin.config.on_failure {
+                    LookupFailure::Open => {
+                        self.metrics.lookup("failed_open");
+                        tracing::warn!(%error, "session lookup failed; forwarding without session (fail-open)");
+                        Ok(None)
+                    }
+                    LookupFailure::Closed => {
+                        self.metrics.lookup("failed_closed");
+                        tracing::warn!(%error, "session lookup failed; answering 503 (fail-closed)");
+                        Err(RejectReason::LookupFailed)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl SessionLookup {
+    /// The store does not have the session (it restarted empty, or lost it): pushes the
+    /// request's valid snapshot back with `Restore`, as session-client's layer does. The server
+    /// refuses ids deleted less than one ttl ago (logout tombstones), so a logged-out session
+    /// never comes back; `None` then, or when there is no valid snapshot or the call fails.
+    async fn restore(&self, plugin: &Plugin, headers: &HeaderMap, id: &str) -> Option<SessionData> {
+        let Sent::Valid(snapshot) = plugin.snapshots.as_ref()?.sent(headers, id) else {
+            return None;
+        };
+        let at = |ms: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+        let data = SessionData {
+            id: snapshot.id,
+            namespace: snapshot.namespace,
+            user_id: snapshot.user_id,
+            attrs: snapshot.attrs.into_iter().collect(),
+            version: snapshot.version,
+            created_at: at(snapshot.created_at_ms),
+            expires_at: at(snapshot.expires_at_ms),
+            ttl: std::time::Duration::from_millis(snapshot.ttl_ms),
+        };
+        match tokio::time::timeout(plugin.config.timeout, plugin.client.restore(data)).await {
+            Ok(Ok(session)) => Some(session),
+            Ok(Err(error)) => {
+                tracing::info!(%error, "session snapshot not restored");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("session restore did not answer in time");
+                None
+            }
+        }
+    }
+}
+
+impl RequestFilter for SessionLookup {
+    fn request_filter<'a>(
+        &'a self,
+        head: &'a mut http::request::Parts,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn ResponseFilter>>, RejectReason>> {
+        Box::pin(self.apply(&mut head.headers))
+    }
+}
+
+impl Plugin {
+    fn new(config: &LookupConfig) -> Result<Self, LookupError> {
+        if config.cookie.trim().is_empty() {
+            return Err(LookupError::CookieName);
+        }
+        let attrs = config
+            .attrs
+            .iter()
+            .map(|name| {
+                HeaderName::try_from(format!(
+                    "{SESSION_HEADER_PREFIX}attr-{}",
+                    name.to_ascii_lowercase()
+                ))
+                .map(|header| (name.clone(), header))
+                .map_err(|_| LookupError::AttrName(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let snapshots = if config.snapshot_keys.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Snapshots::new(config)?))
+        };
+        let client = SessionClient::connect_lazy(ClientConfig {
+            endpoint: config.session_server.clone(),
+            namespace: config.namespace.clone(),
+            auth_token: config.auth_token.clone(),
+            timeout: config.timeout,
+            connect_timeout: config.timeout,
+            // A request waits for the lookup: one bounded try, no backoff. The lazy channel
+            // reconnects by itself for the next request.
+            retries: 0,
+            backoff: std::time::Duration::ZERO,
+        })
+        .map_err(LookupError::Client)?;
+        Ok(Plugin {
+            config: config.clone(),
+            client,
+            attrs,
+            snapshots,
+        })
+    }
+
+    /// Sets the session headers from a session (store or snapshot): its id, user and the
+    /// configured attributes `attr` finds.
+    fn set_headers<'s>(
+        &self,
+        headers: &mut HeaderMap,
+        id: &str,
+        user_id: &str,
+        attr: impl Fn(&str) -> Option<&'s Vec<u8>>,
+    ) {
+        if let Ok(id) = HeaderValue::from_str(id) {
+            headers.insert(HeaderName::from_static("x-session-id"), id);
+        }
+        if !user_id.is_empty() {
+            match HeaderValue::from_bytes(user_id.as_bytes()) {
+                Ok(user) => {
+                    headers.insert(HeaderName::from_static("x-session-user"), user);
+                }
+                Err(_) => {
+                    tracing::warn!("session user id is not a valid header value; not forwarded")
+                }
+            }
+        }
+        for (name, header) in &self.attrs {
+            if let Some(value) = attr(name) {
+                let encoded = base64::engine::general_purpose::STANDARD.encode(value);
+                if let Ok(value) = HeaderValue::from_str(&encoded) {
+                    headers.insert(header.clone(), value);
+                }
+            }
+        }
+    }
+}
+
+impl Snapshots {
+    fn new(config: &LookupConfig) -> Result<Self, LookupError> {
+        let cookie = config.snapshot_cookie.trim();
+        if cookie.is_empty() || cookie == config.cookie.trim() {
+            return Err(LookupError::SnapshotCookie);
+        }
+        let keys = config
+            .snapshot_keys
+            .iter()
+            .map(|key| CookieKey::new(&key.0))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(LookupError::SnapshotKeys)?;
+        let ring = KeyRing::new(keys).map_err(LookupError::SnapshotKeys)?;
+        Ok(Snapshots {
+            codec: CookieCodec::new(ring, Encryption::Aes256Gcm),
+            cookie: cookie.to_owned(),
+            session_cookie: config.cookie.clone(),
+            namespace: config.namespace.clone(),
+        })
+    }
+
+    /// The request's snapshot cookie, checked against session `id`.
+    fn sent(&self, headers: &HeaderMap, id: &str) -> Sent {
+        let Some(value) = session_cookie(headers, &self.cookie) else {
+            return Sent::Absent;
+        };
+        match self.codec.decode(value) {
+            Ok(snapshot) if snapshot.id == id && snapshot.namespace == self.namespace => {
+                Sent::Valid(snapshot)
+            }
+            Ok(_) => {
+                tracing::debug!("ignoring a snapshot cookie of another session");
+                Sent::Invalid
+            }
+            Err(error) => {
+                tracing::debug!(%error, "ignoring the session snapshot cookie");
+                Sent::Invalid
+            }
+        }
+    }
+
+    /// Store reachable, session found: a new snapshot unless the request's is fresh (same
+    /// version, more than half its life left).
+    fn refresh(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        session: &SessionData,
+    ) -> Option<Box<dyn ResponseFilter>> {
+        let ttl_ms = u64::try_from(session.ttl.as_millis()).unwrap_or(u64::MAX);
+        let sent = match self.sent(headers, &session.id) {
+            Sent::Valid(old) if old.version == session.version && fresh(&old, ttl_ms) => {
+                return None;
+            }
+            Sent::Absent => false,
+            Sent::Invalid | Sent::Valid(_) => true,
+        };
+        let snapshot = Snapshot {
+            id: session.id.clone(),
+            namespace: self.namespace.clone(),
+            user_id: session.user_id.clone(),
+            attrs: session
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            version: session.version,
+            created_at_ms: unix_ms(session.created_at),
+            issued_at_ms: 0,
+            expires_at_ms: unix_ms(session.expires_at),
+            ttl_ms,
+        };
+        Some(self.update(Some(snapshot), sent))
+    }
+
+    /// Store unreachable, session served from `snapshot`: its expiry slides as the store's
+    /// would, written out once past half its life.
+    fn slide(self: &Arc<Self>, mut snapshot: Snapshot) -> Option<Box<dyn ResponseFilter>> {
+        if fresh(&snapshot, snapshot.ttl_ms) {
+            return None;
+        }
+        snapshot.expires_at_ms = unix_ms(SystemTime::now()).saturating_add(snapshot.ttl_ms);
+        Some(self.update(Some(snapshot), true))
+    }
+
+    /// Store reachable, session missing: the client's snapshot cookie, if any, is expired.
+    fn expire(self: &Arc<Self>, headers: &HeaderMap) -> Option<Box<dyn ResponseFilter>> {
+        session_cookie(headers, &self.cookie)?;
+        Some(self.update(None, true))
+    }
+
+    fn update(self: &Arc<Self>, snapshot: Option<Snapshot>, sent: bool) -> Box<dyn ResponseFilter> {
+        Box::new(SnapshotUpdate {
+            snapshots: self.clone(),
+            snapshot,
+            sent,
+        })
+    }
+}
+
+/// Whether `snapshot` has more than half of `ttl_ms` left (`session-client`'s rule).
+fn fresh(snapshot: &Snapshot, ttl_ms: u64) -> bool {
+    snapshot
+        .expires_at_ms
+        .saturating_sub(unix_ms(SystemTime::now()))
+        > ttl_ms / 2
+}
+
+impl ResponseFilter for SnapshotUpdate {
+    fn response_filter(self: Box<Self>, head: &mut http::response::Parts) {
+        let snapshots = &self.snapshots;
+        let name = &snapshots.cookie;
+        if sets_cookie(&head.headers, &snapshots.session_cookie) || sets_cookie(&head.headers, name)
+        {
+            // The backend changed the session (login, logout) or keeps the snapshot itself.
+            return;
+        }
+        let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+        let cookie = match self.snapshot {
+            None => expired(),
+            Some(mut snapshot) => {
+                snapshot.issued_at_ms = unix_ms(SystemTime::now());
+                match snapshots.codec.encode(&snapshot) {
+                    Ok(value) if name.len() + 1 + value.len() <= MAX_COOKIE_BYTES => {
+                        format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax")
+                    }
+                    Ok(_) | Err(_) => {
+                        tracing::info!("session too large for a snapshot cookie: none set");
+                        if !self.sent {
+                            return;
+                        }
+                        expired()
+                    }
+                }
+            }
+        };
+        if let Ok(value) = HeaderValue::from_str(&cookie) {
+            head.headers.append(SET_COOKIE, value);
+        }
+    }
+}
+
+/// Whether a response sets (or deletes) cookie `name`.
+fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .filter_map(|value| value.split_once('='))
+        .any(|(key, _)| key.trim() == name)
+}
+
+/// Removes every `x-session-*` header.
+fn strip_session_headers(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(SESSION_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
+    }
+}
+
+/// The value of cookie `name` (the first one, as browsers send the most specific first).
+fn session_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| key.trim() == name)
+        .map(|(_, value)| value.trim().trim_matches('"'))
+}
+
+/// Whether a cookie value looks like a session id (base64url, bounded length).
+fn plausible_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn client_session_headers_are_stripped_even_when_off() {
+        let lookup = SessionLookup::new(None, ProxyMetrics::new().unwrap()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-session-user", HeaderValue::from_static("admin"));
+        headers.insert("x-session-attr-role", HeaderValue::from_static("cm9vdA=="));
+        headers.insert("x-sessionless", HeaderValue::from_static("kept"));
+        lookup.apply(&mut headers).await.unwrap();
+        assert!(headers.get("x-session-user").is_none());
+        assert!(headers.get("x-session-attr-role").is_none());
+        assert_eq!(headers.get("x-sessionless").unwrap(), "kept");
+    }
+
+    #[test]
+    fn session_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.append(COOKIE, HeaderValue::from_static("a=1; sid=abc_DEF-123"));
+        headers.append(COOKIE, HeaderValue::from_static("sid=second"));
+        assert_eq!(session_cookie(&headers, "sid"), Some("abc_DEF-123"));
+        assert_eq!(session_cookie(&headers, "a"), Some("1"));
+        assert_eq!(session_cookie(&headers, "missing"), None);
+    }
+
+    #[test]
+    fn response_cookies_are_matched_by_exact_name() {
+        let mut headers = HeaderMap::new();
+        headers.append(SET_COOKIE, HeaderValue::from_static("sid_snap=x; Path=/"));
+        headers.append(SET_COOKIE, HeaderValue::from_static("theme=dark"));
+        assert!(sets_cookie(&headers, "sid_snap"));
+        assert!(sets_cookie(&headers, "theme"));
+        assert!(!sets_cookie(&headers, "sid"));
+    }
+
+    #[test]
+    fn implausible_ids_are_not_looked_up() {
+        assert!(plausible_id("AbC_-0123456789abcdefghijklmnopq"));
+        assert!(!plausible_id(""));
+        assert!(!plausible_id("has space"));
+        assert!(!plausible_id("../../etc"));
+        assert!(!plausible_id(&"a".repeat(MAX_ID_LEN + 1)));
+    }
+}

@@ -1,0 +1,191 @@
+//! `session-proxy`: the Stickless reverse proxy.
+//!
+//! `session-proxy --backend http://127.0.0.1:8081 --backend http://127.0.0.1:8082` balances
+//! round-robin on 127.0.0.1:8080; `--help` lists every setting. A configuration it cannot use
+//! exits with status 2 and the reason on stderr. SIGHUP re-reads the `--config` file (same
+//! flags) and applies it without dropping connections; a bad file is logged and the running
+//! configuration kept. SIGINT or SIGTERM stops accepting, lets requests in flight finish (up
+//! to 30 s), and exits 0.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser as _;
+use proxy_plugin::admin::serve_admin;
+use proxy_plugin::balance::BalanceMode;
+use proxy_plugin::config::{self, Cli, ProxyConfig};
+use proxy_plugin::proxy::Proxy;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+
+/// Time requests in flight get to finish after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never in files or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs();
+    let config = match config::load(cli.clone()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("session-proxy: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let proxy = match Proxy::new(config.clone()) {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            eprintln!("session-proxy: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli, config, proxy).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "session-proxy failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    cli: Cli,
+    config: ProxyConfig,
+    proxy: Arc<Proxy>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    // Signal handlers first: a SIGHUP that arrives once we listen must not kill the process.
+    let hangup = signal(SignalKind::hangup())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let mut admin = None;
+    if let Some(address) = config.admin_listen {
+        let admin_listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("cannot listen for the admin API on {address}: {e}"))?;
+        tracing::info!(%address, "admin API listening");
+        admin = Some(tokio::spawn(serve_admin(
+            admin_listener,
+            proxy.clone(),
+            stopped(stop_rx.clone()),
+        )));
+    }
+    tracing::info!(
+        address = %config.listen,
+        backends = config.backends.len(),
+        balance = balance_name(&config.balance),
+        "proxy listening"
+    );
+    let reloads = tokio::spawn(reload_on_hangup(hangup, cli, config, proxy.clone()));
+
+    let mut serving = tokio::spawn(proxy.serve(listener, stopped(stop_rx)));
+    tokio::select! {
+        result = &mut serving => {
+            reloads.abort();
+            return Ok(result??);
+        }
+        _ = interrupt.recv() => tracing::info!("SIGINT received: shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM received: shutting down"),
+    }
+    reloads.abort();
+    let _ = stop_tx.send(true);
+    tokio::select! {
+        finished = tokio::time::timeout(SHUTDOWN_GRACE, &mut serving) => match finished {
+            Ok(result) => result??,
+            Err(_) => tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "requests still in flight after the shutdown grace period; exiting anyway"
+            ),
+        },
+        _ = interrupt.recv() => tracing::warn!("second SIGINT: exiting now"),
+        _ = terminate.recv() => tracing::warn!("second SIGTERM: exiting now"),
+    }
+    if let Some(admin) = admin {
+        // The admin listener stops on the same signal and bounds its own drain.
+        let _ = admin.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The mode's name for the log (its Debug form would print the sticky-cookie key).
+fn balance_name(mode: &BalanceMode) -> &'static str {
+    match mode {
+        BalanceMode::RoundRobin => "round-robin",
+        BalanceMode::StaticRr => "static-rr",
+        BalanceMode::LeastConn => "least-conn",
+        BalanceMode::Random => "random",
+        BalanceMode::IpHash => "ip-hash",
+        BalanceMode::Source(_) => "source",
+        BalanceMode::Uri(_) => "uri",
+        BalanceMode::UrlParam(..) => "url-param",
+        BalanceMode::Header(..) => "header",
+        BalanceMode::CookieHash(..) => "cookie-hash",
+        BalanceMode::StickyCookie(_) => "sticky-cookie",
+    }
+}
+
+/// On each SIGHUP: re-reads the file with the same flags and hands the result to the proxy. A
+/// configuration that is refused is logged and the running one kept; the process never exits
+/// over a reload.
+async fn reload_on_hangup(mut hangup: Signal, cli: Cli, running: ProxyConfig, proxy: Arc<Proxy>) {
+    let mut running = running;
+    while hangup.recv().await.is_some() {
+        tracing::info!(file = ?cli.config, "SIGHUP received: reloading the configuration");
+        let flags = cli.clone();
+        let mut next = match tokio::task::spawn_blocking(move || config::load(flags)).await {
+            Ok(Ok(next)) => next,
+            Ok(Err(error)) => {
+                tracing::error!(%error, "reload refused; keeping the running configuration");
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload failed; keeping the running configuration");
+                continue;
+            }
+        };
+        // The listeners stay bound where they are; moving them takes a restart.
+        if next.listen != running.listen || next.admin_listen != running.admin_listen {
+            tracing::warn!(
+                "listen and admin_listen changes take effect only after a restart; \
+                 keeping the bound addresses"
+            );
+            next.listen = running.listen;
+            next.admin_listen = running.admin_listen;
+        }
+        if next == running {
+            tracing::info!("configuration unchanged");
+        }
+        match proxy.reload(next.clone()) {
+            Ok(()) => {
+                tracing::info!(backends = next.backends.len(), "configuration reloaded");
+                running = next;
+            }
+            Err(error) => {
+                tracing::error!(%error, "reload refused; keeping the running configuration");
+            }
+        }
+    }
+}

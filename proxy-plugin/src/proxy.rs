@@ -1,0 +1,316 @@
+//! The reverse proxy: hyper 1 serving HTTP/1.1 and HTTP/2 clients, HTTP/1.1 to backends over a
+//! keep-alive pool, bodies streamed both ways.
+//!
+//! A request goes through pingora-style steps: the request filters ([`RequestFilter`]; the
+//! session-lookup plugin is one), the balancer's `pick` among usable backends, the upstream
+//! exchange with retries, then the balancer's `on_response` (sticky cookie) and the response
+//! filters the request filters asked for ([`ResponseFilter`]; the lookup plugin's snapshot
+//! cookie) on the response head.
+//!
+//! ```no_run
+//! # async fn run(config: proxy_plugin::config::ProxyConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! use proxy_plugin::proxy::Proxy;
+//!
+//! let proxy = Proxy::new(config)?; // backends, balancer, health checks, lookup client
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let shutdown = async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! };
+//! proxy.serve(listener, shutdown).await?; // returns once requests in flight are done
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Decisions
+//! - **Host**: the client's `Host` is kept (nginx `proxy_set_header Host $host`), so backends
+//!   see the name the client used; `X-Forwarded-For` (appended), `X-Forwarded-Proto: http`,
+//!   `X-Forwarded-Host` and an RFC 7239 `Forwarded` element are added; hop-by-hop headers
+//!   (`Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
+//!   `Transfer-Encoding`, `Upgrade`) are removed both ways, so upgrades (WebSocket) are not
+//!   proxied.
+//! - **Retries** (nginx `proxy_next_upstream error timeout`, at most `max_tries` backends): a
+//!   connect failure moves on whatever the method, since nothing reached the backend; a reset
+//!   or a response timeout moves on only for idempotent methods (GET, HEAD, OPTIONS, PUT,
+//!   DELETE, TRACE); a POST or PATCH that may have reached a backend is never replayed (502,
+//!   or 504 for a timeout). A backend's own 5xx answer is relayed, not retried.
+//! - **Request bodies**: empty ones, and those whose `Content-Length` is at most
+//!   `retry_buffer_bytes`, are read into memory (within `header_read_timeout`) so any try can
+//!   resend them; larger or chunked ones are streamed, and can go to another backend only if
+//!   no try has started sending them (a connect failure).
+//! - **Timeouts and statuses**: request head not complete within `header_read_timeout` →
+//!   408 when part of it arrived, silent close for an idle keep-alive connection; head over
+//!   `max_header_bytes` → 431; `Content-Length` over `max_body_bytes` → 413 before any backend
+//!   is contacted, a streamed body crossing it is cut (413 if no response started); a client
+//!   body idle for `header_read_timeout` → 408; connect failure with no try left → 502; no
+//!   response head within `response_timeout` (counted from sending the request) → 504; a
+//!   backend body idle for `response_timeout` is cut; more than `max_connections` client
+//!   connections → 503 for the extra ones (a counter checked at accept rather than a
+//!   semaphore, so a reload can change the limit); no usable backend → 503. The head clock
+//!   also closes an idle HTTP/1 keep-alive connection `header_read_timeout` after its last
+//!   response.
+//! - **Reload**: each request takes the current [`Generation`] (backends, balancer, limits,
+//!   lookup, upstream pool) when it starts and keeps it to its end; a reload swaps the
+//!   generation for new requests and restarts the health checks. `listen`/`admin_listen`
+//!   changes need a restart.
+
+mod body;
+mod conn;
+mod forward;
+mod headers;
+mod serve;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::uri::Authority;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use parking_lot::{Mutex, RwLock};
+
+use crate::backend::Backend;
+use crate::balance::{self, Balancer};
+use crate::config::{HealthCheckKind, ProxyConfig};
+use crate::health::{self, HealthChecks};
+use crate::lookup::{LookupError, SessionLookup};
+use crate::metrics::{ProxyMetrics, RejectReason};
+
+/// Idle upstream connections are closed after this: below the usual backend keep-alive
+/// timeouts (nginx 75 s, Node 5 s is the outlier), so we rarely reuse one the backend is
+/// closing at that very moment (and if we do, an idempotent request is retried).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// A configuration the proxy cannot run with.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The backend list is empty.
+    #[error("no backends configured")]
+    NoBackends,
+    /// A backend address that is not `host:port`.
+    #[error("backend {name:?}: {authority:?} is not host:port: {source}")]
+    BadBackend {
+        /// The backend's name.
+        name: String,
+        /// What was configured.
+        authority: String,
+        /// Why it does not parse.
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    /// An HTTP health-check path that is not an absolute path.
+    #[error("health check path {0:?} is not an absolute path")]
+    HealthPath(String),
+    /// The session-lookup plugin's settings are unusable (endpoint, attribute names, cookie).
+    #[error("session lookup: {0}")]
+    Lookup(#[from] LookupError),
+    /// The metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// A hook run on every request before a backend is picked (pingora's `request_filter`): it
+/// may rewrite the request head, answer the request itself with a [`RejectReason`], or ask to
+/// see the response by returning a [`ResponseFilter`] holding what it learnt about this
+/// request (pingora's per-request context).
+pub trait RequestFilter: Send + Sync + std::fmt::Debug {
+    /// Inspects and rewrites `head`; `Err` answers the request with that reason's status;
+    /// `Ok(Some(hook))` runs `hook` on the response head.
+    fn request_filter<'a>(
+        &'a self,
+        head: &'a mut http::request::Parts,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn ResponseFilter>>, RejectReason>>;
+}
+
+/// The response side of a [`RequestFilter`] for one request (pingora's `response_filter`,
+/// with that request's context inside): run once on the backend's response head, after the
+/// balancer's `on_response`, before it is relayed. Not run on the proxy's own answers (502,
+/// 503, 504, ...).
+pub trait ResponseFilter: Send + std::fmt::Debug {
+    /// Inspects and rewrites the response head (typically adds `Set-Cookie`).
+    fn response_filter(self: Box<Self>, head: &mut http::response::Parts);
+}
+
+/// The upstream HTTP client (one keep-alive pool per generation).
+type UpstreamClient = Client<HttpConnector, body::ProxyBody>;
+
+/// One configuration in force: what a request needs from start to end.
+#[derive(Debug)]
+pub(crate) struct Generation {
+    /// Counts reloads, for logs.
+    number: u64,
+    /// The configuration.
+    config: ProxyConfig,
+    /// The backends, in config order (`Backend::index` is the position).
+    backends: Vec<Arc<Backend>>,
+    /// Each backend's parsed `host:port`, by index.
+    authorities: Vec<Authority>,
+    /// The balancer over `backends`.
+    balancer: Box<dyn Balancer>,
+    /// The upstream client, with its connect timeout and pool.
+    client: UpstreamClient,
+    /// The session-lookup plugin, kept apart to reuse its client across reloads.
+    lookup: Arc<SessionLookup>,
+    /// The request filters, in order.
+    filters: Vec<Arc<dyn RequestFilter>>,
+}
+
+impl Generation {
+    fn build(
+        number: u64,
+        config: ProxyConfig,
+        lookup: Arc<SessionLookup>,
+    ) -> Result<Self, ProxyError> {
+        if config.backends.is_empty() {
+            return Err(ProxyError::NoBackends);
+        }
+        if let HealthCheckKind::Http(path) = &config.health.kind
+            && !health::valid_check_path(path)
+        {
+            return Err(ProxyError::HealthPath(path.clone()));
+        }
+        let mut backends = Vec::with_capacity(config.backends.len());
+        let mut authorities = Vec::with_capacity(config.backends.len());
+        for (index, b) in config.backends.iter().enumerate() {
+            let authority =
+                b.authority
+                    .parse::<Authority>()
+                    .map_err(|source| ProxyError::BadBackend {
+                        name: b.name.clone(),
+                        authority: b.authority.clone(),
+                        source,
+                    })?;
+            authorities.push(authority);
+            backends.push(Arc::new(Backend::new(
+                index,
+                &b.name,
+                &b.authority,
+                b.weight,
+            )));
+        }
+        let balancer = balance::build(&config.balance, &backends);
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.limits.connect_timeout));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        let filters: Vec<Arc<dyn RequestFilter>> = vec![lookup.clone()];
+        Ok(Generation {
+            number,
+            config,
+            backends,
+            authorities,
+            balancer,
+            client,
+            lookup,
+            filters,
+        })
+    }
+}
+
+/// The proxy: the current configuration generation, its health checks and the metrics.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The generation new requests get.
+    current: RwLock<Arc<Generation>>,
+    /// The health checks of the current generation; replacing them stops the old ones. Also
+    /// serializes reloads.
+    health: Mutex<HealthChecks>,
+    /// The metrics, shared by every generation.
+    metrics: ProxyMetrics,
+    /// Number of the next generation.
+    next_generation: AtomicU64,
+}
+
+impl Proxy {
+    /// Builds backends, the balancer, health-check tasks and the lookup client. Must be called
+    /// in a tokio runtime.
+    pub fn new(config: ProxyConfig) -> Result<Arc<Proxy>, ProxyError> {
+        let metrics = ProxyMetrics::new()?;
+        let lookup = Arc::new(SessionLookup::new(config.lookup.as_ref(), metrics.clone())?);
+        let generation = Generation::build(0, config, lookup)?;
+        let health = HealthChecks::start(&generation.backends, &generation.config.health);
+        Ok(Arc::new(Proxy {
+            current: RwLock::new(Arc::new(generation)),
+            health: Mutex::new(health),
+            metrics,
+            next_generation: AtomicU64::new(1),
+        }))
+    }
+
+    /// Swaps in a new config (backends, balancer, limits, health, lookup) without dropping
+    /// connections in flight: requests already running keep the old snapshot; new ones get
+    /// the new one. `listen`/`admin_listen` changes need a restart (logged as a warning).
+    pub fn reload(&self, config: ProxyConfig) -> Result<(), ProxyError> {
+        let mut health = self.health.lock();
+        let old = self.current();
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!(old = ?(old.config.listen, old.config.admin_listen),
+                new = ?(config.listen, config.admin_listen),
+                "listen/admin_listen changes take effect only after a restart");
+        }
+        let lookup = if old.lookup.config() == config.lookup.as_ref() {
+            old.lookup.clone()
+        } else {
+            Arc::new(SessionLookup::new(
+                config.lookup.as_ref(),
+                self.metrics.clone(),
+            )?)
+        };
+        let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let generation = Arc::new(Generation::build(number, config, lookup)?);
+        let checks = HealthChecks::start(&generation.backends, &generation.config.health);
+        let names: Vec<&str> = generation
+            .backends
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        tracing::info!(generation = generation.number, backends = ?names,
+            balance = ?generation.config.balance, "configuration reloaded");
+        *self.current.write() = generation;
+        *health = checks;
+        Ok(())
+    }
+
+    /// The current backends (admin API).
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.current().backends.clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> ProxyConfig {
+        self.current().config.clone()
+    }
+
+    /// The metrics (counters readable by tests and the admin API).
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
+    }
+
+    /// Prometheus text exposition of the proxy's metrics: requests by backend and status,
+    /// upstream latency, retries, rejects by status and reason, active connections, backend
+    /// health and load.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&self.current().backends)
+    }
+
+    /// Serves clients on `listener` until `shutdown` completes, then stops accepting and lets
+    /// in-flight requests finish.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        serve::run(self, listener, shutdown).await
+    }
+
+    /// The generation new requests get.
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        self.current.read().clone()
+    }
+}

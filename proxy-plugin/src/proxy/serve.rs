@@ -1,0 +1,245 @@
+//! The accept loop: connection limit, per-connection protocol settings, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use super::Proxy;
+use super::conn::{self, ClientIo, ConnState};
+use crate::metrics::RejectReason;
+
+/// Pause after a failed accept (out of file descriptors, most likely) so the loop does not spin
+/// while the process has none to give.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// hyper's own header timer runs this much after ours, as a backstop should our 408 stall.
+const HYPER_HEADER_BACKSTOP: Duration = Duration::from_secs(1);
+/// HTTP/2 clients are pinged this often when idle, so a vanished peer's connection (and its
+/// `max_connections` place) is freed.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+/// An HTTP/2 ping unanswered this long closes the connection.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's smallest allowed read buffer (its `max_buf_size` panics below it).
+const MIN_READ_BUFFER: usize = 8192;
+
+/// Connections counted against `max_connections`, released on drop.
+struct Counted {
+    /// The open-connection counter.
+    open: Arc<AtomicUsize>,
+    /// The proxy, for the active-connections gauge.
+    proxy: Arc<Proxy>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.proxy.metrics.connection_closed();
+    }
+}
+
+/// Graceful shutdown of the connections (what hyper-util's `server-graceful` feature offers,
+/// which this crate does not enable): a signal every connection watches, and a channel whose
+/// closing tells that the last one is done.
+struct Graceful {
+    /// Flips to true at shutdown.
+    signal: watch::Sender<bool>,
+    /// Cloned into each connection; dropped when it ends.
+    alive: mpsc::Sender<()>,
+    /// Yields `None` once every clone of `alive` is gone.
+    done: mpsc::Receiver<()>,
+}
+
+/// A connection's part of [`Graceful`].
+struct Watcher {
+    /// The shutdown signal.
+    signal: watch::Receiver<bool>,
+    /// Held until the connection ends.
+    _alive: mpsc::Sender<()>,
+}
+
+impl Graceful {
+    fn new() -> Self {
+        let (signal, _) = watch::channel(false);
+        let (alive, done) = mpsc::channel(1);
+        Graceful {
+            signal,
+            alive,
+            done,
+        }
+    }
+
+    fn watcher(&self) -> Watcher {
+        Watcher {
+            signal: self.signal.subscribe(),
+            _alive: self.alive.clone(),
+        }
+    }
+
+    /// Tells every connection to finish and waits until they all have.
+    async fn shutdown(self) {
+        let Graceful {
+            signal,
+            alive,
+            mut done,
+        } = self;
+        let _ = signal.send(true);
+        drop(alive);
+        let _ = done.recv().await;
+    }
+}
+
+/// Serves `listener` until `shutdown` completes; then stops accepting and waits for the
+/// connections in flight to finish their requests.
+pub(crate) async fn run(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let graceful = Graceful::new();
+    // Client connections being served, and those only being told 503. A counter rather than a
+    // semaphore so that a reload changing `max_connections` applies at the next accept.
+    let open = Arc::new(AtomicUsize::new(0));
+    let rejecting = Arc::new(AtomicUsize::new(0));
+    tracing::info!(address = ?listener.local_addr().ok(), "proxy serving");
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let max = proxy.current().config.limits.max_connections;
+        // Reserve a place first, so two accepts never both take the last one.
+        if open.fetch_add(1, Ordering::AcqRel) < max {
+            proxy.metrics.connection_opened();
+            let counted = Counted {
+                open: open.clone(),
+                proxy: proxy.clone(),
+            };
+            let watcher = graceful.watcher();
+            tokio::spawn(connection(
+                proxy.clone(),
+                stream,
+                peer,
+                watcher,
+                Some(counted),
+            ));
+            continue;
+        }
+        open.fetch_sub(1, Ordering::AcqRel);
+        // Over the limit: answer 503 on a connection of its own, at most `max` of those at once
+        // (past that the socket is just closed: telling floods apart costs resources too).
+        if rejecting.fetch_add(1, Ordering::AcqRel) < max.max(1) {
+            let rejecting = rejecting.clone();
+            let watcher = graceful.watcher();
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                connection(proxy, stream, peer, watcher, None).await;
+                rejecting.fetch_sub(1, Ordering::AcqRel);
+            });
+        } else {
+            rejecting.fetch_sub(1, Ordering::AcqRel);
+            proxy.metrics.reject(RejectReason::TooManyConnections);
+            tracing::warn!(%peer, "over max_connections, and too many 503s in progress: closed");
+        }
+    }
+    drop(listener);
+    tracing::info!("proxy shutting down: finishing requests in flight");
+    graceful.shutdown().await;
+    tracing::info!("proxy stopped");
+    Ok(())
+}
+
+/// Serves one client connection; `counted` is `None` for a connection over the limit, which
+/// gets 503 to its first request and is closed.
+async fn connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    counted: Option<Counted>,
+) {
+    let limits = proxy.current().config.limits.clone();
+    let _ = stream.set_nodelay(true);
+    let state = ConnState::new(limits.header_read_timeout);
+    let io = TokioIo::new(ClientIo::new(stream, state.clone()));
+    let over_limit = counted.is_none();
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout + HYPER_HEADER_BACKSTOP)
+        .max_buf_size(limits.max_header_bytes.max(MIN_READ_BUFFER))
+        .keep_alive(!over_limit);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let service = {
+        let (proxy, state) = (proxy.clone(), state.clone());
+        service_fn(move |request| {
+            proxy
+                .clone()
+                .handle(request, peer, state.clone(), over_limit)
+        })
+    };
+    let result = {
+        let Watcher { mut signal, _alive } = watcher;
+        let mut conn = std::pin::pin!(builder.serve_connection(io, service));
+        tokio::select! {
+            result = conn.as_mut() => result,
+            // Shutdown, or the server itself dropped (`Err`): finish either way.
+            () = async { let _ = signal.wait_for(|stop| *stop).await.map(drop); } => {
+                // Finish the request in flight (if any), then close.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+
+    if state.timed_out() {
+        proxy.metrics.reject(RejectReason::ClientTimeout);
+        tracing::warn!(%peer, timeout = ?limits.header_read_timeout,
+            "request head not received in time: 408, connection closed");
+    }
+    let failed = match &result {
+        Ok(()) => false,
+        Err(error) => {
+            match error.downcast_ref::<hyper::Error>() {
+                Some(e) if e.is_parse_too_large() => {
+                    proxy.metrics.reject(RejectReason::HeaderTooLarge);
+                    tracing::warn!(%peer, max = limits.max_header_bytes,
+                        "request head too large: 431, connection closed");
+                }
+                Some(e) if e.is_timeout() && !state.timed_out() => {
+                    tracing::warn!(%peer, "request head not received in time: connection closed");
+                }
+                _ if state.timed_out() => {}
+                _ => tracing::debug!(%peer, %error, "client connection ended with an error"),
+            }
+            true
+        }
+    };
+    if (failed || state.wants_linger())
+        && let Some(stream) = state.take_stream()
+    {
+        conn::linger(stream).await;
+    }
+    drop(counted);
+}

@@ -1,0 +1,401 @@
+//! The typed gRPC client of the session server.
+//!
+//! One [`SessionClient`] holds one tonic `Channel` (HTTP/2, multiplexed), so clones share the
+//! connection. The namespace and the auth token are set once in [`ClientConfig`]. Every call is
+//! bounded by a timeout; idempotent calls (get, touch, delete, list, delete-by-user, restore) are
+//! retried with exponential backoff when the server is unavailable; writes that are not
+//! idempotent (create, update, regenerate) are never replayed.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use session_proto::v1;
+use session_proto::v1::session_store_client::SessionStoreClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Where and how to reach the session server.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `http://host:port` of the session server.
+    pub endpoint: String,
+    /// Application namespace for every call (empty: `default`).
+    pub namespace: String,
+    /// Bearer token, when the server requires one.
+    pub auth_token: Option<String>,
+    /// Bound on one call, including waiting for a connection.
+    pub timeout: Duration,
+    /// Bound on establishing the connection.
+    pub connect_timeout: Duration,
+    /// Extra tries of an idempotent call that found the server unavailable.
+    pub retries: u32,
+    /// Wait before the first retry; doubles each time.
+    pub backoff: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults: namespace `default`, no token, 1 s per call, 2 retries from 25 ms.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        ClientConfig {
+            endpoint: endpoint.into(),
+            namespace: String::new(),
+            auth_token: None,
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_millis(500),
+            retries: 2,
+            backoff: Duration::from_millis(25),
+        }
+    }
+}
+
+/// Why a call failed, told apart the way callers decide on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// No such live session.
+    #[error("session not found")]
+    NotFound,
+    /// Compare-and-set lost: the stored version moved on.
+    #[error("version conflict: {0}")]
+    Conflict(String),
+    /// A restore was refused because the session was deleted (logout), or is otherwise not
+    /// restorable.
+    #[error("session cannot be restored: {0}")]
+    Refused(String),
+    /// The server or its store cannot be reached, or did not answer in time. Retryable.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// The request was malformed (bad id, too large, bad ttl).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The auth token is missing or wrong.
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    /// Anything else the server said.
+    #[error("session server error {code:?}: {message}")]
+    Other {
+        /// The gRPC code.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The endpoint or token could not be used at all.
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// Whether the store could not be reached (the case the cookie fallback covers).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::Unavailable(_))
+    }
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_owned();
+        match status.code() {
+            Code::NotFound => ClientError::NotFound,
+            Code::Aborted => ClientError::Conflict(message),
+            Code::FailedPrecondition | Code::AlreadyExists => ClientError::Refused(message),
+            // tonic reports a connection that broke mid-call (the server died, a reset) as
+            // UNKNOWN "transport error"; the session server itself never answers UNKNOWN.
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                ClientError::Unavailable(message)
+            }
+            Code::InvalidArgument | Code::OutOfRange => ClientError::Invalid(message),
+            Code::Unauthenticated | Code::PermissionDenied => ClientError::Unauthenticated(message),
+            code => ClientError::Other { code, message },
+        }
+    }
+}
+
+/// A session as the server returned it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionData {
+    /// Server-made id.
+    pub id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Owner, or empty.
+    pub user_id: String,
+    /// Attributes.
+    pub attrs: HashMap<String, Vec<u8>>,
+    /// Bumped by every write.
+    pub version: u64,
+    /// First creation.
+    pub created_at: SystemTime,
+    /// Expiry unless touched or written.
+    pub expires_at: SystemTime,
+    /// Sliding ttl.
+    pub ttl: Duration,
+}
+
+impl From<v1::Session> for SessionData {
+    fn from(s: v1::Session) -> Self {
+        let time = |t: Option<prost_types::Timestamp>| {
+            t.and_then(|t| SystemTime::try_from(t).ok())
+                .unwrap_or(SystemTime::UNIX_EPOCH)
+        };
+        SessionData {
+            id: s.id,
+            namespace: s.namespace,
+            user_id: s.user_id,
+            attrs: s.attrs,
+            version: s.version,
+            created_at: time(s.created_at),
+            expires_at: time(s.expires_at),
+            ttl: s
+                .ttl
+                .and_then(|d| Duration::try_from(d).ok())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// An attribute-level patch for [`SessionClient::update`].
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    /// Attributes to write.
+    pub set: HashMap<String, Vec<u8>>,
+    /// Attribute keys to delete.
+    pub remove: Vec<String>,
+    /// Apply only at this version (compare-and-set).
+    pub expected_version: Option<u64>,
+    /// New owner (empty: anonymous).
+    pub user_id: Option<String>,
+    /// New sliding ttl.
+    pub ttl: Option<Duration>,
+}
+
+impl Patch {
+    /// Whether the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+            && self.remove.is_empty()
+            && self.user_id.is_none()
+            && self.ttl.is_none()
+    }
+}
+
+/// The typed client. Cheap to clone: clones share one connection.
+#[derive(Debug, Clone)]
+pub struct SessionClient {
+    /// The generated client over the shared channel.
+    inner: SessionStoreClient<Channel>,
+    /// Settings.
+    config: Arc<ClientConfig>,
+    /// `Bearer <token>`, ready to attach.
+    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+}
+
+fn duration(d: Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
+/// One call of the generated client: a fresh clone of the channel and request per attempt.
+macro_rules! rpc {
+    ($self:ident, $idempotent:expr, $method:ident, $message:ident) => {
+        $self
+            .call($idempotent, || {
+                let mut client = $self.inner.clone();
+                let request = $self.request($message.clone());
+                async move { client.$method(request).await }
+            })
+            .await
+    };
+}
+
+impl SessionClient {
+    /// A client that connects on first use (and reconnects after failures), so a backend starts
+    /// even while the session server is down.
+    pub fn connect_lazy(config: ClientConfig) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(config.endpoint.clone())
+            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", config.endpoint)))?
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let auth = match &config.auth_token {
+            Some(token) => Some(
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| ClientError::Config("auth token is not valid ASCII".into()))?,
+            ),
+            None => None,
+        };
+        Ok(SessionClient {
+            inner: SessionStoreClient::new(endpoint.connect_lazy()),
+            config: Arc::new(config),
+            auth,
+        })
+    }
+
+    /// The namespace every call uses.
+    pub fn namespace(&self) -> &str {
+        &self.config.namespace
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.config.timeout);
+        if let Some(auth) = &self.auth {
+            request.metadata_mut().insert("authorization", auth.clone());
+        }
+        request
+    }
+
+    /// Runs one call within the timeout; with `idempotent`, retries it while unavailable.
+    async fn call<T, F, Fut>(&self, idempotent: bool, mut attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let tries = if idempotent {
+            self.config.retries + 1
+        } else {
+            1
+        };
+        let mut wait = self.config.backoff;
+        let mut last = ClientError::Unavailable("no attempt made".into());
+        for n in 0..tries {
+            if n > 0 {
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
+            }
+            let result = tokio::time::timeout(self.config.timeout, attempt()).await;
+            match result {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => last = ClientError::from(status),
+                Err(_) => {
+                    last = ClientError::Unavailable(format!(
+                        "no answer within {:?}",
+                        self.config.timeout
+                    ))
+                }
+            }
+            if !last.is_unavailable() {
+                break;
+            }
+            tracing::debug!(try_ = n + 1, error = %last, "session call failed");
+        }
+        Err(last)
+    }
+
+    /// Creates a session.
+    pub async fn create(
+        &self,
+        user_id: &str,
+        attrs: HashMap<String, Vec<u8>>,
+        ttl: Option<Duration>,
+    ) -> Result<SessionData, ClientError> {
+        let message = v1::CreateRequest {
+            namespace: self.config.namespace.clone(),
+            user_id: user_id.to_owned(),
+            attrs,
+            ttl: ttl.and_then(duration),
+        };
+        let session = rpc!(self, false, create, message)?;
+        Ok(session.into())
+    }
+
+    /// Reads a session; with `touch`, also slides its expiry.
+    pub async fn get(&self, id: &str, touch: bool) -> Result<SessionData, ClientError> {
+        let message = v1::GetRequest {
+            namespace: self.config.namespace.clone(),
+            id: id.to_owned(),
+            touch,
+        };
+        let session = rpc!(self, true, get, message)?;
+        Ok(session.into())
+    }
+
+    /// Applies an attribute-level patch.
+    pub async fn update(&self, id: &str, patch: Patch) -> Result<SessionData, ClientError> {
+        let message = v1::UpdateRequest {
+            namespace: self.config.namespace.clone(),
+            id: id.to_owned(),
+            set: patch.set,
+            remove: patch.remove,
+            expected_version: patch.expected_version,
+            user_id: patch.user_id,
+            ttl: patch.ttl.and_then(duration),
+        };
+        let session = rpc!(self, false, update, message)?;
+        Ok(session.into())
+    }
+
+    /// Slides a session's expiry (optionally to a new ttl).
+    pub async fn touch(&self, id: &str, ttl: Option<Duration>) -> Result<SessionData, ClientError> {
+        let message = v1::TouchRequest {
+            namespace: self.config.namespace.clone(),
+            id: id.to_owned(),
+            ttl: ttl.and_then(duration),
+        };
+        let session = rpc!(self, true, touch, message)?;
+        Ok(session.into())
+    }
+
+    /// Moves a session to a new id (call on login).
+    pub async fn regenerate(&self, id: &str) -> Result<SessionData, ClientError> {
+        let message = v1::RegenerateRequest {
+            namespace: self.config.namespace.clone(),
+            id: id.to_owned(),
+        };
+        let session = rpc!(self, false, regenerate, message)?;
+        Ok(session.into())
+    }
+
+    /// Deletes a session; false when there was none.
+    pub async fn delete(&self, id: &str) -> Result<bool, ClientError> {
+        let message = v1::DeleteRequest {
+            namespace: self.config.namespace.clone(),
+            id: id.to_owned(),
+        };
+        let reply = rpc!(self, true, delete, message)?;
+        Ok(reply.deleted)
+    }
+
+    /// The live sessions of a user.
+    pub async fn list_by_user(&self, user_id: &str) -> Result<Vec<SessionData>, ClientError> {
+        let message = v1::ListByUserRequest {
+            namespace: self.config.namespace.clone(),
+            user_id: user_id.to_owned(),
+        };
+        let reply = rpc!(self, true, list_by_user, message)?;
+        Ok(reply.sessions.into_iter().map(SessionData::from).collect())
+    }
+
+    /// Deletes every session of a user; returns how many.
+    pub async fn delete_by_user(&self, user_id: &str) -> Result<u64, ClientError> {
+        let message = v1::DeleteByUserRequest {
+            namespace: self.config.namespace.clone(),
+            user_id: user_id.to_owned(),
+        };
+        let reply = rpc!(self, true, delete_by_user, message)?;
+        Ok(reply.deleted)
+    }
+
+    /// Makes the store hold `session` (a snapshot kept while the store was unreachable):
+    /// [`ClientError::Refused`] when the id was deleted (logout), the stored session when the
+    /// store has the same or a newer version, else the restored one.
+    pub async fn restore(&self, session: SessionData) -> Result<SessionData, ClientError> {
+        let message = v1::RestoreRequest {
+            namespace: self.config.namespace.clone(),
+            session: Some(v1::Session {
+                id: session.id,
+                namespace: session.namespace,
+                user_id: session.user_id,
+                attrs: session.attrs,
+                version: session.version,
+                created_at: Some(session.created_at.into()),
+                expires_at: Some(session.expires_at.into()),
+                ttl: duration(session.ttl),
+            }),
+        };
+        let session = rpc!(self, true, restore, message)?;
+        Ok(session.into())
+    }
+}

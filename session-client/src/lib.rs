@@ -1,0 +1,50 @@
+//! `session-client`: the crate Stickless backends call, so that any backend can serve any
+//! request of a logged-in user and a store outage does not log anyone out.
+//!
+//! Three lines put sessions into an axum app (a client, a layer, handlers that take a
+//! [`Session`]):
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use session_client::{ClientConfig, Session, SessionClient, SessionError, SessionLayer};
+//!
+//! async fn me(session: Session) -> Result<String, SessionError> {
+//!     Ok(session.user_id().await?.unwrap_or_else(|| "anonymous".into()))
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = SessionClient::connect_lazy(ClientConfig::new("http://127.0.0.1:50051"))?;
+//! let app = Router::new().route("/me", get(me)).layer(SessionLayer::new(client));
+//! axum::serve(tokio::net::TcpListener::bind("127.0.0.1:3000").await?, app).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! With the signed-cookie fallback, sessions survive a store outage:
+//!
+//! ```no_run
+//! use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing};
+//! use session_client::{ClientConfig, FallbackMode, SessionClient, SessionConfig, SessionLayer};
+//!
+//! # fn build() -> Result<SessionLayer, Box<dyn std::error::Error>> {
+//! let keys = KeyRing::new(vec![CookieKey::new(b"32 bytes or more of secret material!")?])?;
+//! let codec = CookieCodec::new(keys, Encryption::Aes256Gcm);
+//! let config = SessionConfig { fallback: FallbackMode::OnOutage, ..SessionConfig::default() };
+//! let client = SessionClient::connect_lazy(ClientConfig::new("http://127.0.0.1:50051"))?;
+//! Ok(SessionLayer::with_config(client, Some(codec), config))
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`client`]: [`SessionClient`], the typed gRPC client (one channel, timeouts, retries of
+//!   idempotent calls, errors told apart).
+//! - [`cookie`]: [`cookie::CookieCodec`], the signed (optionally sealed) snapshot cookie with key
+//!   rotation.
+//! - [`layer`]: [`SessionLayer`] and the [`Session`] extractor for axum/tower, with the fallback
+//!   modes.
+
+pub mod client;
+pub mod cookie;
+pub mod layer;
+
+pub use client::{ClientConfig, ClientError, Patch, SessionClient, SessionData};
+pub use layer::{FallbackMode, Session, SessionConfig, SessionError, SessionLayer};

@@ -1,0 +1,420 @@
+//! Configuration: command-line flags with environment-variable twins (clap), and an optional
+//! TOML file (`--config`) whose unknown keys are an error.
+//!
+//! Precedence: flag or environment variable, then the file, then the built-in default.
+//! [`Settings::resolve`] takes the parsed flags and the file's text as arguments, so tests inject
+//! values instead of touching the process environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Default listen address: loopback only, so a fresh start exposes nothing to the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default sliding ttl of a session.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
+/// Default maximum ttl a client may ask for.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Default cap on a session's attributes (sum of key and value lengths).
+pub const DEFAULT_MAX_SESSION_BYTES: usize = 64 * 1024;
+/// Highest `--max-session-bytes` accepted: gRPC messages, Redis values and memory all suffer
+/// beyond this, and sessions that large belong in a database of their own.
+pub const MAX_SESSION_BYTES_CEILING: usize = 16 * 1024 * 1024;
+/// Default bound on one store call, pool wait included.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time in-flight calls get to finish after SIGINT/SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Which store keeps the sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreKind {
+    /// In-process, sharded; nothing to set up, nothing survives a restart.
+    Memory,
+    /// One Redis server (`--redis-url`).
+    Redis,
+    /// A Redis Cluster (`--redis-url` lists seed nodes, comma-separated).
+    RedisCluster,
+    /// MySQL or MariaDB (`--mysql-url`); durable, schema migrated at start-up.
+    Mysql,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Command-line flags; each has an environment-variable twin. Unset ones fall back to the file,
+/// then to the defaults.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "session-server",
+    version,
+    about = "Stickless gRPC session server"
+)]
+pub struct Cli {
+    /// TOML file with the same settings (snake_case keys); unknown keys are an error.
+    #[arg(long, env = "STICKLESS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on [default: 127.0.0.1:50051].
+    #[arg(long, env = "STICKLESS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Session store [default: memory].
+    #[arg(long, env = "STICKLESS_STORE")]
+    pub store: Option<StoreKind>,
+    /// Redis URL for `--store redis` [default: redis://127.0.0.1:6379].
+    #[arg(long, env = "STICKLESS_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// MySQL/MariaDB URL for `--store mysql` [default: mysql://root@127.0.0.1:3306/test].
+    #[arg(long, env = "STICKLESS_MYSQL_URL")]
+    pub mysql_url: Option<String>,
+    /// Table that holds the sessions (one per deployment) [default: stickless_sessions].
+    #[arg(long, env = "STICKLESS_MYSQL_TABLE")]
+    pub mysql_table: Option<String>,
+    /// Most pooled MySQL connections [default: 16].
+    #[arg(long, env = "STICKLESS_MYSQL_POOL_SIZE")]
+    pub mysql_pool_size: Option<u32>,
+    /// How often the MySQL reaper deletes expired rows [default: 1s].
+    #[arg(long, env = "STICKLESS_MYSQL_REAP_INTERVAL", value_parser = parse_duration)]
+    pub mysql_reap_interval: Option<Duration>,
+    /// Most expired rows one reaper statement deletes (at most 10 statements a turn) [default: 500].
+    #[arg(long, env = "STICKLESS_MYSQL_REAP_BATCH")]
+    pub mysql_reap_batch: Option<u32>,
+    /// Prefix of every Redis key [default: stickless].
+    #[arg(long, env = "STICKLESS_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Most pooled Redis connections [default: 32].
+    #[arg(long, env = "STICKLESS_REDIS_POOL_SIZE")]
+    pub redis_pool_size: Option<usize>,
+    /// Bound on one store call; past it the call fails with UNAVAILABLE [default: 2s].
+    #[arg(long, env = "STICKLESS_STORE_TIMEOUT", value_parser = parse_duration)]
+    pub store_timeout: Option<Duration>,
+    /// Sliding ttl of sessions created without one [default: 30m].
+    #[arg(long, env = "STICKLESS_DEFAULT_TTL", value_parser = parse_duration)]
+    pub default_ttl: Option<Duration>,
+    /// Largest ttl; longer requested ttls are clamped to it [default: 24h].
+    #[arg(long, env = "STICKLESS_MAX_TTL", value_parser = parse_duration)]
+    pub max_ttl: Option<Duration>,
+    /// Cap on a session's attributes, keys plus values, in bytes [default: 65536].
+    #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES")]
+    pub max_session_bytes: Option<usize>,
+    /// Bearer token every SessionStore call must carry (`authorization: Bearer <token>`).
+    #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Log format [default: text].
+    #[arg(long, env = "STICKLESS_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Address to serve Prometheus metrics on (`GET /metrics`); off when unset.
+    #[arg(long, env = "STICKLESS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Time in-flight calls get to finish after SIGINT/SIGTERM [default: 30s].
+    #[arg(long, env = "STICKLESS_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+/// The TOML file: the same settings as the flags, snake_case, every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    store: Option<StoreKind>,
+    redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    redis_pool_size: Option<usize>,
+    mysql_url: Option<String>,
+    mysql_table: Option<String>,
+    mysql_pool_size: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    mysql_reap_interval: Option<Duration>,
+    mysql_reap_batch: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    store_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    default_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    max_ttl: Option<Duration>,
+    max_session_bytes: Option<usize>,
+    auth_token: Option<String>,
+    log_format: Option<LogFormat>,
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default, with = "humantime_serde_opt")]
+    shutdown_grace: Option<Duration>,
+}
+
+/// Durations in the file are strings such as "30m" or "1h 30m", as on the command line.
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses "500ms", "30s", "30m", "1h 30m" (humantime syntax).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("bad duration {text:?}: {e}"))
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or bad values (the message names the line).
+    #[error("invalid config file: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+/// The settings the server runs with, every value resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Which store.
+    pub store: StoreKind,
+    /// Redis URL (used with `store = redis`), or seed nodes (`store = redis-cluster`).
+    pub redis_url: String,
+    /// MySQL URL (used with `store = mysql`).
+    pub mysql_url: String,
+    /// MySQL table of the sessions.
+    pub mysql_table: String,
+    /// Most pooled MySQL connections.
+    pub mysql_pool_size: u32,
+    /// How often the MySQL reaper runs.
+    pub mysql_reap_interval: Duration,
+    /// Most rows one reaper statement deletes.
+    pub mysql_reap_batch: u32,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
+    /// Most pooled Redis connections.
+    pub redis_pool_size: usize,
+    /// Bound on one store call.
+    pub store_timeout: Duration,
+    /// Ttl of sessions created without one.
+    pub default_ttl: Duration,
+    /// Largest ttl; longer ones are clamped.
+    pub max_ttl: Duration,
+    /// Cap on a session's attributes in bytes.
+    pub max_session_bytes: usize,
+    /// Bearer token required on SessionStore calls, if any.
+    pub auth_token: Option<String>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Prometheus listen address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Time in-flight calls get at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings::resolve(Cli::default(), None).expect("built-in defaults are valid")
+    }
+}
+
+impl Settings {
+    /// Reads the file named by `--config` (if any) and resolves everything.
+    pub fn load(cli: Cli) -> Result<Settings, ConfigError> {
+        let text = match &cli.config {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Settings::resolve(cli, text.as_deref())
+    }
+
+    /// Merges flags over the file's text over the defaults, then checks the ranges.
+    pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<Settings, ConfigError> {
+        let file: FileConfig = match file_text {
+            Some(text) => toml::from_str(text)?,
+            None => FileConfig::default(),
+        };
+        let settings = Settings {
+            listen: cli
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            store: cli.store.or(file.store).unwrap_or(StoreKind::Memory),
+            redis_url: cli
+                .redis_url
+                .or(file.redis_url)
+                .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()),
+            mysql_url: cli
+                .mysql_url
+                .or(file.mysql_url)
+                .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".to_owned()),
+            mysql_table: cli
+                .mysql_table
+                .or(file.mysql_table)
+                .unwrap_or_else(|| "stickless_sessions".to_owned()),
+            mysql_pool_size: cli.mysql_pool_size.or(file.mysql_pool_size).unwrap_or(16),
+            mysql_reap_interval: cli
+                .mysql_reap_interval
+                .or(file.mysql_reap_interval)
+                .unwrap_or(Duration::from_secs(1)),
+            mysql_reap_batch: cli
+                .mysql_reap_batch
+                .or(file.mysql_reap_batch)
+                .unwrap_or(500),
+            redis_prefix: cli
+                .redis_prefix
+                .or(file.redis_prefix)
+                .unwrap_or_else(|| "stickless".to_owned()),
+            redis_pool_size: cli.redis_pool_size.or(file.redis_pool_size).unwrap_or(32),
+            store_timeout: cli
+                .store_timeout
+                .or(file.store_timeout)
+                .unwrap_or(DEFAULT_STORE_TIMEOUT),
+            default_ttl: cli.default_ttl.or(file.default_ttl).unwrap_or(DEFAULT_TTL),
+            max_ttl: cli.max_ttl.or(file.max_ttl).unwrap_or(DEFAULT_MAX_TTL),
+            max_session_bytes: cli
+                .max_session_bytes
+                .or(file.max_session_bytes)
+                .unwrap_or(DEFAULT_MAX_SESSION_BYTES),
+            auth_token: cli.auth_token.or(file.auth_token),
+            log_format: cli
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
+            shutdown_grace: cli
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
+            return invalid("default-ttl and max-ttl must be above zero".into());
+        }
+        if self.default_ttl > self.max_ttl {
+            return invalid(format!(
+                "default-ttl ({:?}) is above max-ttl ({:?})",
+                self.default_ttl, self.max_ttl
+            ));
+        }
+        if self.max_session_bytes == 0 || self.max_session_bytes > MAX_SESSION_BYTES_CEILING {
+            return invalid(format!(
+                "max-session-bytes must be 1..={MAX_SESSION_BYTES_CEILING}, got {}",
+                self.max_session_bytes
+            ));
+        }
+        if self.store_timeout.is_zero() {
+            return invalid("store-timeout must be above zero".into());
+        }
+        if self.redis_pool_size == 0 {
+            return invalid("redis-pool-size must be at least 1".into());
+        }
+        let table_ok = |t: &str| {
+            (1..=64).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !table_ok(&self.mysql_table) {
+            return invalid("mysql-table must be 1 to 64 characters of [A-Za-z0-9_]".into());
+        }
+        if self.mysql_reap_interval.is_zero() || self.mysql_reap_batch == 0 {
+            return invalid("mysql-reap-interval and mysql-reap-batch must be above zero".into());
+        }
+        if self.mysql_pool_size == 0 {
+            return invalid("mysql-pool-size must be at least 1".into());
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
+            return invalid("redis-prefix must be non-empty and free of '{' and '}'".into());
+        }
+        if self.auth_token.as_deref().is_some_and(str::is_empty) {
+            return invalid("auth-token, when set, must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("session-server").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_serve_memory_on_loopback() {
+        let s = Settings::resolve(Cli::default(), None).unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.store, StoreKind::Memory);
+        assert_eq!(s.max_session_bytes, 64 * 1024);
+        assert_eq!(s.auth_token, None);
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let file = "store = \"redis\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n";
+        let s = Settings::resolve(cli(&["--default-ttl", "5m"]), Some(file)).unwrap();
+        assert_eq!(s.store, StoreKind::Redis);
+        assert_eq!(s.default_ttl, Duration::from_secs(300));
+        assert_eq!(s.max_ttl, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error_naming_it() {
+        let err = Settings::resolve(
+            Cli::default(),
+            Some("listen = \"127.0.0.1:1\"\nlisten_port = 5\n"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("listen_port"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for args in [
+            &["--default-ttl", "2h", "--max-ttl", "1h"][..],
+            &["--max-session-bytes", "0"][..],
+            &["--auth-token", ""][..],
+            &["--store-timeout", "0s"][..],
+            &["--mysql-table", "sessions; DROP TABLE x"][..],
+        ] {
+            assert!(
+                Settings::resolve(cli(args), None).is_err(),
+                "{args:?} accepted"
+            );
+        }
+        assert!(Settings::resolve(Cli::default(), Some("default_ttl = \"soon\"")).is_err());
+        assert!(Cli::try_parse_from(["session-server", "--store", "mongo"]).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! The Stickless session server: a gRPC API (`session.v1.SessionStore`) that keeps web sessions
+//! for many stateless backends, so any backend can serve any request of a logged-in user.
+//!
+//! Start it with [`server::run`] on a listener of your choice (tests bind `127.0.0.1:0`), or run
+//! the `session-server` binary.
+//!
+//! # Layout
+//! - [`config`]: flags, environment variables and the TOML file, resolved into [`config::Settings`].
+//! - [`id`]: server-made session ids (random, base64url) and their validation.
+//! - [`store`]: the [`store::SessionStore`] trait and its adapters, one file each
+//!   ([`store::memory`], [`store::redis`]).
+//! - [`service`]: the tonic service: validation, TTL policy, error mapping to gRPC codes.
+//! - [`auth`]: the bearer-token interceptor (constant-time check).
+//! - [`metrics`]: Prometheus counters and histograms, and their `/metrics` listener.
+//! - [`server`]: builds the store and serves the API with health and reflection until shutdown.
+
+pub mod auth;
+pub mod config;
+pub mod id;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,179 @@
+//! Prometheus metrics: calls by method and code, call latency, store errors, live sessions.
+//!
+//! Served as text on `GET /metrics` of their own listener (`--metrics-listen`, off by default),
+//! so scraping never competes with gRPC traffic for the same port or auth.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::store::SessionStore;
+
+/// The server's metrics and the registry that renders them.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Everything below, for rendering.
+    registry: Registry,
+    /// `stickless_grpc_calls_total{method, code}`.
+    calls: IntCounterVec,
+    /// `stickless_grpc_call_seconds{method}`.
+    latency: HistogramVec,
+    /// `stickless_store_errors_total{store, kind}`: failures of the backing store.
+    store_errors: IntCounterVec,
+    /// `stickless_sessions_live`: sessions held (memory store; absent elsewhere).
+    sessions_live: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics in a registry of their own (tests may make many).
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let calls = IntCounterVec::new(
+            Opts::new(
+                "stickless_grpc_calls_total",
+                "gRPC calls by method and status code",
+            ),
+            &["method", "code"],
+        )
+        .expect("valid metric");
+        // Buckets from 50µs (memory store hits) to 5s (past the default store timeout).
+        let buckets = vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+            0.5, 1.0, 2.5, 5.0,
+        ];
+        let latency = HistogramVec::new(
+            HistogramOpts::new("stickless_grpc_call_seconds", "gRPC call latency").buckets(buckets),
+            &["method"],
+        )
+        .expect("valid metric");
+        let store_errors = IntCounterVec::new(
+            Opts::new(
+                "stickless_store_errors_total",
+                "Session store failures (unavailable, timeout, internal)",
+            ),
+            &["store", "kind"],
+        )
+        .expect("valid metric");
+        let sessions_live = IntGauge::new(
+            "stickless_sessions_live",
+            "Sessions held by the memory store",
+        )
+        .expect("valid metric");
+        for metric in [
+            Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(store_errors.clone()),
+            Box::new(sessions_live.clone()),
+        ] {
+            registry.register(metric).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            calls,
+            latency,
+            store_errors,
+            sessions_live,
+        }
+    }
+
+    /// Records one finished call.
+    pub fn observe_call(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.calls
+            .with_label_values(&[method, code_name(code)])
+            .inc();
+        self.latency
+            .with_label_values(&[method])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one store failure of the given kind ("unavailable", "timeout", "internal").
+    pub fn store_error(&self, store: &str, kind: &str) {
+        self.store_errors.with_label_values(&[store, kind]).inc();
+    }
+
+    /// How many calls of `method` ended with `code` so far.
+    pub fn calls(&self, method: &str, code: tonic::Code) -> u64 {
+        self.calls
+            .with_label_values(&[method, code_name(code)])
+            .get()
+    }
+
+    /// The Prometheus text exposition of every metric, with the live-session gauge refreshed.
+    pub fn render(&self, store: &dyn SessionStore) -> String {
+        if let Some(live) = store.live_sessions() {
+            self.sessions_live
+                .set(i64::try_from(live).unwrap_or(i64::MAX));
+        }
+        let mut families = self.registry.gather();
+        if store.live_sessions().is_none() {
+            families.retain(|f| f.name() != "stickless_sessions_live");
+        }
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The canonical upper-snake name of a gRPC code, as other gRPC servers label it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Metrics,
+    store: Arc<dyn SessionStore>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    async fn scrape(
+        State((metrics, store)): State<(Metrics, Arc<dyn SessionStore>)>,
+    ) -> impl IntoResponse {
+        (
+            [(CONTENT_TYPE, "text/plain; version=0.0.4")],
+            metrics.render(store.as_ref()),
+        )
+    }
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state((metrics, store));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,168 @@
+//! Putting the server together: the store chosen by the settings, the SessionStore service
+//! behind its auth interceptor, the standard health service and server reflection.
+//!
+//! [`run`] takes its listener and its shutdown signal as arguments, so tests bind
+//! `127.0.0.1:0`, spawn it and know the address before any call.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_proto::v1::session_store_server::SessionStoreServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic_health::ServingStatus;
+
+use crate::auth::BearerAuth;
+use crate::config::{Settings, StoreKind};
+use crate::metrics::Metrics;
+use crate::service::{Limits, SessionService};
+use crate::store::SessionStore;
+use crate::store::memory::MemoryStore;
+use crate::store::mysql::{MysqlConfig, MysqlStore};
+use crate::store::redis::{RedisConfig, RedisStore};
+
+/// Headroom over `--max-session-bytes` for the rest of a request (ids, field tags, map keys'
+/// framing), so that the size check, not the transport, refuses an oversized session with a
+/// clear INVALID_ARGUMENT.
+const MESSAGE_OVERHEAD: usize = 64 * 1024;
+/// HTTP/2 keepalive: a peer that stops answering pings is dropped instead of holding a
+/// connection (and its Watch streams) forever.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keepalive ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The accepted connections of `listener`, with Nagle's algorithm off. tonic sends a unary
+/// response as two writes (headers and data, then trailers); with Nagle on, the trailers wait
+/// for the client's delayed ACK, and every call took ~40 ms. (tonic's own `tcp_nodelay` setting
+/// applies only to listeners it binds itself.)
+fn no_delay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                // Still served, only slower: not a reason to drop the connection.
+                tracing::debug!(%error, "cannot turn off Nagle on an accepted connection");
+            }
+        })
+    })
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be set up (for example a malformed Redis URL).
+    #[error("cannot set up the session store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The random source needed for auth failed.
+    #[error("cannot set up authentication: the system random source failed")]
+    Random,
+    /// The embedded descriptor set could not be served by reflection (a build defect).
+    #[error("cannot set up gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The store the settings ask for. Redis is not contacted here: a server whose Redis is down
+/// starts, answers UNAVAILABLE, and recovers when Redis comes back. MySQL is: its schema is
+/// created or migrated before the server serves, so a MySQL that cannot be reached at start-up
+/// is an error.
+pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, ServeError> {
+    Ok(match settings.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new(settings.max_session_bytes)),
+        StoreKind::Redis | StoreKind::RedisCluster => {
+            let mut config =
+                RedisConfig::new(settings.redis_url.clone(), settings.max_session_bytes);
+            config.cluster = settings.store == StoreKind::RedisCluster;
+            config.key_prefix = settings.redis_prefix.clone();
+            config.pool_size = settings.redis_pool_size;
+            config.timeout = settings.store_timeout;
+            Arc::new(RedisStore::new(config)?)
+        }
+        StoreKind::Mysql => {
+            let mut config =
+                MysqlConfig::new(settings.mysql_url.clone(), settings.max_session_bytes);
+            config.table = settings.mysql_table.clone();
+            config.pool_size = settings.mysql_pool_size;
+            config.reap_interval = settings.mysql_reap_interval;
+            config.reap_batch = settings.mysql_reap_batch;
+            config.timeout = settings.store_timeout;
+            Arc::new(MysqlStore::connect(config).await?)
+        }
+    })
+}
+
+/// Serves gRPC on `listener` until `shutdown` completes, then stops accepting, ends Watch
+/// streams, lets in-flight calls finish and returns.
+pub async fn run(
+    listener: TcpListener,
+    settings: &Settings,
+    store: Arc<dyn SessionStore>,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = Limits {
+        default_ttl: settings.default_ttl,
+        max_ttl: settings.max_ttl,
+        max_session_bytes: settings.max_session_bytes,
+    };
+    let service = SessionService::new(store.clone(), limits, metrics, stop_rx);
+    let max_message = settings
+        .max_session_bytes
+        .saturating_mul(2)
+        .saturating_add(MESSAGE_OVERHEAD);
+    let api = SessionStoreServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(usize::MAX);
+    let auth = BearerAuth::new(settings.auth_token.as_deref()).map_err(|_| ServeError::Random)?;
+    let api = InterceptedService::new(api, auth);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(session_proto::SERVICE_NAME, ServingStatus::Serving)
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(session_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(session_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let address = listener.local_addr().ok();
+    tracing::info!(
+        ?address,
+        store = store.kind(),
+        auth = settings.auth_token.is_some(),
+        "serving gRPC"
+    );
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: refusing new calls, finishing in-flight ones");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let _ = stop_tx.send(true);
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(api)
+        .serve_with_incoming_shutdown(no_delay(listener), signal)
+        .await?;
+    tracing::info!("gRPC server stopped");
+    Ok(())
+}

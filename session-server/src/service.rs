@@ -1,0 +1,523 @@
+//! The tonic `session.v1.SessionStore` service: input validation, TTL policy, id making, error
+//! mapping to gRPC codes, metrics and logs. Storage itself is the [`SessionStore`]'s job.
+//!
+//! Codes: NOT_FOUND (missing or expired), INVALID_ARGUMENT (malformed id, namespace, user, key,
+//! ttl, or a session over the size limit), ABORTED (compare-and-set conflict), UNAVAILABLE (store
+//! unreachable or too slow), RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt as _};
+use session_proto::v1;
+use session_proto::v1::session_store_server::SessionStore as SessionStoreApi;
+use tokio::sync::watch;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tonic::{Code, Request, Response, Status};
+
+use crate::id::{self, IdGenerator};
+use crate::metrics::Metrics;
+use crate::store::{
+    EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError, attrs_size,
+};
+
+/// Namespace used when a request leaves it empty.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Longest namespace: it is part of every store key.
+pub const MAX_NAMESPACE_LEN: usize = 64;
+/// Longest user id, in bytes: it is part of the user-index key.
+pub const MAX_USER_ID_LEN: usize = 256;
+/// Longest attribute key, in bytes.
+pub const MAX_ATTR_KEY_LEN: usize = 256;
+/// Tries at making a fresh id before giving up; a collision of 192 random bits means the random
+/// source is broken, so more tries would not help.
+const ID_TRIES: usize = 3;
+
+/// The TTL and size policy the service applies before a store sees a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Ttl of sessions created without one.
+    pub default_ttl: Duration,
+    /// Largest ttl; longer requested ones are clamped to it.
+    pub max_ttl: Duration,
+    /// Cap on a session's attributes (keys plus values) in bytes.
+    pub max_session_bytes: usize,
+}
+
+/// The gRPC service over one store.
+#[derive(Clone)]
+pub struct SessionService {
+    /// Where sessions live.
+    store: Arc<dyn SessionStore>,
+    /// Source of new session ids.
+    ids: IdGenerator,
+    /// TTL and size policy.
+    limits: Limits,
+    /// Call counters and latency.
+    metrics: Metrics,
+    /// Flips to true at shutdown, ending Watch streams so graceful shutdown can finish.
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SessionService {
+    /// A service over `store`. Watch streams end when `shutdown` turns true.
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        limits: Limits,
+        metrics: Metrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            ids: IdGenerator::new(),
+            limits,
+            metrics,
+            shutdown,
+        }
+    }
+
+    /// Runs one call, recording its code and latency, and logging failures that are the
+    /// server's (UNAVAILABLE, INTERNAL) at warn level and the client's at debug level.
+    async fn observed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let start = Instant::now();
+        let result = call.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.observe_call(method, code, start.elapsed());
+        if let Err(status) = &result {
+            if matches!(code, Code::Unavailable | Code::Internal) {
+                tracing::warn!(method, code = ?code, message = status.message(), "call failed");
+            } else {
+                tracing::debug!(method, code = ?code, message = status.message(), "call refused");
+            }
+        }
+        result
+    }
+
+    /// Maps a store failure to its gRPC status, counting the store's own failures.
+    fn status(&self, error: StoreError) -> Status {
+        let kind = match &error {
+            StoreError::NotFound => return Status::not_found(error.to_string()),
+            StoreError::Conflict { .. } => return Status::aborted(error.to_string()),
+            StoreError::TooLarge { .. } => return Status::invalid_argument(error.to_string()),
+            StoreError::Deleted => return Status::failed_precondition(error.to_string()),
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::IdTaken | StoreError::Internal(_) => "internal",
+        };
+        self.metrics.store_error(self.store.kind(), kind);
+        match error {
+            StoreError::Unavailable(_) | StoreError::Timeout(_) => {
+                Status::unavailable(error.to_string())
+            }
+            _ => Status::internal(error.to_string()),
+        }
+    }
+
+    fn new_id(&self) -> Result<String, Status> {
+        self.ids
+            .generate()
+            .map_err(|_| Status::internal("the system random source failed"))
+    }
+
+    /// A requested ttl resolved against the policy: absent means `None`, above max is clamped.
+    fn ttl(&self, requested: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+        let Some(requested) = requested else {
+            return Ok(None);
+        };
+        let ttl = Duration::try_from(requested)
+            .map_err(|_| Status::invalid_argument("ttl must be a positive duration"))?;
+        if ttl.is_zero() {
+            return Err(Status::invalid_argument("ttl must be above zero"));
+        }
+        Ok(Some(ttl.min(self.limits.max_ttl)))
+    }
+
+    fn check_size(&self, attrs: &HashMap<String, Vec<u8>>) -> Result<(), Status> {
+        for key in attrs.keys() {
+            check_attr_key(key)?;
+        }
+        let size = attrs_size(attrs);
+        if size > self.limits.max_session_bytes {
+            return Err(self.status(StoreError::TooLarge {
+                size,
+                limit: self.limits.max_session_bytes,
+            }));
+        }
+        Ok(())
+    }
+}
+
+/// The namespace to use: empty means [`DEFAULT_NAMESPACE`]; otherwise 1 to 64 of
+/// `[A-Za-z0-9_.-]`, since it becomes part of store keys.
+pub fn namespace(requested: &str) -> Result<String, Status> {
+    if requested.is_empty() {
+        return Ok(DEFAULT_NAMESPACE.to_owned());
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    if requested.len() > MAX_NAMESPACE_LEN || !requested.bytes().all(allowed) {
+        return Err(Status::invalid_argument(format!(
+            "namespace must be 1 to {MAX_NAMESPACE_LEN} characters of [A-Za-z0-9_.-]"
+        )));
+    }
+    Ok(requested.to_owned())
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id::is_valid(id) {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "malformed session id: expected {} base64url characters",
+            id::ID_LEN
+        )))
+    }
+}
+
+fn check_user(user_id: &str) -> Result<(), Status> {
+    if user_id.len() > MAX_USER_ID_LEN || user_id.contains(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "user_id must be at most {MAX_USER_ID_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// A user id that must name someone (ListByUser, DeleteByUser).
+fn check_named_user(user_id: &str) -> Result<(), Status> {
+    check_user(user_id)?;
+    if user_id.is_empty() {
+        return Err(Status::invalid_argument("user_id must not be empty"));
+    }
+    Ok(())
+}
+
+fn check_attr_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() || key.len() > MAX_ATTR_KEY_LEN {
+        return Err(Status::invalid_argument(format!(
+            "attribute keys must be 1 to {MAX_ATTR_KEY_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The wire form of a stored session.
+pub fn to_proto(record: SessionRecord) -> v1::Session {
+    v1::Session {
+        id: record.id,
+        namespace: record.namespace,
+        user_id: record.user_id,
+        attrs: record.attrs,
+        version: record.version,
+        created_at: Some(record.created_at.into()),
+        expires_at: Some(record.expires_at.into()),
+        ttl: prost_types::Duration::try_from(record.ttl).ok(),
+    }
+}
+
+fn event_to_proto(event: SessionEvent) -> v1::SessionEvent {
+    let kind = match event.kind {
+        EventKind::Created => v1::session_event::Kind::Created,
+        EventKind::Updated => v1::session_event::Kind::Updated,
+        EventKind::Deleted => v1::session_event::Kind::Deleted,
+        EventKind::Expired => v1::session_event::Kind::Expired,
+    };
+    v1::SessionEvent {
+        kind: kind.into(),
+        id: event.id,
+        user_id: event.user_id,
+        version: event.version,
+        at: Some(event.at.into()),
+        namespace: event.namespace,
+    }
+}
+
+/// The stream type of Watch.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<v1::SessionEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SessionStoreApi for SessionService {
+    async fn create(
+        &self,
+        request: Request<v1::CreateRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        self.observed("Create", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_user(&req.user_id)?;
+            self.check_size(&req.attrs)?;
+            let ttl = self
+                .ttl(req.ttl)?
+                .unwrap_or(self.limits.default_ttl.min(self.limits.max_ttl));
+            let mut new = NewSession {
+                id: String::new(),
+                namespace,
+                user_id: req.user_id,
+                attrs: req.attrs,
+                ttl,
+            };
+            for _ in 0..ID_TRIES {
+                new.id = self.new_id()?;
+                match self.store.create(new.clone()).await {
+                    Err(StoreError::IdTaken) => continue,
+                    result => {
+                        return result
+                            .map(|r| Response::new(to_proto(r)))
+                            .map_err(|e| self.status(e));
+                    }
+                }
+            }
+            Err(self.status(StoreError::IdTaken))
+        })
+        .await
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Session>, Status> {
+        self.observed("Get", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_id(&req.id)?;
+            let record = self
+                .store
+                .get(&namespace, &req.id, req.touch)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(to_proto(record)))
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        request: Request<v1::UpdateRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        self.observed("Update", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_id(&req.id)?;
+            self.check_size(&req.set)?;
+            for key in &req.remove {
+                check_attr_key(key)?;
+                if req.set.contains_key(key) {
+                    return Err(Status::invalid_argument(format!(
+                        "attribute {key:?} is both set and removed"
+                    )));
+                }
+            }
+            if let Some(user) = &req.user_id {
+                check_user(user)?;
+            }
+            let patch = Patch {
+                set: req.set,
+                remove: req.remove,
+                expected_version: req.expected_version,
+                user_id: req.user_id,
+                ttl: self.ttl(req.ttl)?,
+            };
+            let record = self
+                .store
+                .update(&namespace, &req.id, patch)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(to_proto(record)))
+        })
+        .await
+    }
+
+    async fn touch(
+        &self,
+        request: Request<v1::TouchRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        self.observed("Touch", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_id(&req.id)?;
+            let ttl = self.ttl(req.ttl)?;
+            let record = self
+                .store
+                .touch(&namespace, &req.id, ttl)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(to_proto(record)))
+        })
+        .await
+    }
+
+    async fn regenerate(
+        &self,
+        request: Request<v1::RegenerateRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        self.observed("Regenerate", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_id(&req.id)?;
+            for _ in 0..ID_TRIES {
+                let new_id = self.new_id()?;
+                match self.store.regenerate(&namespace, &req.id, &new_id).await {
+                    Err(StoreError::IdTaken) => continue,
+                    result => {
+                        return result
+                            .map(|r| Response::new(to_proto(r)))
+                            .map_err(|e| self.status(e));
+                    }
+                }
+            }
+            Err(self.status(StoreError::IdTaken))
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        self.observed("Delete", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_id(&req.id)?;
+            let deleted = self
+                .store
+                .delete(&namespace, &req.id)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(v1::DeleteResponse { deleted }))
+        })
+        .await
+    }
+
+    async fn list_by_user(
+        &self,
+        request: Request<v1::ListByUserRequest>,
+    ) -> Result<Response<v1::ListByUserResponse>, Status> {
+        self.observed("ListByUser", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_named_user(&req.user_id)?;
+            let records = self
+                .store
+                .list_by_user(&namespace, &req.user_id)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(v1::ListByUserResponse {
+                sessions: records.into_iter().map(to_proto).collect(),
+            }))
+        })
+        .await
+    }
+
+    async fn delete_by_user(
+        &self,
+        request: Request<v1::DeleteByUserRequest>,
+    ) -> Result<Response<v1::DeleteByUserResponse>, Status> {
+        self.observed("DeleteByUser", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_named_user(&req.user_id)?;
+            let deleted = self
+                .store
+                .delete_by_user(&namespace, &req.user_id)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(v1::DeleteByUserResponse { deleted }))
+        })
+        .await
+    }
+
+    async fn restore(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::Session>, Status> {
+        self.observed("Restore", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            let session = req
+                .session
+                .ok_or_else(|| Status::invalid_argument("session is required"))?;
+            check_id(&session.id)?;
+            check_user(&session.user_id)?;
+            self.check_size(&session.attrs)?;
+            if session.version == 0 {
+                return Err(Status::invalid_argument("version must be at least 1"));
+            }
+            let ttl = self
+                .ttl(session.ttl)?
+                .unwrap_or(self.limits.default_ttl.min(self.limits.max_ttl));
+            let now = std::time::SystemTime::now();
+            let created_at = session
+                .created_at
+                .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                .filter(|t| *t <= now)
+                .unwrap_or(now);
+            let record = SessionRecord {
+                id: session.id,
+                namespace,
+                user_id: session.user_id,
+                attrs: session.attrs,
+                version: session.version,
+                created_at,
+                expires_at: now + ttl,
+                ttl,
+            };
+            let stored = self
+                .store
+                .restore(record)
+                .await
+                .map_err(|e| self.status(e))?;
+            Ok(Response::new(to_proto(stored)))
+        })
+        .await
+    }
+
+    type WatchStream = EventStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.observed("Watch", async {
+            let req = request.into_inner();
+            let namespace = namespace(&req.namespace)?;
+            check_user(&req.user_id)?;
+            let user = req.user_id;
+            let mut shutdown = self.shutdown.clone();
+            let stopped = async move {
+                // An error means the server is gone, which is a stop too.
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            };
+            let events = BroadcastStream::new(self.store.subscribe())
+                .filter_map(move |item| {
+                    let out = match item {
+                        Ok(event)
+                            if event.namespace == namespace
+                                && (user.is_empty() || event.user_id == user) =>
+                        {
+                            Some(Ok(event_to_proto(event)))
+                        }
+                        Ok(_) => None,
+                        Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                            Some(Err(Status::resource_exhausted(format!(
+                                "watcher fell {missed} events behind; re-read and watch again"
+                            ))))
+                        }
+                    };
+                    std::future::ready(out)
+                })
+                // Nothing after an error: the client must re-read.
+                .scan(false, |failed, item| {
+                    let keep = !*failed;
+                    *failed |= item.is_err();
+                    std::future::ready(keep.then_some(item))
+                })
+                .take_until(Box::pin(stopped));
+            Ok(Response::new(Box::pin(events) as EventStream))
+        })
+        .await
+    }
+}

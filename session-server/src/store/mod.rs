@@ -1,0 +1,255 @@
+//! The storage side of the session server: one [`SessionStore`] trait, one file per adapter.
+//!
+//! The gRPC service validates input (ids, namespaces, sizes of single fields), resolves TTLs
+//! against the server's default and maximum, and makes new ids; a store only keeps records. A
+//! store still enforces the total attribute size itself, because only the store sees the merged
+//! result of a patch atomically.
+
+pub mod memory;
+pub mod mysql;
+pub mod redis;
+
+/// A URL with any credentials (`user:password@`) replaced by `***@`, for logs and `Debug`.
+/// Comma-separated lists (cluster seeds) are redacted entry by entry.
+pub fn redact_url(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    // A cluster seed may come without a scheme (`user:pw@h2:2`), and still carry credentials.
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::broadcast;
+
+/// How many events a watcher may fall behind before it is cut off (it then gets
+/// RESOURCE_EXHAUSTED and must re-read). Large enough for bursts such as a DeleteByUser of a user
+/// with many sessions, small enough that a stuck watcher costs little memory.
+pub const EVENT_BUFFER: usize = 4096;
+
+/// One stored session, as every store returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Server-made id (see [`crate::id`]).
+    pub id: String,
+    /// Namespace the session lives in (already defaulted, never empty).
+    pub namespace: String,
+    /// Owner, or empty for an anonymous session.
+    pub user_id: String,
+    /// Application data.
+    pub attrs: HashMap<String, Vec<u8>>,
+    /// Bumped by every write; 1 after create.
+    pub version: u64,
+    /// When the session was first created.
+    pub created_at: SystemTime,
+    /// When it expires unless touched or written before.
+    pub expires_at: SystemTime,
+    /// The sliding time-to-live applied by touches and writes.
+    pub ttl: Duration,
+}
+
+/// Everything a store needs to create a session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    /// Fresh id made by the service.
+    pub id: String,
+    /// Namespace (already defaulted).
+    pub namespace: String,
+    /// Owner, or empty.
+    pub user_id: String,
+    /// Initial attributes.
+    pub attrs: HashMap<String, Vec<u8>>,
+    /// Sliding time-to-live, already clamped by the service.
+    pub ttl: Duration,
+}
+
+/// An attribute-level patch: what `Update` asks of a store.
+#[derive(Debug, Clone, Default)]
+pub struct Patch {
+    /// Attributes to add or replace.
+    pub set: HashMap<String, Vec<u8>>,
+    /// Attribute keys to delete.
+    pub remove: Vec<String>,
+    /// Compare-and-set: apply only if the stored version equals this.
+    pub expected_version: Option<u64>,
+    /// New owner, when present (empty string: anonymous).
+    pub user_id: Option<String>,
+    /// New sliding ttl, when present (already clamped).
+    pub ttl: Option<Duration>,
+}
+
+/// What happened to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// Created (also the new id of a regenerate).
+    Created,
+    /// Attributes, user or ttl written.
+    Updated,
+    /// Deleted (also the old id of a regenerate).
+    Deleted,
+    /// Reached its expiry.
+    Expired,
+}
+
+/// One session event, as stores broadcast it to watchers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// Namespace of the session.
+    pub namespace: String,
+    /// Session id.
+    pub id: String,
+    /// Session owner (empty when unknown, as for expiry seen only by key name).
+    pub user_id: String,
+    /// Version after the event (0 when unknown).
+    pub version: u64,
+    /// When the store applied it.
+    pub at: SystemTime,
+}
+
+/// Why a store call failed. The service maps each to a gRPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No live session with that id (NOT_FOUND).
+    #[error("session not found")]
+    NotFound,
+    /// Compare-and-set failed (ABORTED).
+    #[error("version conflict: expected {expected}, stored {actual}")]
+    Conflict {
+        /// The version the caller expected.
+        expected: u64,
+        /// The version actually stored.
+        actual: u64,
+    },
+    /// The id was deleted less than one ttl ago, so it may not be restored (FAILED_PRECONDITION).
+    #[error("session was deleted and cannot be restored")]
+    Deleted,
+    /// The id is already taken (create only; the service retries with a new id).
+    #[error("session id already exists")]
+    IdTaken,
+    /// The merged attributes would exceed the size limit (INVALID_ARGUMENT); nothing was stored.
+    #[error("session attributes would take {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// Size the write would have produced.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The backend could not be reached or answered with an I/O error (UNAVAILABLE).
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer within the configured timeout (UNAVAILABLE).
+    #[error("session store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Anything else: a bug or an unexpected answer (INTERNAL).
+    #[error("session store failed: {0}")]
+    Internal(String),
+}
+
+/// Result of a store call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A place to keep sessions. Implementations must be safe to call concurrently from many tasks;
+/// every write is atomic per session (a patch never interleaves with another write of the same
+/// session) and broadcasts its event in the order it was applied.
+#[tonic::async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Short name for logs and metrics ("memory", "redis").
+    fn kind(&self) -> &'static str;
+
+    /// Stores a new session (version 1). [`StoreError::IdTaken`] if the id exists,
+    /// [`StoreError::TooLarge`] if the attributes exceed the limit.
+    async fn create(&self, new: NewSession) -> StoreResult<SessionRecord>;
+
+    /// Reads a live session; with `touch`, also slides its expiry by its own ttl (one expiry
+    /// update, version unchanged).
+    async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord>;
+
+    /// Applies an attribute-level patch atomically, bumps the version and slides the expiry.
+    async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord>;
+
+    /// Slides the expiry to now + ttl (the given one becomes the session's ttl), version
+    /// unchanged.
+    async fn touch(
+        &self,
+        namespace: &str,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> StoreResult<SessionRecord>;
+
+    /// Moves the session to `new_id` (data and created_at kept, version bumped, expiry slid)
+    /// and deletes `old_id`.
+    async fn regenerate(
+        &self,
+        namespace: &str,
+        old_id: &str,
+        new_id: &str,
+    ) -> StoreResult<SessionRecord>;
+
+    /// Deletes a session; false when there was no live one.
+    async fn delete(&self, namespace: &str, id: &str) -> StoreResult<bool>;
+
+    /// The live sessions of one user.
+    async fn list_by_user(&self, namespace: &str, user_id: &str)
+    -> StoreResult<Vec<SessionRecord>>;
+
+    /// Deletes every session of one user; returns how many were deleted.
+    async fn delete_by_user(&self, namespace: &str, user_id: &str) -> StoreResult<u64>;
+
+    /// Makes the store hold `record` (a client's snapshot; its `expires_at` is ignored and set to
+    /// now + ttl): [`StoreError::Deleted`] when the id was deleted less than one ttl ago; the
+    /// stored session unchanged when it has the same or a newer version; otherwise the record
+    /// replaces or creates it. Deletes (delete, delete-by-user, the old id of regenerate) leave
+    /// a tombstone for one ttl so that this check can be made.
+    async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord>;
+
+    /// A receiver of every event of every namespace from now on, in the order applied.
+    fn subscribe(&self) -> broadcast::Receiver<SessionEvent>;
+
+    /// How many sessions are live, when the store can tell cheaply (memory store only).
+    fn live_sessions(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Total size of a set of attributes: the sum of key and value lengths. The one definition of
+/// "session size" that every store enforces against `--max-session-bytes`.
+pub fn attrs_size<'a>(attrs: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>) -> usize {
+    attrs.into_iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mysql::MysqlConfig;
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_their_credentials_in_logs() {
+        assert_eq!(
+            redact_url("mysql://root:pw@db:3306/test"),
+            "mysql://***@db:3306/test"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/test"),
+            "mysql://***@127.0.0.1/test"
+        );
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+        let shown = format!("{:?}", MysqlConfig::new("mysql://app:s3cret@db/test", 10));
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+}

@@ -1,0 +1,569 @@
+//! The Redis store: one hash per session, its TTL kept by Redis, one Lua script per operation;
+//! on one server or on a Redis Cluster.
+//!
+//! # Key layout
+//! - `{prefix}:{ns}:s:{<id>}`: the session hash. Fields `fmt` (record format, `"1"`), `user`,
+//!   `ver`, `created` (unix ms; `created_ns` adds the nanoseconds of a restored snapshot's
+//!   time), `ttl` (ms), `op` (cluster only: the id of the last write call, see below) and
+//!   `a:<key>` per attribute. `PEXPIRE`d by its ttl.
+//! - `{prefix}:{ns}:t:{<id>}`: the tombstone a delete leaves for one ttl of the session: restore
+//!   refuses to bring the id back while it lives.
+//! - `{prefix}:{ns}:u:{<user>}`: set of the ids of one user's sessions. Kept alive at least as
+//!   long as its longest-lived member; may hold ids of sessions that are gone or changed owner,
+//!   which readers skip and remove.
+//! - `{prefix}:events`: pub/sub channel of the events, published by the scripts themselves so
+//!   their order is the order of the writes. Expiries come from Redis' keyspace notifications
+//!   (`__keyevent@<db>__:expired`) when its `notify-keyspace-events` includes `Ex`.
+//!
+//! The braces are Redis Cluster hash tags: a session and its tombstone share the slot of the
+//! id, a user's index lives in the slot of the user. A script touches only the keys of one id
+//! (`KEYS[1]` routes it), so every script runs in one slot. Regenerate spans two sessions: it
+//! writes the new one before it deletes the old one (only at the version it copied), so a
+//! crash in between leaves both (the new one unknown to anyone, and expiring) and never loses
+//! data; if the old one was written or deleted meanwhile, the copy is deleted again and the
+//! call fails with a conflict or not found. Index entries are added before a create,
+//! regenerate or restore and removed after the session is gone, so a crash there leaves at
+//! most a stale entry (an owner change adds the new owner's entry right after its script). A
+//! record this code cannot decode (another `fmt`, a bad number) is logged and treated as
+//! absent, and never overwritten.
+//!
+//! # Redis Cluster
+//! With [`RedisConfig::cluster`], `url` lists seed nodes and commands go through one
+//! `redis::cluster_async::ClusterConnection` (see `connection` for why not a pool of them): it
+//! learns the slot map from the seeds, sends every command to the master of its key's slot,
+//! follows MOVED and ASK, refreshes the slot map and reconnects when a node dies or a replica
+//! is promoted, and retries (briefly, with short waits) while a slot has no master. No command
+//! spans slots: the reads and deletes behind ListByUser and DeleteByUser are one script call
+//! per session, run concurrently, each to its own node. Scripts go by SHA and, on NOSCRIPT
+//! (a promoted replica never saw them), by text to the same node.
+//!
+//! A master dying makes the calls on its slots (or on all, while the cluster reports
+//! CLUSTERDOWN) fail with [`StoreError::Unavailable`] or [`StoreError::Timeout`] within the
+//! timeout, until a replica takes over (about the cluster's `cluster-node-timeout` plus a
+//! second); they never answer wrong data. The client resends a command whose connection broke,
+//! even one the dead master had run: each write call carries a unique `op` id, and a script
+//! that finds its own op already applied (in the hash, or in the tombstone of a delete)
+//! answers as the write it made instead of "taken", "conflict" or "not found". What Redis
+//! itself loses is not covered: its replication is asynchronous, so a write acknowledged in the
+//! instant before its master dies may not have reached the replica that takes over.
+//!
+//! A Watch stream on a cluster sees every CREATED, UPDATED and DELETED, each session's in
+//! write order (its writes all publish from one master, and the cluster bus keeps their
+//! order), but events of sessions on different masters may interleave differently from the
+//! order of the writes. EXPIRED events come from a subscription on every master (when their
+//! `notify-keyspace-events` include `Ex`). Events published while the subscriber moves off a
+//! dead node or subscribes a newly promoted master (at most about a second) are lost, as with
+//! any pub/sub reconnect.
+//!
+//! # Layout
+//! - this file: [`RedisStore`], the [`SessionStore`] methods and the calls of the scripts;
+//! - `redis/*.lua`: the scripts, with the helpers of `common.lua` prepended to each; `script`:
+//!   how they are sent;
+//! - `connection`: the standalone pool or the cluster connection, and error mapping;
+//! - `codec`: key names, decoding of script replies and of published events;
+//! - `config`: [`RedisConfig`]; `events`: the subscriber task (`events/cluster.rs` on a
+//!   cluster, with `topology` reading `CLUSTER NODES`); `user_index`: the per-user sets;
+//!   `restore`: writing a client's snapshot back.
+
+mod codec;
+mod config;
+mod connection;
+mod events;
+mod restore;
+mod script;
+mod topology;
+mod user_index;
+
+pub use self::config::RedisConfig;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use ::redis::{RedisError, Value};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use self::codec::Reply;
+use self::connection::{Connection, Connections, redis_error};
+use self::script::{OpIds, Scripts};
+use super::{
+    EVENT_BUFFER, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
+    StoreResult,
+};
+
+/// A [`SessionStore`] on Redis, standalone or Cluster.
+pub struct RedisStore {
+    /// Where commands and scripts go: a pool (standalone; broken connections fail the recycle
+    /// PING and are replaced) or the cluster connection (which repairs itself).
+    connections: Connections,
+    /// The settings it was built with.
+    config: RedisConfig,
+    /// The Lua scripts (sent by SHA, by text on NOSCRIPT, e.g. after a restart or failover).
+    scripts: Scripts,
+    /// Unique ids of write calls, so a write retried by the cluster client is recognised.
+    ops: OpIds,
+    /// Events decoded by the subscriber task, for [`SessionStore::subscribe`].
+    events: broadcast::Sender<SessionEvent>,
+    /// The subscriber task, aborted on drop.
+    subscriber: JoinHandle<()>,
+}
+
+impl RedisStore {
+    /// Builds the pool and starts the event subscriber. Does not connect: a store pointed at a
+    /// Redis that is down starts, its calls fail with [`StoreError::Unavailable`] or
+    /// [`StoreError::Timeout`], and it recovers when Redis comes up. Only a malformed URL is an
+    /// error. Must be called inside a tokio runtime.
+    pub fn new(config: RedisConfig) -> StoreResult<Self> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
+            StoreError::Internal(format!("the redis store needs a tokio runtime: {e}"))
+        })?;
+        let bad_url = |e: RedisError| StoreError::Internal(format!("invalid redis url: {e}"));
+        let connections = Connections::new(&config).map_err(bad_url)?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let subscriber = events::Subscriber::new(&config, events.clone())
+            .map_err(bad_url)?
+            .spawn(&runtime);
+        Ok(RedisStore {
+            connections,
+            ops: OpIds::new(config.cluster)?,
+            config,
+            scripts: Scripts::load(),
+            events,
+            subscriber,
+        })
+    }
+
+    /// Runs one store call within the configured timeout.
+    async fn bounded<T>(&self, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        tokio::time::timeout(self.config.timeout, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.config.timeout)))
+    }
+
+    /// A connection for one call (a pooled one is PINGed first); failures are Unavailable.
+    async fn conn(&self) -> StoreResult<Connection> {
+        self.connections.get().await
+    }
+
+    fn session_key(&self, namespace: &str, id: &str) -> String {
+        codec::session_key(&self.config.key_prefix, namespace, id)
+    }
+
+    fn user_key(&self, namespace: &str, user: &str) -> String {
+        codec::user_key(&self.config.key_prefix, namespace, user)
+    }
+
+    fn channel(&self) -> String {
+        codec::events_channel(&self.config.key_prefix)
+    }
+
+    /// Runs `get.lua` (read, optionally sliding the expiry) on one session.
+    async fn read(
+        &self,
+        conn: &mut Connection,
+        namespace: &str,
+        id: &str,
+        touch: bool,
+    ) -> StoreResult<Reply> {
+        let reply = self
+            .scripts
+            .get
+            .key(self.session_key(namespace, id))
+            .arg(if touch { "1" } else { "0" })
+            .invoke_async(conn)
+            .await;
+        self.parse(reply)
+    }
+
+    /// Runs `delete.lua` on one session.
+    async fn remove(
+        &self,
+        conn: &mut Connection,
+        namespace: &str,
+        id: &str,
+        only: DeleteIf<'_>,
+    ) -> StoreResult<Reply> {
+        let number = |n: Option<u64>| n.map(|v| v.to_string()).unwrap_or_default();
+        let prefix = &self.config.key_prefix;
+        let reply = self
+            .scripts
+            .delete
+            .key(self.session_key(namespace, id))
+            .key(codec::tombstone_key(prefix, namespace, id))
+            .arg(self.channel())
+            .arg(namespace)
+            .arg(id)
+            .arg(now_ms())
+            .arg(number(only.version))
+            .arg(if only.owner.is_some() { "1" } else { "0" })
+            .arg(only.owner.unwrap_or_default())
+            .arg(number(only.event_version))
+            .arg(self.ops.next())
+            .arg(codec::ttl_ms(self.config.timeout.saturating_mul(2)).max(1_000))
+            .invoke_async(conn)
+            .await;
+        self.parse(reply)
+    }
+
+    fn parse(&self, reply: Result<Value, RedisError>) -> StoreResult<Reply> {
+        codec::parse_reply(reply.map_err(redis_error)?).map_err(StoreError::Internal)
+    }
+
+    /// The record of an `Ok` session reply; `Err(NotFound)` (logged) if it does not decode.
+    fn record(
+        &self,
+        namespace: &str,
+        id: &str,
+        now: u64,
+        values: &[Value],
+    ) -> StoreResult<SessionRecord> {
+        codec::decode_record(namespace, id, now, values)
+            .map_err(|reason| self.corrupt(namespace, id, &reason))
+    }
+
+    /// Logs an undecodable record and gives the error it is treated as.
+    fn corrupt(&self, namespace: &str, id: &str, reason: &str) -> StoreError {
+        self.warn_corrupt(namespace, id, reason);
+        StoreError::NotFound
+    }
+
+    fn warn_corrupt(&self, namespace: &str, id: &str, reason: &str) {
+        let key = self.session_key(namespace, id);
+        tracing::warn!(%key, %reason, "undecodable session record in redis, treated as absent");
+    }
+
+    /// The values of an `Ok` reply, or the error the reply stands for.
+    fn expect_ok(&self, reply: Reply, namespace: &str, id: &str) -> StoreResult<Vec<Value>> {
+        match reply {
+            Reply::Ok(values) => Ok(values),
+            Reply::NotFound | Reply::Mismatch => Err(StoreError::NotFound),
+            Reply::Corrupt(reason) => Err(self.corrupt(namespace, id, &reason)),
+            Reply::Taken => Err(StoreError::IdTaken),
+            Reply::Deleted => Err(StoreError::Deleted),
+            Reply::Conflict(actual) => Err(StoreError::Internal(format!(
+                "unexpected version conflict at {actual}"
+            ))),
+            Reply::TooLarge(size) => Err(StoreError::TooLarge {
+                size,
+                limit: self.config.max_session_bytes,
+            }),
+        }
+    }
+
+    /// Runs `create.lua`: stores `record` (user, attrs, version, created, ttl) under `id`.
+    async fn insert(
+        &self,
+        conn: &mut Connection,
+        namespace: &str,
+        id: &str,
+        record: &SessionRecord,
+        limit: usize,
+        now: u64,
+    ) -> StoreResult<SessionRecord> {
+        let mut call = self.scripts.create.key(self.session_key(namespace, id));
+        call.arg(self.channel())
+            .arg(namespace)
+            .arg(id)
+            .arg(now)
+            .arg(codec::ttl_ms(record.ttl))
+            .arg(limit)
+            .arg(&record.user_id)
+            .arg(codec::unix_ms(record.created_at))
+            .arg(record.version)
+            .arg(self.ops.next())
+            .arg(codec::sub_ms_nanos(record.created_at));
+        for (key, value) in &record.attrs {
+            call.arg(key).arg(value.as_slice());
+        }
+        let reply = self.parse(call.invoke_async(conn).await)?;
+        let values = self.expect_ok(reply, namespace, id)?;
+        self.record(namespace, id, now, &values)
+    }
+
+    /// Regenerate in three scripts, new written before old deleted (see the module docs).
+    async fn regenerate_in(
+        &self,
+        namespace: &str,
+        old_id: &str,
+        new_id: &str,
+    ) -> StoreResult<SessionRecord> {
+        let mut conn = self.conn().await?;
+        let now = now_ms();
+        let reply = self.read(&mut conn, namespace, old_id, false).await?;
+        let values = self.expect_ok(reply, namespace, old_id)?;
+        let mut moving = self.record(namespace, old_id, now, &values)?;
+        let read_version = moving.version;
+        moving.version += 1;
+        self.index_add(&mut conn, namespace, &moving.user_id, new_id, moving.ttl)
+            .await?;
+        // Data is unchanged, so a limit lowered since it was written does not apply.
+        let new = self
+            .insert(&mut conn, namespace, new_id, &moving, usize::MAX, now)
+            .await?;
+        let only = DeleteIf {
+            version: Some(read_version),
+            // Like the CREATED event of the new id: the version the session moved on with.
+            event_version: Some(new.version),
+            ..DeleteIf::default()
+        };
+        let outcome = match self.remove(&mut conn, namespace, old_id, only).await? {
+            Reply::Ok(_) => Ok(()),
+            // Written or deleted since it was read: undo the copy rather than lose that write
+            // or bring a logged-out session back.
+            Reply::Conflict(actual) => Err(StoreError::Conflict {
+                expected: read_version,
+                actual,
+            }),
+            Reply::Corrupt(reason) => Err(self.corrupt(namespace, old_id, &reason)),
+            _ => Err(StoreError::NotFound),
+        };
+        if let Err(error) = outcome {
+            let only = DeleteIf {
+                version: Some(new.version),
+                ..DeleteIf::default()
+            };
+            self.remove(&mut conn, namespace, new_id, only).await?;
+            self.index_remove(&mut conn, namespace, &new.user_id, &[new_id])
+                .await?;
+            return Err(error);
+        }
+        self.index_remove(&mut conn, namespace, &new.user_id, &[old_id])
+            .await?;
+        Ok(new)
+    }
+
+    /// Reads a session, sliding its expiry as asked; after a slide, keeps the user's index
+    /// alive as long as the session.
+    async fn read_sliding(
+        &self,
+        namespace: &str,
+        id: &str,
+        slide: Slide,
+    ) -> StoreResult<SessionRecord> {
+        let mut conn = self.conn().await?;
+        let now = now_ms();
+        let reply = match slide {
+            Slide::Keep => self.read(&mut conn, namespace, id, false).await?,
+            Slide::Stored => self.read(&mut conn, namespace, id, true).await?,
+            Slide::To(ttl) => {
+                let reply = self
+                    .scripts
+                    .touch
+                    .key(self.session_key(namespace, id))
+                    .arg(codec::ttl_ms(ttl))
+                    .invoke_async(&mut conn)
+                    .await;
+                self.parse(reply)?
+            }
+        };
+        let record = self.record(namespace, id, now, &self.expect_ok(reply, namespace, id)?)?;
+        if !matches!(slide, Slide::Keep) {
+            self.index_add(&mut conn, namespace, &record.user_id, id, record.ttl)
+                .await?;
+        }
+        Ok(record)
+    }
+}
+
+/// The conditions of a delete, and what its event reports.
+#[derive(Debug, Default, Clone, Copy)]
+struct DeleteIf<'a> {
+    /// Only if the stored version is this one (else a conflict).
+    version: Option<u64>,
+    /// Only if the session belongs to this user (else a mismatch).
+    owner: Option<&'a str>,
+    /// Version for the DELETED event instead of the stored one.
+    event_version: Option<u64>,
+}
+
+/// How a read moves the session's expiry.
+#[derive(Debug, Clone, Copy)]
+enum Slide {
+    /// Not at all (a plain get).
+    Keep,
+    /// To now + its stored ttl (get with touch, touch without ttl).
+    Stored,
+    /// To now + this ttl, which becomes its stored ttl (touch with ttl).
+    To(Duration),
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("config", &self.config)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+#[tonic::async_trait]
+impl SessionStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        if self.config.cluster {
+            "redis-cluster"
+        } else {
+            "redis"
+        }
+    }
+
+    async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
+        self.bounded(async {
+            let mut conn = self.conn().await?;
+            let now = now_ms();
+            // Index first: a crash after it leaves a stale index entry (skipped by readers),
+            // never a session its user cannot list.
+            self.index_add(&mut conn, &new.namespace, &new.user_id, &new.id, new.ttl)
+                .await?;
+            let record = SessionRecord {
+                id: new.id.clone(),
+                namespace: new.namespace.clone(),
+                user_id: new.user_id,
+                attrs: new.attrs,
+                version: 1,
+                created_at: SystemTime::UNIX_EPOCH + Duration::from_millis(now),
+                expires_at: SystemTime::UNIX_EPOCH,
+                ttl: new.ttl,
+            };
+            let limit = self.config.max_session_bytes;
+            self.insert(&mut conn, &new.namespace, &new.id, &record, limit, now)
+                .await
+        })
+        .await
+    }
+
+    async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord> {
+        let slide = if touch { Slide::Stored } else { Slide::Keep };
+        self.bounded(self.read_sliding(namespace, id, slide)).await
+    }
+
+    async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
+        self.bounded(async {
+            let mut conn = self.conn().await?;
+            let now = now_ms();
+            let mut call = self.scripts.update.key(self.session_key(namespace, id));
+            call.arg(self.channel())
+                .arg(namespace)
+                .arg(id)
+                .arg(now)
+                .arg(self.config.max_session_bytes)
+                .arg(
+                    patch
+                        .expected_version
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(if patch.user_id.is_some() { "1" } else { "0" })
+                .arg(patch.user_id.as_deref().unwrap_or_default())
+                .arg(
+                    patch
+                        .ttl
+                        .map(|t| codec::ttl_ms(t).to_string())
+                        .unwrap_or_default(),
+                )
+                .arg(patch.set.len())
+                .arg(self.ops.next());
+            for (key, value) in &patch.set {
+                call.arg(key).arg(value.as_slice());
+            }
+            for key in &patch.remove {
+                call.arg(key);
+            }
+            let values = match self.parse(call.invoke_async(&mut conn).await)? {
+                Reply::Conflict(actual) => {
+                    let expected = patch.expected_version.unwrap_or_default();
+                    return Err(StoreError::Conflict { expected, actual });
+                }
+                reply => self.expect_ok(reply, namespace, id)?,
+            };
+            let record = self.record(namespace, id, now, &values)?;
+            let old_user = values.get(2).and_then(codec::text).unwrap_or_default();
+            self.index_add(&mut conn, namespace, &record.user_id, id, record.ttl)
+                .await?;
+            if old_user != record.user_id {
+                self.index_remove(&mut conn, namespace, &old_user, &[id])
+                    .await?;
+            }
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn touch(
+        &self,
+        namespace: &str,
+        id: &str,
+        ttl: Option<Duration>,
+    ) -> StoreResult<SessionRecord> {
+        let slide = ttl.map_or(Slide::Stored, Slide::To);
+        self.bounded(self.read_sliding(namespace, id, slide)).await
+    }
+
+    async fn regenerate(
+        &self,
+        namespace: &str,
+        old_id: &str,
+        new_id: &str,
+    ) -> StoreResult<SessionRecord> {
+        self.bounded(self.regenerate_in(namespace, old_id, new_id))
+            .await
+    }
+
+    async fn delete(&self, namespace: &str, id: &str) -> StoreResult<bool> {
+        self.bounded(async {
+            let mut conn = self.conn().await?;
+            match self
+                .remove(&mut conn, namespace, id, DeleteIf::default())
+                .await?
+            {
+                Reply::Ok(values) => {
+                    let user = values.first().and_then(codec::text).unwrap_or_default();
+                    self.index_remove(&mut conn, namespace, &user, &[id])
+                        .await?;
+                    Ok(true)
+                }
+                Reply::Corrupt(reason) => {
+                    self.warn_corrupt(namespace, id, &reason);
+                    Ok(false)
+                }
+                Reply::NotFound => Ok(false),
+                other => Err(StoreError::Internal(format!(
+                    "unexpected delete reply {other:?}"
+                ))),
+            }
+        })
+        .await
+    }
+
+    async fn list_by_user(
+        &self,
+        namespace: &str,
+        user_id: &str,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        self.bounded(async { self.user_sessions(namespace, user_id).await })
+            .await
+    }
+
+    async fn delete_by_user(&self, namespace: &str, user_id: &str) -> StoreResult<u64> {
+        self.bounded(async { self.delete_user_sessions(namespace, user_id).await })
+            .await
+    }
+
+    async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord> {
+        self.bounded(self.restore_in(record)).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// Unix milliseconds now, as passed to the scripts (they never read Redis' clock).
+fn now_ms() -> u64 {
+    codec::unix_ms(SystemTime::now())
+}

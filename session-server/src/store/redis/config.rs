@@ -1,0 +1,118 @@
+//! The settings of the Redis store.
+
+use crate::store::redact_url as redacted;
+use std::time::Duration;
+
+/// Settings of the Redis store.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// Where Redis is: `redis://host:port[/db]`; with `cluster`, a comma-separated list of
+    /// seed nodes (`redis://h1:p1,redis://h2:p2` or `redis://h1:p1,h2:p2`).
+    pub url: String,
+    /// Talk to a Redis Cluster (slot routing, MOVED/ASK redirects, failover) instead of one
+    /// server.
+    pub cluster: bool,
+    /// First part of every key and of the events channel, so several deployments (or tests)
+    /// can share one Redis.
+    pub key_prefix: String,
+    /// Most pooled connections (each is multiplexed, so a few go a long way). Standalone only:
+    /// a cluster store keeps one multiplexed connection per node.
+    pub pool_size: usize,
+    /// Bound on every store call, pool wait and commands included.
+    pub timeout: Duration,
+    /// Limit on the total attribute size of a session (see [`crate::store::attrs_size`]).
+    pub max_session_bytes: usize,
+}
+
+impl RedisConfig {
+    /// Settings with the defaults: prefix `stickless`, 32 connections, 2 s timeout.
+    pub fn new(url: impl Into<String>, max_session_bytes: usize) -> Self {
+        RedisConfig {
+            url: url.into(),
+            cluster: false,
+            key_prefix: "stickless".to_string(),
+            pool_size: 32,
+            timeout: Duration::from_secs(2),
+            max_session_bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// Like a derived Debug, with any password in the URL hidden.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redacted(&self.url))
+            .field("cluster", &self.cluster)
+            .field("key_prefix", &self.key_prefix)
+            .field("pool_size", &self.pool_size)
+            .field("timeout", &self.timeout)
+            .field("max_session_bytes", &self.max_session_bytes)
+            .finish()
+    }
+}
+
+/// The seed node URLs of a cluster `url`: the comma-separated entries, each completed to a URL.
+/// An entry without a scheme (`h2:p2`) takes the scheme and credentials of the first entry
+/// (`redis://` if the first has none either), so `redis://:pw@h1:p1,h2:p2` means two seeds with
+/// the same password. Empty entries are skipped; whether an entry parses is checked when the
+/// cluster client is built.
+pub(crate) fn seed_urls(url: &str) -> Vec<String> {
+    let mut entries = url.split(',').map(str::trim).filter(|e| !e.is_empty());
+    let Some(first) = entries.next() else {
+        return Vec::new();
+    };
+    let first = if first.contains("://") {
+        first.to_string()
+    } else {
+        format!("redis://{first}")
+    };
+    let base = match first.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+            let userinfo = authority.rfind('@').map_or("", |at| &authority[..=at]);
+            format!("{scheme}://{userinfo}")
+        }
+        None => "redis://".to_string(),
+    };
+    let rest = entries.map(|entry| {
+        if entry.contains("://") {
+            entry.to_string()
+        } else {
+            format!("{base}{entry}")
+        }
+    });
+    std::iter::once(first).chain(rest).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let config = RedisConfig::new("redis://app:s3cret@db.internal:6380/2", 10);
+        let shown = format!("{config:?}");
+        assert!(shown.contains("redis://***@db.internal:6380/2"), "{shown}");
+        assert!(!shown.contains("s3cret"));
+        assert_eq!(redacted("redis://127.0.0.1/0"), "redis://127.0.0.1/0");
+        assert_eq!(
+            redacted("redis://:a@h1:1,redis://:b@h2:2,h3:3,u:c@h4:4"),
+            "redis://***@h1:1,redis://***@h2:2,h3:3,***@h4:4"
+        );
+    }
+
+    #[test]
+    fn cluster_seeds_are_split_and_completed() {
+        assert_eq!(
+            seed_urls("redis://h1:1,redis://h2:2"),
+            vec!["redis://h1:1", "redis://h2:2"]
+        );
+        assert_eq!(
+            seed_urls("rediss://u:pw@h1:1/0, h2:2,,"),
+            vec!["rediss://u:pw@h1:1/0", "rediss://u:pw@h2:2"]
+        );
+        assert_eq!(seed_urls("h1:1,h2:2"), vec!["redis://h1:1", "redis://h2:2"]);
+        assert!(seed_urls(" , ").is_empty());
+    }
+}

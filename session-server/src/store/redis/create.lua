@@ -1,0 +1,37 @@
+-- Creates a session (also the new id of a regenerate).
+-- KEYS[1]: session key.
+-- ARGV: channel, ns, id, now_ms, ttl_ms, max_bytes, user, created_ms, version,
+--       op (this call's unique id, '' for none), created_ns (nanoseconds past created_ms),
+--       then attribute key/value pairs.
+-- Replies {'taken'}, {'toolarge', size} or the session. A session this very call wrote (same
+-- op: a cluster client retried the call after a lost reply) is answered as created.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if ARGV[10] ~= '' and redis.pcall('HGET', KEYS[1], 'op') == ARGV[10] then
+    return reply_session(KEYS[1])
+  end
+  return {'taken'}
+end
+local size = 0
+for i = 12, #ARGV, 2 do
+  size = size + #ARGV[i] + #ARGV[i + 1]
+end
+if size > tonumber(ARGV[6]) then
+  return {'toolarge', size}
+end
+local fields = {'fmt', '1', 'user', ARGV[7], 'ver', ARGV[9], 'created', ARGV[8], 'ttl', ARGV[5]}
+if ARGV[10] ~= '' then
+  fields[#fields + 1] = 'op'
+  fields[#fields + 1] = ARGV[10]
+end
+if ARGV[11] ~= '0' then
+  fields[#fields + 1] = 'created_ns'
+  fields[#fields + 1] = ARGV[11]
+end
+for i = 12, #ARGV, 2 do
+  fields[#fields + 1] = 'a:' .. ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+call_chunked('HSET', KEYS[1], fields, 200)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[7], ARGV[9], ARGV[4])
+return reply_session(KEYS[1])

@@ -1,0 +1,224 @@
+//! The event subscriber of the Redis store: a background task with its own pub/sub
+//! connections that turns the scripts' published events, and Redis' own expiry notifications,
+//! into [`SessionEvent`]s on the store's broadcast channel. It reconnects forever with capped
+//! backoff; the store aborts it when dropped.
+//!
+//! On one server, one connection subscribes to both channels. On a cluster (see
+//! `events/cluster.rs`), the events channel is heard on any one node, since a cluster forwards
+//! every PUBLISH to all its nodes, and expiries on every master, since each node notifies only
+//! the expiries of its own keys.
+
+mod cluster;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ::redis::{Client, ConnectionInfo, IntoConnectionInfo, Msg, RedisError, Value};
+use futures::StreamExt;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use super::codec;
+use super::config::{RedisConfig, seed_urls};
+use crate::store::{EventKind, SessionEvent};
+
+/// First wait before reconnecting: short, so a restarted Redis is picked up quickly.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect attempts, so recovery never lags a restart by more than this.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often an idle subscription is pinged, to notice a connection that died silently.
+const PING_EVERY: Duration = Duration::from_secs(15);
+
+/// Where the subscriber listens.
+enum Source {
+    /// One server.
+    Standalone(Client),
+    /// A cluster, found from its seed nodes (whose settings reach every node).
+    Cluster(Vec<ConnectionInfo>),
+}
+
+/// What the subscriber tasks need.
+pub(crate) struct Subscriber {
+    /// Where to subscribe.
+    source: Source,
+    /// The store's key prefix: the expired keys it owns.
+    prefix: String,
+    /// The scripts' events channel.
+    events: String,
+    /// The expiry notifications channel of the database the store uses.
+    expired: String,
+    /// Where decoded events go.
+    sender: broadcast::Sender<SessionEvent>,
+    /// Bound on connecting and on each command (ping, subscribe, cluster lookups).
+    timeout: Duration,
+}
+
+impl Subscriber {
+    /// The subscriber of a store with `config`; errors are malformed URLs.
+    pub(crate) fn new(
+        config: &RedisConfig,
+        sender: broadcast::Sender<SessionEvent>,
+    ) -> Result<Self, RedisError> {
+        let (source, db) = if config.cluster {
+            let seeds = seed_urls(&config.url)
+                .iter()
+                .map(|url| url.as_str().into_connection_info())
+                .collect::<Result<Vec<_>, _>>()?;
+            // A cluster has only database 0.
+            (Source::Cluster(seeds), 0)
+        } else {
+            let client = Client::open(config.url.as_str())?;
+            let db = client.get_connection_info().redis_settings().db();
+            (Source::Standalone(client), db)
+        };
+        Ok(Subscriber {
+            source,
+            prefix: config.key_prefix.clone(),
+            events: codec::events_channel(&config.key_prefix),
+            // Only this database's expiries: another database may hold keys with the prefix.
+            expired: format!("__keyevent@{db}__:expired"),
+            sender,
+            timeout: config.timeout,
+        })
+    }
+
+    /// Starts the task; it runs until aborted.
+    pub(crate) fn spawn(self, runtime: &tokio::runtime::Handle) -> JoinHandle<()> {
+        let subscriber = Arc::new(self);
+        runtime.spawn(async move {
+            match &subscriber.source {
+                Source::Standalone(client) => subscriber.run_standalone(client).await,
+                Source::Cluster(seeds) => cluster::run(subscriber.clone(), seeds).await,
+            }
+        })
+    }
+
+    async fn run_standalone(&self, client: &Client) {
+        let mut backoff = MIN_BACKOFF;
+        let mut checked_notifications = false;
+        let mut was_connected = true;
+        let channels = [self.events.as_str(), self.expired.as_str()];
+        loop {
+            match self.subscribe(client, &channels).await {
+                Ok(pubsub) => {
+                    tracing::info!(channel = %self.events, "redis event subscription established");
+                    backoff = MIN_BACKOFF;
+                    was_connected = true;
+                    if !checked_notifications {
+                        checked_notifications = true;
+                        self.check_notifications(client).await;
+                    }
+                    self.listen(pubsub).await;
+                    tracing::warn!(channel = %self.events, "redis event subscription lost; reconnecting");
+                }
+                Err(error) if was_connected => {
+                    was_connected = false;
+                    tracing::warn!(%error, "cannot subscribe to redis events; retrying");
+                }
+                Err(error) => tracing::debug!(%error, "cannot subscribe to redis events"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Connects and subscribes to `channels`.
+    async fn subscribe(
+        &self,
+        client: &Client,
+        channels: &[&str],
+    ) -> Result<::redis::aio::PubSub, String> {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            for channel in channels {
+                pubsub.subscribe(*channel).await?;
+            }
+            Ok::<_, RedisError>(pubsub)
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Forwards messages until the connection ends or stops answering pings.
+    async fn listen(&self, pubsub: ::redis::aio::PubSub) {
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.reset();
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.forward(&message),
+                    None => return,
+                },
+                _ = ping.tick() => {
+                    let answer = tokio::time::timeout(self.timeout, sink.ping::<Value>()).await;
+                    if !matches!(answer, Ok(Ok(_))) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes one message and broadcasts it; malformed ones are logged and skipped.
+    fn forward(&self, message: &Msg) {
+        let channel = message.get_channel_name();
+        let event = if channel == self.events {
+            match codec::decode_event(message.get_payload_bytes()) {
+                Ok(event) => event,
+                Err(reason) => {
+                    tracing::warn!(%channel, %reason, "skipping malformed session event");
+                    return;
+                }
+            }
+        } else if channel == self.expired {
+            let key = String::from_utf8_lossy(message.get_payload_bytes());
+            let Some((namespace, id)) = codec::parse_session_key(&self.prefix, &key) else {
+                return; // another application's key, our user index or a tombstone
+            };
+            SessionEvent {
+                kind: EventKind::Expired,
+                namespace,
+                id,
+                user_id: String::new(),
+                version: 0,
+                at: SystemTime::now(),
+            }
+        } else {
+            return;
+        };
+        // An error only means nobody is watching right now.
+        let _ = self.sender.send(event);
+    }
+
+    /// Logs once when Redis does not send expiry notifications, so EXPIRED events never come.
+    /// Errors are ignored: managed Redis services often forbid CONFIG.
+    async fn check_notifications(&self, client: &Client) {
+        let check = async {
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            ::redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("notify-keyspace-events")
+                .query_async::<HashMap<String, String>>(&mut conn)
+                .await
+        };
+        let Ok(Ok(config)) = tokio::time::timeout(self.timeout, check).await else {
+            return;
+        };
+        let flags = config
+            .get("notify-keyspace-events")
+            .cloned()
+            .unwrap_or_default();
+        let expiry_on = flags.contains('E') && (flags.contains('x') || flags.contains('A'));
+        if !expiry_on {
+            tracing::info!(
+                notify_keyspace_events = %flags,
+                "redis keyspace notifications for expiry are off (need \"Ex\"): \
+                 watchers get no EXPIRED events"
+            );
+        }
+    }
+}

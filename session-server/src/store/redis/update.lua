@@ -1,0 +1,73 @@
+-- Applies an attribute-level patch: removals first, then sets; bumps the version, slides the
+-- expiry. The size limit applies to the merged attributes; over it nothing is written.
+-- KEYS[1]: session key.
+-- ARGV: channel, ns, id, now_ms, max_bytes, expected_version ('' for none),
+--       set_user ('1' or '0'), user, ttl_ms ('' keeps the stored one), n (number of set pairs),
+--       op (this call's unique id, '' for none), then n key/value pairs to set, then the keys
+--       to remove.
+-- Replies {'notfound'}, {'corrupt', reason}, {'conflict', stored_version},
+-- {'toolarge', size} or the session followed by the previous user. If the last write was this
+-- very call (same op: a cluster client retried it after a lost reply), nothing is written again
+-- and the session is the reply, as if just written.
+local h, reason = load_session(KEYS[1])
+if not h then
+  return missing(reason)
+end
+if ARGV[11] ~= '' and h['op'] == ARGV[11] then
+  local reply = reply_session(KEYS[1])
+  reply[4] = h['user']
+  return reply
+end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= tonumber(h['ver']) then
+  return {'conflict', h['ver']}
+end
+local n = tonumber(ARGV[10])
+local merged = {}
+for f, v in pairs(h) do
+  if string.sub(f, 1, 2) == 'a:' then
+    merged[f] = v
+  end
+end
+local dels = {}
+for i = 12 + 2 * n, #ARGV do
+  local f = 'a:' .. ARGV[i]
+  if merged[f] then
+    merged[f] = nil
+    dels[#dels + 1] = f
+  end
+end
+local sets = {}
+for i = 12, 11 + 2 * n, 2 do
+  local f = 'a:' .. ARGV[i]
+  merged[f] = ARGV[i + 1]
+  sets[#sets + 1] = f
+  sets[#sets + 1] = ARGV[i + 1]
+end
+local size = 0
+for f, v in pairs(merged) do
+  size = size + #f - 2 + #v
+end
+if size > tonumber(ARGV[5]) then
+  return {'toolarge', size}
+end
+call_chunked('HDEL', KEYS[1], dels, 200)
+call_chunked('HSET', KEYS[1], sets, 200)
+local user = h['user']
+if ARGV[7] == '1' then
+  user = ARGV[8]
+  redis.call('HSET', KEYS[1], 'user', user)
+end
+local ttl = h['ttl']
+if ARGV[9] ~= '' then
+  ttl = ARGV[9]
+  redis.call('HSET', KEYS[1], 'ttl', ttl)
+end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'op', ARGV[11])
+end
+local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('PEXPIRE', KEYS[1], ttl)
+publish(ARGV[1], 'updated', ARGV[2], ARGV[3], user, ver, ARGV[4])
+local reply = reply_session(KEYS[1])
+reply[4] = h['user']
+return reply

@@ -1,0 +1,328 @@
+//! The server as a whole, beyond any one store: auth, health and reflection for stock gRPC tools,
+//! metrics, graceful shutdown, message limits, and a Redis that is unreachable or goes away.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use session_proto::v1::*;
+use session_server::config::Settings;
+use session_server::store::memory::MemoryStore;
+use support::harness::{TestServer, redis_store};
+use support::outage::{fails_within, is_unavailable};
+use support::services::{self, OwnRedis};
+use support::wait::eventually_ok;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+
+fn memory(settings: &Settings) -> Arc<MemoryStore> {
+    Arc::new(MemoryStore::new(settings.max_session_bytes))
+}
+
+#[tokio::test]
+async fn auth_token_is_required_when_set() {
+    let settings = Settings {
+        auth_token: Some("t0ken".into()),
+        ..Settings::default()
+    };
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let mut client = server.client().await;
+
+    let err = client.create(CreateRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    for wrong in ["Bearer t0ke", "Bearer t0ken2", "Basic t0ken", "t0ken"] {
+        let mut req = tonic::Request::new(CreateRequest::default());
+        req.metadata_mut()
+            .insert("authorization", MetadataValue::try_from(wrong).unwrap());
+        assert_eq!(
+            client.create(req).await.unwrap_err().code(),
+            Code::Unauthenticated,
+            "{wrong}"
+        );
+    }
+
+    let mut req = tonic::Request::new(CreateRequest::default());
+    req.metadata_mut()
+        .insert("authorization", MetadataValue::from_static("Bearer t0ken"));
+    let created = client
+        .create(req)
+        .await
+        .expect("right token admitted")
+        .into_inner();
+    assert_eq!(created.version, 1);
+
+    // Probes stay open: a load balancer checks health without the token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: session_proto::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_api() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let settings = Settings::default();
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let requests = [
+        MessageRequest::ListServices(String::new()),
+        MessageRequest::FileContainingSymbol(session_proto::SERVICE_NAME.into()),
+    ]
+    .map(|m| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(m),
+    });
+    let mut answers = reflection
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&session_proto::SERVICE_NAME), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected file descriptors");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_code() {
+    let settings = Settings::default();
+    let store = memory(&settings);
+    let server = TestServer::start(settings.clone(), store.clone()).await;
+    let mut client = server.client().await;
+    let s = client
+        .create(CreateRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .get(GetRequest {
+            namespace: "".into(),
+            id: s.id.clone(),
+            touch: false,
+        })
+        .await
+        .unwrap();
+    let missing = GetRequest {
+        namespace: "".into(),
+        id: "A".repeat(32),
+        touch: false,
+    };
+    client.get(missing).await.unwrap_err();
+
+    // Scrape over HTTP, as Prometheus would.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scrape = tokio::spawn(session_server::metrics::serve(
+        listener,
+        server.metrics.clone(),
+        store,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let body = http_get(addr, "/metrics").await;
+    let _ = stop.send(());
+    scrape.await.unwrap().unwrap();
+
+    assert!(
+        body.contains(r#"stickless_grpc_calls_total{code="OK",method="Create"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"stickless_grpc_calls_total{code="OK",method="Get"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#"stickless_grpc_calls_total{code="NOT_FOUND",method="Get"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains("stickless_grpc_call_seconds_bucket"),
+        "{body}"
+    );
+    assert!(body.contains("stickless_sessions_live 1"), "{body}");
+}
+
+/// A minimal HTTP/1.1 GET, enough to scrape the metrics listener.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_calls_and_ends_watches() {
+    let settings = Settings::default();
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let mut client = server.client().await;
+    let mut watch = client
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let s = client
+        .create(CreateRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().id, s.id);
+
+    server
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("clean stop");
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("watch ended");
+    assert!(
+        end.is_none_or(|item| item.is_err()),
+        "no more events after shutdown"
+    );
+    let after = client
+        .get(GetRequest {
+            namespace: "".into(),
+            id: s.id,
+            touch: false,
+        })
+        .await;
+    assert!(after.is_err(), "no calls served after shutdown");
+}
+
+#[tokio::test]
+async fn message_far_over_the_limit_is_refused_without_harm() {
+    let settings = Settings {
+        max_session_bytes: 1024,
+        ..Settings::default()
+    };
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let mut client = server.client().await;
+    let huge = CreateRequest {
+        attrs: [("k".to_string(), vec![0u8; 4 * 1024 * 1024])].into(),
+        ..Default::default()
+    };
+    let err = client.create(huge).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
+        ),
+        "{err}"
+    );
+    // The server is fine afterwards.
+    assert!(client.create(CreateRequest::default()).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_at_a_dead_port_is_unavailable_within_the_timeout() {
+    let settings = Settings {
+        store_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let url = format!("redis://127.0.0.1:{}", services::free_port());
+    let store = Arc::new(redis_store(&url, "dead_port", &settings));
+    let server = TestServer::start(settings.clone(), store).await;
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        let create = client.create(CreateRequest::default());
+        fails_within("create", settings.store_timeout, create, is_unavailable).await;
+    }
+    let missing = GetRequest {
+        namespace: "".into(),
+        id: "A".repeat(32),
+        touch: false,
+    };
+    assert_eq!(
+        client.get(missing).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert!(server.metrics.calls("Create", Code::Unavailable) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_that_stops_gives_unavailable_then_recovers_without_restart() {
+    let Some(binary) = services::redis_server_binary("redis_stops") else {
+        return;
+    };
+    let mut redis = OwnRedis::start(binary);
+    let settings = Settings {
+        store_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let store = Arc::new(redis_store(&redis.url(), "redis_stops", &settings));
+    let server = TestServer::start(settings.clone(), store).await;
+    let mut client = server.client().await;
+    let before = client
+        .create(CreateRequest {
+            user_id: "h".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(before.is_ok(), "works while Redis is up");
+
+    redis.stop();
+    for _ in 0..2 {
+        let create = client.create(CreateRequest::default());
+        fails_within("create", settings.store_timeout, create, is_unavailable).await;
+    }
+
+    redis.restart();
+    let what = "calls succeeding again once Redis is back, same server";
+    eventually_ok(what, Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move { client.create(CreateRequest::default()).await }
+    })
+    .await;
+    let s = client
+        .create(CreateRequest {
+            user_id: "h".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = client
+        .get(GetRequest {
+            namespace: "".into(),
+            id: s.id,
+            touch: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.into_inner().user_id, "h");
+}

@@ -1,0 +1,156 @@
+//! Starting a real session server in-process for a test: a store of the chosen backend, the
+//! server on `127.0.0.1:0`, and gRPC clients connected to it. Shared by every test file.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_proto::v1::session_store_client::SessionStoreClient;
+use session_server::config::Settings;
+use session_server::metrics::Metrics;
+use session_server::server::{self, ServeError};
+use session_server::store::SessionStore;
+use session_server::store::memory::MemoryStore;
+use session_server::store::redis::{RedisConfig, RedisStore};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use super::services;
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-process store.
+    Memory,
+    /// The shared Redis on 127.0.0.1:6379, under a key prefix of the test's own.
+    Redis,
+    /// A 3-master Redis Cluster the test starts itself on free loopback ports.
+    RedisCluster,
+    /// The shared MariaDB on 127.0.0.1:3306, in a table of the test's own.
+    Mysql,
+}
+
+/// Whatever must live as long as a test's store (a cluster's processes, a table to drop).
+pub type Guard = Box<dyn std::any::Any + Send>;
+
+/// The store of `backend` for `test`, or `None` when its service is missing (skipped by the
+/// skip rule, which prints why or fails under `STICKLESS_REQUIRE_SERVICES=1`).
+pub async fn store_for(
+    backend: Backend,
+    test: &str,
+    settings: &Settings,
+) -> Option<(Arc<dyn SessionStore>, Guard)> {
+    match backend {
+        Backend::Memory => {
+            let store = MemoryStore::with_reap_interval(
+                settings.max_session_bytes,
+                Duration::from_millis(20),
+            );
+            Some((Arc::new(store), Box::new(())))
+        }
+        Backend::Redis => {
+            let url = services::redis_url(test)?;
+            Some((Arc::new(redis_store(&url, test, settings)), Box::new(())))
+        }
+        Backend::RedisCluster => super::cluster::store(test, settings).await,
+        Backend::Mysql => super::mysql::store(test, settings).await,
+    }
+}
+
+/// A Redis store at `url` with a key prefix unique to this test.
+pub fn redis_store(url: &str, test: &str, settings: &Settings) -> RedisStore {
+    let mut config = RedisConfig::new(url, settings.max_session_bytes);
+    config.key_prefix = services::unique_prefix(test);
+    config.timeout = settings.store_timeout;
+    RedisStore::new(config).expect("valid Redis URL")
+}
+
+/// A running server and what a test needs to talk to it.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its metrics, to check what it counted.
+    pub metrics: Metrics,
+    /// Fires the shutdown signal.
+    stop: Option<oneshot::Sender<()>>,
+    /// The server task; yields `run`'s result.
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+    /// What the store needs kept alive until the server is gone.
+    guard: Option<Guard>,
+}
+
+impl TestServer {
+    /// Starts a server over `store` with `settings` (its `listen` is ignored: it binds
+    /// `127.0.0.1:0`).
+    pub async fn start(settings: Settings, store: Arc<dyn SessionStore>) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local address");
+        let metrics = Metrics::new();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                server::run(listener, &settings, store, metrics, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        TestServer {
+            addr,
+            metrics,
+            stop: Some(stop),
+            task: Some(task),
+            guard: None,
+        }
+    }
+
+    /// Starts a server on the store of `backend`; `None` when that store is skipped.
+    pub async fn on(backend: Backend, test: &str, settings: Settings) -> Option<TestServer> {
+        let (store, guard) = store_for(backend, test, &settings).await?;
+        let mut server = TestServer::start(settings, store).await;
+        server.guard = Some(guard);
+        Some(server)
+    }
+
+    /// A new client on its own connection.
+    pub async fn client(&self) -> SessionStoreClient<Channel> {
+        SessionStoreClient::new(self.channel().await)
+    }
+
+    /// A new connection to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("valid URI")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// Signals shutdown and waits (at most `within`) for the server to finish.
+    pub async fn shutdown(mut self, within: Duration) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("server task");
+        tokio::time::timeout(within, task)
+            .await
+            .expect("server stopped within the deadline")
+            .expect("server task did not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        // The guard (cluster processes, a test table) goes after the server that used it.
+        drop(self.guard.take());
+    }
+}

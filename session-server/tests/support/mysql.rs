@@ -1,0 +1,333 @@
+//! MySQL/MariaDB for tests: the shared MariaDB on 127.0.0.1:3306 (a table per test, dropped
+//! afterwards), and a private `mariadbd` a test can stop and restart. Both follow the skip rule
+//! of [`services`].
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_server::config::Settings;
+use session_server::store::SessionStore;
+use session_server::store::mysql::{MIGRATIONS_TABLE, MysqlConfig, MysqlStore};
+use sqlx::mysql::MySqlConnection;
+use sqlx::{AssertSqlSafe, Connection as _, Executor as _};
+
+use super::harness::Guard;
+use super::services;
+use super::wait::eventually;
+
+/// The MariaDB every MySQL test uses, as CI and developer machines run it.
+pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+/// How often test stores reap, so expiry tests see EXPIRED quickly.
+pub const TEST_REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether a MySQL server accepts a connection at `url` within two seconds.
+pub async fn mysql_answers(url: &str) -> bool {
+    let connect = async {
+        let conn = MySqlConnection::connect(url).await.ok()?;
+        conn.close().await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), connect).await,
+        Ok(Some(()))
+    )
+}
+
+/// The URL of the shared test MariaDB, or `None` (skipped) when it does not answer.
+pub async fn mysql_url(test: &str) -> Option<String> {
+    if mysql_answers(MYSQL_URL).await {
+        Some(MYSQL_URL.to_owned())
+    } else {
+        services::skip_or_fail(
+            test,
+            "no MySQL/MariaDB answers at mysql://root@127.0.0.1:3306/test",
+        )
+    }
+}
+
+/// A table name unique to this test and call: [`services::unique_prefix`] mapped into
+/// `[A-Za-z0-9_]`, cut to MySQL's 64 characters (keeping its unique tail).
+pub fn unique_table(test: &str) -> String {
+    let name: String = services::unique_prefix(test)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let tail = name.len().saturating_sub(58);
+    format!("sltest{}", &name[tail..])
+}
+
+/// The store settings tests use: the test's timeout and size limit, a short reap interval.
+pub fn test_config(url: &str, table: &str, settings: &Settings) -> MysqlConfig {
+    let mut config = MysqlConfig::new(url, settings.max_session_bytes);
+    config.table = table.to_owned();
+    config.timeout = settings.store_timeout;
+    config.reap_interval = TEST_REAP_INTERVAL;
+    config.pool_size = 8;
+    config
+}
+
+/// A MySQL store in a table of this test's own, or `None` (skipped).
+pub async fn store(test: &str, settings: &Settings) -> Option<(Arc<dyn SessionStore>, Guard)> {
+    let url = mysql_url(test).await?;
+    let table = unique_table(test);
+    let guard = DropTables::new(&url, &table);
+    let store = MysqlStore::connect(test_config(&url, &table, settings))
+        .await
+        .unwrap_or_else(|e| panic!("{test}: connect the mysql store: {e}"));
+    Some((Arc::new(store), Box::new(guard)))
+}
+
+/// Runs `statements` on a fresh connection to `url` (for setting up rows by hand).
+pub async fn execute(url: &str, statements: &[String]) {
+    let mut conn = MySqlConnection::connect(url)
+        .await
+        .expect("connect to mysql");
+    for sql in statements {
+        conn.execute(AssertSqlSafe(sql.as_str()))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+/// Drops a test's session tables (and their migration records) when dropped. Works inside a
+/// tokio runtime: the drop runs on a thread of its own with a small runtime of its own.
+pub struct DropTables {
+    /// Where the tables are.
+    url: String,
+    /// Tables to drop.
+    tables: Vec<String>,
+}
+
+impl DropTables {
+    /// Drops `table` of the database at `url` when the guard goes.
+    pub fn new(url: &str, table: &str) -> Self {
+        DropTables {
+            url: url.to_owned(),
+            tables: vec![table.to_owned()],
+        }
+    }
+
+    /// Drops `table` too.
+    pub fn also(&mut self, table: &str) {
+        self.tables.push(table.to_owned());
+    }
+}
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let tables = std::mem::take(&mut self.tables);
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let work = async {
+                    let mut conn = MySqlConnection::connect(&url).await.ok()?;
+                    // A connection of the dropped store may still hold a lock: wait briefly.
+                    conn.execute("SET SESSION lock_wait_timeout = 5")
+                        .await
+                        .ok()?;
+                    for table in &tables {
+                        let drop = format!("DROP TABLE IF EXISTS `{table}`");
+                        let _ = conn.execute(AssertSqlSafe(drop)).await;
+                        let forget = format!(
+                            "DELETE FROM `{MIGRATIONS_TABLE}` WHERE table_name = '{table}'"
+                        );
+                        let _ = conn.execute(AssertSqlSafe(forget)).await;
+                    }
+                    conn.close().await.ok()
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), work).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Where an installed program is: on `PATH`, or in the sbin directories distributions keep
+/// server binaries in.
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from));
+    names
+        .iter()
+        .flat_map(|name| dirs.iter().map(move |dir| dir.join(name)))
+        .find(|path| path.is_file())
+}
+
+/// Whether this process runs as root (mariadbd then needs `--user=root`).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A private MariaDB this test starts on its own port with its own data directory; killed and
+/// its data directory removed when dropped. Its `test` database survives stop/restart.
+pub struct OwnMariadb {
+    /// The running server process, if started.
+    child: Option<Child>,
+    /// The port it listens on (kept across restarts).
+    pub port: u16,
+    /// The `mariadbd` binary, to restart it.
+    server: PathBuf,
+    /// Its data directory (removed on drop).
+    dir: PathBuf,
+}
+
+impl OwnMariadb {
+    /// Initializes a data directory and starts the server, or `None` (skipped) when MariaDB is
+    /// not installed.
+    pub async fn start(test: &str) -> Option<OwnMariadb> {
+        let Some(server) = find_program(&["mariadbd", "mysqld"]) else {
+            return services::skip_or_fail(test, "mariadbd is not installed");
+        };
+        let Some(install) = find_program(&["mariadb-install-db", "mysql_install_db"]) else {
+            return services::skip_or_fail(test, "mariadb-install-db is not installed");
+        };
+        let dir = std::env::temp_dir().join(unique_table(test));
+        let mut own = OwnMariadb {
+            child: None,
+            port: services::free_port(),
+            server,
+            dir,
+        };
+        let mut init = Command::new(install);
+        init.arg("--no-defaults")
+            .arg(format!("--datadir={}", own.data().display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        if running_as_root() {
+            init.arg("--user=root");
+        }
+        // mariadb-install-db run by two tests at once sometimes fails (shared temp files), so
+        // installs take turns within this test process.
+        static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let installed = tokio::task::spawn_blocking(move || {
+            let _turn = INSTALLING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            init.stdout(Stdio::null()).stderr(Stdio::piped()).output()
+        })
+        .await
+        .ok()
+        .and_then(Result::ok);
+        match installed {
+            Some(out) if out.status.success() => {}
+            Some(out) => {
+                let why = format!(
+                    "mariadb-install-db failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                return services::skip_or_fail(test, &why);
+            }
+            None => return services::skip_or_fail(test, "mariadb-install-db could not run"),
+        }
+        own.spawn();
+        own.wait_ready().await;
+        execute(
+            &own.url_without_database(),
+            &["CREATE DATABASE IF NOT EXISTS test".into()],
+        )
+        .await;
+        Some(own)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn spawn(&mut self) {
+        let dir: &Path = &self.dir;
+        let mut command = Command::new(&self.server);
+        command
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", self.data().display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-grant-tables",
+                "--skip-name-resolve",
+            ])
+            .args(["--innodb-buffer-pool-size=16M", "--skip-log-bin"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if running_as_root() {
+            command.arg("--user=root");
+        }
+        self.child = Some(command.spawn().expect("spawn mariadbd"));
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url_without_database();
+        let what = format!(
+            "own mariadbd starting on {} (see {})",
+            self.port,
+            self.dir.join("error.log").display()
+        );
+        eventually(&what, Duration::from_secs(30), || async {
+            mysql_answers(&url).await.then_some(())
+        })
+        .await;
+    }
+
+    fn url_without_database(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    /// The URL clients use (database `test`).
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/test", self.port)
+    }
+
+    /// Kills the server (as a crash would) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as in a network
+    /// partition.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let Some(child) = &self.child else { return };
+        let sent = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill {signal} mariadbd");
+    }
+
+    /// Starts it again on the same port and data directory, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready().await;
+    }
+}
+
+impl Drop for OwnMariadb {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
