@@ -14,10 +14,10 @@ use session_server::store::redis::{RedisConfig, RedisStore};
 use session_server::store::{
     EventKind, NewSession, Patch, SessionRecord, SessionStore, StoreError,
 };
-use support::cluster::{RedisCluster, events_ready};
+use support::cluster::RedisCluster;
 use support::ids::new_id;
 use support::outage::fails_as_outage;
-use support::wait::{eventually_ok, next_event, update_until_heard};
+use support::wait::{events_ready, eventually_ok, next_event, update_until_heard};
 
 const NS: &str = "shop";
 

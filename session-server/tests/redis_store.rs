@@ -14,7 +14,7 @@ use session_server::store::{EventKind, NewSession, Patch, SessionEvent, SessionS
 use support::ids::new_id;
 use support::outage::fails_as_outage;
 use support::services;
-use support::wait::{eventually_ok, next_event, update_until_heard};
+use support::wait::{events_ready, eventually_ok, next_event, update_until_heard};
 
 const NS: &str = "shop";
 
@@ -405,6 +405,8 @@ async fn owner_change_and_regenerate_move_the_index_entry() {
         return;
     };
     let mut fx = Fixture::new("moves", &url, 1024).await;
+    // The subscriber connects in the background: events published before it is up are lost.
+    events_ready(&fx.store).await;
     let mut events = fx.store.subscribe();
     let new = session("", &[("k", b"v")], Duration::from_secs(60));
     fx.store.create(new.clone()).await.expect("create");
@@ -474,13 +476,9 @@ async fn expiry_becomes_an_expired_event_when_notifications_are_on() {
         .query_async(&mut fx.raw)
         .await
         .expect("CONFIG SET");
+    // The subscription must be up before anything can expire.
+    events_ready(&fx.store).await;
     let mut events = fx.store.subscribe();
-    // A created event proves the subscription is up before anything can expire.
-    let probe = session("", &[], Duration::from_secs(60));
-    fx.store.create(probe.clone()).await.expect("create");
-    next_event(&mut events, Duration::from_secs(3), |e| e.id == probe.id)
-        .await
-        .expect("subscriber up");
 
     let short = session("gina", &[], Duration::from_millis(50));
     fx.store.create(short.clone()).await.expect("create");
@@ -532,6 +530,7 @@ async fn calls_and_events_recover_after_redis_restarts() {
     };
     let mut server = services::OwnRedis::start(binary);
     let fx = Fixture::new("restart", &server.url(), 1024).await;
+    events_ready(&fx.store).await;
     let mut events = fx.store.subscribe();
     let before = fx
         .store

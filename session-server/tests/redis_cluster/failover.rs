@@ -16,9 +16,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use super::session_key;
-use crate::support::cluster::{RedisCluster, events_ready};
+use crate::support::cluster::RedisCluster;
 use crate::support::harness::TestServer;
-use crate::support::wait::eventually;
+use crate::support::wait::{events_ready, eventually};
 
 /// What a worker of the failover test saw.
 #[derive(Debug, Default)]

@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use session_server::config::Settings;
+use session_server::store::SessionStore;
 use session_server::store::redis::{RedisConfig, RedisStore};
-use session_server::store::{NewSession, SessionStore};
 
 use super::harness::Guard;
 use super::services;
-use super::wait::next_event;
+use super::wait::events_ready;
 
 /// Slots of a Redis Cluster.
 pub const SLOTS: u32 = 16_384;
@@ -28,33 +28,6 @@ pub async fn store(test: &str, settings: &Settings) -> Option<(Arc<dyn SessionSt
     let store: Arc<dyn SessionStore> = Arc::new(cluster.store(test, settings));
     events_ready(store.as_ref()).await;
     Some((store, Box::new(cluster)))
-}
-
-/// Waits until a store's events arrive: writes a probe session until its CREATED event comes.
-pub async fn events_ready(store: &dyn SessionStore) {
-    static PROBE: AtomicU64 = AtomicU64::new(0);
-    let mut events = store.subscribe();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let id = format!("probe{:0>27}", PROBE.fetch_add(1, Ordering::Relaxed));
-        let probe = NewSession {
-            id: id.clone(),
-            namespace: "events-probe".into(),
-            user_id: String::new(),
-            attrs: Default::default(),
-            ttl: Duration::from_secs(30),
-        };
-        if store.create(probe).await.is_ok() {
-            let heard = next_event(&mut events, Duration::from_millis(300), |e| e.id == id).await;
-            let _ = store.delete("events-probe", &id).await;
-            if heard.is_some() {
-                return;
-            }
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    panic!("the cluster store's events did not come within 15s");
 }
 
 /// One node process.

@@ -51,7 +51,11 @@ pub async fn store_for(
         }
         Backend::Redis => {
             let url = services::redis_url(test)?;
-            Some((Arc::new(redis_store(&url, test, settings)), Box::new(())))
+            let store = redis_store(&url, test, settings);
+            // Its events come from a subscription made in the background: wait for it, so a
+            // watcher misses nothing.
+            super::wait::events_ready(&store).await;
+            Some((Arc::new(store), Box::new(())))
         }
         Backend::RedisCluster => super::cluster::store(test, settings).await,
         Backend::Mysql => super::mysql::store(test, settings).await,

@@ -4,9 +4,10 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use session_server::store::{Patch, SessionEvent, SessionStore};
+use session_server::store::{NewSession, Patch, SessionEvent, SessionStore};
 use tokio::sync::broadcast;
 
 /// How long the `eventually` helpers pause between attempts.
@@ -96,4 +97,31 @@ pub async fn update_until_heard(
             "no events within {within:?} {when}"
         );
     }
+}
+
+/// Waits until a store's events arrive: writes a probe session until its CREATED event comes.
+pub async fn events_ready(store: &dyn SessionStore) {
+    static PROBE: AtomicU64 = AtomicU64::new(0);
+    let mut events = store.subscribe();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let id = format!("probe{:0>27}", PROBE.fetch_add(1, Ordering::Relaxed));
+        let probe = NewSession {
+            id: id.clone(),
+            namespace: "events-probe".into(),
+            user_id: String::new(),
+            attrs: Default::default(),
+            ttl: Duration::from_secs(30),
+        };
+        if store.create(probe).await.is_ok() {
+            let heard = next_event(&mut events, Duration::from_millis(300), |e| e.id == id).await;
+            let _ = store.delete("events-probe", &id).await;
+            if heard.is_some() {
+                return;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("the store's events did not come within 15s");
 }
