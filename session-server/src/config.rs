@@ -91,7 +91,7 @@ pub struct Cli {
     /// Prefix of every Redis key [default: stickless].
     #[arg(long, env = "STICKLESS_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
-    /// Most pooled Redis connections [default: 32].
+    /// Redis connections shared by all calls, each multiplexed [default: 32].
     #[arg(long, env = "STICKLESS_REDIS_POOL_SIZE")]
     pub redis_pool_size: Option<usize>,
     /// Bound on one store call; past it the call fails with UNAVAILABLE [default: 2s].

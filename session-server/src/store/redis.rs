@@ -157,7 +157,8 @@ impl RedisStore {
         codec::events_channel(&self.config.key_prefix)
     }
 
-    /// Runs `get.lua` (read, optionally sliding the expiry) on one session.
+    /// Reads one session: with `touch`, `get.lua` also slides its expiry; without, a plain
+    /// `PTTL` + `HGETALL` pipeline.
     async fn read(
         &self,
         conn: &mut Connection,
@@ -165,14 +166,39 @@ impl RedisStore {
         id: &str,
         touch: bool,
     ) -> StoreResult<Reply> {
-        let reply = self
-            .scripts
-            .get
-            .key(self.session_key(namespace, id))
-            .arg(if touch { "1" } else { "0" })
-            .invoke_async(conn)
-            .await;
-        self.parse(reply)
+        let key = self.session_key(namespace, id);
+        if touch {
+            let reply = self.scripts.get.key(key).invoke_async(conn).await;
+            return self.parse(reply);
+        }
+        // Nothing to write: two plain commands in one round trip cost Redis far less than a
+        // script. decode_record checks the fields as strictly as the scripts do.
+        // A hash of the wrong type answers WRONGTYPE: kept as a value, not failing the pipeline.
+        let reply: Vec<Value> = ::redis::pipe()
+            .ignore_errors()
+            .cmd("PTTL")
+            .arg(&key)
+            .cmd("HGETALL")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        match <[Value; 2]>::try_from(reply) {
+            // Absent, or deleted between the two commands.
+            Ok([Value::Int(-2), _]) => Ok(Reply::NotFound),
+            Ok([_, Value::Array(flat)]) if flat.is_empty() => Ok(Reply::NotFound),
+            Ok([pttl, flat @ Value::Array(_)]) => Ok(Reply::Ok(vec![pttl, flat])),
+            Ok([_, Value::ServerError(error)]) if error.code() == "WRONGTYPE" => {
+                Ok(Reply::Corrupt("not a hash".into()))
+            }
+            // LOADING, MASTERDOWN and the like: sorted as any other command's error.
+            Ok([Value::ServerError(error), _] | [_, Value::ServerError(error)]) => {
+                Err(redis_error(error.into()))
+            }
+            other => Err(StoreError::Internal(format!(
+                "unexpected PTTL/HGETALL reply {other:?}"
+            ))),
+        }
     }
 
     /// Runs `delete.lua` on one session.

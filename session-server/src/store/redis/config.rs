@@ -15,10 +15,11 @@ pub struct RedisConfig {
     /// First part of every key and of the events channel, so several deployments (or tests)
     /// can share one Redis.
     pub key_prefix: String,
-    /// Most pooled connections (each is multiplexed, so a few go a long way). Standalone only:
-    /// a cluster store keeps one multiplexed connection per node.
+    /// Multiplexed connections that all calls share, round robin; each carries many concurrent
+    /// calls, pipelined, so a few go a long way. Standalone only: a cluster store keeps one
+    /// multiplexed connection per node.
     pub pool_size: usize,
-    /// Bound on every store call, pool wait and commands included.
+    /// Bound on every store call, connecting and commands included.
     pub timeout: Duration,
     /// Limit on the total attribute size of a session (see [`crate::store::attrs_size`]).
     pub max_session_bytes: usize,

@@ -1,21 +1,32 @@
-//! How the Redis store reaches Redis: a pool of multiplexed connections to one server, or one
-//! cluster connection; and how Redis errors become [`StoreError`]s.
+//! How the Redis store reaches Redis: a few shared multiplexed connections ("lanes") to one
+//! server, or one cluster connection; and how Redis errors become [`StoreError`]s.
 //!
-//! A cluster does not go through `deadpool_redis::cluster`: its manager cannot set timeouts or
-//! retry waits, its recycle check PINGs every master (so one dead master fails every checkout
-//! and rebuilds a whole cluster connection, exactly during a failover), and each pooled object
-//! would be a full cluster connection of its own. One `ClusterConnection` is already a pool: a
-//! multiplexed connection per node, slot routing, MOVED/ASK redirects, slot-map refreshes and
-//! reconnects, all behind a cheap-to-clone handle.
+//! A standalone store does not check a connection out of a pool per call. A multiplexed
+//! connection already carries any number of concurrent calls, pipelining them on one socket, so
+//! every call takes a clone of one of [`RedisConfig::pool_size`] lanes, round robin. A lane
+//! connects on first use (callers of a lane that is connecting wait for that one attempt) and
+//! is dropped when a call on it sees the connection break, so the next call reconnects. This
+//! replaced `deadpool_redis`, whose recycle check PINGs the connection on every checkout: one
+//! extra round trip per call, and no pipelining across calls since each call held its
+//! connection alone (`BENCHMARKS.md` has the before and after).
+//!
+//! A cluster does not go through `deadpool_redis::cluster` either: its manager cannot set
+//! timeouts or retry waits, its recycle check PINGs every master (so one dead master fails every
+//! checkout and rebuilds a whole cluster connection, exactly during a failover), and each pooled
+//! object would be a full cluster connection of its own. One `ClusterConnection` is already a
+//! pool: a multiplexed connection per node, slot routing, MOVED/ASK redirects, slot-map
+//! refreshes and reconnects, all behind a cheap-to-clone handle.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::cluster::{ClusterClientBuilder, ClusterConfig};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{
-    AsyncConnectionConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind,
-    Value,
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture,
+    ServerErrorKind, Value,
 };
-use deadpool_redis::{Manager, Pool, PoolError, Runtime};
 
 use super::config::{RedisConfig, seed_urls};
 use crate::store::{StoreError, StoreResult};
@@ -31,52 +42,40 @@ const MAX_RETRIES: u32 = 50;
 
 /// Where the store's commands go.
 pub(super) enum Connections {
-    /// One server: a pool of multiplexed connections, PINGed when recycled.
-    Standalone(Pool),
+    /// One server: a few multiplexed connections shared by all calls.
+    Standalone(Arc<Lanes>),
     /// A cluster: one handle over a connection per node, routing every command by its key.
     /// Built pending: it connects on first use and reconnects by itself.
     Cluster(ClusterConnection),
 }
 
 impl Connections {
-    /// Builds the pool or the cluster connection without connecting. Errors are malformed URLs.
+    /// Builds the lanes or the cluster connection without connecting. Errors are malformed
+    /// URLs.
     pub(super) fn new(config: &RedisConfig) -> Result<Self, RedisError> {
         if config.cluster {
             return Ok(Connections::Cluster(cluster(config)?));
         }
-        let connection = AsyncConnectionConfig::new()
+        let client = Client::open(config.url.as_str())?;
+        let settings = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout));
-        let manager = Manager::new_with_config(config.url.as_str(), connection)?;
-        Pool::builder(manager)
-            .max_size(config.pool_size.max(1))
-            .wait_timeout(Some(config.timeout))
-            .create_timeout(Some(config.timeout))
-            .recycle_timeout(Some(config.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map(Connections::Standalone)
-            .map_err(|e| {
-                RedisError::from((
-                    ErrorKind::InvalidClientConfig,
-                    "cannot build redis pool",
-                    e.to_string(),
-                ))
-            })
+        let lanes = (0..config.pool_size.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        Ok(Connections::Standalone(Arc::new(Lanes {
+            client,
+            settings,
+            lanes,
+            next: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+        })))
     }
 
-    /// A connection for one store call; pool failures are Unavailable.
+    /// A connection for one store call; failing to connect is Unavailable.
     pub(super) async fn get(&self) -> StoreResult<Connection> {
         match self {
-            Connections::Standalone(pool) => {
-                pool.get()
-                    .await
-                    .map(Connection::Pooled)
-                    .map_err(|e| match e {
-                        PoolError::Backend(e) => redis_error(e),
-                        other => StoreError::Unavailable(format!("redis pool: {other}")),
-                    })
-            }
+            Connections::Standalone(lanes) => lanes.get().await,
             Connections::Cluster(cluster) => Ok(Connection::Cluster(cluster.clone())),
         }
     }
@@ -85,10 +84,103 @@ impl Connections {
 impl std::fmt::Debug for Connections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Connections::Standalone(pool) => {
-                f.debug_tuple("Standalone").field(&pool.status()).finish()
-            }
+            Connections::Standalone(lanes) => f
+                .debug_struct("Standalone")
+                .field("lanes", &lanes.lanes.len())
+                .finish(),
             Connections::Cluster(_) => f.write_str("Cluster"),
+        }
+    }
+}
+
+/// A lane's connection and the number that tells it from the lane's earlier connections.
+type Lane = Option<(u64, MultiplexedConnection)>;
+
+/// The shared connections of a standalone store.
+pub(super) struct Lanes {
+    /// Where to connect.
+    client: Client,
+    /// Connect and response timeouts of every connection.
+    settings: AsyncConnectionConfig,
+    /// The lanes; `None` until connected and after a break.
+    lanes: Box<[tokio::sync::Mutex<Lane>]>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+    /// Source of connection numbers.
+    generation: AtomicU64,
+}
+
+impl Lanes {
+    /// A clone of the next lane's connection, connecting it first if needed.
+    async fn get(self: &Arc<Self>) -> StoreResult<Connection> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let mut lane = self.lanes[index].lock().await;
+        if let Some((generation, conn)) = lane.as_ref() {
+            return Ok(self.lane_connection(index, *generation, conn.clone()));
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.settings)
+            .await
+            .map_err(redis_error)?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        *lane = Some((generation, conn.clone()));
+        drop(lane);
+        tracing::debug!(lane = index, "redis connection established");
+        Ok(self.lane_connection(index, generation, conn))
+    }
+
+    fn lane_connection(
+        self: &Arc<Self>,
+        index: usize,
+        generation: u64,
+        conn: MultiplexedConnection,
+    ) -> Connection {
+        Connection::Lane(LaneConnection {
+            conn,
+            lanes: self.clone(),
+            index,
+            generation,
+        })
+    }
+
+    /// Forgets lane `index`'s connection if it is still number `generation`, so the lane's
+    /// next call reconnects.
+    async fn discard(&self, index: usize, generation: u64) {
+        let mut lane = self.lanes[index].lock().await;
+        if lane.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *lane = None;
+            tracing::warn!(
+                lane = index,
+                "redis connection broken; reconnecting on next use"
+            );
+        }
+    }
+}
+
+/// A call's handle on a lane's connection, which reports a broken connection to its lane.
+pub(super) struct LaneConnection {
+    /// The multiplexed connection (a clone: every handle shares its socket).
+    conn: MultiplexedConnection,
+    /// Whose connection it is.
+    lanes: Arc<Lanes>,
+    /// Which lane.
+    index: usize,
+    /// Which of the lane's connections.
+    generation: u64,
+}
+
+impl LaneConnection {
+    /// Drops the lane's connection when `result` shows it broken (not on a timeout: a slow
+    /// reply leaves the connection usable).
+    async fn check<T>(&self, result: &Result<T, RedisError>) {
+        if let Err(error) = result
+            && (error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_unrecoverable_error())
+            && !error.is_timeout()
+        {
+            self.lanes.discard(self.index, self.generation).await;
         }
     }
 }
@@ -117,10 +209,8 @@ fn cluster(config: &RedisConfig) -> Result<ClusterConnection, RedisError> {
 
 /// One call's connection; any of them runs commands and scripts.
 pub(super) enum Connection {
-    /// Checked out of the standalone pool; back in the pool when dropped.
-    Pooled(deadpool_redis::Connection),
-    /// A clone of a pooled connection, for concurrent commands of one call (multiplexed).
-    Shared(MultiplexedConnection),
+    /// A standalone server's shared connection.
+    Lane(LaneConnection),
     /// A handle on the cluster connection.
     Cluster(ClusterConnection),
 }
@@ -130,8 +220,12 @@ impl Connection {
     /// (they are pipelined on a node's connection; on a cluster each goes to its key's node).
     pub(super) fn share(&self) -> Connection {
         match self {
-            Connection::Pooled(conn) => Connection::Shared((**conn).clone()),
-            Connection::Shared(conn) => Connection::Shared(conn.clone()),
+            Connection::Lane(lane) => Connection::Lane(LaneConnection {
+                conn: lane.conn.clone(),
+                lanes: lane.lanes.clone(),
+                index: lane.index,
+                generation: lane.generation,
+            }),
             Connection::Cluster(conn) => Connection::Cluster(conn.clone()),
         }
     }
@@ -140,8 +234,11 @@ impl Connection {
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Connection::Pooled(conn) => conn.req_packed_command(cmd),
-            Connection::Shared(conn) => conn.req_packed_command(cmd),
+            Connection::Lane(lane) => Box::pin(async move {
+                let result = lane.conn.req_packed_command(cmd).await;
+                lane.check(&result).await;
+                result
+            }),
             Connection::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -153,16 +250,18 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Pooled(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Connection::Shared(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Connection::Lane(lane) => Box::pin(async move {
+                let result = lane.conn.req_packed_commands(pipeline, offset, count).await;
+                lane.check(&result).await;
+                result
+            }),
             Connection::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Pooled(conn) => conn.get_db(),
-            Connection::Shared(conn) => conn.get_db(),
+            Connection::Lane(lane) => lane.conn.get_db(),
             Connection::Cluster(conn) => conn.get_db(),
         }
     }

@@ -18,7 +18,7 @@ use crate::store::{StoreError, StoreResult};
 pub(super) struct Scripts {
     /// `create.lua`: a new session (also the new id of a regenerate).
     pub(super) create: LuaScript,
-    /// `get.lua`: read, optionally sliding the expiry.
+    /// `get.lua`: read and slide the expiry.
     pub(super) get: LuaScript,
     /// `update.lua`: attribute patch, compare-and-set, owner and ttl change.
     pub(super) update: LuaScript,
