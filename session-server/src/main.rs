@@ -9,6 +9,12 @@ use session_server::metrics::Metrics;
 use session_server::server;
 use tokio::net::TcpListener;
 
+/// mimalloc instead of the system allocator: a gRPC call allocates a few dozen small blocks
+/// (tonic, h2, the record), and glibc's malloc/free took about a tenth of the server's
+/// instructions per call (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
