@@ -257,7 +257,8 @@ pub fn start_session_server(
 }
 
 /// The nginx configuration: round-robin upstream (nginx's default) with a keep-alive pool,
-/// `workers` worker processes, everything it writes inside `workdir`.
+/// `workers` worker processes, the usual forwarding headers (as session-proxy adds them),
+/// everything it writes inside `workdir`.
 pub fn nginx_config(
     backend: SocketAddr,
     listen: SocketAddr,
@@ -302,6 +303,13 @@ http {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            # What every nginx reverse-proxy set-up passes on, and what session-proxy always
+            # sends: the client's Host, its address and the scheme, so both proxies do the
+            # same header work (session-proxy also adds an RFC 7239 `Forwarded`).
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
         }}
     }}
 }}
