@@ -1,0 +1,253 @@
+//! Unit tests of the cookie codec: round trips, compatibility with the first release's cookies,
+//! rotation, expiry, size limits and tamper rejection.
+
+use std::time::Duration;
+
+use super::*;
+
+fn key(byte: u8) -> CookieKey {
+    CookieKey::new(&[byte; 32]).unwrap()
+}
+
+fn codec(keys: &[u8], encryption: Encryption) -> CookieCodec {
+    CookieCodec::new(
+        KeyRing::new(keys.iter().map(|b| key(*b)).collect()).unwrap(),
+        encryption,
+    )
+}
+
+fn snapshot(value_len: usize) -> Snapshot {
+    let now = unix_ms(SystemTime::now());
+    Snapshot {
+        id: "A".repeat(32),
+        namespace: "default".into(),
+        user_id: "alice".into(),
+        attrs: BTreeMap::from([("cart".into(), vec![7u8; value_len])]),
+        version: 3,
+        created_at_ms: now - 1000,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        ttl_ms: 60_000,
+    }
+}
+
+#[test]
+fn round_trips_in_every_mode() {
+    for mode in [
+        Encryption::None,
+        Encryption::Aes256Gcm,
+        Encryption::ChaCha20Poly1305,
+    ] {
+        let codec = codec(&[1], mode);
+        let snap = snapshot(100);
+        let value = codec.encode(&snap).unwrap();
+        assert!(value.starts_with("v1."));
+        assert_eq!(codec.decode(&value).unwrap(), snap, "{mode:?}");
+    }
+}
+
+/// The snapshot the reference cookies below carry (valid 1_700_000_000_000 to +1 h).
+fn reference_snapshot() -> Snapshot {
+    Snapshot {
+        id: "A".repeat(32),
+        namespace: "default".into(),
+        user_id: "alice".into(),
+        attrs: BTreeMap::from([
+            ("cart".into(), vec![7u8; 20]),
+            ("csrf".into(), b"tok".to_vec()),
+        ]),
+        version: 3,
+        created_at_ms: 1_700_000_000_000,
+        issued_at_ms: 1_700_000_000_000,
+        expires_at_ms: 1_700_003_600_000,
+        ttl_ms: 1_800_000,
+    }
+}
+
+/// Cookies made by the first release of this codec (key `[1; 32]`), one per mode: the
+/// wire format is fixed, so every later codec must read them.
+const REFERENCE_COOKIES: [(Encryption, &str); 3] = [
+    (
+        Encryption::None,
+        "v1.cs1uhCLE.AAogQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUESB2RlZmF1bHQaBWFsaWNlIhwKBGNh\
+         cnQSFAcHBwcHBwcHBwcHBwcHBwcHBwcHIgsKBGNzcmYSA3RvaygDMIDQlf-8MTiA0JX_vDFAgK3xgL0xSMDubQ.\
+         Owe5SqGnmmEiN-3fu9_pvifhb0hYtyp92C7utIPBTXo",
+    ),
+    (
+        Encryption::Aes256Gcm,
+        "v1.cs1uhCLE.AWsMgShlFEgsR8a6AifXLiEaQD3QnWGgs5IICEeWMQec6NXae4CnDlsVjmXpO_XmTAWMoKvSgKBs\
+         G4RRyo1b8lbxKWG4NAyCwfZ-J67Zl8v7Jn6y6kwWibPZZhLbgjsEYVAPGMafrk4uTBnEunHbjqt8MwQgty-uWqla\
+         BwGvLID1wJzcJGzE1He8VIDyzFDuyyAcYZo.Z4z4gP38V5JchkqhtrIU-k6yAYYw572snFyWLJxLsvY",
+    ),
+    (
+        Encryption::ChaCha20Poly1305,
+        "v1.cs1uhCLE.Apska75RkVKwGZG9DX4nfmDKwT16T6o2sIll8XkpTm_dcroAbTclOHIFM8M3AdS4zkf-8KNcpWtM\
+         YMe719TyUQ98JDu3pmECfskr_W_6x9mHIpF2ZcKLdp16kX69XA0hqetKB0q6iHi-0EjAVvFVeGz2ABIERyX-e35K\
+         lVYlZ_vd6mIxG3bVAX8t3yXWwKwwS_UGgxo.9NccpAZG6iZNXWt5hLmeaXopFd18xaRgec4aFqwxWzY",
+    ),
+];
+
+#[test]
+fn cookies_of_the_first_release_still_decode_in_every_mode() {
+    let at = UNIX_EPOCH + Duration::from_millis(1_700_000_001_000);
+    for (mode, value) in REFERENCE_COOKIES {
+        // Any mode's codec reads every mode.
+        let codec = codec(&[1], Encryption::None);
+        assert_eq!(
+            codec.decode_at(value, at),
+            Ok(reference_snapshot()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn signed_cookies_are_byte_identical_to_the_first_release() {
+    // Plain mode has no nonce, so the same snapshot and key give the same value.
+    let value = codec(&[1], Encryption::None)
+        .encode(&reference_snapshot())
+        .unwrap();
+    assert_eq!(value, REFERENCE_COOKIES[0].1);
+}
+
+#[test]
+fn the_tag_length_is_that_of_base64_hmac_sha256() {
+    assert_eq!(TAG_B64_LEN, 43);
+    for len in 0..10 {
+        assert_eq!(base64_len(len), URL_SAFE_NO_PAD.encode(vec![0; len]).len());
+    }
+}
+
+#[test]
+fn sealed_cookies_hide_the_content() {
+    let snap = Snapshot {
+        user_id: "very-secret-user-name".into(),
+        ..snapshot(0)
+    };
+    let plain = codec(&[1], Encryption::None).encode(&snap).unwrap();
+    let sealed = codec(&[1], Encryption::Aes256Gcm).encode(&snap).unwrap();
+    let body = |v: &str| {
+        URL_SAFE_NO_PAD
+            .decode(v.split('.').nth(2).unwrap())
+            .unwrap()
+    };
+    let needle = b"very-secret-user-name";
+    assert!(body(&plain).windows(needle.len()).any(|w| w == needle));
+    assert!(!body(&sealed).windows(needle.len()).any(|w| w == needle));
+}
+
+#[test]
+fn rotation_signs_with_the_new_key_and_verifies_with_both() {
+    let old_only = codec(&[1], Encryption::None);
+    let rotating = codec(&[2, 1], Encryption::None);
+    let new_only = codec(&[2], Encryption::None);
+    let old_cookie = old_only.encode(&snapshot(10)).unwrap();
+    assert!(
+        rotating.decode(&old_cookie).is_ok(),
+        "old cookies survive the rotation"
+    );
+    let new_cookie = rotating.encode(&snapshot(10)).unwrap();
+    assert!(
+        new_only.decode(&new_cookie).is_ok(),
+        "signed by the new key"
+    );
+    assert!(old_only.decode(&new_cookie).is_err());
+    assert_eq!(
+        new_only.decode(&old_cookie),
+        Err(CookieError::UnknownKey),
+        "retired key"
+    );
+}
+
+#[test]
+fn same_kid_with_another_secret_is_a_bad_signature() {
+    let a = CookieCodec::new(
+        KeyRing::new(vec![CookieKey::with_id("k", &[1; 32]).unwrap()]).unwrap(),
+        Encryption::None,
+    );
+    let b = CookieCodec::new(
+        KeyRing::new(vec![CookieKey::with_id("k", &[2; 32]).unwrap()]).unwrap(),
+        Encryption::None,
+    );
+    let value = a.encode(&snapshot(10)).unwrap();
+    assert_eq!(b.decode(&value), Err(CookieError::BadSignature));
+}
+
+#[test]
+fn expired_and_future_cookies_are_rejected() {
+    let codec = codec(&[1], Encryption::None);
+    let snap = snapshot(10);
+    let value = codec.encode(&snap).unwrap();
+    let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    assert!(codec.decode_at(&value, at(snap.expires_at_ms - 1)).is_ok());
+    assert_eq!(
+        codec.decode_at(&value, at(snap.expires_at_ms)),
+        Err(CookieError::Expired)
+    );
+    assert_eq!(
+        codec.decode_at(&value, at(snap.issued_at_ms - 61_000)),
+        Err(CookieError::Expired),
+        "issued more than a minute in the future"
+    );
+}
+
+#[test]
+fn refuses_to_emit_over_4096_bytes() {
+    let codec = codec(&[1], Encryption::None);
+    assert!(codec.encode(&snapshot(2000)).is_ok());
+    assert!(matches!(codec.encode(&snapshot(3100)), Err(CookieError::TooLarge(n)) if n > 4096));
+    assert!(matches!(
+        codec.decode(&"a".repeat(5000)),
+        Err(CookieError::TooLarge(5000))
+    ));
+}
+
+#[test]
+fn every_bit_flip_and_every_truncation_is_rejected() {
+    for mode in [Encryption::None, Encryption::ChaCha20Poly1305] {
+        let codec = codec(&[1], mode);
+        let value = codec.encode(&snapshot(300)).unwrap();
+        let bytes = value.as_bytes();
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut flipped = bytes.to_vec();
+                flipped[i] ^= 1 << bit;
+                let Ok(text) = String::from_utf8(flipped) else {
+                    continue;
+                };
+                assert!(
+                    codec.decode(&text).is_err(),
+                    "flip of bit {bit} at {i} accepted"
+                );
+            }
+        }
+        for len in 0..bytes.len() {
+            assert!(
+                codec.decode(&value[..len]).is_err(),
+                "truncation to {len} accepted"
+            );
+        }
+    }
+}
+
+#[test]
+fn keys_are_read_from_hex_or_base64() {
+    assert_eq!(key_from_text(&"ab".repeat(32)), Some(vec![0xab; 32]));
+    assert_eq!(
+        key_from_text(&URL_SAFE_NO_PAD.encode([7u8; 40])),
+        Some(vec![7u8; 40])
+    );
+    let standard = base64::engine::general_purpose::STANDARD.encode([0xfbu8; 33]);
+    assert_eq!(key_from_text(&standard), Some(vec![0xfb; 33]));
+    assert_eq!(key_from_text("not a key!"), None);
+    assert_eq!(key_from_text(""), None);
+}
+
+#[test]
+fn bad_keys_are_refused() {
+    assert!(CookieKey::new(&[0; 31]).is_err());
+    assert!(CookieKey::with_id("", &[0; 32]).is_err());
+    assert!(CookieKey::with_id("has.dot", &[0; 32]).is_err());
+    assert!(KeyRing::new(vec![]).is_err());
+    assert!(KeyRing::new(vec![key(1), key(1)]).is_err());
+}
