@@ -91,8 +91,20 @@ impl Backend {
 
     /// Counts a request as in flight until the guard drops.
     pub fn start_request(&self) -> ActiveGuard<'_> {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.request_started();
         ActiveGuard { backend: self }
+    }
+
+    /// Counts a request as in flight; [`Backend::request_finished`] ends it. For owners that
+    /// cannot hold a borrowing [`ActiveGuard`] (the proxy's response body holds an `Arc`).
+    pub(crate) fn request_started(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends what [`Backend::request_started`] began: no longer in flight, one more served.
+    pub(crate) fn request_finished(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Passive health: records a failure (connect error, timeout); marks the backend down
@@ -123,8 +135,7 @@ pub struct ActiveGuard<'a> {
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.backend.active.fetch_sub(1, Ordering::Relaxed);
-        self.backend.served.fetch_add(1, Ordering::Relaxed);
+        self.backend.request_finished();
     }
 }
 

@@ -1,11 +1,13 @@
 //! The proxy's Prometheus metrics, in a registry of their own (one per [`crate::proxy::Proxy`],
 //! so tests and several proxies in one process never share counters).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use http::StatusCode;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::backend::Backend;
@@ -13,6 +15,22 @@ use crate::backend::Backend;
 /// Upstream latency buckets in seconds: from a fast local backend to the longest sane timeout.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Statuses whose request counters a [`BackendMetrics`] keeps at hand; others are looked up by
+/// label on each response.
+const CACHED_STATUSES: [u16; 12] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 500];
+
+/// The session lookup outcomes the plugin counts, whose counters are kept at hand.
+const LOOKUP_OUTCOMES: [&str; 8] = [
+    "found",
+    "no_cookie",
+    "malformed",
+    "missing",
+    "restored",
+    "snapshot",
+    "failed_open",
+    "failed_closed",
 ];
 
 /// Why the proxy answered a request itself instead of a backend.
@@ -88,6 +106,8 @@ pub struct ProxyMetrics {
     active_connections: IntGauge,
     /// Session lookups by outcome (found, missing, failed_open, failed_closed).
     lookups: IntCounterVec,
+    /// `lookups` of each of [`LOOKUP_OUTCOMES`], resolved on first use (shared by clones).
+    lookup_outcomes: Arc<[OnceLock<IntCounter>; LOOKUP_OUTCOMES.len()]>,
     /// Whether each current backend is up (1) or down (0), refreshed at render time.
     backend_up: IntGaugeVec,
     /// Requests in flight per current backend, refreshed at render time.
@@ -157,6 +177,7 @@ impl ProxyMetrics {
             rejects,
             active_connections,
             lookups,
+            lookup_outcomes: Arc::default(),
             backend_up,
             backend_active,
         })
@@ -170,6 +191,17 @@ impl ProxyMetrics {
         self.upstream_latency
             .with_label_values(&[backend])
             .observe(latency.as_secs_f64());
+    }
+
+    /// The metric handles of `backend`, for [`BackendMetrics::observe_response`].
+    pub(crate) fn backend(&self, backend: &str) -> BackendMetrics {
+        BackendMetrics {
+            name: backend.to_owned(),
+            requests: self.requests.clone(),
+            upstream_latency: self.upstream_latency.clone(),
+            by_status: Default::default(),
+            latency: OnceLock::new(),
+        }
     }
 
     /// Counts a retry away from `backend`.
@@ -193,7 +225,12 @@ impl ProxyMetrics {
 
     /// Counts a session lookup outcome.
     pub fn lookup(&self, outcome: &str) {
-        self.lookups.with_label_values(&[outcome]).inc();
+        match LOOKUP_OUTCOMES.iter().position(|o| *o == outcome) {
+            Some(i) => self.lookup_outcomes[i]
+                .get_or_init(|| self.lookups.with_label_values(&[outcome]))
+                .inc(),
+            None => self.lookups.with_label_values(&[outcome]).inc(),
+        }
     }
 
     /// A client connection opened.
@@ -223,5 +260,90 @@ impl ProxyMetrics {
             tracing::warn!(error = %e, "encoding metrics failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// One backend's request metrics, resolved once instead of on every response: a label lookup
+/// formats the status, hashes the label values and takes the metric family's lock. Each
+/// series is still created on first use, so the exposition lists the same series as before.
+#[derive(Debug)]
+pub(crate) struct BackendMetrics {
+    /// The `backend` label.
+    name: String,
+    /// `proxy_requests_total`, for statuses not in [`CACHED_STATUSES`].
+    requests: IntCounterVec,
+    /// `proxy_upstream_latency_seconds`, to create this backend's series.
+    upstream_latency: HistogramVec,
+    /// `proxy_requests_total` of this backend for each of [`CACHED_STATUSES`].
+    by_status: [OnceLock<IntCounter>; CACHED_STATUSES.len()],
+    /// This backend's `proxy_upstream_latency_seconds`.
+    latency: OnceLock<Histogram>,
+}
+
+impl BackendMetrics {
+    /// Counts a response relayed from the backend and its latency to the head.
+    pub(crate) fn observe_response(&self, status: StatusCode, latency: Duration) {
+        let counter = |status: StatusCode| {
+            self.requests
+                .with_label_values(&[self.name.as_str(), status.as_str()])
+        };
+        match CACHED_STATUSES.iter().position(|s| *s == status.as_u16()) {
+            Some(i) => self.by_status[i].get_or_init(|| counter(status)).inc(),
+            None => counter(status).inc(),
+        }
+        self.latency
+            .get_or_init(|| {
+                self.upstream_latency
+                    .with_label_values(&[self.name.as_str()])
+            })
+            .observe(latency.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_handles_count_in_the_shared_families() {
+        let metrics = ProxyMetrics::new().unwrap();
+        let b1 = metrics.backend("b1");
+        b1.observe_response(StatusCode::OK, Duration::from_millis(2));
+        b1.observe_response(StatusCode::OK, Duration::from_millis(2));
+        b1.observe_response(StatusCode::IM_A_TEAPOT, Duration::from_millis(2));
+        metrics.observe_response("b1", 200, Duration::from_millis(2));
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains(r#"proxy_requests_total{backend="b1",status="200"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"proxy_requests_total{backend="b1",status="418"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"proxy_upstream_latency_seconds_count{backend="b1"} 4"#),
+            "{text}"
+        );
+        assert!(!text.contains("b2"), "no series before a response: {text}");
+    }
+
+    #[test]
+    fn lookup_outcomes_are_counted_through_clones() {
+        let metrics = ProxyMetrics::new().unwrap();
+        let clone = metrics.clone();
+        metrics.lookup("found");
+        clone.lookup("found");
+        clone.lookup("something_new");
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains(r#"proxy_session_lookups_total{outcome="found"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"proxy_session_lookups_total{outcome="something_new"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains("missing"), "{text}");
     }
 }

@@ -1,5 +1,5 @@
 //! The reverse proxy: hyper 1 serving HTTP/1.1 and HTTP/2 clients, HTTP/1.1 to backends over a
-//! keep-alive pool, bodies streamed both ways.
+//! keep-alive pool per backend, bodies streamed both ways.
 //!
 //! A request goes through pingora-style steps: the request filters ([`RequestFilter`]; the
 //! session-lookup plugin is one), the balancer's `pick` among usable backends, the upstream
@@ -58,17 +58,14 @@ mod conn;
 mod forward;
 mod headers;
 mod serve;
+mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::uri::Authority;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::Backend;
@@ -76,12 +73,7 @@ use crate::balance::{self, Balancer};
 use crate::config::{HealthCheckKind, ProxyConfig};
 use crate::health::{self, HealthChecks};
 use crate::lookup::{LookupError, SessionLookup};
-use crate::metrics::{ProxyMetrics, RejectReason};
-
-/// Idle upstream connections are closed after this: below the usual backend keep-alive
-/// timeouts (nginx 75 s, Node 5 s is the outlier), so we rarely reuse one the backend is
-/// closing at that very moment (and if we do, an idempotent request is retried).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+use crate::metrics::{BackendMetrics, ProxyMetrics, RejectReason};
 
 /// A configuration the proxy cannot run with.
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +125,6 @@ pub trait ResponseFilter: Send + std::fmt::Debug {
     fn response_filter(self: Box<Self>, head: &mut http::response::Parts);
 }
 
-/// The upstream HTTP client (one keep-alive pool per generation).
-type UpstreamClient = Client<HttpConnector, body::ProxyBody>;
-
 /// One configuration in force: what a request needs from start to end.
 #[derive(Debug)]
 pub(crate) struct Generation {
@@ -145,12 +134,12 @@ pub(crate) struct Generation {
     config: ProxyConfig,
     /// The backends, in config order (`Backend::index` is the position).
     backends: Vec<Arc<Backend>>,
-    /// Each backend's parsed `host:port`, by index.
-    authorities: Vec<Authority>,
+    /// Each backend's keep-alive connections (and parsed `host:port`), by index.
+    pools: Vec<Arc<upstream::Pool>>,
+    /// Each backend's request metrics, by index.
+    backend_metrics: Vec<BackendMetrics>,
     /// The balancer over `backends`.
     balancer: Box<dyn Balancer>,
-    /// The upstream client, with its connect timeout and pool.
-    client: UpstreamClient,
     /// The session-lookup plugin, kept apart to reuse its client across reloads.
     lookup: Arc<SessionLookup>,
     /// The request filters, in order.
@@ -158,10 +147,12 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
+    /// Must be called in a tokio runtime (it starts the idle-connection sweeper).
     fn build(
         number: u64,
         config: ProxyConfig,
         lookup: Arc<SessionLookup>,
+        metrics: &ProxyMetrics,
     ) -> Result<Self, ProxyError> {
         if config.backends.is_empty() {
             return Err(ProxyError::NoBackends);
@@ -172,7 +163,7 @@ impl Generation {
             return Err(ProxyError::HealthPath(path.clone()));
         }
         let mut backends = Vec::with_capacity(config.backends.len());
-        let mut authorities = Vec::with_capacity(config.backends.len());
+        let mut pools = Vec::with_capacity(config.backends.len());
         for (index, b) in config.backends.iter().enumerate() {
             let authority =
                 b.authority
@@ -182,7 +173,10 @@ impl Generation {
                         authority: b.authority.clone(),
                         source,
                     })?;
-            authorities.push(authority);
+            pools.push(upstream::Pool::new(
+                authority,
+                config.limits.connect_timeout,
+            ));
             backends.push(Arc::new(Backend::new(
                 index,
                 &b.name,
@@ -191,22 +185,16 @@ impl Generation {
             )));
         }
         let balancer = balance::build(&config.balance, &backends);
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.limits.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+        upstream::sweep_idle(&pools);
+        let backend_metrics = backends.iter().map(|b| metrics.backend(&b.name)).collect();
         let filters: Vec<Arc<dyn RequestFilter>> = vec![lookup.clone()];
         Ok(Generation {
             number,
             config,
             backends,
-            authorities,
+            pools,
+            backend_metrics,
             balancer,
-            client,
             lookup,
             filters,
         })
@@ -233,7 +221,7 @@ impl Proxy {
     pub fn new(config: ProxyConfig) -> Result<Arc<Proxy>, ProxyError> {
         let metrics = ProxyMetrics::new()?;
         let lookup = Arc::new(SessionLookup::new(config.lookup.as_ref(), metrics.clone())?);
-        let generation = Generation::build(0, config, lookup)?;
+        let generation = Generation::build(0, config, lookup, &metrics)?;
         let health = HealthChecks::start(&generation.backends, &generation.config.health);
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
@@ -263,7 +251,7 @@ impl Proxy {
             )?)
         };
         let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let generation = Arc::new(Generation::build(number, config, lookup)?);
+        let generation = Arc::new(Generation::build(number, config, lookup, &self.metrics)?);
         let checks = HealthChecks::start(&generation.backends, &generation.config.health);
         let names: Vec<&str> = generation
             .backends

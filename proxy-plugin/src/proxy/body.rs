@@ -1,6 +1,8 @@
-//! Bodies on their way through the proxy, all streamed: a client's upload to a backend
-//! ([`TakeUpload`] over an [`UploadSlot`]), a backend's download to a client ([`Download`]),
-//! and the wrapper every response to a client goes out in ([`ClientBody`]).
+//! Bodies on their way through the proxy, all streamed: what goes to a backend
+//! ([`UpstreamBody`]: in memory, or a client's upload through an [`UploadSlot`]), a backend's
+//! download to a client ([`Download`]), and the wrapper every response to a client goes out in
+//! ([`ClientBody`]). Enums rather than boxed trait objects: a request makes no allocation for
+//! its bodies.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,25 +12,62 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt as _;
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ConnState;
+use super::upstream::Pooled;
 use crate::backend::Backend;
 
 /// Errors of bodies the proxy relays.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// Any body the proxy sends (upstream requests, client responses).
-pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// A body of the given bytes.
-pub(crate) fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    http_body_util::Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+/// A body sent to a backend.
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    /// Bytes in memory (taken when sent; none for an empty body).
+    Full(Option<Bytes>),
+    /// A client's streamed upload.
+    Upload(TakeUpload),
+}
+
+impl UpstreamBody {
+    /// A body of `bytes`.
+    pub(crate) fn full(bytes: Bytes) -> Self {
+        UpstreamBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            UpstreamBody::Upload(upload) => Pin::new(upload).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Full(bytes) => bytes.is_none(),
+            UpstreamBody::Upload(upload) => upload.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            UpstreamBody::Upload(upload) => upload.size_hint(),
+        }
+    }
 }
 
 /// How a client's streamed upload ended, when it ended badly.
@@ -77,12 +116,11 @@ impl UploadSlot {
     }
 
     /// The body for one try.
-    pub(crate) fn body(self: &Arc<Self>) -> ProxyBody {
-        TakeUpload {
+    pub(crate) fn body(self: &Arc<Self>) -> UpstreamBody {
+        UpstreamBody::Upload(TakeUpload {
             slot: self.clone(),
             body: None,
-        }
-        .boxed_unsync()
+        })
     }
 
     /// What went wrong with the upload, if anything.
@@ -179,7 +217,7 @@ impl Body for Upload {
 
 /// One try's view of an [`UploadSlot`]: takes the body at the first poll.
 #[derive(Debug)]
-struct TakeUpload {
+pub(crate) struct TakeUpload {
     /// Where the body waits.
     slot: Arc<UploadSlot>,
     /// The body, once taken.
@@ -224,35 +262,28 @@ impl Body for TakeUpload {
 
 /// Holds a backend's in-flight count (least-conn reads it) for as long as it lives, which is
 /// until the response body is done, not just the head.
-///
-/// [`Backend::start_request`] hands out a guard borrowing the backend. An `async` block may own
-/// both the `Arc<Backend>` and that guard; polled once, it runs up to a never-ready await with
-/// the guard alive, and dropping it drops the guard.
+#[derive(Debug)]
 pub(crate) struct InFlight {
-    /// The `async` block owning the backend and its guard.
-    _hold: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The backend the request went to.
+    backend: Arc<Backend>,
 }
 
 impl InFlight {
     /// Counts a request to `backend` as in flight.
     pub(crate) fn start(backend: Arc<Backend>) -> Self {
-        let mut hold = Box::pin(async move {
-            let _guard = backend.start_request();
-            std::future::pending::<()>().await;
-        });
-        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        let _ = hold.as_mut().poll(&mut cx);
-        InFlight { _hold: hold }
+        backend.request_started();
+        InFlight { backend }
     }
 }
 
-impl std::fmt::Debug for InFlight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("InFlight")
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.request_finished();
     }
 }
 
-/// A backend's response body on its way to the client, cut when the backend stalls.
+/// A backend's response body on its way to the client, cut when the backend stalls. Its
+/// connection goes back to the pool once the body has been read to the end.
 #[derive(Debug)]
 pub(crate) struct Download {
     /// The backend's body.
@@ -261,26 +292,37 @@ pub(crate) struct Download {
     idle_timeout: Duration,
     /// Fires when the backend stalled; armed while waiting.
     idle: Option<Pin<Box<Sleep>>>,
-    /// Keeps the request counted on the backend until the body is done.
-    _in_flight: InFlight,
-    /// The backend, for the log line.
-    backend: String,
+    /// Keeps the request counted on the backend until the body is done; names it in logs.
+    in_flight: InFlight,
+    /// The connection the body arrives on, parked when it is complete.
+    conn: Option<Pooled>,
 }
 
 impl Download {
-    /// Relays `inner`, cut after `idle_timeout` without data.
+    /// Relays `inner`, cut after `idle_timeout` without data; `conn` is parked at its end.
     pub(crate) fn new(
         inner: Incoming,
         idle_timeout: Duration,
         in_flight: InFlight,
-        backend: String,
+        conn: Pooled,
     ) -> Self {
-        Download {
+        let mut download = Download {
             inner,
             idle_timeout,
             idle: None,
-            _in_flight: in_flight,
-            backend,
+            in_flight,
+            conn: Some(conn),
+        };
+        download.park_if_complete();
+        download
+    }
+
+    /// Gives the connection back once nothing of the response is left on it.
+    fn park_if_complete(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(conn) = self.conn.take()
+        {
+            conn.park();
         }
     }
 }
@@ -297,20 +339,31 @@ impl Body for Download {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle = None;
+                this.park_if_complete();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!(backend = %this.backend, error = %e, "backend response body failed");
+                // The connection is closed, not parked.
+                this.conn = None;
+                let backend = &this.in_flight.backend.name;
+                tracing::warn!(%backend, error = %e, "backend response body failed");
                 Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(conn) = this.conn.take() {
+                    conn.park();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let timeout = this.idle_timeout;
                 let idle = this.idle.get_or_insert_with(|| {
                     Box::pin(tokio::time::sleep_until(Instant::now() + timeout))
                 });
                 if idle.as_mut().poll(cx).is_ready() {
-                    tracing::warn!(backend = %this.backend, ?timeout, "backend stalled mid-body; cut");
+                    this.conn = None;
+                    let backend = &this.in_flight.backend.name;
+                    tracing::warn!(%backend, ?timeout, "backend stalled mid-body; cut");
                     return Poll::Ready(Some(Err(
                         format!("backend sent nothing for {timeout:?}").into()
                     )));
@@ -329,19 +382,36 @@ impl Body for Download {
     }
 }
 
+/// A response body to a client: a backend's, or the proxy's own text.
+#[derive(Debug)]
+pub(crate) enum ResponseBody {
+    /// Relayed from a backend.
+    Download(Download),
+    /// Bytes in memory (taken when sent).
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// A body of `bytes`.
+    pub(crate) fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        ResponseBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+}
+
 /// Every response to a client goes out in this: when hyper is done with it (sent or dropped),
 /// the connection's next request head is due.
 #[derive(Debug)]
 pub(crate) struct ClientBody {
     /// The response body.
-    inner: ProxyBody,
+    inner: ResponseBody,
     /// Told when the response is done.
     conn: Arc<ConnState>,
 }
 
 impl ClientBody {
     /// Wraps `inner` for a response on `conn`.
-    pub(crate) fn new(inner: ProxyBody, conn: Arc<ConnState>) -> Self {
+    pub(crate) fn new(inner: ResponseBody, conn: Arc<ConnState>) -> Self {
         ClientBody { inner, conn }
     }
 }
@@ -357,17 +427,28 @@ impl Body for ClientBody {
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        match &mut self.get_mut().inner {
+            ResponseBody::Download(download) => Pin::new(download).poll_frame(cx),
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            ResponseBody::Download(download) => download.is_end_stream(),
+            ResponseBody::Full(bytes) => bytes.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            ResponseBody::Download(download) => download.size_hint(),
+            ResponseBody::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
     }
 }

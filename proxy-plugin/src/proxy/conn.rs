@@ -5,9 +5,10 @@
 //! once hyper-util has sniffed the protocol. [`ClientIo`] wraps the socket instead: a deadline
 //! runs from accept (and again from the end of each HTTP/1 response) until hyper hands the
 //! next request head to the service. When it passes while part of a head has arrived, the
-//! wrapper writes a 408 itself and fails the read; when nothing arrived (an idle keep-alive
-//! connection) it just ends the connection, like nginx. hyper's timer stays on as a backstop
-//! one second later.
+//! wrapper writes a 408 itself (giving up on it after [`REPLY_GRACE`] if the client does not
+//! take it) and fails the read; when nothing arrived (an idle keep-alive connection) it just
+//! ends the connection, like nginx. hyper's own header timer is off: it would arm one more
+//! sleep per request for what this already does.
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +26,8 @@ use tokio::time::{Instant, Sleep};
 /// What a client that was too slow with its request head gets.
 const REQUEST_TIMEOUT_REPLY: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+/// Longest the 408 may take to write before the connection is dropped without it.
+const REPLY_GRACE: Duration = Duration::from_secs(1);
 /// Longest a lingering close drains a client's input (nginx's `lingering_time` is 30 s; a
 /// client still sending after 2 s of it has had its chance to read our answer).
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -174,6 +177,7 @@ impl ClientIo {
         {
             self.state.timed_out.store(true, Ordering::Relaxed);
             self.reply_written = Some(0);
+            self.sleep.as_mut().reset(Instant::now() + REPLY_GRACE);
             self.poll_reply(cx)
         } else {
             tracing::debug!("idle client connection closed after header_read_timeout");
@@ -194,7 +198,11 @@ impl ClientIo {
                 Poll::Ready(_) => break,
                 Poll::Pending => {
                     self.reply_written = Some(written);
-                    return Poll::Pending;
+                    if self.sleep.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    // The client takes nothing: close without the rest of the 408.
+                    break;
                 }
             }
         }

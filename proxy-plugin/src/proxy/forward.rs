@@ -2,19 +2,22 @@
 //! the body plan, the backend choice and the retries.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
-use super::body::{self, ClientBody, Download, InFlight, ProxyBody, UploadFault, UploadSlot};
+use super::body::{
+    ClientBody, Download, InFlight, ResponseBody, UploadFault, UploadSlot, UpstreamBody,
+};
 use super::conn::ConnState;
+use super::headers::PeerHeaders;
+use super::upstream::{Pool, Pooled, SendError};
 use super::{Generation, Proxy, ResponseFilter, headers};
 use crate::backend::Backend;
 use crate::balance::RequestInfo;
@@ -41,22 +44,16 @@ enum Failure {
     Upstream(String),
 }
 
-impl Failure {
-    fn from_client_error(error: &hyper_util::client::legacy::Error) -> Self {
-        let mut text = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        if error.is_connect() {
-            Failure::Connect(text)
-        } else {
-            Failure::Upstream(text)
+impl From<SendError> for Failure {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::Connect(text) => Failure::Connect(text),
+            SendError::Exchange(text) => Failure::Upstream(text),
         }
     }
+}
 
+impl Failure {
     fn reason(&self) -> RejectReason {
         match self {
             Failure::Connect(_) | Failure::Upstream(_) => RejectReason::BadGateway,
@@ -93,7 +90,7 @@ impl Proxy {
     pub(crate) async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Arc<PeerHeaders>,
         conn: Arc<ConnState>,
         over_limit: bool,
     ) -> Result<Response<ClientBody>, Infallible> {
@@ -108,7 +105,7 @@ impl Proxy {
             )
         } else {
             let generation = self.current();
-            self.forward(&generation, parts, body, peer, &conn).await
+            self.forward(&generation, parts, body, &peer, &conn).await
         };
         Ok(response.map(|body| ClientBody::new(body, conn)))
     }
@@ -118,9 +115,9 @@ impl Proxy {
         generation: &Generation,
         mut parts: Parts,
         body: Incoming,
-        peer: SocketAddr,
+        peer: &PeerHeaders,
         conn: &ConnState,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         let limits = &generation.config.limits;
         let client_ip = client_ip::resolve(
             peer.ip(),
@@ -149,11 +146,11 @@ impl Proxy {
         };
         let host = headers::request_host(&parts);
         if !parts.headers.contains_key(header::HOST)
-            && let Some(value) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+            && let Some(value) = &host
         {
-            parts.headers.insert(header::HOST, value);
+            parts.headers.insert(header::HOST, value.clone());
         }
-        headers::add_forwarding(&mut parts.headers, peer.ip(), host.as_deref());
+        headers::add_forwarding(&mut parts.headers, peer, host);
         self.send(generation, parts, plan, client_ip, conn, hooks)
             .await
     }
@@ -168,7 +165,7 @@ impl Proxy {
         client_ip: IpAddr,
         conn: &ConnState,
         hooks: Vec<Box<dyn ResponseFilter>>,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         let limits = &generation.config.limits;
         let health = &generation.config.health;
         let idempotent = is_idempotent(&parts.method);
@@ -187,34 +184,28 @@ impl Proxy {
                 .and_then(|i| generation.backends.get(i).cloned());
             let Some(backend) = picked else { break };
             tried.push(backend.index);
-            let Some(authority) = generation.authorities.get(backend.index) else {
+            let Some(pool) = generation.pools.get(backend.index) else {
                 break;
             };
             let body = match &plan {
-                BodyPlan::Buffered(bytes) => body::full(bytes.clone()),
+                BodyPlan::Buffered(bytes) => UpstreamBody::full(bytes.clone()),
                 BodyPlan::Streamed(slot) => slot.body(),
             };
-            let request = match upstream_request(&parts, authority, body) {
-                Ok(request) => request,
-                Err(e) => {
-                    let detail = format!("cannot build the upstream request: {e}");
-                    return self.reject(RejectReason::BadGateway, &parts, &detail, false);
-                }
-            };
+            let request = upstream_request(&parts, pool, body);
             let in_flight = InFlight::start(backend.clone());
             let started = Instant::now();
-            let exchange = generation.client.request(request);
+            let exchange = pool.send(request);
             let failure = match tokio::time::timeout(limits.response_timeout, exchange).await {
-                Ok(Ok(response)) => {
+                Ok(Ok((response, upstream))) => {
                     let relay = Relay {
                         generation,
                         info: &info,
                         backend: &backend,
                         hooks,
                     };
-                    return relay.response(self, response, in_flight, started);
+                    return relay.response(self, response, upstream, in_flight, started);
                 }
-                Ok(Err(error)) => Failure::from_client_error(&error),
+                Ok(Err(error)) => Failure::from(error),
                 Err(_) => Failure::Timeout,
             };
             drop(in_flight);
@@ -261,7 +252,7 @@ impl Proxy {
         parts: &Parts,
         detail: &str,
         close: bool,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         let status = reason.status();
         tracing::warn!(status = status.as_u16(), reason = reason.label(), method = %parts.method,
             path = parts.uri.path(), detail, "request answered by the proxy");
@@ -271,13 +262,13 @@ impl Proxy {
 }
 
 /// A plain-text response of the proxy's own.
-pub(crate) fn local_response(status: StatusCode, close: bool) -> Response<ProxyBody> {
+pub(crate) fn local_response(status: StatusCode, close: bool) -> Response<ResponseBody> {
     let text = format!(
         "{} {}\n",
         status.as_str(),
         status.canonical_reason().unwrap_or("")
     );
-    let mut response = Response::new(body::full(text));
+    let mut response = Response::new(ResponseBody::full(text));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -302,7 +293,12 @@ async fn plan_body(limits: &Limits, body: Incoming) -> Result<BodyPlan, RejectRe
             return Err(RejectReason::BodyTooLarge);
         }
         if length <= limits.retry_buffer_bytes as u64 {
-            return match tokio::time::timeout(limits.header_read_timeout, body.collect()).await {
+            // Boxed, so that requests without a body do not carry (and move) this future.
+            let read = Box::pin(tokio::time::timeout(
+                limits.header_read_timeout,
+                body.collect(),
+            ));
+            return match read.await {
                 Ok(Ok(collected)) => Ok(BodyPlan::Buffered(collected.to_bytes())),
                 Ok(Err(_)) => Err(RejectReason::ClientAborted),
                 Err(_) => Err(RejectReason::ClientTimeout),
@@ -313,29 +309,34 @@ async fn plan_body(limits: &Limits, body: Incoming) -> Result<BodyPlan, RejectRe
     Ok(BodyPlan::Streamed(slot))
 }
 
-/// The request for one backend: origin-form target, HTTP/1.1, the rewritten headers.
-fn upstream_request(
-    parts: &Parts,
-    authority: &Authority,
-    body: ProxyBody,
-) -> Result<Request<ProxyBody>, http::Error> {
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme(Scheme::HTTP)
-        .authority(authority.clone())
-        .path_and_query(target)
-        .build()?;
-    let mut request = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .version(Version::HTTP_11)
-        .body(body)?;
-    *request.headers_mut() = parts.headers.clone();
-    Ok(request)
+/// The request for one backend: origin-form target (authority-form for `CONNECT`), HTTP/1.1,
+/// the rewritten headers, and a `Host` (the backend's) when the client sent none.
+fn upstream_request(parts: &Parts, pool: &Pool, body: UpstreamBody) -> Request<UpstreamBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = origin_form(&parts.method, &parts.uri, pool);
+    *request.version_mut() = Version::HTTP_11;
+    let headers = request.headers_mut();
+    *headers = parts.headers.clone();
+    if !headers.contains_key(header::HOST)
+        && let Some(host) = pool.host()
+    {
+        headers.insert(header::HOST, host.clone());
+    }
+    request
+}
+
+/// The request target a backend gets: the client's path and query (`/` when it has none).
+fn origin_form(method: &Method, uri: &Uri, pool: &Pool) -> Uri {
+    if method == Method::CONNECT {
+        return Uri::from(pool.authority().clone());
+    }
+    match uri.path_and_query() {
+        // Already origin-form (every HTTP/1 request but absolute-form ones): reuse it.
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
+        _ => Uri::from_static("/"),
+    }
 }
 
 /// What relaying a backend's response needs.
@@ -355,9 +356,10 @@ impl Relay<'_> {
         self,
         proxy: &Proxy,
         response: Response<Incoming>,
+        upstream: Pooled,
         in_flight: InFlight,
         started: Instant,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ResponseBody> {
         let latency = started.elapsed();
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -367,15 +369,20 @@ impl Relay<'_> {
         for hook in self.hooks {
             hook.response_filter(&mut parts);
         }
-        proxy
-            .metrics
-            .observe_response(&self.backend.name, parts.status.as_u16(), latency);
+        match self.generation.backend_metrics.get(self.backend.index) {
+            Some(metrics) => metrics.observe_response(parts.status, latency),
+            None => {
+                proxy
+                    .metrics
+                    .observe_response(&self.backend.name, parts.status.as_u16(), latency)
+            }
+        }
         tracing::debug!(backend = %self.backend.name, status = parts.status.as_u16(), ?latency,
             "relaying response");
         let timeout = self.generation.config.limits.response_timeout;
-        let body = Download::new(body, timeout, in_flight, self.backend.name.clone());
+        let body = Download::new(body, timeout, in_flight, upstream);
         parts.version = Version::HTTP_11;
-        Response::from_parts(parts, body.boxed_unsync())
+        Response::from_parts(parts, ResponseBody::Download(body))
     }
 }
 

@@ -3,22 +3,17 @@
 //! The client's `Host` is kept (like nginx `proxy_set_header Host $host`): backends build
 //! absolute URLs and cookies for the name the client used, not for `10.0.0.5:8080`. An HTTP/2
 //! client's `:authority` becomes the `Host` of the HTTP/1.1 request to the backend.
+//!
+//! This runs on every request, so the common case is kept cheap: one pass over the header
+//! names finds that there is nothing hop-by-hop to remove, and what the forwarding headers say
+//! about the client's address is formatted once per connection ([`PeerHeaders`]).
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderName};
+use bytes::Bytes;
+use http::header::{self, Entry, HeaderName};
 use http::{HeaderMap, HeaderValue};
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and that a proxy
-/// must not forward; `proxy-*` and those named in `Connection` go too.
-static HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+use parking_lot::Mutex;
 
 /// `X-Forwarded-For`.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -27,47 +22,130 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 /// `X-Forwarded-Host`.
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// What the forwarding headers say about one client connection's peer, formatted once when it
+/// is accepted rather than on each of its requests.
+#[derive(Debug)]
+pub(crate) struct PeerHeaders {
+    /// The peer's address (IPv4-mapped IPv6 ones made IPv4).
+    ip: IpAddr,
+    /// The address as an `X-Forwarded-For` item: `192.0.2.7`, `::1`.
+    forwarded_for: HeaderValue,
+    /// The address as an RFC 7239 node: `192.0.2.7`, `"[::1]"`.
+    node: String,
+    /// The last `Forwarded` element made, with the host it names: an HTTP/1 client sends the
+    /// same `Host` on every request of its connection.
+    last_element: Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+impl PeerHeaders {
+    /// The forwarding values for a connection from `peer`.
+    pub(crate) fn new(peer: IpAddr) -> Self {
+        let ip = peer.to_canonical();
+        let text = ip.to_string();
+        let node = match ip {
+            IpAddr::V4(_) => text.clone(),
+            IpAddr::V6(_) => format!("\"[{text}]\""),
+        };
+        PeerHeaders {
+            ip,
+            forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            node,
+            last_element: Mutex::new(None),
+        }
+    }
+
+    /// The peer's address.
+    pub(crate) fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// `for=…;proto=http;host=…`, this peer's `Forwarded` element for a request for `host`.
+    fn forwarded_element(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let host_text = host.and_then(|h| h.to_str().ok());
+        if let Some(host) = host
+            && let Some((last_host, element)) = &*self.last_element.lock()
+            && last_host == host
+        {
+            return Some(element.clone());
+        }
+        let mut element = String::with_capacity(
+            "for=;proto=http;host=\"\"".len() + self.node.len() + host_text.map_or(0, str::len),
+        );
+        element.push_str("for=");
+        element.push_str(&self.node);
+        element.push_str(";proto=http");
+        if let Some(host) = host_text {
+            element.push_str(";host=");
+            push_token_or_quoted(&mut element, host);
+        }
+        let element = HeaderValue::from_maybe_shared(Bytes::from(element)).ok()?;
+        if let Some(host) = host {
+            *self.last_element.lock() = Some((host.clone(), element.clone()));
+        }
+        Some(element)
+    }
+}
+
+/// Whether a header (its lower-case name) describes one connection, not the message (RFC 9110
+/// §7.6.1), so that a proxy must not forward it whatever `Connection` says: `Connection`,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` and every `proxy-*` header.
+/// Matched as strings, which is cheaper than comparing `HeaderName`s.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+    ) || name.starts_with("proxy-")
+}
+
 /// Removes hop-by-hop headers: the fixed list, every `proxy-*` header, and each header the
 /// `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let listed = |name: &HeaderName| is_hop_by_hop(name.as_str());
+    // Most messages have none (or only a backend's `Connection: keep-alive`): one pass over
+    // the names, without hashing, says so.
+    if !headers.keys().any(listed) {
+        return;
+    }
+    let named: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::try_from(token.trim()).ok())
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-    let proxy: Vec<HeaderName> = headers
+    // Tokens are matched against the names present (names are lower case, tokens are not
+    // always): cheaper than parsing each token into a name to remove whether present or not.
+    let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with("proxy-"))
+        .filter(|name| {
+            listed(name)
+                || named
+                    .iter()
+                    .any(|token| name.as_str().eq_ignore_ascii_case(token))
+        })
         .cloned()
         .collect();
-    for name in proxy {
-        headers.remove(&name);
+    for name in doomed {
+        headers.remove(name);
     }
 }
 
 /// Adds the forwarding headers for a request from `peer` for `host`: appends the peer to
 /// `X-Forwarded-For` and a `for=…;proto=http;host=…` element to `Forwarded` (RFC 7239), and
 /// sets `X-Forwarded-Proto: http` and `X-Forwarded-Host`.
-pub(crate) fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
-    let peer = peer.to_canonical();
-    append_to_list(headers, X_FORWARDED_FOR, &peer.to_string());
-    let node = match peer {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto=http");
-    if let Some(host) = host {
-        element.push_str(";host=");
-        element.push_str(&token_or_quoted(host));
+pub(crate) fn add_forwarding(
+    headers: &mut HeaderMap,
+    peer: &PeerHeaders,
+    host: Option<HeaderValue>,
+) {
+    append_to_list(headers, X_FORWARDED_FOR, &peer.forwarded_for);
+    if let Some(element) = peer.forwarded_element(host.as_ref()) {
+        append_to_list(headers, header::FORWARDED, &element);
     }
-    append_to_list(headers, header::FORWARDED, &element);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    match host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    match host {
         Some(value) => {
             headers.insert(X_FORWARDED_HOST, value);
         }
@@ -79,59 +157,77 @@ pub(crate) fn add_forwarding(headers: &mut HeaderMap, peer: IpAddr, host: Option
 
 /// Joins every existing line of list header `name` and `item` into one line (many backends
 /// read only the first line of `X-Forwarded-For`).
-fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &str) {
-    let mut parts: Vec<&str> = headers
-        .get_all(&name)
+fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
+    let mut entry = match headers.entry(name) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(item.clone());
+            return;
+        }
+        Entry::Occupied(occupied) => occupied,
+    };
+    let Ok(item_text) = item.to_str() else {
+        entry.append(item.clone());
+        return;
+    };
+    let mut parts: Vec<&str> = entry
         .iter()
         .filter_map(|value| value.to_str().ok())
         .map(str::trim)
         .filter(|value| !value.is_empty())
         .collect();
-    parts.push(item);
+    parts.push(item_text);
     match HeaderValue::from_str(&parts.join(", ")) {
         Ok(value) => {
-            headers.insert(name, value);
+            entry.insert(value);
         }
         Err(_) => {
             // Only reachable with a non-visible-ASCII item; keep the old lines, add ours.
-            if let Ok(value) = HeaderValue::from_str(item) {
-                headers.append(name, value);
-            }
+            entry.append(item.clone());
         }
     }
 }
 
-/// `value` as an RFC 7230 token when it is one, else as a quoted string.
-fn token_or_quoted(value: &str) -> String {
-    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-    if !value.is_empty() && value.chars().all(tchar) {
-        return value.to_owned();
+/// Appends `value` as an RFC 7230 token when it is one, else as a quoted string.
+fn push_token_or_quoted(out: &mut String, value: &str) {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !value.is_empty() && value.bytes().all(tchar) {
+        out.push_str(value);
+        return;
     }
-    let mut quoted = String::with_capacity(value.len() + 2);
-    quoted.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            quoted.push('\\');
-        }
-        quoted.push(c);
+    out.push('"');
+    let mut rest = value;
+    while let Some(at) = rest.find(['"', '\\']) {
+        out.push_str(&rest[..at]);
+        out.push('\\');
+        out.push_str(&rest[at..=at]);
+        rest = &rest[at + 1..];
     }
-    quoted.push('"');
-    quoted
+    out.push_str(rest);
+    out.push('"');
 }
 
-/// The host the client asked for: its `Host` header, else the URI authority (HTTP/2).
-pub(crate) fn request_host(parts: &http::request::Parts) -> Option<String> {
-    parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()))
+/// The host the client asked for: its `Host` header, else the URI authority (HTTP/2); `None`
+/// when neither is there, or the `Host` is not visible ASCII.
+pub(crate) fn request_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    match parts.headers.get(header::HOST) {
+        Some(host) if host.to_str().is_ok() => Some(host.clone()),
+        Some(_) => None,
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
 }
 
 /// Approximate size of a request head as sent on the wire (HTTP/1.1 framing).
 pub(crate) fn head_size(parts: &http::request::Parts) -> usize {
-    let line = parts.method.as_str().len() + parts.uri.to_string().len() + 12;
+    let uri = &parts.uri;
+    // The length of `uri`'s `Display`, without formatting it.
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1);
+    let line = parts.method.as_str().len() + target + 12;
     parts.headers.iter().fold(line, |n, (name, value)| {
         n + name.as_str().len() + value.len() + 4
     }) + 2
@@ -162,6 +258,19 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key(header::ACCEPT));
+
+        // A backend's usual `Connection: keep-alive`, across two lines and in any case.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Other , close"),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::CONTENT_LENGTH));
     }
 
     #[test]
@@ -169,7 +278,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.1"));
         h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        add_forwarding(&mut h, "::1".parse().unwrap(), Some("example.com:8080"));
+        let host = HeaderValue::from_static("example.com:8080");
+        add_forwarding(
+            &mut h,
+            &PeerHeaders::new("::1".parse().unwrap()),
+            Some(host),
+        );
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.1, ::1");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "example.com:8080");
@@ -179,16 +293,73 @@ mod tests {
         );
 
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "192.0.2.7".parse().unwrap(), Some("example.com"));
+        let peer = PeerHeaders::new("::ffff:192.0.2.7".parse().unwrap());
+        add_forwarding(&mut h, &peer, Some(HeaderValue::from_static("example.com")));
         assert_eq!(
             h[header::FORWARDED],
             "for=192.0.2.7;proto=http;host=example.com"
         );
+
+        // The element is remembered per host, never reused for another host or none.
+        let mut h = HeaderMap::new();
+        add_forwarding(
+            &mut h,
+            &peer,
+            Some(HeaderValue::from_static("other.example")),
+        );
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=192.0.2.7;proto=http;host=other.example"
+        );
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &peer, None);
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.7;proto=http");
+        assert!(!h.contains_key(X_FORWARDED_HOST));
     }
 
     #[test]
     fn quoting_escapes() {
-        assert_eq!(token_or_quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
-        assert_eq!(token_or_quoted(""), "\"\"");
+        let quoted = |value| {
+            let mut out = String::new();
+            push_token_or_quoted(&mut out, value);
+            out
+        };
+        assert_eq!(quoted("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(quoted(""), "\"\"");
+        assert_eq!(quoted("example.com"), "example.com");
+    }
+
+    #[test]
+    fn head_size_counts_the_target_as_written() {
+        for target in ["/", "/a/b?x=1&y", "http://example.com:8080/p?q", "*"] {
+            let (parts, ()) = http::Request::get(target).body(()).unwrap().into_parts();
+            let expected = "GET".len() + parts.uri.to_string().len() + 12 + 2;
+            assert_eq!(head_size(&parts), expected, "{target}");
+        }
+    }
+
+    #[test]
+    fn the_name_list_and_its_string_match_agree() {
+        let names = [
+            header::CONNECTION,
+            HeaderName::from_static("keep-alive"),
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+        ];
+        assert!(names.iter().all(|name| is_hop_by_hop(name.as_str())));
+        assert!(is_hop_by_hop("proxy-authorization"));
+        assert!(!is_hop_by_hop("host") && !is_hop_by_hop("tes"));
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_headers_are_left_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }

@@ -14,13 +14,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::Proxy;
 use super::conn::{self, ClientIo, ConnState};
+use super::headers::PeerHeaders;
 use crate::metrics::RejectReason;
 
 /// Pause after a failed accept (out of file descriptors, most likely) so the loop does not spin
 /// while the process has none to give.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// hyper's own header timer runs this much after ours, as a backstop should our 408 stall.
-const HYPER_HEADER_BACKSTOP: Duration = Duration::from_secs(1);
 /// HTTP/2 clients are pinged this often when idle, so a vanished peer's connection (and its
 /// `max_connections` place) is freed.
 const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -182,7 +181,9 @@ async fn connection(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout + HYPER_HEADER_BACKSTOP)
+        // `ClientIo` keeps the head deadline (and bounds its own 408); hyper's timer would
+        // allocate and arm one more sleep for every request.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(MIN_READ_BUFFER))
         .keep_alive(!over_limit);
     builder
@@ -193,10 +194,11 @@ async fn connection(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let service = {
         let (proxy, state) = (proxy.clone(), state.clone());
+        let peer = Arc::new(PeerHeaders::new(peer.ip()));
         service_fn(move |request| {
             proxy
                 .clone()
-                .handle(request, peer, state.clone(), over_limit)
+                .handle(request, peer.clone(), state.clone(), over_limit)
         })
     };
     let result = {
