@@ -1,25 +1,54 @@
 //! The in-memory store: the embedded default, nothing to set up, nothing kept across restarts.
 //!
-//! Sessions live in [`SHARDS`] shards, each a `RwLock` over a map and an expiry index ordered by
-//! deadline. Reads of different sessions rarely share a lock, and readers never wait on expiry
-//! work for long: a background reaper takes one shard's lock at a time and removes at most
-//! [`REAP_BATCH`] expired sessions per turn. Expiry is also checked on every read, so an expired
-//! session is never returned even before the reaper gets to it.
+//! Sessions live in [`SHARDS`] shards chosen by a hash of `(namespace, id)`, each a `RwLock`
+//! over a slab of entries, a hash table of slots and an expiry index. Reads of different
+//! sessions rarely share a lock, and readers never wait on expiry work for long: a background
+//! reaper takes one shard's lock at a time and handles at most [`REAP_BATCH`] due index elements
+//! per turn. Expiry is also checked on every read, so an expired session is never returned even
+//! before the reaper gets to it.
 //!
-//! A per-user index (sharded the same way) serves `ListByUser`/`DeleteByUser`. It is updated
-//! while the session's shard lock is held, so it never disagrees with the sessions for long;
-//! readers still verify each indexed session, which makes any leftover entry harmless.
+//! # Layout
+//!
+//! Memory per session is what issue 7 is about, so each session is small and its key is stored
+//! once:
+//!
+//! - `packed`: a session's namespace, id, owner, creation time and attributes in one exactly
+//!   sized allocation; a record's attribute map is decoded from it only when one is returned.
+//! - `shard`: a slab of 48-byte entries (packed bytes, version, ttl, deadlines as nanoseconds
+//!   since the store's epoch), a `hashbrown::HashTable` of `u32` slots looked up by
+//!   `(&str, &str)` without allocating (foldhash, randomly seeded), and a binary heap of
+//!   `(deadline, slot)` for expiry. The heap is rescheduled lazily: a sliding read stores the new
+//!   deadline in the entry's atomic under the shard's read lock, and the reaper puts an entry it
+//!   finds slid back in the heap instead of expiring it; only a deadline moved earlier (a write
+//!   shortening the ttl, a delete) is indexed at once, leaving the old element to be skipped as
+//!   stale when it comes due. The heap thus holds one element per entry plus one per such
+//!   write within the longest ttl.
+//! - `users`: the per-user index that serves `ListByUser`/`DeleteByUser`, updated while the
+//!   session's shard lock is held.
+//!
+//! Deletes leave a tombstone (key and creation time only) for one ttl so that `restore` can
+//! refuse to bring the session back.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasher, Hash, RandomState};
+mod packed;
+mod shard;
+#[cfg(test)]
+mod tests;
+mod users;
+
+use std::collections::{HashMap, HashSet};
+use std::hash::RandomState;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use hashbrown::DefaultHashBuilder;
+use parking_lot::RwLock;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use self::packed::{Head, Packed, text};
+use self::shard::{Entry, Reaped, Shard, key_hash};
+use self::users::UserIndex;
 use super::{
     EVENT_BUFFER, EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
     StoreError, StoreResult, attrs_size,
@@ -29,138 +58,26 @@ use super::{
 /// on the machines we target while costing a few KiB of empty maps.
 pub const SHARDS: usize = 64;
 
-/// Most sessions the reaper removes from one shard per turn, so that a mass expiry never holds a
-/// shard's write lock for more than a few hundred microseconds.
+/// Most due index elements the reaper handles in one shard per turn, so that a mass expiry never
+/// holds a shard's write lock for more than a few hundred microseconds.
 pub const REAP_BATCH: usize = 1024;
 
 /// How often the reaper runs by default. Expiry precision for reads does not depend on it (reads
 /// check deadlines themselves); it only bounds how late memory is freed and EXPIRED is sent.
 pub const DEFAULT_REAP_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A session's place in the store: namespace and id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Key {
-    /// Namespace (already defaulted).
-    namespace: String,
-    /// Session id.
-    id: String,
-}
-
-impl Key {
-    fn new(namespace: &str, id: &str) -> Self {
-        Self {
-            namespace: namespace.to_owned(),
-            id: id.to_owned(),
-        }
-    }
-}
-
-/// One stored session.
-#[derive(Debug, Clone)]
-struct Entry {
-    /// Owner, or empty.
-    user_id: String,
-    /// Application data.
-    attrs: HashMap<String, Vec<u8>>,
-    /// Cached [`attrs_size`] of `attrs`, so patches check the limit without a full scan.
-    size: usize,
-    /// Bumped by every write.
-    version: u64,
-    /// First creation time (kept across regenerate).
-    created_at: SystemTime,
-    /// Sliding time-to-live.
-    ttl: Duration,
-    /// Monotonic expiry deadline; the expiry index holds `(deadline, key)` for it.
-    deadline: Instant,
-    /// A tombstone: the session was deleted, and the entry (data dropped) stays for one ttl so
-    /// that `restore` can refuse to bring it back.
-    deleted: bool,
-}
-
-impl Entry {
-    fn is_live(&self, now: Instant) -> bool {
-        !self.deleted && self.deadline > now
-    }
-
-    /// Turns the entry into a tombstone for one ttl from `now`, returning what it held.
-    fn bury(&mut self, now: Instant) -> Entry {
-        let tombstone = Entry {
-            user_id: String::new(),
-            attrs: HashMap::new(),
-            size: 0,
-            version: self.version,
-            created_at: self.created_at,
-            ttl: self.ttl,
-            deadline: now + self.ttl,
-            deleted: true,
-        };
-        std::mem::replace(self, tombstone)
-    }
-
-    fn record(&self, key: &Key, now: Instant) -> SessionRecord {
-        SessionRecord {
-            id: key.id.clone(),
-            namespace: key.namespace.clone(),
-            user_id: self.user_id.clone(),
-            attrs: self.attrs.clone(),
-            version: self.version,
-            created_at: self.created_at,
-            expires_at: SystemTime::now() + self.deadline.saturating_duration_since(now),
-            ttl: self.ttl,
-        }
-    }
-}
-
-/// One shard: its sessions and their expiry order.
-#[derive(Debug, Default)]
-struct Shard {
-    /// The sessions of this shard.
-    sessions: HashMap<Key, Entry>,
-    /// `(deadline, key)` of every session, soonest first, for the reaper.
-    expiry: BTreeSet<(Instant, Key)>,
-}
-
-impl Shard {
-    /// The live entry under `key`, or NotFound.
-    fn live_mut(&mut self, key: &Key, now: Instant) -> StoreResult<&mut Entry> {
-        self.sessions
-            .get_mut(key)
-            .filter(|e| e.is_live(now))
-            .ok_or(StoreError::NotFound)
-    }
-
-    /// Moves `key`'s deadline in the expiry index.
-    fn reschedule(&mut self, key: &Key, old: Instant, new: Instant) {
-        if old != new {
-            self.expiry.remove(&(old, key.clone()));
-            self.expiry.insert((new, key.clone()));
-        }
-    }
-
-    fn insert(&mut self, key: Key, entry: Entry) {
-        self.expiry.insert((entry.deadline, key.clone()));
-        self.sessions.insert(key, entry);
-    }
-
-    fn remove(&mut self, key: &Key) -> Option<Entry> {
-        let entry = self.sessions.remove(key)?;
-        self.expiry.remove(&(entry.deadline, key.clone()));
-        Some(entry)
-    }
-}
-
-/// Ids of each user's sessions, keyed by `(namespace, user_id)`.
-type UserShard = HashMap<(String, String), HashSet<String>>;
-
 /// State shared by the store handle and its reaper task.
 #[derive(Debug)]
 struct Inner {
-    /// Session shards, chosen by a hash of the key.
+    /// Session shards, chosen by bits of the key hash that the shard's own table does not use.
     shards: Box<[RwLock<Shard>]>,
-    /// Per-user index shards, chosen by a hash of `(namespace, user_id)`.
-    users: Box<[Mutex<UserShard>]>,
-    /// Hash seed for shard choice.
-    hasher: RandomState,
+    /// Who owns which sessions.
+    users: UserIndex,
+    /// Hash seed for keys, shared with every shard. Foldhash, randomly seeded: keys are mostly
+    /// server-made random ids, and SipHash was a tenth of a Get.
+    hasher: DefaultHashBuilder,
+    /// Deadlines count nanoseconds from here.
+    epoch: Instant,
     /// Events to watchers.
     events: broadcast::Sender<SessionEvent>,
     /// The `--max-session-bytes` limit.
@@ -186,10 +103,14 @@ impl MemoryStore {
 
     /// A store whose reaper runs every `interval`. Must be called inside a tokio runtime.
     pub fn with_reap_interval(max_session_bytes: usize, interval: Duration) -> Self {
+        let hasher = DefaultHashBuilder::default();
         let inner = Arc::new(Inner {
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            users: (0..SHARDS).map(|_| Mutex::new(UserShard::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(Shard::new(hasher.clone())))
+                .collect(),
+            users: UserIndex::new(RandomState::new()),
+            hasher,
+            epoch: Instant::now(),
             events: broadcast::channel(EVENT_BUFFER).0,
             max_session_bytes,
             live: AtomicU64::new(0),
@@ -214,59 +135,42 @@ impl Drop for MemoryStore {
     }
 }
 
+/// A ttl in nanoseconds, saturating (at 584 years).
+fn ttl_nanos(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Inner {
-    fn shard_index(&self, key: &Key) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+    /// Nanoseconds from the epoch to `at`.
+    fn ticks(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn shard(&self, key: &Key) -> RwLockWriteGuard<'_, Shard> {
-        self.shards[self.shard_index(key)].write()
+    fn now(&self) -> u64 {
+        self.ticks(Instant::now())
     }
 
-    fn user_shard(&self, namespace: &str, user_id: &str) -> &Mutex<UserShard> {
-        &self.users[(self.hasher.hash_one((namespace, user_id)) as usize) % SHARDS]
+    fn hash(&self, namespace: &str, id: &str) -> u64 {
+        key_hash(&self.hasher, namespace.as_bytes(), id.as_bytes())
     }
 
-    fn index_add(&self, namespace: &str, user_id: &str, id: &str) {
-        if user_id.is_empty() {
-            return;
-        }
-        self.user_shard(namespace, user_id)
-            .lock()
-            .entry((namespace.to_owned(), user_id.to_owned()))
-            .or_default()
-            .insert(id.to_owned());
+    /// The shard index of a key hash. Bits 32.. pick it: a shard's table uses the low bits for
+    /// buckets and the top seven as tags, which would otherwise be the same across a shard.
+    fn shard_index(&self, hash: u64) -> usize {
+        ((hash >> 32) as usize) % SHARDS
     }
 
-    fn index_remove(&self, namespace: &str, user_id: &str, id: &str) {
-        if user_id.is_empty() {
-            return;
-        }
-        let mut users = self.user_shard(namespace, user_id).lock();
-        let user_key = (namespace.to_owned(), user_id.to_owned());
-        if let Some(ids) = users.get_mut(&user_key) {
-            ids.remove(id);
-            if ids.is_empty() {
-                users.remove(&user_key);
-            }
-        }
-    }
-
-    fn index_ids(&self, namespace: &str, user_id: &str) -> Vec<String> {
-        self.user_shard(namespace, user_id)
-            .lock()
-            .get(&(namespace.to_owned(), user_id.to_owned()))
-            .map(|ids| ids.iter().cloned().collect())
-            .unwrap_or_default()
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[self.shard_index(hash)]
     }
 
     /// Sends an event; called with the session's shard lock held so events keep write order.
-    fn emit(&self, kind: EventKind, key: &Key, user_id: &str, version: u64) {
+    fn emit(&self, kind: EventKind, namespace: &str, id: &str, user_id: &str, version: u64) {
         // No receiver is not an error: nobody is watching.
         let _ = self.events.send(SessionEvent {
             kind,
-            namespace: key.namespace.clone(),
-            id: key.id.clone(),
+            namespace: namespace.to_owned(),
+            id: id.to_owned(),
             user_id: user_id.to_owned(),
             version,
             at: SystemTime::now(),
@@ -274,54 +178,68 @@ impl Inner {
     }
 
     /// Deletes a live session under its held shard lock: leaves a tombstone for one ttl, drops
-    /// its index entry, sends DELETED. Returns what it held.
-    fn delete_locked(&self, shard: &mut Shard, key: &Key, now: Instant) -> Option<Entry> {
-        let entry = shard.sessions.get_mut(key).filter(|e| e.is_live(now))?;
-        let old_deadline = entry.deadline;
-        let gone = entry.bury(now);
-        let new_deadline = entry.deadline;
-        shard.reschedule(key, old_deadline, new_deadline);
-        self.live.fetch_sub(1, Ordering::Relaxed);
-        self.index_remove(&key.namespace, &gone.user_id, &key.id);
-        self.emit(EventKind::Deleted, key, &gone.user_id, gone.version);
-        Some(gone)
-    }
-
-    /// Drops an entry whose deadline passed: a session (index entry and EXPIRED event) or a
-    /// tombstone (silently).
-    fn expire_locked(&self, shard: &mut Shard, key: &Key) {
-        let Some(entry) = shard.remove(key) else {
-            return;
+    /// its index entry, sends DELETED. False when there was no live session.
+    fn delete_locked(&self, shard: &mut Shard, hash: u64, ns: &str, id: &str, now: u64) -> bool {
+        let Some(mut live) = shard.live_mut(hash, ns, id, now) else {
+            return false;
         };
-        if entry.deleted {
-            return;
-        }
+        let gone = live.bury(now);
         self.live.fetch_sub(1, Ordering::Relaxed);
-        self.index_remove(&key.namespace, &entry.user_id, &key.id);
-        self.emit(EventKind::Expired, key, &entry.user_id, 0);
+        self.users.remove(ns, gone.user_id(), id);
+        self.emit(
+            EventKind::Deleted,
+            ns,
+            id,
+            gone.user_id(),
+            live.entry.version,
+        );
+        true
     }
 
-    /// One reaper turn: each shard in turn, at most [`REAP_BATCH`] expired sessions each.
-    fn reap(&self, now: Instant) {
+    /// One reaper turn: each shard in turn, at most [`REAP_BATCH`] due index elements each.
+    /// Sessions that slid later are indexed again; the rest expire (index entry dropped, EXPIRED
+    /// sent), and tombstones vanish silently.
+    fn reap(&self, at: Instant) {
+        let now = self.ticks(at);
         for shard in self.shards.iter() {
             // Peek under the read lock first, so idle shards never take the write lock.
-            let due = shard
-                .read()
-                .expiry
-                .first()
-                .is_some_and(|(deadline, _)| *deadline <= now);
-            if !due {
+            if !shard.read().is_due(now) {
                 continue;
             }
             let mut shard = shard.write();
             for _ in 0..REAP_BATCH {
-                let key = match shard.expiry.first() {
-                    Some((deadline, key)) if *deadline <= now => key.clone(),
-                    _ => break,
+                let gone = match shard.reap_next(now) {
+                    Reaped::NotDue => break,
+                    Reaped::Kept => continue,
+                    Reaped::Gone(packed) => packed,
                 };
-                self.expire_locked(&mut shard, &key);
+                if gone.is_deleted() {
+                    continue;
+                }
+                let (namespace, id) = gone.key();
+                let (namespace, id, user_id) = (text(namespace), text(id), gone.user_id());
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                self.users.remove(namespace, user_id, id);
+                self.emit(EventKind::Expired, namespace, id, user_id, 0);
             }
         }
+    }
+
+    /// Reads a live session, sliding its expiry when `touch`: under the shard's read lock.
+    fn lookup(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord> {
+        let now = self.now();
+        let hash = self.hash(namespace, id);
+        let shard = self.shard(hash).read();
+        let entry = shard
+            .get(hash, namespace, id)
+            .filter(|e| e.is_live(now))
+            .ok_or(StoreError::NotFound)?;
+        let deadline = if touch {
+            entry.slide(now)
+        } else {
+            entry.deadline()
+        };
+        Ok(entry.record(namespace, id, deadline, now))
     }
 
     fn check_size(&self, size: usize) -> StoreResult<()> {
@@ -343,53 +261,55 @@ impl SessionStore for MemoryStore {
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
-        let size = attrs_size(&new.attrs);
-        inner.check_size(size)?;
-        let key = Key::new(&new.namespace, &new.id);
-        let now = Instant::now();
-        let mut shard = inner.shard(&key);
-        if shard.sessions.contains_key(&key) {
+        inner.check_size(attrs_size(&new.attrs))?;
+        let now = inner.now();
+        let hash = inner.hash(&new.namespace, &new.id);
+        let mut shard = inner.shard(hash).write();
+        if shard.find(hash, &new.namespace, &new.id).is_some() {
             return Err(StoreError::IdTaken);
         }
-        let entry = Entry {
-            user_id: new.user_id,
-            attrs: new.attrs,
-            size,
-            version: 1,
-            created_at: SystemTime::now(),
-            ttl: new.ttl,
-            deadline: now + new.ttl,
+        let created_at = SystemTime::now();
+        let head = Head {
+            namespace: &new.namespace,
+            id: &new.id,
+            user_id: &new.user_id,
+            created_at,
             deleted: false,
         };
-        let record = entry.record(&key, now);
-        inner.index_add(&key.namespace, &entry.user_id, &key.id);
-        inner.emit(EventKind::Created, &key, &entry.user_id, 1);
-        shard.insert(key, entry);
+        let ttl = ttl_nanos(new.ttl);
+        let deadline = now.saturating_add(ttl);
+        let entry = Entry::new(Packed::from_map(&head, &new.attrs), 1, ttl, deadline);
+        shard.insert(hash, entry)?;
         inner.live.fetch_add(1, Ordering::Relaxed);
-        Ok(record)
+        inner.users.add(&new.namespace, &new.user_id, &new.id);
+        inner.emit(EventKind::Created, &new.namespace, &new.id, &new.user_id, 1);
+        Ok(SessionRecord {
+            id: new.id,
+            namespace: new.namespace,
+            user_id: new.user_id,
+            attrs: new.attrs,
+            version: 1,
+            created_at,
+            expires_at: created_at
+                .checked_add(Duration::from_nanos(ttl))
+                .unwrap_or(created_at),
+            ttl: Duration::from_nanos(ttl),
+        })
     }
 
     async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord> {
-        if touch {
-            return self.touch(namespace, id, None).await;
-        }
-        let key = Key::new(namespace, id);
-        let now = Instant::now();
-        let shard = self.inner.shards[self.inner.shard_index(&key)].read();
-        shard
-            .sessions
-            .get(&key)
-            .filter(|e| e.is_live(now))
-            .map(|e| e.record(&key, now))
-            .ok_or(StoreError::NotFound)
+        self.inner.lookup(namespace, id, touch)
     }
 
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
-        let key = Key::new(namespace, id);
-        let now = Instant::now();
-        let mut shard = inner.shard(&key);
-        let entry = shard.live_mut(&key, now)?;
+        let now = inner.now();
+        let hash = inner.hash(namespace, id);
+        let mut shard = inner.shard(hash).write();
+        let mut live = shard
+            .live_mut(hash, namespace, id, now)
+            .ok_or(StoreError::NotFound)?;
+        let entry = &mut *live.entry;
         if let Some(expected) = patch.expected_version
             && expected != entry.version
         {
@@ -398,54 +318,67 @@ impl SessionStore for MemoryStore {
                 actual: entry.version,
             });
         }
-        // Size of the merged result, computed before anything changes.
+        // The merged attributes: the stored ones neither set nor removed, then the set ones.
         // A key both set and removed ends up set; a key removed twice is removed once.
-        let removed: HashSet<&String> = patch
-            .remove
-            .iter()
-            .filter(|name| !patch.set.contains_key(*name))
+        let (old_user_id, attrs) = entry.packed.owner_and_attrs();
+        let removed: HashSet<&[u8]> = patch.remove.iter().map(|name| name.as_bytes()).collect();
+        // Collected once: the filter hashes each name, and the merge is walked four times.
+        let kept: Vec<(&[u8], &[u8])> = attrs
+            .filter(|(name, _)| !removed.contains(name) && !patch.set.contains_key(text(name)))
             .collect();
-        let mut size = entry.size;
-        for name in &removed {
-            if let Some(old) = entry.attrs.get(*name) {
-                size -= name.len() + old.len();
-            }
-        }
-        for (name, value) in &patch.set {
-            if let Some(old) = entry.attrs.get(name) {
-                size -= name.len() + old.len();
-            }
-            size += name.len() + value.len();
-        }
-        inner.check_size(size)?;
+        let merged = kept.iter().copied().chain(
+            patch
+                .set
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), value.as_slice())),
+        );
+        // Size of the merged result, checked before anything changes.
+        inner.check_size(merged.clone().map(|(n, v)| n.len() + v.len()).sum())?;
 
-        for name in removed {
-            entry.attrs.remove(name);
-        }
-        entry.attrs.extend(patch.set);
-        entry.size = size;
-        entry.version += 1;
-        let old_user = match patch.user_id {
-            Some(user) if user != entry.user_id => {
-                Some(std::mem::replace(&mut entry.user_id, user))
-            }
-            _ => None,
+        let user_id = patch.user_id.as_deref().unwrap_or(old_user_id);
+        let old_user = (user_id != old_user_id).then(|| old_user_id.to_owned());
+        let created_at = entry.packed.created_at();
+        let head = Head {
+            namespace,
+            id,
+            user_id,
+            created_at,
+            deleted: false,
         };
+        let packed = Packed::new(&head, merged);
+        // The record's map: the kept attributes decoded, the set ones moved in.
+        let mut attrs = HashMap::with_capacity(kept.len() + patch.set.len());
+        attrs.extend(
+            kept.into_iter()
+                .map(|(name, value)| (text(name).to_owned(), value.to_vec())),
+        );
+        let user_id = user_id.to_owned();
+        attrs.extend(patch.set);
+        entry.packed = packed;
+        entry.version = entry.version.wrapping_add(1);
         if let Some(ttl) = patch.ttl {
-            entry.ttl = ttl;
+            entry.ttl = ttl_nanos(ttl);
         }
-        let old_deadline = entry.deadline;
-        entry.deadline = now + entry.ttl;
-        let (new_deadline, user_id, version) =
-            (entry.deadline, entry.user_id.clone(), entry.version);
-        let record = entry.record(&key, now);
-        shard.reschedule(&key, old_deadline, new_deadline);
+        let (version, ttl) = (entry.version, entry.ttl);
+        let deadline = now.saturating_add(ttl);
+        live.set_deadline(deadline);
         if let Some(old_user) = old_user {
-            inner.index_remove(namespace, &old_user, id);
-            inner.index_add(namespace, &user_id, id);
+            inner.users.remove(namespace, &old_user, id);
+            inner.users.add(namespace, &user_id, id);
         }
-        inner.emit(EventKind::Updated, &key, &user_id, version);
-        Ok(record)
+        inner.emit(EventKind::Updated, namespace, id, &user_id, version);
+        let wall = SystemTime::now();
+        let left = Duration::from_nanos(ttl);
+        Ok(SessionRecord {
+            id: id.to_owned(),
+            namespace: namespace.to_owned(),
+            user_id,
+            attrs,
+            version,
+            created_at,
+            expires_at: wall.checked_add(left).unwrap_or(wall),
+            ttl: left,
+        })
     }
 
     async fn touch(
@@ -454,19 +387,21 @@ impl SessionStore for MemoryStore {
         id: &str,
         ttl: Option<Duration>,
     ) -> StoreResult<SessionRecord> {
-        let key = Key::new(namespace, id);
-        let now = Instant::now();
-        let mut shard = self.inner.shard(&key);
-        let entry = shard.live_mut(&key, now)?;
-        if let Some(ttl) = ttl {
-            entry.ttl = ttl;
-        }
-        let old_deadline = entry.deadline;
-        entry.deadline = now + entry.ttl;
-        let new_deadline = entry.deadline;
-        let record = entry.record(&key, now);
-        shard.reschedule(&key, old_deadline, new_deadline);
-        Ok(record)
+        let Some(ttl) = ttl else {
+            // Keeping its own ttl only moves the deadline later: a read-locked slide.
+            return self.inner.lookup(namespace, id, true);
+        };
+        let inner = &self.inner;
+        let now = inner.now();
+        let hash = inner.hash(namespace, id);
+        let mut shard = inner.shard(hash).write();
+        let mut live = shard
+            .live_mut(hash, namespace, id, now)
+            .ok_or(StoreError::NotFound)?;
+        live.entry.ttl = ttl_nanos(ttl);
+        let deadline = now.saturating_add(live.entry.ttl);
+        live.set_deadline(deadline);
+        Ok(live.entry.record(namespace, id, deadline, now))
     }
 
     async fn regenerate(
@@ -476,10 +411,9 @@ impl SessionStore for MemoryStore {
         new_id: &str,
     ) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
-        let old_key = Key::new(namespace, old_id);
-        let new_key = Key::new(namespace, new_id);
-        let now = Instant::now();
-        let (old_index, new_index) = (inner.shard_index(&old_key), inner.shard_index(&new_key));
+        let now = inner.now();
+        let (old_hash, new_hash) = (inner.hash(namespace, old_id), inner.hash(namespace, new_id));
+        let (old_index, new_index) = (inner.shard_index(old_hash), inner.shard_index(new_hash));
         // Both shards locked (in index order, so two regenerates never deadlock) for the whole
         // move: nobody sees the session under both ids, or under neither.
         let (mut first, mut second) = match old_index.cmp(&new_index) {
@@ -494,43 +428,56 @@ impl SessionStore for MemoryStore {
             }
         };
         let old_shard: &mut Shard = &mut first;
-        old_shard.live_mut(&old_key, now)?;
+        let old_slot = old_shard
+            .find(old_hash, namespace, old_id)
+            .filter(|&slot| old_shard.entry(slot).is_some_and(|e| e.is_live(now)))
+            .ok_or(StoreError::NotFound)?;
         let new_taken = match second.as_deref() {
-            Some(new_shard) => new_shard.sessions.contains_key(&new_key),
-            None => old_shard.sessions.contains_key(&new_key),
+            Some(new_shard) => new_shard.find(new_hash, namespace, new_id).is_some(),
+            None => old_shard.find(new_hash, namespace, new_id).is_some(),
         };
         if new_taken {
             return Err(StoreError::IdTaken);
         }
-        let Some(old_entry) = old_shard.sessions.get_mut(&old_key) else {
+        let Some(old) = old_shard.entry(old_slot) else {
             return Err(StoreError::NotFound);
         };
-        // The old id becomes a tombstone: its snapshot cookies can never restore it.
-        let old_deadline = old_entry.deadline;
-        let mut entry = old_entry.bury(now);
-        let buried_deadline = old_entry.deadline;
-        old_shard.reschedule(&old_key, old_deadline, buried_deadline);
-        inner.index_remove(namespace, &entry.user_id, old_id);
-        entry.version += 1;
-        entry.deadline = now + entry.ttl;
-        let record = entry.record(&new_key, now);
-        inner.index_add(namespace, &entry.user_id, new_id);
-        inner.emit(EventKind::Created, &new_key, &entry.user_id, entry.version);
-        inner.emit(EventKind::Deleted, &old_key, &entry.user_id, entry.version);
+        let head = Head {
+            id: new_id,
+            ..old.packed.head()
+        };
+        let deadline = now.saturating_add(old.ttl);
+        let moved = Entry::new(
+            Packed::new(&head, old.packed.attrs()),
+            old.version.wrapping_add(1),
+            old.ttl,
+            deadline,
+        );
+        let record = moved.record(namespace, new_id, deadline, now);
         match second.as_deref_mut() {
-            Some(new_shard) => new_shard.insert(new_key, entry),
-            None => old_shard.insert(new_key, entry),
+            Some(new_shard) => new_shard.insert(new_hash, moved)?,
+            None => old_shard.insert(new_hash, moved)?,
         }
+        // The old id becomes a tombstone: its snapshot cookies can never restore it.
+        if let Some(mut old) = old_shard.entry_mut(old_slot) {
+            old.bury(now);
+        }
+        let (user_id, version) = (&record.user_id, record.version);
+        inner.users.remove(namespace, user_id, old_id);
+        inner.users.add(namespace, user_id, new_id);
+        inner.emit(EventKind::Created, namespace, new_id, user_id, version);
+        inner.emit(EventKind::Deleted, namespace, old_id, user_id, version);
         Ok(record)
     }
 
     async fn delete(&self, namespace: &str, id: &str) -> StoreResult<bool> {
-        let key = Key::new(namespace, id);
-        let now = Instant::now();
-        let mut shard = self.inner.shard(&key);
+        let inner = &self.inner;
+        let now = inner.now();
+        let hash = inner.hash(namespace, id);
+        let mut shard = inner.shard(hash).write();
         // Missing, a tombstone, or expired and not yet reaped (the reaper sends EXPIRED for it):
         // nothing live to delete.
-        Ok(self.inner.delete_locked(&mut shard, &key, now).is_some())
+        Ok(inner.delete_locked(&mut shard, hash, namespace, id, now))
     }
 
     async fn list_by_user(
@@ -539,8 +486,8 @@ impl SessionStore for MemoryStore {
         user_id: &str,
     ) -> StoreResult<Vec<SessionRecord>> {
         let mut sessions = Vec::new();
-        for id in self.inner.index_ids(namespace, user_id) {
-            match self.get(namespace, &id, false).await {
+        for id in self.inner.users.ids(namespace, user_id) {
+            match self.inner.lookup(namespace, &id, false) {
                 Ok(record) if record.user_id == user_id => sessions.push(record),
                 Ok(_) | Err(StoreError::NotFound) => {}
                 Err(e) => return Err(e),
@@ -550,15 +497,16 @@ impl SessionStore for MemoryStore {
     }
 
     async fn delete_by_user(&self, namespace: &str, user_id: &str) -> StoreResult<u64> {
+        let inner = &self.inner;
         let mut deleted = 0;
-        for id in self.inner.index_ids(namespace, user_id) {
-            let key = Key::new(namespace, &id);
-            let now = Instant::now();
-            let mut shard = self.inner.shard(&key);
+        for id in inner.users.ids(namespace, user_id) {
+            let now = inner.now();
+            let hash = inner.hash(namespace, &id);
+            let mut shard = inner.shard(hash).write();
             let owned = shard
-                .live_mut(&key, now)
-                .is_ok_and(|e| e.user_id == user_id);
-            if owned && self.inner.delete_locked(&mut shard, &key, now).is_some() {
+                .get(hash, namespace, &id)
+                .is_some_and(|e| e.is_live(now) && e.packed.user_id() == user_id);
+            if owned && inner.delete_locked(&mut shard, hash, namespace, &id, now) {
                 deleted += 1;
             }
         }
@@ -567,51 +515,73 @@ impl SessionStore for MemoryStore {
 
     async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
-        let size = attrs_size(&record.attrs);
-        inner.check_size(size)?;
-        let key = Key::new(&record.namespace, &record.id);
-        let now = Instant::now();
-        let mut shard = inner.shard(&key);
-        let existing = shard.sessions.get(&key).filter(|e| e.deadline > now);
-        match existing {
-            Some(e) if e.deleted => return Err(StoreError::Deleted),
-            Some(e) if e.version >= record.version => return Ok(e.record(&key, now)),
-            _ => {}
+        inner.check_size(attrs_size(&record.attrs))?;
+        let (namespace, id) = (record.namespace.as_str(), record.id.as_str());
+        let now = inner.now();
+        let hash = inner.hash(namespace, id);
+        let mut shard = inner.shard(hash).write();
+        let slot = shard.find(hash, namespace, id);
+        if let Some(existing) = slot.and_then(|slot| shard.entry(slot)) {
+            let deadline = existing.deadline();
+            if deadline > now {
+                if existing.packed.is_deleted() {
+                    return Err(StoreError::Deleted);
+                }
+                if existing.version >= record.version {
+                    return Ok(existing.record(namespace, id, deadline, now));
+                }
+            }
         }
-        let entry = Entry {
-            user_id: record.user_id,
-            attrs: record.attrs,
-            size,
-            version: record.version,
+        let head = Head {
+            namespace,
+            id,
+            user_id: &record.user_id,
             created_at: record.created_at,
-            ttl: record.ttl,
-            deadline: now + record.ttl,
             deleted: false,
         };
-        let restored = entry.record(&key, now);
-        let kind = match shard.remove(&key) {
-            Some(old) if old.is_live(now) => {
-                inner.index_remove(&key.namespace, &old.user_id, &key.id);
-                EventKind::Updated
-            }
-            Some(old) => {
-                // An expired, unreaped session: it is replaced, so it is gone for good.
-                if !old.deleted {
-                    inner.live.fetch_sub(1, Ordering::Relaxed);
-                    inner.index_remove(&key.namespace, &old.user_id, &key.id);
+        let packed = Packed::from_map(&head, &record.attrs);
+        let ttl = ttl_nanos(record.ttl);
+        let deadline = now.saturating_add(ttl);
+        let replaced = slot.and_then(|slot| shard.entry_mut(slot));
+        let kind = match replaced {
+            Some(mut old) => {
+                let was_live = old.entry.is_live(now);
+                let old = {
+                    old.entry.version = record.version;
+                    old.entry.ttl = ttl;
+                    old.set_deadline(deadline);
+                    std::mem::replace(&mut old.entry.packed, packed)
+                };
+                if !old.is_deleted() {
+                    inner.users.remove(namespace, old.user_id(), id);
                 }
-                inner.live.fetch_add(1, Ordering::Relaxed);
-                EventKind::Created
+                if was_live {
+                    EventKind::Updated
+                } else {
+                    // An expired, unreaped session or an old tombstone: it is replaced, so it
+                    // is gone for good, and this is a new session.
+                    if !old.is_deleted() {
+                        inner.live.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    inner.live.fetch_add(1, Ordering::Relaxed);
+                    EventKind::Created
+                }
             }
             None => {
+                shard.insert(hash, Entry::new(packed, record.version, ttl, deadline))?;
                 inner.live.fetch_add(1, Ordering::Relaxed);
                 EventKind::Created
             }
         };
-        inner.index_add(&key.namespace, &entry.user_id, &key.id);
-        inner.emit(kind, &key, &entry.user_id, entry.version);
-        shard.insert(key, entry);
-        Ok(restored)
+        inner.users.add(namespace, &record.user_id, id);
+        inner.emit(kind, namespace, id, &record.user_id, record.version);
+        let wall = SystemTime::now();
+        let left = Duration::from_nanos(ttl);
+        Ok(SessionRecord {
+            expires_at: wall.checked_add(left).unwrap_or(wall),
+            ttl: left,
+            ..record
+        })
     }
 
     fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
@@ -620,84 +590,5 @@ impl SessionStore for MemoryStore {
 
     fn live_sessions(&self) -> Option<u64> {
         Some(self.inner.live.load(Ordering::Relaxed))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn new_session(id: &str, user: &str, ttl: Duration) -> NewSession {
-        NewSession {
-            id: id.to_owned(),
-            namespace: "default".to_owned(),
-            user_id: user.to_owned(),
-            attrs: HashMap::from([("k".to_owned(), b"v".to_vec())]),
-            ttl,
-        }
-    }
-
-    #[tokio::test]
-    async fn reaper_frees_expired_sessions_and_reports_them() {
-        let store = MemoryStore::with_reap_interval(1024, Duration::from_millis(10));
-        let mut events = store.subscribe();
-        store
-            .create(new_session(&"a".repeat(32), "u", Duration::from_millis(30)))
-            .await
-            .unwrap();
-        assert_eq!(store.live_sessions(), Some(1));
-        assert_eq!(events.recv().await.unwrap().kind, EventKind::Created);
-        let expired = tokio::time::timeout(Duration::from_secs(5), events.recv())
-            .await
-            .expect("EXPIRED within 5s")
-            .unwrap();
-        assert_eq!(expired.kind, EventKind::Expired);
-        assert_eq!(expired.user_id, "u");
-        assert_eq!(store.live_sessions(), Some(0));
-        assert!(
-            store.inner.index_ids("default", "u").is_empty(),
-            "user index cleaned"
-        );
-    }
-
-    #[tokio::test]
-    async fn reaper_batches_a_mass_expiry() {
-        let store = MemoryStore::with_reap_interval(1024, Duration::from_secs(3600));
-        let ttl = Duration::from_millis(1);
-        for i in 0..(SHARDS * REAP_BATCH / 8) {
-            store
-                .create(new_session(&format!("{i:0>32}"), "", ttl))
-                .await
-                .unwrap();
-        }
-        let total = store.live_sessions().unwrap();
-        let later = Instant::now() + Duration::from_millis(5);
-        store.inner.reap(later);
-        assert_eq!(
-            store.live_sessions(),
-            Some(0),
-            "all {total} reaped in one turn"
-        );
-    }
-
-    #[tokio::test]
-    async fn expired_but_unreaped_session_is_never_returned() {
-        let store = MemoryStore::with_reap_interval(1024, Duration::from_secs(3600));
-        let id = "b".repeat(32);
-        store
-            .create(new_session(&id, "u", Duration::from_millis(1)))
-            .await
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        assert!(matches!(
-            store.get("default", &id, false).await,
-            Err(StoreError::NotFound)
-        ));
-        assert!(matches!(
-            store.get("default", &id, true).await,
-            Err(StoreError::NotFound)
-        ));
-        assert!(store.list_by_user("default", "u").await.unwrap().is_empty());
-        assert!(!store.delete("default", &id).await.unwrap());
     }
 }
