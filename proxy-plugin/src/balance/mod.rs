@@ -168,4 +168,11 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     fn on_response(&self, request: &RequestInfo<'_>, chosen: &Backend, response: &mut HeaderMap) {
         let _ = (request, chosen, response);
     }
+
+    /// Whether [`Balancer::on_response`] reads the request's headers. When it does not, the
+    /// proxy moves them into the request to the backend instead of copying them (on a try
+    /// after which no other is possible). Default: false.
+    fn reads_request_on_response(&self) -> bool {
+        false
+    }
 }

@@ -149,6 +149,11 @@ impl Balancer for StickyCookie {
             response.append(SET_COOKIE, value);
         }
     }
+
+    /// The request's cookie tells whether the client is already pinned to `chosen`.
+    fn reads_request_on_response(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

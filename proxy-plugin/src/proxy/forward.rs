@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
@@ -160,7 +160,7 @@ impl Proxy {
     async fn send(
         &self,
         generation: &Generation,
-        parts: Parts,
+        mut parts: Parts,
         plan: BodyPlan,
         client_ip: IpAddr,
         conn: &ConnState,
@@ -169,15 +169,16 @@ impl Proxy {
         let limits = &generation.config.limits;
         let health = &generation.config.health;
         let idempotent = is_idempotent(&parts.method);
-        let info = RequestInfo {
-            client_ip,
-            uri: &parts.uri,
-            headers: &parts.headers,
-        };
-        let mut tried: Vec<usize> = Vec::new();
+        let max_tries = limits.max_tries.max(1);
+        let mut tried = Tried::default();
         let mut last: Option<Failure> = None;
-        for _ in 0..limits.max_tries.max(1) {
-            let usable = |b: &Backend| b.is_usable() && !tried.contains(&b.index);
+        for attempt in 1..=max_tries {
+            let usable = |b: &Backend| b.is_usable() && !tried.contains(b.index);
+            let info = RequestInfo {
+                client_ip,
+                uri: &parts.uri,
+                headers: &parts.headers,
+            };
             let picked = generation
                 .balancer
                 .pick(&info, &generation.backends, &usable)
@@ -191,12 +192,29 @@ impl Proxy {
                 BodyPlan::Buffered(bytes) => UpstreamBody::full(bytes.clone()),
                 BodyPlan::Streamed(slot) => slot.body(),
             };
-            let request = upstream_request(&parts, pool, body);
+            // The headers are needed again only for another try, or by a balancer that looks
+            // at the request when the response comes; otherwise they are moved, not copied.
+            let retry_possible = attempt < max_tries
+                && generation
+                    .backends
+                    .iter()
+                    .any(|b| b.is_usable() && !tried.contains(b.index));
+            let headers = if retry_possible || generation.balancer.reads_request_on_response() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let request = upstream_request(&parts, headers, pool, body);
             let in_flight = InFlight::start(backend.clone());
             let started = Instant::now();
             let exchange = pool.send(request);
             let failure = match tokio::time::timeout(limits.response_timeout, exchange).await {
                 Ok(Ok((response, upstream))) => {
+                    let info = RequestInfo {
+                        client_ip,
+                        uri: &parts.uri,
+                        headers: &parts.headers,
+                    };
                     let relay = Relay {
                         generation,
                         info: &info,
@@ -310,14 +328,19 @@ async fn plan_body(limits: &Limits, body: Incoming) -> Result<BodyPlan, RejectRe
 }
 
 /// The request for one backend: origin-form target (authority-form for `CONNECT`), HTTP/1.1,
-/// the rewritten headers, and a `Host` (the backend's) when the client sent none.
-fn upstream_request(parts: &Parts, pool: &Pool, body: UpstreamBody) -> Request<UpstreamBody> {
+/// the rewritten `headers`, and a `Host` (the backend's) when the client sent none.
+fn upstream_request(
+    parts: &Parts,
+    headers: HeaderMap,
+    pool: &Pool,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = origin_form(&parts.method, &parts.uri, pool);
     *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
     let headers = request.headers_mut();
-    *headers = parts.headers.clone();
     if !headers.contains_key(header::HOST)
         && let Some(host) = pool.host()
     {
@@ -336,6 +359,34 @@ fn origin_form(method: &Method, uri: &Uri, pool: &Pool) -> Uri {
         Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
         Some(path) if path.as_str() != "/" => Uri::from(path.clone()),
         _ => Uri::from_static("/"),
+    }
+}
+
+/// The backends a request has tried, by index: the first few inline, so that a request
+/// allocates nothing for it.
+#[derive(Debug, Default)]
+struct Tried {
+    /// The first tries.
+    inline: [usize; 4],
+    /// How many of `inline` are used.
+    len: usize,
+    /// Tries past the first four (`max_tries` above 4).
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        match self.inline.get_mut(self.len) {
+            Some(slot) => {
+                *slot = index;
+                self.len += 1;
+            }
+            None => self.more.push(index),
+        }
+    }
+
+    fn contains(&self, index: usize) -> bool {
+        self.inline[..self.len].contains(&index) || self.more.contains(&index)
     }
 }
 
@@ -389,6 +440,17 @@ impl Relay<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tried_backends_are_remembered_past_the_inline_ones() {
+        let mut tried = Tried::default();
+        for index in [7, 3, 9, 1, 4, 8] {
+            assert!(!tried.contains(index));
+            tried.push(index);
+            assert!(tried.contains(index));
+        }
+        assert!(!tried.contains(0) && !tried.contains(5));
+    }
 
     #[test]
     fn idempotent_methods_are_the_rfc_ones() {

@@ -102,9 +102,27 @@ fn is_hop_by_hop(name: &str) -> bool {
 /// `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed = |name: &HeaderName| is_hop_by_hop(name.as_str());
-    // Most messages have none (or only a backend's `Connection: keep-alive`): one pass over
-    // the names, without hashing, says so.
-    if !headers.keys().any(listed) {
+    // Most messages have none, or only the `Connection: keep-alive` (or `close`) of an
+    // HTTP/1.1 backend: one pass over the names, without hashing, says which.
+    let (mut connection, mut others, mut named_close) = (false, false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "connection" => connection = true,
+            "close" => named_close = true,
+            other if is_hop_by_hop(other) => others = true,
+            _ => {}
+        }
+    }
+    if !connection && !others {
+        return;
+    }
+    let plain_option = |value: &HeaderValue| {
+        let value = value.as_bytes();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    };
+    if !others && !named_close && headers.get_all(header::CONNECTION).iter().all(plain_option) {
+        // It names no header present: it is the only one to go.
+        headers.remove(header::CONNECTION);
         return;
     }
     let named: Vec<&str> = headers
@@ -259,7 +277,26 @@ mod tests {
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key(header::ACCEPT));
 
-        // A backend's usual `Connection: keep-alive`, across two lines and in any case.
+        // A backend's usual `Connection: keep-alive`, alone or next to a `Keep-Alive`.
+        for extra in [None, Some("keep-alive"), Some("close")] {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+            if let Some(name) = extra {
+                h.insert(name, HeaderValue::from_static("timeout=5"));
+            }
+            strip_hop_by_hop(&mut h);
+            let expected = if extra == Some("close") { 2 } else { 1 };
+            assert_eq!(h.len(), expected, "{extra:?}: {h:?}");
+            assert!(h.contains_key(header::CONTENT_LENGTH));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("close", HeaderValue::from_static("named by Connection"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+
+        // Across two lines and in any case.
         let mut h = HeaderMap::new();
         h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
         h.append(

@@ -1,16 +1,19 @@
 //! The accept loop: connection limit, per-connection protocol settings, graceful shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::Proxy;
 use super::conn::{self, ClientIo, ConnState};
@@ -47,36 +50,113 @@ impl Drop for Counted {
 /// which this crate does not enable): a signal every connection watches, and a channel whose
 /// closing tells that the last one is done.
 struct Graceful {
-    /// Flips to true at shutdown.
-    signal: watch::Sender<bool>,
+    /// Sets the signal at shutdown, or when the server is dropped.
+    trigger: StopTrigger,
     /// Cloned into each connection; dropped when it ends.
     alive: mpsc::Sender<()>,
     /// Yields `None` once every clone of `alive` is gone.
     done: mpsc::Receiver<()>,
 }
 
+/// The shutdown signal: a flag, and the task of each connection waiting for it. A connection
+/// task looks at it every time it is polled, so that costs a load and a waker comparison (a
+/// `watch` channel took a lock there, on every poll).
+#[derive(Debug, Default)]
+struct StopSignal {
+    /// Set at shutdown.
+    stop: AtomicBool,
+    /// The waiting connection tasks, by [`Stopped::id`].
+    waiters: Mutex<HashMap<u64, Waker>>,
+    /// The next [`Stopped::id`].
+    next_id: AtomicU64,
+}
+
+impl StopSignal {
+    fn trigger(&self) {
+        self.stop.store(true, Ordering::Release);
+        let waiters = std::mem::take(&mut *self.waiters.lock());
+        for waker in waiters.into_values() {
+            waker.wake();
+        }
+    }
+}
+
+/// Sets the [`StopSignal`] when dropped: at shutdown, and when the server's future is dropped
+/// without one, so connections finish either way.
+struct StopTrigger(Arc<StopSignal>);
+
+impl Drop for StopTrigger {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
+/// One connection's wait for the [`StopSignal`].
+struct Stopped {
+    /// The signal.
+    signal: Arc<StopSignal>,
+    /// Its key in the signal's waiters.
+    id: u64,
+    /// The waker registered there, if any.
+    waker: Option<Waker>,
+}
+
+impl Future for Stopped {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.signal.stop.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            this.signal.waiters.lock().insert(this.id, waker.clone());
+            this.waker = Some(waker);
+            // Triggered between the first look and the registration?
+            if this.signal.stop.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if self.waker.is_some() {
+            self.signal.waiters.lock().remove(&self.id);
+        }
+    }
+}
+
 /// A connection's part of [`Graceful`].
 struct Watcher {
     /// The shutdown signal.
-    signal: watch::Receiver<bool>,
+    stopped: Stopped,
     /// Held until the connection ends.
     _alive: mpsc::Sender<()>,
 }
 
 impl Graceful {
     fn new() -> Self {
-        let (signal, _) = watch::channel(false);
         let (alive, done) = mpsc::channel(1);
         Graceful {
-            signal,
+            trigger: StopTrigger(Arc::default()),
             alive,
             done,
         }
     }
 
     fn watcher(&self) -> Watcher {
+        let signal = self.trigger.0.clone();
+        let id = signal.next_id.fetch_add(1, Ordering::Relaxed);
         Watcher {
-            signal: self.signal.subscribe(),
+            stopped: Stopped {
+                signal,
+                id,
+                waker: None,
+            },
             _alive: self.alive.clone(),
         }
     }
@@ -84,11 +164,11 @@ impl Graceful {
     /// Tells every connection to finish and waits until they all have.
     async fn shutdown(self) {
         let Graceful {
-            signal,
+            trigger,
             alive,
             mut done,
         } = self;
-        let _ = signal.send(true);
+        drop(trigger);
         drop(alive);
         let _ = done.recv().await;
     }
@@ -202,12 +282,12 @@ async fn connection(
         })
     };
     let result = {
-        let Watcher { mut signal, _alive } = watcher;
+        let Watcher { stopped, _alive } = watcher;
         let mut conn = std::pin::pin!(builder.serve_connection(io, service));
         tokio::select! {
             result = conn.as_mut() => result,
-            // Shutdown, or the server itself dropped (`Err`): finish either way.
-            () = async { let _ = signal.wait_for(|stop| *stop).await.map(drop); } => {
+            // Shutdown, or the server itself dropped: finish either way.
+            () = stopped => {
                 // Finish the request in flight (if any), then close.
                 conn.as_mut().graceful_shutdown();
                 conn.await
