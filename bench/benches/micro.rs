@@ -19,7 +19,9 @@ use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, Uri};
 use proxy_plugin::backend::Backend;
 use proxy_plugin::balance::{BalanceMode, HashType, RequestInfo, StickyConfig, build};
-use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing, Snapshot, unix_ms};
+use session_client::cookie::{
+    CookieCodec, CookieFormat, CookieKey, Encryption, KeyRing, Snapshot, unix_ms,
+};
 use session_server::id::IdGenerator;
 use session_server::store::memory::MemoryStore;
 use session_server::store::{NewSession, Patch, SessionStore};
@@ -69,6 +71,22 @@ fn cookie(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("decode", name), |b| {
             b.iter(|| codec.decode(black_box(&value)).expect("decode"))
         });
+        group.bench_function(BenchmarkId::new("sign_verify", name), |b| {
+            b.iter(|| {
+                let value = codec.encode(black_box(&snapshot)).expect("encode");
+                codec.decode(&value).expect("decode")
+            })
+        });
+    }
+    // The first release's format, still written on request during a rolling upgrade: the
+    // reference the v2 figures are compared with in the same run.
+    for (name, encryption) in [
+        ("plain_v1", Encryption::None),
+        ("aes256gcm_v1", Encryption::Aes256Gcm),
+    ] {
+        let key = CookieKey::new(&[7u8; 32]).expect("cookie key");
+        let codec = CookieCodec::new(KeyRing::new(vec![key]).expect("key ring"), encryption)
+            .with_format(CookieFormat::V1);
         group.bench_function(BenchmarkId::new("sign_verify", name), |b| {
             b.iter(|| {
                 let value = codec.encode(black_box(&snapshot)).expect("encode");

@@ -27,6 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
+
 use hdrhistogram::Histogram;
 use session_proto::v1::session_store_client::SessionStoreClient;
 use session_proto::v1::{CreateRequest, GetRequest, TouchRequest, UpdateRequest};
@@ -38,6 +40,11 @@ const SESSION_TTL: Duration = Duration::from_secs(300);
 
 /// The attribute every generated session carries (`--session-bytes` of it).
 const ATTR: &str = "data";
+
+/// How often the pacer of a rate-limited run wakes to release the calls that have come due.
+/// tokio's timer rounds every sleep up to the next millisecond, which would add up to 1 ms to
+/// each latency measured from the schedule; a thread sleeping this long adds at most this.
+const PACER_TICK: Duration = Duration::from_micros(100);
 
 /// Highest latency the histogram records (60 s, in microseconds); slower calls are clamped.
 const MAX_LATENCY_US: u64 = 60_000_000;
@@ -292,8 +299,17 @@ pub async fn run(settings: &LoadSettings) -> Result<LoadReport, LoadError> {
         pool,
         value,
         tickets: AtomicU64::new(0),
+        due: settings.rate.map(|_| Arc::new(Semaphore::new(0))),
         start: Instant::now(),
     });
+    if let (Some(rate), Some(due)) = (shared.rate, &shared.due) {
+        let scheduled = match shared.limit {
+            Limit::Count(n) => n,
+            Limit::Duration(d) => (d.as_secs_f64() * rate).ceil() as u64,
+        };
+        let (due, start, workers) = (Arc::clone(due), shared.start, settings.concurrency.max(1));
+        std::thread::spawn(move || pace(&due, start, rate, scheduled, workers));
+    }
     let mut tasks = Vec::with_capacity(settings.concurrency);
     for worker in 0..settings.concurrency.max(1) {
         let client = SessionStoreClient::new(channels[worker % channels.len()].clone());
@@ -402,6 +418,8 @@ struct Shared {
     value: Vec<u8>,
     /// Calls started so far, over all workers: the count limit and the rate schedule.
     tickets: AtomicU64,
+    /// With a rate: one permit per call that has come due, released by the pacer thread.
+    due: Option<Arc<Semaphore>>,
     /// When the load started.
     start: Instant,
 }
@@ -459,6 +477,12 @@ async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, work
     let mut tally = Tally::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (worker + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
     loop {
+        if let Some(due) = &shared.due {
+            match due.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
+            }
+        }
         let ticket = shared.tickets.fetch_add(1, Ordering::Relaxed);
         match shared.limit {
             Limit::Count(n) if ticket >= n => break,
@@ -473,7 +497,6 @@ async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, work
                 {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
                 at
             }
             None => Instant::now(),
@@ -497,6 +520,21 @@ async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, work
         }
     }
     tally
+}
+
+/// Releases the `scheduled` calls of a rate-limited run as they come due (call `k` at
+/// `start + k / rate`), then one permit per worker so that each wakes to see the end.
+fn pace(due: &Semaphore, start: Instant, rate: f64, scheduled: u64, workers: usize) {
+    let mut released = 0u64;
+    while released < scheduled {
+        let now_due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(scheduled);
+        if now_due > released {
+            due.add_permits((now_due - released) as usize);
+            released = now_due;
+        }
+        std::thread::sleep(PACER_TICK);
+    }
+    due.add_permits(workers);
 }
 
 async fn call(

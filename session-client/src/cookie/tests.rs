@@ -1,5 +1,5 @@
-//! Unit tests of the cookie codec: round trips, compatibility with the first release's cookies,
-//! rotation, expiry, size limits and tamper rejection.
+//! Unit tests of the cookie codec: round trips in both formats, compatibility with the first
+//! release's cookies, rotation, expiry, size limits and tamper rejection.
 
 use std::time::Duration;
 
@@ -31,19 +31,56 @@ fn snapshot(value_len: usize) -> Snapshot {
     }
 }
 
+const MODES: [Encryption; 3] = [
+    Encryption::None,
+    Encryption::Aes256Gcm,
+    Encryption::ChaCha20Poly1305,
+];
+
 #[test]
-fn round_trips_in_every_mode() {
-    for mode in [
-        Encryption::None,
-        Encryption::Aes256Gcm,
-        Encryption::ChaCha20Poly1305,
-    ] {
-        let codec = codec(&[1], mode);
-        let snap = snapshot(100);
-        let value = codec.encode(&snap).unwrap();
-        assert!(value.starts_with("v1."));
-        assert_eq!(codec.decode(&value).unwrap(), snap, "{mode:?}");
+fn round_trips_in_every_mode_and_format() {
+    for mode in MODES {
+        for (format, prefix) in [(CookieFormat::V2, "v2."), (CookieFormat::V1, "v1.")] {
+            let codec = codec(&[1], mode).with_format(format);
+            let snap = snapshot(100);
+            let value = codec.encode(&snap).unwrap();
+            assert!(value.starts_with(prefix), "{value}");
+            assert_eq!(codec.decode(&value).unwrap(), snap, "{mode:?} {format:?}");
+            // Whatever a codec writes, a codec writing the other format reads.
+            let other = codec.with_format(match format {
+                CookieFormat::V1 => CookieFormat::V2,
+                CookieFormat::V2 => CookieFormat::V1,
+            });
+            assert_eq!(other.decode(&value).unwrap(), snap, "{mode:?} {format:?}");
+        }
     }
+}
+
+#[test]
+fn v2_carries_one_tag_over_the_binary() {
+    let snap = snapshot(1000);
+    let body_len = |value: &str| {
+        URL_SAFE_NO_PAD
+            .decode(value.split('.').nth(2).unwrap())
+            .unwrap()
+            .len()
+    };
+    let plain = codec(&[1], Encryption::None).encode(&snap).unwrap();
+    assert_eq!(plain.split('.').count(), 3, "no separate tag part");
+    assert_eq!(body_len(&plain), 1 + snap.encoded_len() + TAG_LEN, "HMAC");
+    for mode in [Encryption::Aes256Gcm, Encryption::ChaCha20Poly1305] {
+        let sealed = codec(&[1], mode).encode(&snap).unwrap();
+        assert_eq!(
+            body_len(&sealed),
+            1 + aead::NONCE_LEN + snap.encoded_len() + 16,
+            "{mode:?}: nonce and AEAD tag, no HMAC"
+        );
+    }
+    let v1 = codec(&[1], Encryption::None)
+        .with_format(CookieFormat::V1)
+        .encode(&snap)
+        .unwrap();
+    assert!(plain.len() < v1.len(), "{} vs {}", plain.len(), v1.len());
 }
 
 /// The snapshot the reference cookies below carry (valid 1_700_000_000_000 to +1 h).
@@ -65,7 +102,7 @@ fn reference_snapshot() -> Snapshot {
 }
 
 /// Cookies made by the first release of this codec (key `[1; 32]`), one per mode: the
-/// wire format is fixed, so every later codec must read them.
+/// v1 wire format is fixed, so every later codec must read them.
 const REFERENCE_COOKIES: [(Encryption, &str); 3] = [
     (
         Encryption::None,
@@ -101,13 +138,79 @@ fn cookies_of_the_first_release_still_decode_in_every_mode() {
     }
 }
 
+/// v2 cookies of the same snapshot and key: the v2 wire format is fixed from here on.
+const REFERENCE_COOKIES_V2: [(Encryption, &str); 3] = [
+    (
+        Encryption::None,
+        "v2.cs1uhCLE.AAogQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUESB2RlZmF1bHQaBWFsaWNlIhwKBGNh\
+         cnQSFAcHBwcHBwcHBwcHBwcHBwcHBwcHIgsKBGNzcmYSA3RvaygDMIDQlf-8MTiA0JX_vDFAgK3xgL0xSMDubV6Y\
+         ZZ4XLdUbvzspCTcgJTumOq886kKbpnY5Z5cS30Bj",
+    ),
+    (
+        Encryption::Aes256Gcm,
+        "v2.cs1uhCLE.AZxm3GjnV-AfEbx2E1Z1g-F_1LaHAfYvkcS0pN1rDB7aVSKcnl42xewUaynGaCbsTVPwlZQNIiD9\
+         k_4BCVZwmYTWL9PH7lSz-HoP41Kv0Ey2onWQIkJh6RSNA94UPCRVBJT1ulKmhlHb3Uf2HSzdYVu8HDUx_zcU-ff7\
+         vWdOms9QEgl7Q3KqsOl33uWOREWnCc7H3dI",
+    ),
+    (
+        Encryption::ChaCha20Poly1305,
+        "v2.cs1uhCLE.AsifVuALqqWY_buVGaldHP6PbxEDArAdCUC4oBBjxm00vqBAq7-BnPBL23jqJ6cMZWDPSWdO0E5x\
+         PSvC8p7fbEyNabzmnhquu8c7tCga2VzBpoqaPtTks__56vbrk9Y80R3ZusIK7kuYnPQZ3k4RfKgno3OdxYy5EVTo\
+         OgxRfhualtXfZM8YmYgVuO82gLICDFro3E0",
+    ),
+];
+
 #[test]
-fn signed_cookies_are_byte_identical_to_the_first_release() {
+fn v2_reference_cookies_decode_in_every_mode() {
+    let at = UNIX_EPOCH + Duration::from_millis(1_700_000_001_000);
+    for (mode, value) in REFERENCE_COOKIES_V2 {
+        let codec = codec(&[1], Encryption::None).with_format(CookieFormat::V1);
+        assert_eq!(
+            codec.decode_at(value, at),
+            Ok(reference_snapshot()),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn plain_cookies_are_byte_identical_to_the_references_in_both_formats() {
     // Plain mode has no nonce, so the same snapshot and key give the same value.
-    let value = codec(&[1], Encryption::None)
-        .encode(&reference_snapshot())
+    let codec = |format| codec(&[1], Encryption::None).with_format(format);
+    let snap = reference_snapshot();
+    assert_eq!(
+        codec(CookieFormat::V2).encode(&snap).unwrap(),
+        REFERENCE_COOKIES_V2[0].1
+    );
+    assert_eq!(
+        codec(CookieFormat::V1).encode(&snap).unwrap(),
+        REFERENCE_COOKIES[0].1,
+        "v1, as the first release wrote it"
+    );
+}
+
+#[test]
+fn sealed_v2_cookies_bind_the_header() {
+    // Moving a sealed body under another key id, or relabelling its mode, breaks the AEAD.
+    let snap = snapshot(50);
+    let a = CookieCodec::new(
+        KeyRing::new(vec![
+            CookieKey::with_id("a", &[1; 32]).unwrap(),
+            CookieKey::with_id("b", &[1; 32]).unwrap(),
+        ])
+        .unwrap(),
+        Encryption::Aes256Gcm,
+    );
+    let value = a.encode(&snap).unwrap();
+    let moved = value.replacen("v2.a.", "v2.b.", 1);
+    assert_eq!(a.decode(&moved), Err(CookieError::BadSignature));
+    // The body's first byte is the mode: relabel AES-256-GCM (1) as ChaCha20-Poly1305 (2).
+    let mut body = URL_SAFE_NO_PAD
+        .decode(value.split('.').nth(2).unwrap())
         .unwrap();
-    assert_eq!(value, REFERENCE_COOKIES[0].1);
+    body[0] = MODE_CHACHA20_POLY1305;
+    let relabelled = format!("v2.a.{}", URL_SAFE_NO_PAD.encode(&body));
+    assert_eq!(a.decode(&relabelled), Err(CookieError::BadSignature));
 }
 
 #[test]
@@ -204,8 +307,13 @@ fn refuses_to_emit_over_4096_bytes() {
 
 #[test]
 fn every_bit_flip_and_every_truncation_is_rejected() {
-    for mode in [Encryption::None, Encryption::ChaCha20Poly1305] {
-        let codec = codec(&[1], mode);
+    for (mode, format) in [
+        (Encryption::None, CookieFormat::V2),
+        (Encryption::ChaCha20Poly1305, CookieFormat::V2),
+        (Encryption::None, CookieFormat::V1),
+        (Encryption::Aes256Gcm, CookieFormat::V1),
+    ] {
+        let codec = codec(&[1], mode).with_format(format);
         let value = codec.encode(&snapshot(300)).unwrap();
         let bytes = value.as_bytes();
         for i in 0..bytes.len() {
