@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use ring::hmac;
 use ring::rand::SystemRandom;
-use tonic::service::Interceptor;
-use tonic::{Request, Status};
+use tonic::Status;
 
-/// A tonic interceptor that admits calls carrying `authorization: Bearer <token>`, or every call
-/// when no token is configured.
+/// The SessionStore service's check: it admits calls carrying `authorization: Bearer <token>`, or
+/// every call when no token is configured.
 #[derive(Clone)]
 pub struct BearerAuth {
     /// The random key and the expected token's tag under it; `None` admits every call.
@@ -42,6 +41,18 @@ impl BearerAuth {
         Ok(Self { expected })
     }
 
+    /// `Ok` when `header` (the whole `authorization` value, if any) carries the right token,
+    /// else UNAUTHENTICATED.
+    pub fn check(&self, header: Option<&[u8]>) -> Result<(), Status> {
+        if self.admits(header) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong bearer token in `authorization` metadata",
+            ))
+        }
+    }
+
     /// Whether `header` (the whole `authorization` value) carries the right token.
     fn admits(&self, header: Option<&[u8]>) -> bool {
         let Some(expected) = &self.expected else {
@@ -53,22 +64,6 @@ impl BearerAuth {
         let (key, tag) = expected.as_ref();
         // verify() signs `token` and compares the tags in constant time.
         hmac::verify(key, token, tag.as_ref()).is_ok()
-    }
-}
-
-impl Interceptor for BearerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.as_bytes());
-        if self.admits(header) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
-                "missing or wrong bearer token in `authorization` metadata",
-            ))
-        }
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod config;
+mod dispatch;
 pub mod id;
 pub mod metrics;
 pub mod server;

@@ -1,5 +1,5 @@
 //! Putting the server together: the store chosen by the settings, the SessionStore service
-//! behind its auth interceptor, the standard health service and server reflection.
+//! behind its bearer-token check, the standard health service and server reflection.
 //!
 //! [`run`] takes its listener and its shutdown signal as arguments, so tests bind
 //! `127.0.0.1:0`, spawn it and know the address before any call.
@@ -12,11 +12,12 @@ use session_proto::v1::session_store_server::SessionStoreServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
 use crate::config::{Settings, StoreKind};
+use crate::dispatch::ApiFirst;
 use crate::metrics::Metrics;
 use crate::service::{Limits, SessionService};
 use crate::store::SessionStore;
@@ -122,7 +123,6 @@ pub async fn run(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(usize::MAX);
     let auth = BearerAuth::new(settings.auth_token.as_deref()).map_err(|_| ServeError::Random)?;
-    let api = InterceptedService::new(api, auth);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -154,14 +154,13 @@ pub async fn run(
             .await;
         let _ = stop_tx.send(true);
     };
+    let rest = Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(api)
-        .serve_with_incoming_shutdown(no_delay(listener), signal)
+        .serve_with_incoming_shutdown(ApiFirst::new(api, auth, rest), no_delay(listener), signal)
         .await?;
     tracing::info!("gRPC server stopped");
     Ok(())

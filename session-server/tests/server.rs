@@ -70,6 +70,55 @@ async fn auth_token_is_required_when_set() {
 }
 
 #[tokio::test]
+async fn unknown_methods_and_services_are_unimplemented() {
+    // SessionStore paths skip tonic's router (see dispatch.rs): an unknown method there, and an
+    // unknown service, must still answer UNIMPLEMENTED, and the token check must come first.
+    let settings = Settings {
+        auth_token: Some("t0ken".into()),
+        ..Settings::default()
+    };
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let call = |path: &'static str, token: bool| {
+        let channel = server.channel();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel.await);
+            grpc.ready().await.unwrap();
+            let mut request = tonic::Request::new(());
+            if token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", MetadataValue::from_static("Bearer t0ken"));
+            }
+            let codec = tonic_prost::ProstCodec::<(), ()>::default();
+            grpc.unary(
+                request,
+                tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                codec,
+            )
+            .await
+            .unwrap_err()
+            .code()
+        }
+    };
+    assert_eq!(
+        call("/session.v1.SessionStore/NoSuchMethod", true).await,
+        Code::Unimplemented
+    );
+    assert_eq!(
+        call("/session.v1.SessionStore/NoSuchMethod", false).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        call("/no.such.Service/Get", false).await,
+        Code::Unimplemented
+    );
+    assert_eq!(
+        call("/session.v1.SessionStoreX/Get", true).await,
+        Code::Unimplemented
+    );
+}
+
+#[tokio::test]
 async fn reflection_lists_and_describes_the_api() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
