@@ -27,6 +27,8 @@ pub const MAX_SESSION_BYTES_CEILING: usize = 16 * 1024 * 1024;
 pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time in-flight calls get to finish after SIGINT/SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Most gRPC serving threads (`--serve-threads`): far more than any machine has cores.
+pub const MAX_SERVE_THREADS: usize = 1024;
 
 /// Which store keeps the sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -118,6 +120,11 @@ pub struct Cli {
     /// Time in-flight calls get to finish after SIGINT/SIGTERM [default: 30s].
     #[arg(long, env = "STICKLESS_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Threads serving gRPC connections, each a single-threaded runtime that keeps its
+    /// connections; 1 serves them all on the main runtime. More threads trade peak throughput
+    /// for a much shorter latency tail (BENCHMARKS.md) [default: 1].
+    #[arg(long, env = "STICKLESS_SERVE_THREADS")]
+    pub serve_threads: Option<usize>,
 }
 
 /// The TOML file: the same settings as the flags, snake_case, every key optional.
@@ -147,6 +154,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
+    serve_threads: Option<usize>,
 }
 
 /// Durations in the file are strings such as "30m" or "1h 30m", as on the command line.
@@ -229,6 +237,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Time in-flight calls get at shutdown.
     pub shutdown_grace: Duration,
+    /// Threads serving gRPC connections (1: the main runtime serves them).
+    pub serve_threads: usize,
 }
 
 impl Default for Settings {
@@ -312,6 +322,7 @@ impl Settings {
                 .shutdown_grace
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            serve_threads: cli.serve_threads.or(file.serve_threads).unwrap_or(1),
         };
         settings.validate()?;
         Ok(settings)
@@ -336,6 +347,12 @@ impl Settings {
         }
         if self.store_timeout.is_zero() {
             return invalid("store-timeout must be above zero".into());
+        }
+        if self.serve_threads == 0 || self.serve_threads > MAX_SERVE_THREADS {
+            return invalid(format!(
+                "serve-threads must be 1 to {MAX_SERVE_THREADS}, not {}",
+                self.serve_threads
+            ));
         }
         if self.redis_pool_size == 0 {
             return invalid("redis-pool-size must be at least 1".into());
@@ -377,6 +394,9 @@ mod tests {
         assert_eq!(s.store, StoreKind::Memory);
         assert_eq!(s.max_session_bytes, 64 * 1024);
         assert_eq!(s.auth_token, None);
+        assert_eq!(s.serve_threads, 1, "connections on the main runtime");
+        let file = Settings::resolve(Cli::default(), Some("serve_threads = 4")).unwrap();
+        assert_eq!(file.serve_threads, 4);
     }
 
     #[test]
@@ -408,6 +428,8 @@ mod tests {
             &["--auth-token", ""][..],
             &["--store-timeout", "0s"][..],
             &["--mysql-table", "sessions; DROP TABLE x"][..],
+            &["--serve-threads", "0"][..],
+            &["--serve-threads", "1025"][..],
         ] {
             assert!(
                 Settings::resolve(cli(args), None).is_err(),

@@ -106,7 +106,10 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let mut grpc = tokio::spawn({
         let settings = settings.clone();
         let stop = stopped(stop_rx);
-        async move { server::run(listener, &settings, store, metrics, stop).await }
+        async move {
+            let threads = settings.serve_threads;
+            server::run_sharded(listener, &settings, store, metrics, stop, threads).await
+        }
     });
     tokio::select! {
         result = &mut grpc => return Ok(result??),

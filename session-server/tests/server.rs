@@ -274,6 +274,62 @@ async fn shutdown_finishes_in_flight_calls_and_ends_watches() {
 }
 
 #[tokio::test]
+async fn serving_threads_answer_every_connection_and_drain_on_shutdown() {
+    // `--serve-threads 3`: connections are handed round robin to three single-threaded
+    // runtimes; all of them must serve, share the one store, and stop cleanly.
+    let settings = Settings {
+        serve_threads: 3,
+        ..Settings::default()
+    };
+    let server = TestServer::start(settings.clone(), memory(&settings)).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(server.client().await);
+    }
+    let mut watch = clients[0]
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    for client in &mut clients {
+        let created = client.create(CreateRequest::default()).await.unwrap();
+        ids.push(created.into_inner().id);
+    }
+    // Every connection reads what the others wrote: one store behind every thread.
+    for (i, client) in clients.iter_mut().enumerate() {
+        let id = ids[(i + 1) % ids.len()].clone();
+        let got = client
+            .get(GetRequest {
+                namespace: "".into(),
+                id: id.clone(),
+                touch: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.id, id);
+    }
+    // The watch (on the first thread) saw the creates made through every thread.
+    for id in &ids {
+        assert_eq!(&watch.next().await.unwrap().unwrap().id, id);
+    }
+
+    server
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("clean stop");
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
+        .await
+        .expect("watch ended");
+    assert!(end.is_none_or(|item| item.is_err()));
+    for client in &mut clients {
+        let after = client.create(CreateRequest::default()).await;
+        assert!(after.is_err(), "no calls served after shutdown");
+    }
+}
+
+#[tokio::test]
 async fn message_far_over_the_limit_is_refused_without_harm() {
     let settings = Settings {
         max_session_bytes: 1024,

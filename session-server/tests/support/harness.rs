@@ -86,7 +86,7 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts a server over `store` with `settings` (its `listen` is ignored: it binds
-    /// `127.0.0.1:0`).
+    /// `127.0.0.1:0`), on `settings.serve_threads` threads as the binary does.
     pub async fn start(settings: Settings, store: Arc<dyn SessionStore>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -97,10 +97,11 @@ impl TestServer {
         let task = tokio::spawn({
             let metrics = metrics.clone();
             async move {
-                server::run(listener, &settings, store, metrics, async {
+                let stop = async {
                     let _ = stopped.await;
-                })
-                .await
+                };
+                let threads = settings.serve_threads;
+                server::run_sharded(listener, &settings, store, metrics, stop, threads).await
             }
         });
         TestServer {
