@@ -14,6 +14,7 @@
 //!     session_bytes: 200,
 //!     pool: 1_000,
 //!     rate: None,
+//!     client_threads: 0,
 //! };
 //! let report = load_grpc::run(&settings).await?;
 //! println!("{report}");
@@ -76,6 +77,9 @@ pub enum LoadError {
     /// A worker task panicked or was cancelled.
     #[error("a load worker failed: {0}")]
     Worker(#[source] tokio::task::JoinError),
+    /// A client thread (`client_threads`) could not start, or ended before reporting.
+    #[error("a load client thread failed: {0}")]
+    ClientThread(String),
 }
 
 /// The kinds of call the generator makes.
@@ -199,6 +203,10 @@ pub struct LoadSettings {
     pub pool: usize,
     /// Total calls per second to aim for; `None` runs flat out.
     pub rate: Option<f64>,
+    /// Threads of their own for the callers, each a single-threaded runtime with its share of
+    /// the connections and callers (an event loop per thread, as wrk has); 0 runs them as tasks
+    /// on the caller's runtime.
+    pub client_threads: usize,
 }
 
 /// What one run measured.
@@ -244,8 +252,9 @@ impl fmt::Display for LoadReport {
             .map_or("unlimited".to_owned(), |r| format!("{r:.0}/s"));
         writeln!(
             f,
-            "load-grpc: {} mix {} concurrency {} connections {} session-bytes {} rate {rate}",
-            s.target, s.mix, s.concurrency, s.connections, s.session_bytes
+            "load-grpc: {} mix {} concurrency {} connections {} client-threads {} session-bytes {} \
+             rate {rate}",
+            s.target, s.mix, s.concurrency, s.connections, s.client_threads, s.session_bytes
         )?;
         let by_op: Vec<String> = self.by_op.iter().map(|(k, v)| format!("{k}={v}")).collect();
         writeln!(
@@ -292,37 +301,48 @@ pub async fn run(settings: &LoadSettings) -> Result<LoadReport, LoadError> {
     } else {
         Vec::new()
     };
-    let shared = Arc::new(Shared {
-        mix: settings.mix.clone(),
-        limit: settings.limit,
-        rate: settings.rate,
-        pool,
-        value,
-        tickets: AtomicU64::new(0),
-        due: settings.rate.map(|_| Arc::new(Semaphore::new(0))),
-        start: Instant::now(),
-    });
-    if let (Some(rate), Some(due)) = (shared.rate, &shared.due) {
-        let scheduled = match shared.limit {
-            Limit::Count(n) => n,
-            Limit::Duration(d) => (d.as_secs_f64() * rate).ceil() as u64,
-        };
-        let (due, start, workers) = (Arc::clone(due), shared.start, settings.concurrency.max(1));
-        std::thread::spawn(move || pace(&due, start, rate, scheduled, workers));
-    }
-    let mut tasks = Vec::with_capacity(settings.concurrency);
-    for worker in 0..settings.concurrency.max(1) {
-        let client = SessionStoreClient::new(channels[worker % channels.len()].clone());
-        tasks.push(tokio::spawn(work(
-            client,
-            Arc::clone(&shared),
-            worker as u64,
-        )));
-    }
-    let mut total = Tally::new();
-    for task in tasks {
-        total.merge(task.await.map_err(LoadError::Worker)?);
-    }
+    let shared = || {
+        let shared = Arc::new(Shared {
+            mix: settings.mix.clone(),
+            limit: settings.limit,
+            rate: settings.rate,
+            pool: pool.clone(),
+            value: value.clone(),
+            tickets: AtomicU64::new(0),
+            due: settings.rate.map(|_| Arc::new(Semaphore::new(0))),
+            start: Instant::now(),
+        });
+        if let (Some(rate), Some(due)) = (shared.rate, &shared.due) {
+            let scheduled = match shared.limit {
+                Limit::Count(n) => n,
+                Limit::Duration(d) => (d.as_secs_f64() * rate).ceil() as u64,
+            };
+            let (due, start, workers) =
+                (Arc::clone(due), shared.start, settings.concurrency.max(1));
+            std::thread::spawn(move || pace(&due, start, rate, scheduled, workers));
+        }
+        shared
+    };
+    let (total, shared) = if settings.client_threads > 0 {
+        drop(channels);
+        run_on_threads(settings, shared).await?
+    } else {
+        let shared = shared();
+        let mut tasks = Vec::with_capacity(settings.concurrency);
+        for worker in 0..settings.concurrency.max(1) {
+            let client = SessionStoreClient::new(channels[worker % channels.len()].clone());
+            tasks.push(tokio::spawn(work(
+                client,
+                Arc::clone(&shared),
+                worker as u64,
+            )));
+        }
+        let mut total = Tally::new();
+        for task in tasks {
+            total.merge(task.await.map_err(LoadError::Worker)?);
+        }
+        (total, shared)
+    };
     Ok(LoadReport {
         ok: total.ok,
         errors: total.errors,
@@ -331,6 +351,92 @@ pub async fn run(settings: &LoadSettings) -> Result<LoadReport, LoadError> {
         latency_us: total.latency_us,
         settings: settings.clone(),
     })
+}
+
+/// Runs the callers on `settings.client_threads` threads of their own, each a single-threaded
+/// runtime with its share of the connections and of the callers (as wrk's threads, or
+/// redis-benchmark's event loop), instead of on the caller's work-stealing runtime. Every
+/// thread connects first; the load (and its clock) starts when all have.
+async fn run_on_threads(
+    settings: &LoadSettings,
+    shared: impl FnOnce() -> Arc<Shared>,
+) -> Result<(Tally, Arc<Shared>), LoadError> {
+    let threads = settings.client_threads;
+    let (mut readies, mut gos, mut dones) = (Vec::new(), Vec::new(), Vec::new());
+    for thread in 0..threads {
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), LoadError>>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<Arc<Shared>>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<Tally, LoadError>>();
+        let target = settings.target.clone();
+        let connections = (settings.connections / threads
+            + usize::from(thread < settings.connections % threads))
+        .max(1);
+        let workers: Vec<u64> = (0..settings.concurrency.max(1) as u64)
+            .filter(|w| *w as usize % threads == thread)
+            .collect();
+        std::thread::Builder::new()
+            .name(format!("load-{thread}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(LoadError::ClientThread(error.to_string())));
+                        return;
+                    }
+                };
+                let result = runtime.block_on(async move {
+                    let channels = match connect(&target, connections).await {
+                        Ok(channels) => {
+                            let _ = ready_tx.send(Ok(()));
+                            channels
+                        }
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(error));
+                            return Ok(Tally::new());
+                        }
+                    };
+                    // Waits (this thread only) for every other thread to have connected.
+                    let Ok(shared) = go_rx.recv() else {
+                        return Ok(Tally::new());
+                    };
+                    let tasks: Vec<_> = workers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, worker)| {
+                            let client =
+                                SessionStoreClient::new(channels[i % channels.len()].clone());
+                            tokio::spawn(work(client, Arc::clone(&shared), *worker))
+                        })
+                        .collect();
+                    let mut total = Tally::new();
+                    for task in tasks {
+                        total.merge(task.await.map_err(LoadError::Worker)?);
+                    }
+                    Ok(total)
+                });
+                let _ = done_tx.send(result);
+            })
+            .map_err(|error| LoadError::ClientThread(error.to_string()))?;
+        readies.push(ready_rx);
+        gos.push(go_tx);
+        dones.push(done_rx);
+    }
+    let lost = || LoadError::ClientThread("a client thread ended early".into());
+    for ready in readies {
+        ready.await.map_err(|_| lost())??;
+    }
+    let shared = shared();
+    for go in gos {
+        let _ = go.send(Arc::clone(&shared));
+    }
+    let mut total = Tally::new();
+    for done in dones {
+        total.merge(done.await.map_err(|_| lost())??);
+    }
+    Ok((total, shared))
 }
 
 async fn connect(target: &str, connections: usize) -> Result<Vec<Channel>, LoadError> {

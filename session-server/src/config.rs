@@ -121,8 +121,9 @@ pub struct Cli {
     #[arg(long, env = "STICKLESS_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Option<Duration>,
     /// Threads serving gRPC connections, each a single-threaded runtime that keeps its
-    /// connections; 1 serves them all on the main runtime. More threads trade peak throughput
-    /// for a much shorter latency tail (BENCHMARKS.md) [default: 1].
+    /// connections; 1 serves them all on the main (work-stealing) runtime [default: the number
+    /// of CPUs with the memory store, 1 with Redis or MySQL, whose connections then stay on the
+    /// main runtime].
     #[arg(long, env = "STICKLESS_SERVE_THREADS")]
     pub serve_threads: Option<usize>,
 }
@@ -237,8 +238,9 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Time in-flight calls get at shutdown.
     pub shutdown_grace: Duration,
-    /// Threads serving gRPC connections (1: the main runtime serves them).
-    pub serve_threads: usize,
+    /// Threads serving gRPC connections as set (1: the main runtime serves them); `None`: see
+    /// [`Settings::serve_threads`].
+    pub serve_threads: Option<usize>,
 }
 
 impl Default for Settings {
@@ -322,10 +324,22 @@ impl Settings {
                 .shutdown_grace
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
-            serve_threads: cli.serve_threads.or(file.serve_threads).unwrap_or(1),
+            serve_threads: cli.serve_threads.or(file.serve_threads),
         };
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Threads to serve gRPC connections on: as set, else one per CPU for the memory store and
+    /// 1 (the main runtime) for Redis and MySQL, so that their connections, made by whichever
+    /// thread first needs one, never live on a serving thread's runtime.
+    pub fn serve_threads(&self) -> usize {
+        self.serve_threads.unwrap_or_else(|| match self.store {
+            StoreKind::Memory => {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }
+            StoreKind::Redis | StoreKind::RedisCluster | StoreKind::Mysql => 1,
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -348,10 +362,11 @@ impl Settings {
         if self.store_timeout.is_zero() {
             return invalid("store-timeout must be above zero".into());
         }
-        if self.serve_threads == 0 || self.serve_threads > MAX_SERVE_THREADS {
+        if let Some(threads) = self.serve_threads
+            && (threads == 0 || threads > MAX_SERVE_THREADS)
+        {
             return invalid(format!(
-                "serve-threads must be 1 to {MAX_SERVE_THREADS}, not {}",
-                self.serve_threads
+                "serve-threads must be 1 to {MAX_SERVE_THREADS}, not {threads}"
             ));
         }
         if self.redis_pool_size == 0 {
@@ -394,9 +409,16 @@ mod tests {
         assert_eq!(s.store, StoreKind::Memory);
         assert_eq!(s.max_session_bytes, 64 * 1024);
         assert_eq!(s.auth_token, None);
-        assert_eq!(s.serve_threads, 1, "connections on the main runtime");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            s.serve_threads(),
+            cpus,
+            "memory store: a serving thread per CPU"
+        );
+        let redis = Settings::resolve(cli(&["--store", "redis"]), None).unwrap();
+        assert_eq!(redis.serve_threads(), 1, "Redis: the main runtime");
         let file = Settings::resolve(Cli::default(), Some("serve_threads = 4")).unwrap();
-        assert_eq!(file.serve_threads, 4);
+        assert_eq!(file.serve_threads(), 4);
     }
 
     #[test]

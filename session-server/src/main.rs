@@ -107,7 +107,7 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         let settings = settings.clone();
         let stop = stopped(stop_rx);
         async move {
-            let threads = settings.serve_threads;
+            let threads = settings.serve_threads();
             server::run_sharded(listener, &settings, store, metrics, stop, threads).await
         }
     });

@@ -278,7 +278,7 @@ async fn serving_threads_answer_every_connection_and_drain_on_shutdown() {
     // `--serve-threads 3`: connections are handed round robin to three single-threaded
     // runtimes; all of them must serve, share the one store, and stop cleanly.
     let settings = Settings {
-        serve_threads: 3,
+        serve_threads: Some(3),
         ..Settings::default()
     };
     let server = TestServer::start(settings.clone(), memory(&settings)).await;

@@ -68,6 +68,12 @@ struct Cli {
     /// start); flat out when unset.
     #[arg(long)]
     rate: Option<f64>,
+    /// Threads running the callers, each an event loop (a single-threaded runtime) with its
+    /// share of the connections and callers, as wrk's threads; 0 runs them as tasks on one
+    /// work-stealing runtime (the generator's mode before 2026-11-26 evening) [default: the
+    /// number of CPUs]
+    #[arg(long)]
+    client_threads: Option<usize>,
     /// After the load, run `redis-benchmark` against this Redis for a baseline.
     #[arg(long)]
     vs_redis: Option<String>,
@@ -211,6 +217,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         session_bytes: cli.session_bytes,
         pool: cli.pool,
         rate: cli.rate.filter(|r| *r > 0.0),
+        client_threads: cli
+            .client_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(

@@ -86,7 +86,8 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts a server over `store` with `settings` (its `listen` is ignored: it binds
-    /// `127.0.0.1:0`), on `settings.serve_threads` threads as the binary does.
+    /// `127.0.0.1:0`), on `settings.serve_threads` threads when set, else on the test's
+    /// runtime (the store may be a network one whatever `settings.store` says).
     pub async fn start(settings: Settings, store: Arc<dyn SessionStore>) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -100,7 +101,7 @@ impl TestServer {
                 let stop = async {
                     let _ = stopped.await;
                 };
-                let threads = settings.serve_threads;
+                let threads = settings.serve_threads.unwrap_or(1);
                 server::run_sharded(listener, &settings, store, metrics, stop, threads).await
             }
         });
