@@ -130,7 +130,7 @@ pub async fn run(
 /// per-call tasks it spawns move between worker threads, waking and parking each other, and
 /// each response is written as soon as it is ready. On a thread of its own, a connection's
 /// calls never change thread, and the responses of one round leave in one write: server CPU
-/// per `Get` 17.0 → 14.2 µs, p99 at peak ~4.4 → ~0.55 ms, and 1.3× the calls per second
+/// per `Get` 17.0 → 14.2 µs, p99 at peak ~4.4 → ~0.6 ms, and 1.25× the calls per second
 /// against a load generator that runs an event loop per thread (`BENCHMARKS.md`). The store is
 /// shared by all threads as before; `threads` of 1 or less is [`run`].
 pub async fn run_sharded(
