@@ -302,38 +302,41 @@ pub async fn run(settings: &LoadSettings) -> Result<LoadReport, LoadError> {
         Vec::new()
     };
     let shared = || {
-        let shared = Arc::new(Shared {
+        Arc::new(Shared {
             mix: settings.mix.clone(),
             limit: settings.limit,
             rate: settings.rate,
             pool: pool.clone(),
             value: value.clone(),
             tickets: AtomicU64::new(0),
-            due: settings.rate.map(|_| Arc::new(Semaphore::new(0))),
             start: Instant::now(),
-        });
-        if let (Some(rate), Some(due)) = (shared.rate, &shared.due) {
-            let scheduled = match shared.limit {
-                Limit::Count(n) => n,
-                Limit::Duration(d) => (d.as_secs_f64() * rate).ceil() as u64,
-            };
-            let (due, start, workers) =
-                (Arc::clone(due), shared.start, settings.concurrency.max(1));
-            std::thread::spawn(move || pace(&due, start, rate, scheduled, workers));
-        }
-        shared
+        })
     };
     let (total, shared) = if settings.client_threads > 0 {
         drop(channels);
         run_on_threads(settings, shared).await?
     } else {
         let shared = shared();
+        // One pacer thread for all callers: tokio's timer rounds every sleep up to the next
+        // millisecond.
+        let pace = shared.rate.map(|rate| {
+            let pace = Pace::new(1, 0);
+            let (due, start, workers) = (
+                Arc::clone(&pace.due),
+                shared.start,
+                settings.concurrency.max(1),
+            );
+            let scheduled = scheduled(shared.limit, rate);
+            std::thread::spawn(move || pace_thread(&due, start, rate, scheduled, workers));
+            pace
+        });
         let mut tasks = Vec::with_capacity(settings.concurrency);
         for worker in 0..settings.concurrency.max(1) {
             let client = SessionStoreClient::new(channels[worker % channels.len()].clone());
             tasks.push(tokio::spawn(work(
                 client,
                 Arc::clone(&shared),
+                pace.clone(),
                 worker as u64,
             )));
         }
@@ -402,13 +405,43 @@ async fn run_on_threads(
                     let Ok(shared) = go_rx.recv() else {
                         return Ok(Tally::new());
                     };
+                    // This thread's own pacer: its share of the schedule, released on this
+                    // thread by a precise timer, so no call waits for a wake-up from another
+                    // thread.
+                    let pace = match shared.rate {
+                        Some(rate) => {
+                            let pace = Pace::new(threads as u64, thread as u64);
+                            let scheduled = scheduled(shared.limit, rate)
+                                .saturating_sub(thread as u64)
+                                .div_ceil(threads as u64);
+                            let due = Arc::clone(&pace.due);
+                            let (start, callers) = (shared.start, workers.len());
+                            tokio::spawn(async move {
+                                if let Err(error) = pace_local(
+                                    &due,
+                                    start,
+                                    rate,
+                                    &(threads as u64, thread as u64),
+                                    scheduled,
+                                    callers,
+                                )
+                                .await
+                                {
+                                    tracing::error!(%error, "load-grpc pacer failed");
+                                    due.close();
+                                }
+                            });
+                            Some(pace)
+                        }
+                        None => None,
+                    };
                     let tasks: Vec<_> = workers
                         .iter()
                         .enumerate()
                         .map(|(i, worker)| {
                             let client =
                                 SessionStoreClient::new(channels[i % channels.len()].clone());
-                            tokio::spawn(work(client, Arc::clone(&shared), *worker))
+                            tokio::spawn(work(client, Arc::clone(&shared), pace.clone(), *worker))
                         })
                         .collect();
                     let mut total = Tally::new();
@@ -524,8 +557,6 @@ struct Shared {
     value: Vec<u8>,
     /// Calls started so far, over all workers: the count limit and the rate schedule.
     tickets: AtomicU64,
-    /// With a rate: one permit per call that has come due, released by the pacer thread.
-    due: Option<Arc<Semaphore>>,
     /// When the load started.
     start: Instant,
 }
@@ -579,25 +610,38 @@ impl Rng {
     }
 }
 
-async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, worker: u64) -> Tally {
+async fn work(
+    mut client: SessionStoreClient<Channel>,
+    shared: Arc<Shared>,
+    pace: Option<Pace>,
+    worker: u64,
+) -> Tally {
     let mut tally = Tally::new();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (worker + 1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
     loop {
-        if let Some(due) = &shared.due {
-            match due.acquire().await {
-                Ok(permit) => permit.forget(),
+        // With a rate: wait for a call to come due, and take its place in the schedule.
+        let slot = match &pace {
+            Some(pace) => match pace.due.acquire().await {
+                Ok(permit) => {
+                    permit.forget();
+                    Some(pace.next_slot())
+                }
                 Err(_) => break,
-            }
-        }
-        let ticket = shared.tickets.fetch_add(1, Ordering::Relaxed);
+            },
+            None => None,
+        };
+        // The count limit goes by the schedule when there is one: each pacer ends with a spare
+        // permit per caller, whose slot lies past the run, and must not be taken for a call
+        // another pacer's callers have not made yet.
+        let ticket = slot.unwrap_or_else(|| shared.tickets.fetch_add(1, Ordering::Relaxed));
         match shared.limit {
             Limit::Count(n) if ticket >= n => break,
             Limit::Duration(d) if shared.start.elapsed() >= d => break,
             _ => {}
         }
-        let began = match shared.rate {
-            Some(rate) => {
-                let at = shared.start + Duration::from_secs_f64(ticket as f64 / rate);
+        let began = match (shared.rate, slot) {
+            (Some(rate), Some(slot)) => {
+                let at = shared.start + Duration::from_secs_f64(slot as f64 / rate);
                 if let Limit::Duration(d) = shared.limit
                     && at >= shared.start + d
                 {
@@ -605,7 +649,7 @@ async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, work
                 }
                 at
             }
-            None => Instant::now(),
+            _ => Instant::now(),
         };
         let op = shared.mix.pick(rng.next());
         let result = call(&mut client, &shared, op, rng.next()).await;
@@ -628,12 +672,61 @@ async fn work(mut client: SessionStoreClient<Channel>, shared: Arc<Shared>, work
     tally
 }
 
+/// One pacer's share of a rate-limited schedule: calls `offset`, `offset + stride`, ... of
+/// the whole run (call `k` due at `start + k / rate`).
+#[derive(Clone)]
+struct Pace {
+    /// One permit per call of this share that has come due.
+    due: Arc<Semaphore>,
+    /// Calls of this share started so far.
+    taken: Arc<AtomicU64>,
+    /// Pacers in the run.
+    stride: u64,
+    /// This pacer's first call.
+    offset: u64,
+}
+
+impl Pace {
+    fn new(stride: u64, offset: u64) -> Pace {
+        Pace {
+            due: Arc::new(Semaphore::new(0)),
+            taken: Arc::new(AtomicU64::new(0)),
+            stride: stride.max(1),
+            offset,
+        }
+    }
+
+    /// The run-wide number of the next call of this share.
+    fn next_slot(&self) -> u64 {
+        self.taken.fetch_add(1, Ordering::Relaxed) * self.stride + self.offset
+    }
+}
+
+/// Calls a rate-limited run schedules in all.
+fn scheduled(limit: Limit, rate: f64) -> u64 {
+    match limit {
+        Limit::Count(n) => n,
+        Limit::Duration(d) => (d.as_secs_f64() * rate).ceil() as u64,
+    }
+}
+
+/// Calls of share `offset` of `stride` (see [`Pace`]) due by `elapsed` seconds, at most
+/// `scheduled`.
+fn due_by(elapsed: f64, rate: f64, stride: u64, offset: u64, scheduled: u64) -> u64 {
+    let calls = (elapsed * rate).floor();
+    if calls < offset as f64 {
+        return 0;
+    }
+    (((calls as u64 - offset) / stride) + 1).min(scheduled)
+}
+
 /// Releases the `scheduled` calls of a rate-limited run as they come due (call `k` at
-/// `start + k / rate`), then one permit per worker so that each wakes to see the end.
-fn pace(due: &Semaphore, start: Instant, rate: f64, scheduled: u64, workers: usize) {
+/// `start + k / rate`) from a thread of its own, then one permit per worker so that each wakes
+/// to see the end.
+fn pace_thread(due: &Semaphore, start: Instant, rate: f64, scheduled: u64, workers: usize) {
     let mut released = 0u64;
     while released < scheduled {
-        let now_due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(scheduled);
+        let now_due = due_by(start.elapsed().as_secs_f64(), rate, 1, 0, scheduled);
         if now_due > released {
             due.add_permits((now_due - released) as usize);
             released = now_due;
@@ -641,6 +734,71 @@ fn pace(due: &Semaphore, start: Instant, rate: f64, scheduled: u64, workers: usi
         std::thread::sleep(PACER_TICK);
     }
     due.add_permits(workers);
+}
+
+/// [`pace_thread`] for one client thread's share, as a task on that thread: a periodic timerfd
+/// on the thread's own reactor wakes it every [`PACER_TICK`] (tokio's timer would round up to
+/// a millisecond), and no other thread is involved.
+async fn pace_local(
+    due: &Semaphore,
+    start: Instant,
+    rate: f64,
+    share: &(u64, u64),
+    scheduled: u64,
+    workers: usize,
+) -> std::io::Result<()> {
+    use rustix::time::{
+        Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
+        timerfd_settime,
+    };
+    let (stride, offset) = *share;
+    let timer = timerfd_create(
+        TimerfdClockId::Monotonic,
+        TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+    )?;
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: i64::from(PACER_TICK.subsec_nanos()),
+    };
+    timerfd_settime(
+        &timer,
+        TimerfdTimerFlags::empty(),
+        &Itimerspec {
+            it_interval: tick,
+            it_value: tick,
+        },
+    )?;
+    // `AsyncFd::new` is deprecated (tokio 1.54) because an arbitrary `AsRawFd` may close or
+    // swap its descriptor while registered; its replacement, `register`, is `unsafe`, which
+    // this workspace forbids. An `OwnedFd` moved in here is open, and stays the same, for as
+    // long as the `AsyncFd` lives: the contract `register` asks for.
+    #[allow(deprecated)]
+    let timer = tokio::io::unix::AsyncFd::new(timer)?;
+    let mut released = 0u64;
+    loop {
+        let now_due = due_by(
+            start.elapsed().as_secs_f64(),
+            rate,
+            stride,
+            offset,
+            scheduled,
+        );
+        if now_due > released {
+            due.add_permits((now_due - released) as usize);
+            released = now_due;
+        }
+        if released >= scheduled {
+            break;
+        }
+        let mut ready = timer.readable().await?;
+        let mut expirations = [0u8; 8];
+        // Drains the count of expirations; a tick that lands after this read is seen at the
+        // next one, 100 µs later.
+        let _ = rustix::io::read(ready.get_inner(), &mut expirations);
+        ready.clear_ready();
+    }
+    due.add_permits(workers);
+    Ok(())
 }
 
 async fn call(
@@ -820,6 +978,63 @@ mod tests {
         let mut rng = Rng(7);
         assert!((0..1000).all(|_| mix.pick(rng.next()) == Op::Get));
         assert!(!"create=1".parse::<Mix>().unwrap().needs_pool());
+    }
+
+    #[test]
+    fn pacers_share_the_schedule_without_overlap() {
+        let rate = 1000.0;
+        for elapsed in [0.0, 0.0004, 0.001, 0.0125, 0.5, 2.0] {
+            let whole = due_by(elapsed, rate, 1, 0, 1001);
+            let shares: u64 = (0..3)
+                .map(|t| due_by(elapsed, rate, 3, t, (1001 - t).div_ceil(3)))
+                .sum();
+            assert_eq!(shares, whole, "at {elapsed} s");
+        }
+        // Each share stops at its own part of the run: 1001 calls over 3 pacers.
+        assert_eq!(due_by(10.0, rate, 3, 0, 334), 334);
+        assert_eq!(due_by(10.0, rate, 3, 2, 333), 333);
+        assert_eq!(due_by(0.0, rate, 3, 1, 333), 0, "call 1 is not due at 0");
+    }
+
+    /// A paced run with a count ends with exactly that many calls, whichever the pacing mode
+    /// (it once waited for ever when one client thread's pacer finished before the other's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn paced_counted_runs_end_with_the_count_in_both_modes() {
+        use session_server::config::Settings;
+        use session_server::metrics::Metrics;
+        use session_server::store::memory::MemoryStore;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = format!("http://{}", listener.local_addr().unwrap());
+        let settings = Settings::default();
+        let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            session_server::server::run(listener, &settings, store, Metrics::new(), shutdown).await
+        });
+        for client_threads in [0, 2, 3] {
+            let settings = LoadSettings {
+                target: target.clone(),
+                mix: "get=100".parse().unwrap(),
+                concurrency: 8,
+                connections: 3,
+                limit: Limit::Count(1001),
+                session_bytes: 10,
+                pool: 10,
+                rate: Some(5000.0),
+                client_threads,
+            };
+            let report = tokio::time::timeout(Duration::from_secs(20), run(&settings))
+                .await
+                .unwrap_or_else(|_| panic!("{client_threads} client threads: still running"))
+                .unwrap();
+            assert_eq!(report.calls(), 1001, "{client_threads} client threads");
+            assert_eq!(report.ok, 1001);
+        }
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
     }
 
     #[test]
