@@ -122,8 +122,7 @@ pub struct Cli {
     pub shutdown_grace: Option<Duration>,
     /// Threads serving gRPC connections, each a single-threaded runtime that keeps its
     /// connections; 1 serves them all on the main (work-stealing) runtime [default: the number
-    /// of CPUs with the memory store, 1 with Redis or MySQL, whose connections then stay on the
-    /// main runtime].
+    /// of CPUs with the memory store, 1 with Redis or MySQL].
     #[arg(long, env = "STICKLESS_SERVE_THREADS")]
     pub serve_threads: Option<usize>,
 }
@@ -331,8 +330,10 @@ impl Settings {
     }
 
     /// Threads to serve gRPC connections on: as set, else one per CPU for the memory store and
-    /// 1 (the main runtime) for Redis and MySQL, so that their connections, made by whichever
-    /// thread first needs one, never live on a serving thread's runtime.
+    /// 1 (the main runtime) for Redis and MySQL. With Redis, serving threads measured no faster
+    /// (its connections are made on the main runtime, one more hop per call) though with a
+    /// shorter tail (BENCHMARKS.md); MySQL connections would live on whichever serving thread
+    /// first opened them.
     pub fn serve_threads(&self) -> usize {
         self.serve_threads.unwrap_or_else(|| match self.store {
             StoreKind::Memory => {
@@ -417,6 +418,8 @@ mod tests {
         );
         let redis = Settings::resolve(cli(&["--store", "redis"]), None).unwrap();
         assert_eq!(redis.serve_threads(), 1, "Redis: the main runtime");
+        let mysql = Settings::resolve(cli(&["--store", "mysql"]), None).unwrap();
+        assert_eq!(mysql.serve_threads(), 1, "MySQL: the main runtime");
         let file = Settings::resolve(Cli::default(), Some("serve_threads = 4")).unwrap();
         assert_eq!(file.serve_threads(), 4);
     }

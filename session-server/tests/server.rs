@@ -10,6 +10,7 @@ use futures::StreamExt as _;
 use session_proto::v1::*;
 use session_server::config::Settings;
 use session_server::store::memory::MemoryStore;
+use session_server::store::redis::{RedisConfig, RedisStore};
 use support::harness::{TestServer, redis_store};
 use support::outage::{fails_within, is_unavailable};
 use support::services::{self, OwnRedis};
@@ -326,6 +327,44 @@ async fn serving_threads_answer_every_connection_and_drain_on_shutdown() {
     for client in &mut clients {
         let after = client.create(CreateRequest::default()).await;
         assert!(after.is_err(), "no calls served after shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connections_outlive_the_serving_threads() {
+    // With serving threads, the Redis lanes must be opened on the runtime the store was built
+    // on: a lane opened on a serving thread would die with that thread's runtime.
+    let test = "redis_connections_outlive_the_serving_threads";
+    let Some(url) = services::redis_url(test) else {
+        return;
+    };
+    let settings = Settings {
+        serve_threads: Some(2),
+        ..Settings::default()
+    };
+    // One lane, so that the connection the calls open is the one used after the shutdown.
+    let mut config = RedisConfig::new(&url, settings.max_session_bytes);
+    config.key_prefix = services::unique_prefix(test);
+    config.pool_size = 1;
+    let store: Arc<dyn session_server::store::SessionStore> =
+        Arc::new(RedisStore::new(config).unwrap());
+    let server = TestServer::start(settings.clone(), store.clone()).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let mut client = server.client().await;
+        let created = client.create(CreateRequest::default()).await.unwrap();
+        ids.push(created.into_inner().id);
+    }
+    server
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("clean stop");
+    for id in &ids {
+        let record = store
+            .get("default", id, false)
+            .await
+            .expect("the store still reaches Redis after the serving threads ended");
+        assert_eq!(&record.id, id);
     }
 }
 

@@ -66,6 +66,7 @@ impl Connections {
         Ok(Connections::Standalone(Arc::new(Lanes {
             client,
             settings,
+            runtime: tokio::runtime::Handle::try_current().ok(),
             lanes,
             next: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
@@ -102,6 +103,10 @@ pub(super) struct Lanes {
     client: Client,
     /// Connect and response timeouts of every connection.
     settings: AsyncConnectionConfig,
+    /// The runtime the store was built on, where connections are made, so that each one's
+    /// driver task lives there and not on whichever serving thread (`--serve-threads`) first
+    /// needed it, whose runtime may end first. `None` outside a runtime: made by the caller.
+    runtime: Option<tokio::runtime::Handle>,
     /// The lanes; `None` until connected and after a break.
     lanes: Box<[tokio::sync::Mutex<Lane>]>,
     /// Round-robin cursor.
@@ -118,11 +123,21 @@ impl Lanes {
         if let Some((generation, conn)) = lane.as_ref() {
             return Ok(self.lane_connection(index, *generation, conn.clone()));
         }
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.settings)
-            .await
-            .map_err(redis_error)?;
+        let connect = {
+            let (client, settings) = (self.client.clone(), self.settings.clone());
+            async move {
+                client
+                    .get_multiplexed_async_connection_with_config(&settings)
+                    .await
+            }
+        };
+        let conn = match &self.runtime {
+            Some(runtime) => runtime.spawn(connect).await.map_err(|error| {
+                StoreError::Unavailable(format!("connecting to Redis was cut short: {error}"))
+            })?,
+            None => connect.await,
+        }
+        .map_err(redis_error)?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *lane = Some((generation, conn.clone()));
         drop(lane);
