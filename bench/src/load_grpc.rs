@@ -301,13 +301,13 @@ pub async fn run(settings: &LoadSettings) -> Result<LoadReport, LoadError> {
     } else {
         Vec::new()
     };
-    let shared = || {
+    let shared = move || {
         Arc::new(Shared {
             mix: settings.mix.clone(),
             limit: settings.limit,
             rate: settings.rate,
-            pool: pool.clone(),
-            value: value.clone(),
+            pool,
+            value,
             tickets: AtomicU64::new(0),
             start: Instant::now(),
         })
@@ -414,21 +414,14 @@ async fn run_on_threads(
                             let scheduled = scheduled(shared.limit, rate)
                                 .saturating_sub(thread as u64)
                                 .div_ceil(threads as u64);
-                            let due = Arc::clone(&pace.due);
                             let (start, callers) = (shared.start, workers.len());
+                            let pacer = pace.clone();
                             tokio::spawn(async move {
-                                if let Err(error) = pace_local(
-                                    &due,
-                                    start,
-                                    rate,
-                                    &(threads as u64, thread as u64),
-                                    scheduled,
-                                    callers,
-                                )
-                                .await
+                                if let Err(error) =
+                                    pace_local(&pacer, start, rate, scheduled, callers).await
                                 {
                                     tracing::error!(%error, "load-grpc pacer failed");
-                                    due.close();
+                                    pacer.due.close();
                                 }
                             });
                             Some(pace)
@@ -740,10 +733,9 @@ fn pace_thread(due: &Semaphore, start: Instant, rate: f64, scheduled: u64, worke
 /// on the thread's own reactor wakes it every [`PACER_TICK`] (tokio's timer would round up to
 /// a millisecond), and no other thread is involved.
 async fn pace_local(
-    due: &Semaphore,
+    pace: &Pace,
     start: Instant,
     rate: f64,
-    share: &(u64, u64),
     scheduled: u64,
     workers: usize,
 ) -> std::io::Result<()> {
@@ -751,7 +743,7 @@ async fn pace_local(
         Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
         timerfd_settime,
     };
-    let (stride, offset) = *share;
+    let (due, stride, offset) = (&pace.due, pace.stride, pace.offset);
     let timer = timerfd_create(
         TimerfdClockId::Monotonic,
         TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,

@@ -45,14 +45,15 @@ fn no_delay(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        accepted.inspect(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                // Still served, only slower: not a reason to drop the connection.
-                tracing::debug!(%error, "cannot turn off Nagle on an accepted connection");
-            }
-        })
-    })
+    TcpListenerStream::new(listener).map(|accepted| accepted.inspect(nagle_off))
+}
+
+/// Turns Nagle's algorithm off on an accepted connection (see [`no_delay`]). A connection where
+/// that fails is still served, only slower: not a reason to drop it.
+fn nagle_off(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot turn off Nagle on an accepted connection");
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -193,9 +194,7 @@ async fn accept_into(
                 continue;
             }
         };
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "cannot turn off Nagle on an accepted connection");
-        }
+        nagle_off(&stream);
         // Leaves this runtime's reactor, to join the serving thread's.
         match stream.into_std() {
             Ok(stream) => {
