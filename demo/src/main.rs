@@ -39,7 +39,8 @@ enum Fallback {
     about = "Stickless demo backend (personal centre)"
 )]
 struct Cli {
-    /// Address to serve HTTP on.
+    /// Address to serve HTTP on (port 0: any free port; the bound address is printed on stdout
+    /// as `listening http <ip:port>`).
     #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Instance name, sent in `x-served-by`.
@@ -88,6 +89,15 @@ fn parse_key(text: &str) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// Prints `listening <role> <addr>` on stdout and flushes it: the one line a caller that
+/// started us with port 0 reads to learn the bound address (nothing else goes to stdout).
+fn report_listening(role: &str, addr: SocketAddr) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening {role} {addr}")?;
+    stdout.flush()
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -133,6 +143,20 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The address-reporting contract: one line on stdout once bound, so that a caller who
+    // passed port 0 learns the port.
+    match listener.local_addr() {
+        Ok(addr) => {
+            if let Err(error) = report_listening("http", addr) {
+                eprintln!("demo-app: cannot report the listening address: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+        Err(error) => {
+            eprintln!("demo-app: cannot read the bound address: {error}");
+            return ExitCode::FAILURE;
+        }
+    }
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -9,7 +9,8 @@ use std::time::Duration;
 use demo::{DemoConfig, Sessions};
 use reqwest::StatusCode;
 use serde_json::Value;
-use session_client::FallbackMode;
+use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing};
+use session_client::{ClientConfig, ClientError, FallbackMode, SessionClient};
 use session_proto::v1::ListByUserRequest;
 use session_proto::v1::session_store_client::SessionStoreClient;
 use session_server::config::Settings;
@@ -182,6 +183,14 @@ fn set_cookies(response: &reqwest::Response) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The value of the cookie `name` among `cookies`.
+fn cookie_value(cookies: &[(String, String)], name: &str) -> Option<String> {
+    cookies
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_in_on_one_instance_and_be_known_on_the_other() {
     let store = StoreServer::start().await;
@@ -340,16 +349,17 @@ async fn login_gives_a_new_session_id_and_keeps_the_guest_cart() {
         .send()
         .await
         .unwrap();
-    let before = set_cookies(&guest)
-        .into_iter()
-        .find(|(n, _)| n == "sid")
-        .expect("guest session")
-        .1;
-    let after = set_cookies(&login(&user, &a, "fay").await)
-        .into_iter()
-        .find(|(n, _)| n == "sid")
-        .unwrap()
-        .1;
+    let guest_cookies = set_cookies(&guest);
+    let before = cookie_value(&guest_cookies, "sid").expect("guest session");
+    let guest_snapshot = cookie_value(&guest_cookies, "sid_snap").expect("guest snapshot cookie");
+    // The snapshot is authentic and names the guest id: if the layer trusted it over the
+    // store's tombstone, it would bring the guest session back.
+    let codec = CookieCodec::new(
+        KeyRing::new(vec![CookieKey::new(&[42u8; 32]).unwrap()]).unwrap(),
+        Encryption::None,
+    );
+    assert_eq!(codec.decode(&guest_snapshot).unwrap().id, before);
+    let after = cookie_value(&set_cookies(&login(&user, &a, "fay").await), "sid").unwrap();
     assert_ne!(
         before, after,
         "session fixation: the id must change on login"
@@ -364,15 +374,29 @@ async fn login_gives_a_new_session_id_and_keeps_the_guest_cart() {
     let planted = reqwest::Client::new();
     let response = planted
         .get(format!("{}/cart", a.url))
-        .header("cookie", format!("sid={before}"))
+        .header("cookie", format!("sid={before}; sid_snap={guest_snapshot}"))
         .send()
         .await
         .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let reissued = set_cookies(&response);
+    assert!(
+        !reissued.iter().any(|(n, v)| n == "sid" && *v == before),
+        "the old id was handed back: {reissued:?}"
+    );
     let body: Value = response.json().await.unwrap();
     assert_eq!(
         body["items"],
         serde_json::json!([]),
         "old id still reads the cart"
+    );
+    let mut config = ClientConfig::new(store.url());
+    config.namespace = "demo".into();
+    let direct = SessionClient::connect_lazy(config).unwrap();
+    assert_eq!(
+        direct.get(&before, false).await.map(|s| s.id),
+        Err(ClientError::NotFound),
+        "the snapshot restored the pre-login session into the store"
     );
 }
 
@@ -444,5 +468,116 @@ async fn proxy_mode_reads_injected_headers_and_writes_to_the_store() {
     assert_eq!(
         (body["user"].as_str(), body["cart_items"].as_u64()),
         (Some("gus"), Some(1))
+    );
+}
+
+/// A `demo-app` process started with `--listen 127.0.0.1:0`, at the address it reported.
+struct DemoProcess {
+    /// The child (killed on drop).
+    child: tokio::process::Child,
+    /// Its stdout after the address line.
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Collects its stderr, drained so its logs never fill the pipe.
+    stderr: JoinHandle<String>,
+    /// Where it listens, as reported.
+    addr: SocketAddr,
+}
+
+impl DemoProcess {
+    /// Starts `demo-app` with `args` and port 0, and reads the `listening http <addr>` line
+    /// within 30 s, failing with its exit status and stderr if it exits first.
+    async fn start(args: &[&str]) -> DemoProcess {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo-app"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start demo-app");
+        let mut stderr_pipe = child.stderr.take().unwrap();
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr_pipe.read_to_string(&mut text).await;
+            text
+        });
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line()).await;
+        let line = match line {
+            Ok(Ok(Some(line))) => line,
+            other => {
+                let _ = child.start_kill();
+                let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                let stderr = tokio::time::timeout(Duration::from_secs(10), stderr).await;
+                panic!(
+                    "demo-app reported no address ({other:?}); exit: {status:?}; stderr: {stderr:?}"
+                );
+            }
+        };
+        let addr = line
+            .strip_prefix("listening http ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("not an address line: {line:?}"));
+        DemoProcess {
+            child,
+            stdout,
+            stderr,
+            addr,
+        }
+    }
+
+    /// Kills it and returns what it printed on stdout after the address line, and its stderr.
+    async fn stop(mut self) -> (Vec<String>, String) {
+        let _ = self.child.start_kill();
+        let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        assert!(status.is_ok(), "demo-app did not die within 10s");
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = self.stdout.next_line().await {
+            rest.push(line);
+        }
+        let stderr = tokio::time::timeout(Duration::from_secs(10), self.stderr)
+            .await
+            .expect("stderr closed")
+            .unwrap_or_default();
+        (rest, stderr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_app_binds_port_0_and_reports_the_bound_address_on_stdout() {
+    let app =
+        DemoProcess::start(&["--sessions", "local", "--name", "bin", "--insecure-cookies"]).await;
+    assert!(
+        app.addr.ip().is_loopback() && app.addr.port() != 0,
+        "{}",
+        app.addr
+    );
+    let http = browser();
+    let health = http
+        .get(format!("http://{}/healthz", app.addr))
+        .send()
+        .await
+        .expect("demo-app serves on the address it reported");
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.headers()["x-served-by"], "bin");
+    let login = http
+        .post(format!("http://{}/login", app.addr))
+        .form(&[("user", "ida")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), StatusCode::OK);
+    let me = http
+        .get(format!("http://{}/me", app.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK);
+    let (rest, stderr) = app.stop().await;
+    assert!(
+        rest.is_empty(),
+        "stdout holds only the address line; also got {rest:?} (stderr: {stderr})"
     );
 }

@@ -363,7 +363,8 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
         .or(file.listen)
         .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address"));
     let admin_listen = cli.admin_listen.or(file.admin_listen);
-    if admin_listen == Some(listen) {
+    // Port 0 on both is two OS-chosen ports, not one address.
+    if admin_listen == Some(listen) && listen.port() != 0 {
         return Err(invalid(format!(
             "admin_listen and listen are the same address ({listen})"
         )));

@@ -419,8 +419,14 @@ impl Snapshots {
         }
     }
 
+    /// Whether the request's snapshot cookie is signed with the current signing key (so one
+    /// signed by a key rotating out is re-issued at once, not only at half its life).
+    fn sent_is_current(&self, headers: &HeaderMap) -> bool {
+        session_cookie(headers, &self.cookie).is_some_and(|value| self.codec.is_current(value))
+    }
+
     /// Store reachable, session found: a new snapshot unless the request's is fresh (same
-    /// version, more than half its life left).
+    /// version, more than half its life left, signed with the current key).
     fn refresh(
         self: &Arc<Self>,
         headers: &HeaderMap,
@@ -428,7 +434,11 @@ impl Snapshots {
     ) -> Option<Box<dyn ResponseFilter>> {
         let ttl_ms = u64::try_from(session.ttl.as_millis()).unwrap_or(u64::MAX);
         let sent = match self.sent(headers, &session.id) {
-            Sent::Valid(old) if old.version == session.version && fresh(&old, ttl_ms) => {
+            Sent::Valid(old)
+                if old.version == session.version
+                    && fresh(&old, ttl_ms)
+                    && self.sent_is_current(headers) =>
+            {
                 return None;
             }
             Sent::Absent => false,

@@ -6,7 +6,14 @@
 //! flags) and applies it without dropping connections; a bad file is logged and the running
 //! configuration kept. SIGINT or SIGTERM stops accepting, lets requests in flight finish (up
 //! to 30 s), and exits 0.
+//!
+//! Right after each listener is bound, one line goes to stdout (flushed at once), so whoever
+//! started it with port 0 (`--listen 127.0.0.1:0`) learns the address: `listening proxy
+//! <ip:port>` and, with `--admin-listen`, `listening admin <ip:port>`. Nothing else is written to
+//! stdout; logs go to stderr.
 
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +89,8 @@ async fn run(
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let proxy_address = listener.local_addr()?;
+    announce("proxy", proxy_address);
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -92,6 +101,8 @@ async fn run(
         let admin_listener = TcpListener::bind(address)
             .await
             .map_err(|e| format!("cannot listen for the admin API on {address}: {e}"))?;
+        let address = admin_listener.local_addr()?;
+        announce("admin", address);
         tracing::info!(%address, "admin API listening");
         admin = Some(tokio::spawn(serve_admin(
             admin_listener,
@@ -100,7 +111,7 @@ async fn run(
         )));
     }
     tracing::info!(
-        address = %config.listen,
+        address = %proxy_address,
         backends = config.backends.len(),
         balance = balance_name(&config.balance),
         "proxy listening"
@@ -135,6 +146,17 @@ async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells whoever started the process where a listener is bound (the address-reporting contract
+/// every Stickless binary follows): `listening <role> <ip:port>` on stdout, flushed at once. A
+/// stdout nobody reads (closed pipe) is no reason to stop serving: the failure is logged.
+fn announce(role: &str, address: SocketAddr) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "listening {role} {address}").and_then(|()| stdout.flush())
+    {
+        tracing::warn!(%error, role, %address, "cannot report the bound address on stdout");
+    }
 }
 
 /// The mode's name for the log (its Debug form would print the sticky-cookie key).

@@ -8,171 +8,44 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::StatusCode;
-use proxy_plugin::config::{LookupConfig, LookupFailure, SnapshotKey};
-use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing, Snapshot, unix_ms};
-use session_client::{Patch, SessionClient, SessionData};
-use support::backend::{Behaviour, TestBackend};
-use support::proxy::{TestProxy, client, config};
-use support::session::TestSessionServer;
+use proxy_plugin::config::LookupFailure;
+use session_client::Patch;
+use session_client::cookie::{CookieError, Snapshot, unix_ms};
+use support::lookup::{NAMESPACE, Reply, Stack, attrs, codec, lookup_config};
 
 /// The key material the proxy and the "backends" share.
 const KEY: [u8; 32] = [0x5a; 32];
-/// Namespace of every session here.
-const NAMESPACE: &str = "shop";
+/// The ttl of a session created without one (the session server's default).
+const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
 
-fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) -> LookupConfig {
-    LookupConfig {
-        session_server: server.to_owned(),
+/// A snapshot of `stack`'s session (alice, cart `[1,2]`, the default ttl) with `left` of its
+/// life left, signed with [`KEY`] as a backend, or the proxy on an earlier response, made it.
+/// Aging a snapshot this way instead of waiting for it puts the test far from the half-life
+/// boundary whatever the machine's load.
+fn snapshot_with(stack: &Stack, left: Duration) -> (Snapshot, String) {
+    let now = unix_ms(SystemTime::now());
+    let ttl_ms = DEFAULT_TTL.as_millis() as u64;
+    let left_ms = left.as_millis() as u64;
+    let snapshot = Snapshot {
+        id: stack.session.id.clone(),
         namespace: NAMESPACE.to_owned(),
-        cookie: "sid".to_owned(),
-        attrs: vec!["cart".to_owned()],
-        on_failure,
-        auth_token: None,
-        timeout: Duration::from_millis(500),
-        snapshot_keys: keys.iter().map(|k| SnapshotKey(k.to_vec())).collect(),
-        snapshot_cookie: "sid_snap".to_owned(),
-    }
-}
-
-/// A codec over `material`, as a backend given the same `--cookie-key` builds it.
-fn codec(material: &[u8]) -> CookieCodec {
-    let key = CookieKey::new(material).expect("key");
-    CookieCodec::new(KeyRing::new(vec![key]).expect("ring"), Encryption::None)
-}
-
-/// A session server, a session of alice (cart `[1,2]`, `ttl`), an echoing backend and a
-/// proxy with the fallback on.
-struct Stack {
-    /// `None` once stopped.
-    sessions: Option<TestSessionServer>,
-    /// Its URL (still configured after it stopped).
-    session_url: String,
-    store: SessionClient,
-    session: SessionData,
-    backend: TestBackend,
-    proxy: TestProxy,
-    http: reqwest::Client,
-}
-
-impl Stack {
-    async fn start(on_failure: LookupFailure, ttl: Option<Duration>) -> Stack {
-        Self::start_with_keys(on_failure, ttl, &[&KEY]).await
-    }
-
-    async fn start_with_keys(
-        on_failure: LookupFailure,
-        ttl: Option<Duration>,
-        keys: &[&[u8]],
-    ) -> Stack {
-        let sessions = TestSessionServer::start().await;
-        let store = sessions.client(NAMESPACE);
-        let session = store
-            .create("alice", attrs(&[("cart", b"[1,2]")]), ttl)
-            .await
-            .expect("create");
-        let backend = TestBackend::start("echo", Behaviour::SessionEcho).await;
-        let mut cfg = config(&[&backend]);
-        cfg.lookup = Some(lookup_config(&sessions.url(), on_failure, keys));
-        let proxy = TestProxy::start(cfg).await;
-        Stack {
-            session_url: sessions.url(),
-            sessions: Some(sessions),
-            store,
-            session,
-            backend,
-            proxy,
-            http: client(),
-        }
-    }
-
-    /// `GET path` with these cookies.
-    async fn get(&self, path: &str, cookies: &str) -> Reply {
-        let response = self
-            .http
-            .get(self.proxy.url(path))
-            .header("cookie", cookies)
-            .send()
-            .await
-            .expect("proxy answers");
-        Reply::read(response).await
-    }
-
-    /// The snapshot the proxy sets on a first request with the session cookie.
-    async fn first_snapshot(&self) -> String {
-        let reply = self.get("/", &format!("sid={}", self.session.id)).await;
-        assert_eq!(reply.status, StatusCode::OK);
-        reply
-            .snapshot()
-            .expect("a snapshot cookie on the first request")
-    }
-
-    /// Stops the session server: every lookup is now Unavailable.
-    async fn store_down(&mut self) {
-        if let Some(sessions) = self.sessions.take() {
-            sessions.stop().await;
-        }
-    }
-}
-
-fn attrs(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
-        .collect()
-}
-
-/// A response: status, the session headers the backend saw, the `Set-Cookie` lines.
-struct Reply {
-    status: StatusCode,
-    seen: HashMap<String, String>,
-    set_cookies: Vec<String>,
-}
-
-impl Reply {
-    async fn read(response: reqwest::Response) -> Reply {
-        let status = response.status();
-        let set_cookies = response
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .map(|v| v.to_str().expect("ascii").to_owned())
-            .collect();
-        let seen = if status == StatusCode::OK {
-            response.json().await.expect("the backend's JSON")
-        } else {
-            HashMap::new()
-        };
-        Reply {
-            status,
-            seen,
-            set_cookies,
-        }
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.seen.get(name).map(String::as_str)
-    }
-
-    /// The `sid_snap` cookie set, if any (its value).
-    fn snapshot(&self) -> Option<String> {
-        self.snapshot_line().map(|line| {
-            let (pair, _) = line.split_once(';').unwrap_or((line, ""));
-            pair["sid_snap=".len()..].to_owned()
-        })
-    }
-
-    fn snapshot_line(&self) -> Option<&str> {
-        self.set_cookies
-            .iter()
-            .map(String::as_str)
-            .find(|c| c.starts_with("sid_snap="))
-    }
+        user_id: "alice".to_owned(),
+        attrs: BTreeMap::from([("cart".to_owned(), b"[1,2]".to_vec())]),
+        version: stack.session.version,
+        created_at_ms: now - (ttl_ms - left_ms),
+        issued_at_ms: now - (ttl_ms - left_ms),
+        expires_at_ms: now + left_ms,
+        ttl_ms,
+    };
+    let value = codec(&KEY).encode(&snapshot).expect("encode");
+    (snapshot, value)
 }
 
 #[tokio::test]
 async fn first_request_gets_a_snapshot_and_a_fresh_one_gets_none() {
-    let stack = Stack::start(LookupFailure::Open, None).await;
+    let stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let id = &stack.session.id;
     let reply = stack.get("/", &format!("sid={id}")).await;
     assert_eq!(reply.header("x-session-user"), Some("alice"));
@@ -217,27 +90,40 @@ async fn first_request_gets_a_snapshot_and_a_fresh_one_gets_none() {
 }
 
 #[tokio::test]
-async fn a_snapshot_past_half_its_life_is_rewritten() {
-    let ttl = Duration::from_secs(4);
-    let stack = Stack::start(LookupFailure::Open, Some(ttl)).await;
+async fn a_snapshot_past_half_its_life_is_rewritten_and_a_younger_one_is_not() {
+    let stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let id = &stack.session.id;
-    let first = stack.first_snapshot().await;
-    let old = codec(&KEY).decode(&first).unwrap();
-    tokio::time::sleep(Duration::from_millis(2300)).await;
-    let reply = stack.get("/", &format!("sid={id}; sid_snap={first}")).await;
+    let (_, young) = snapshot_with(&stack, DEFAULT_TTL * 2 / 3);
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={young}")).await;
+    assert_eq!(reply.header("x-session-user"), Some("alice"));
+    assert!(
+        reply.set_cookies.is_empty(),
+        "two thirds of its life left: kept {:?}",
+        reply.set_cookies
+    );
+
+    let (old, aged) = snapshot_with(&stack, DEFAULT_TTL / 3);
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={aged}")).await;
     assert_eq!(reply.header("x-session-user"), Some("alice"));
     let new = codec(&KEY)
-        .decode(&reply.snapshot().expect("rewritten"))
+        .decode(
+            &reply
+                .snapshot()
+                .expect("a third of its life left: rewritten"),
+        )
         .unwrap();
+    // The store's expiry (about a whole ttl ahead), not the old snapshot's.
+    let sixth = DEFAULT_TTL.as_millis() as u64 / 6;
     assert!(
-        new.expires_at_ms > old.expires_at_ms + 2000,
+        new.expires_at_ms > old.expires_at_ms + sixth,
         "{new:?} / {old:?}"
     );
+    assert_eq!((new.version, new.user_id.as_str()), (old.version, "alice"));
 }
 
 #[tokio::test]
 async fn store_down_a_valid_snapshot_keeps_the_user_logged_in_even_fail_closed() {
-    let mut stack = Stack::start(LookupFailure::Closed, None).await;
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
     let id = stack.session.id.clone();
     let value = stack.first_snapshot().await;
     // A client cannot claim degraded mode (or anything else) itself.
@@ -276,7 +162,7 @@ async fn store_down_a_valid_snapshot_keeps_the_user_logged_in_even_fail_closed()
 
 #[tokio::test]
 async fn a_snapshot_made_by_a_backend_with_the_same_key_is_honoured() {
-    let mut stack = Stack::start(LookupFailure::Closed, None).await;
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
     let now = unix_ms(SystemTime::now());
     let snapshot = Snapshot {
         id: stack.session.id.clone(),
@@ -300,27 +186,38 @@ async fn a_snapshot_made_by_a_backend_with_the_same_key_is_honoured() {
 
 #[tokio::test]
 async fn store_down_the_snapshot_expiry_slides_like_the_store() {
-    let mut stack = Stack::start(LookupFailure::Closed, Some(Duration::from_secs(4))).await;
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
     let id = stack.session.id.clone();
-    let value = stack.first_snapshot().await;
-    let old = codec(&KEY).decode(&value).unwrap();
+    let (_, young) = snapshot_with(&stack, DEFAULT_TTL * 2 / 3);
+    let (old, aged) = snapshot_with(&stack, DEFAULT_TTL / 3);
     stack.store_down().await;
-    tokio::time::sleep(Duration::from_millis(2300)).await;
-    let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
+
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={young}")).await;
+    assert_eq!(reply.header("x-session-degraded"), Some("1"));
+    assert!(
+        reply.set_cookies.is_empty(),
+        "two thirds of its life left: kept {:?}",
+        reply.set_cookies
+    );
+
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={aged}")).await;
     assert_eq!(reply.header("x-session-degraded"), Some("1"));
     let slid = codec(&KEY)
-        .decode(&reply.snapshot().expect("slid"))
+        .decode(&reply.snapshot().expect("a third of its life left: slid"))
         .unwrap();
-    assert!(slid.expires_at_ms > old.expires_at_ms + 2000);
+    // Now + ttl, as a touch of the store would set it: two thirds of a ttl past the old expiry.
+    let now = unix_ms(SystemTime::now());
+    assert!(slid.expires_at_ms > old.expires_at_ms + DEFAULT_TTL.as_millis() as u64 / 2);
+    assert!(slid.expires_at_ms <= now + old.ttl_ms, "{slid:?}");
     assert_eq!(
-        (slid.version, slid.user_id.as_str()),
-        (old.version, "alice")
+        (slid.version, slid.user_id.as_str(), slid.ttl_ms),
+        (old.version, "alice", old.ttl_ms)
     );
 }
 
 #[tokio::test]
 async fn store_down_without_a_snapshot_fail_open_and_closed_behave_as_before() {
-    let mut stack = Stack::start(LookupFailure::Open, None).await;
+    let mut stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let cookie = format!("sid={}", stack.session.id);
     stack.store_down().await;
     let reply = stack.get("/", &cookie).await;
@@ -343,15 +240,21 @@ async fn store_down_without_a_snapshot_fail_open_and_closed_behave_as_before() {
 
 #[tokio::test]
 async fn a_forged_or_altered_snapshot_is_ignored() {
-    let mut stack = Stack::start(LookupFailure::Closed, None).await;
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
     let id = stack.session.id.clone();
     let value = stack.first_snapshot().await;
-    // Altered: one character of the sealed payload changed.
-    let mut parts: Vec<String> = value.split('.').map(str::to_owned).collect();
-    let payload = &mut parts[2];
-    let flipped = if payload.ends_with('A') { "B" } else { "A" };
-    payload.replace_range(payload.len() - 1.., flipped);
-    let altered = parts.join(".");
+    // Altered: one byte in the middle of the sealed body flipped. Flipped in the decoded bytes,
+    // not in the base64 text, whose last character may carry only padding bits.
+    let (header, body) = value.rsplit_once('.').expect("v2.<kid>.<body>");
+    assert!(header.starts_with("v2."), "{value}");
+    let mut bytes = URL_SAFE_NO_PAD.decode(body).expect("base64url body");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let altered = format!("{header}.{}", URL_SAFE_NO_PAD.encode(&bytes));
+    assert!(
+        matches!(codec(&KEY).decode(&altered), Err(CookieError::BadSignature)),
+        "the flip is in the authenticated part"
+    );
     // Forged: a well-formed snapshot claiming admin, signed with a key the proxy lacks.
     let now = unix_ms(SystemTime::now());
     let forged = codec(&[0x11; 32])
@@ -387,7 +290,7 @@ async fn a_forged_or_altered_snapshot_is_ignored() {
 
 #[tokio::test]
 async fn a_snapshot_of_another_session_is_ignored() {
-    let mut stack = Stack::start(LookupFailure::Open, None).await;
+    let mut stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let alice = stack.first_snapshot().await;
     let bob = stack
         .store
@@ -419,7 +322,7 @@ async fn a_snapshot_of_another_session_is_ignored() {
 
 #[tokio::test]
 async fn a_deleted_session_is_not_brought_back_by_its_snapshot() {
-    let stack = Stack::start(LookupFailure::Open, None).await;
+    let stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let id = stack.session.id.clone();
     let value = stack.first_snapshot().await;
     assert!(stack.store.delete(&id).await.unwrap(), "logged out");
@@ -442,7 +345,7 @@ async fn a_deleted_session_is_not_brought_back_by_its_snapshot() {
 
 #[tokio::test]
 async fn a_response_that_sets_the_session_cookie_gets_no_snapshot() {
-    let stack = Stack::start(LookupFailure::Open, None).await;
+    let stack = Stack::start(LookupFailure::Open, None, &[&KEY]).await;
     let reply = stack
         .get("/set-cookie/sid", &format!("sid={}", stack.session.id))
         .await;
@@ -452,7 +355,7 @@ async fn a_response_that_sets_the_session_cookie_gets_no_snapshot() {
 
 #[tokio::test]
 async fn without_snapshot_keys_nothing_changes() {
-    let mut stack = Stack::start_with_keys(LookupFailure::Closed, None, &[]).await;
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[]).await;
     let id = stack.session.id.clone();
     let reply = stack.get("/", &format!("sid={id}")).await;
     assert_eq!(reply.header("x-session-user"), Some("alice"));

@@ -11,16 +11,20 @@ use std::time::Duration;
 
 use proxy_plugin::config::BackendConfig;
 use reqwest::StatusCode;
+use support::eventually;
 use support::proxy::{TestProxy, client, config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A raw HTTP/1.1 backend counting the connections it accepted; `close_after` closes each
-/// connection that long after its first response (as a backend with a short keep-alive
-/// timeout does), without saying so in the response.
+/// A raw HTTP/1.1 backend counting the connections it accepted and closed; `close_after`
+/// closes each connection that long after its first response (as a backend with a short
+/// keep-alive timeout does), without saying so in the response.
 struct CountingBackend {
     addr: SocketAddr,
+    /// Connections accepted.
     connections: Arc<AtomicUsize>,
+    /// Connections it closed (counted once the socket is closed).
+    closed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -29,16 +33,23 @@ impl CountingBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (accepted, ended) = (connections.clone(), closed.clone());
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve(stream, close_after, body));
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
+                tokio::spawn(async move {
+                    // `serve` owns the stream: it is closed when `serve` returns.
+                    serve(stream, close_after, body).await;
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
             }
         });
         CountingBackend {
             addr,
             connections,
+            closed,
             task,
         }
     }
@@ -53,6 +64,10 @@ impl CountingBackend {
 
     fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -137,7 +152,15 @@ async fn a_pooled_connection_the_backend_closed_costs_no_request_even_a_post() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "round {round}");
         assert_eq!(response.text().await.unwrap(), "fresh\n");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The backend has closed the connection (its FIN is on the proxy's socket) while the
+        // connection sits in the proxy's pool.
+        assert!(
+            eventually(Duration::from_secs(30), || backend.closed() == round + 1).await,
+            "the backend closed connection {round}"
+        );
+        // One more turn of the runtime's I/O driver (a yield is woken after it), so the
+        // connection's task has seen that FIN before the next request is handed to the pool.
+        tokio::task::yield_now().await;
     }
     assert_eq!(backend.connections(), 5, "a new connection each time");
     assert_eq!(

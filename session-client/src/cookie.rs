@@ -435,6 +435,21 @@ impl CookieCodec {
         Ok(value)
     }
 
+    /// Whether `value` is written the way this codec writes now: its format and the signing
+    /// key's id. A valid cookie that is not current (signed by a key rotating out, or in the
+    /// v1 format during an upgrade) should be re-issued, so that the old key can be dropped
+    /// without losing anyone's snapshot. Says nothing about authenticity: decode for that.
+    pub fn is_current(&self, value: &str) -> bool {
+        let prefix = match self.format {
+            CookieFormat::V1 => V1_PREFIX,
+            CookieFormat::V2 => V2_PREFIX,
+        };
+        value
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(kid, _)| kid == self.ring.signing().kid)
+    }
+
     /// Verifies and decodes a cookie value, checking its validity window against now.
     pub fn decode(&self, value: &str) -> Result<Snapshot, CookieError> {
         self.decode_at(value, SystemTime::now())

@@ -745,12 +745,18 @@ impl Session {
             let ttl_ms = u64::try_from(state.current.ttl.as_millis()).unwrap_or(u64::MAX);
             state.current.expires_at_ms = unix_ms(now).saturating_add(ttl_ms);
         }
-        let fresh = self.request_snapshot(state).is_some_and(|old| {
-            let half_life = u64::try_from(state.current.ttl.as_millis() / 2).unwrap_or(u64::MAX);
-            old.version == state.current.version
-                && old.id == state.current.id
-                && old.expires_at_ms.saturating_sub(unix_ms(now)) > half_life
-        });
+        let current_key = state
+            .cookie_snapshot
+            .as_deref()
+            .is_some_and(|raw| codec.is_current(raw));
+        let fresh = current_key
+            && self.request_snapshot(state).is_some_and(|old| {
+                let half_life =
+                    u64::try_from(state.current.ttl.as_millis() / 2).unwrap_or(u64::MAX);
+                old.version == state.current.version
+                    && old.id == state.current.id
+                    && old.expires_at_ms.saturating_sub(unix_ms(now)) > half_life
+            });
         let rewrite = config.fallback == FallbackMode::Always
             || state.source == Source::Snapshot
             || state.changes.any()

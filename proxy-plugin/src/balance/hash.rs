@@ -225,23 +225,84 @@ impl Balancer for KeyHash {
 mod tests {
     use super::*;
 
+    // These values are what users' keys map to. Several proxies, restarts and upgrades must
+    // agree on them: a change here moves users (and the caches or local sessions they have
+    // there) to other backends on upgrade, so it is a breaking change to announce, never a
+    // refactoring. They were computed once with this code (and checked against an
+    // independent FNV-1a + fmix64) and are pinned, not recomputed.
+
+    /// `finish()` of known keys: FNV-1a 64 then murmur3's fmix64.
     #[test]
-    fn hasher_is_stable_across_releases() {
-        // Several proxies, and restarts, must agree: pin the function's output.
-        let mut h = KeyHasher::new();
-        h.write(b"");
-        assert_eq!(KeyHasher::new().finish(), h.finish());
-        let mut a = KeyHasher::new();
-        a.write(b"/cart");
-        let mut b = KeyHasher::new();
-        b.write(b"/cart");
-        assert_eq!(a.finish(), b.finish());
-        let mut c = KeyHasher::new();
-        c.write(b"/carts");
-        assert_ne!(a.finish(), c.finish());
-        // FNV-1a("a") = 0xaf63dc4c8601ec8c, then fmix64.
+    fn key_hashes_are_pinned_across_releases() {
+        let cases: [(&[u8], u64); 7] = [
+            (b"", 0xefd0_1f60_ba99_2926),
+            (b"a", 0x82a2_a958_a9be_ce5b),
+            (b"/cart", 0x5bd8_8173_f27a_4e79),
+            (b"/products/42", 0x9c53_09c7_9805_9cd4),
+            (&[10, 0, 0, 1], 0x251c_e681_282f_daa9),
+            (&[192, 0, 2, 7], 0x22eb_cd15_a5d3_7b69),
+            (b"Ab3_-xYz", 0xa7a0_f49e_796f_b109),
+        ];
+        for (key, pinned) in cases {
+            let mut h = KeyHasher::new();
+            h.write(key);
+            assert_eq!(h.finish(), pinned, "key {key:?}");
+        }
+        // The intermediate FNV-1a state too: FNV-1a("a").
         let mut fnv = KeyHasher::new();
         fnv.write(b"a");
         assert_eq!(fnv.0, 0xaf63_dc4c_8601_ec8c);
+        // Writing in pieces is writing the whole.
+        let mut pieces = KeyHasher::new();
+        pieces.write(b"/ca");
+        pieces.write(b"rt");
+        assert_eq!(pieces.finish(), 0x5bd8_8173_f27a_4e79);
+    }
+
+    /// The backend (of s1, s2, s3, weight 1 each) that `balance uri` picks for known paths,
+    /// with all up and with s2 down, for both hash types.
+    #[test]
+    fn chosen_backends_are_pinned_across_releases() {
+        let backends: Vec<Arc<Backend>> = (0..3)
+            .map(|i| {
+                let name = format!("s{}", i + 1);
+                Arc::new(Backend::new(i, name, format!("127.0.0.1:{}", 8081 + i), 1))
+            })
+            .collect();
+        let paths = [
+            "/",
+            "/cart",
+            "/login",
+            "/me",
+            "/products/42",
+            "/products/43",
+            "/a",
+            "/b",
+        ];
+        let picks = |balancer: &KeyHash| -> Vec<usize> {
+            let headers = http::HeaderMap::new();
+            paths
+                .iter()
+                .map(|path| {
+                    let uri: http::Uri = path.parse().expect("path");
+                    let request = RequestInfo {
+                        client_ip: [10, 0, 0, 1].into(),
+                        uri: &uri,
+                        headers: &headers,
+                    };
+                    balancer
+                        .pick(&request, &backends, &|b| b.is_usable())
+                        .expect("a backend")
+                })
+                .collect()
+        };
+        let map = KeyHash::new(HashKey::Uri, HashType::Map, &backends);
+        let ring = KeyHash::new(HashKey::Uri, HashType::Consistent, &backends);
+        assert_eq!(picks(&map), [1, 1, 1, 2, 0, 1, 1, 2]);
+        assert_eq!(picks(&ring), [0, 2, 0, 1, 2, 2, 1, 0]);
+        backends[1].set_up(false);
+        // Map: s2's keys are rehashed; consistent: only s2's keys move, to ring neighbours.
+        assert_eq!(picks(&map), [2, 2, 2, 2, 0, 0, 0, 2]);
+        assert_eq!(picks(&ring), [0, 2, 0, 0, 2, 2, 2, 0]);
     }
 }

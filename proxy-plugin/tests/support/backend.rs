@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use proxy_plugin::config::BackendConfig;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// How a test backend answers.
@@ -27,6 +28,9 @@ pub enum Behaviour {
     Echo,
     /// Reads requests and never answers.
     Hang,
+    /// Holds every request until [`TestBackend::release`], then answers as `Echo` (200, its
+    /// name): a request that is in flight for exactly as long as a test needs.
+    Hold,
     /// Accepts, reads the request head, then resets the connection (raw TCP).
     Reset,
     /// 200 with a JSON object of the `x-session-*` headers it received (name to value);
@@ -52,8 +56,12 @@ struct Shared {
     hits: AtomicUsize,
     /// Requests being handled now.
     active: AtomicUsize,
-    /// Every request seen (Echo and Hang).
+    /// Every request seen (all behaviours but Reset).
     seen: Mutex<Vec<Seen>>,
+    /// Set by [`TestBackend::release`]: `Hold` answers from then on.
+    released: AtomicBool,
+    /// Wakes the requests `Hold` is holding.
+    release: Notify,
 }
 
 /// A running test backend; killed when dropped.
@@ -99,6 +107,12 @@ impl TestBackend {
     /// The last request seen.
     pub fn last(&self) -> Option<Seen> {
         self.shared.seen.lock().last().cloned()
+    }
+
+    /// Lets every request held by [`Behaviour::Hold`] be answered, and the ones to come too.
+    pub fn release(&self) {
+        self.shared.released.store(true, Ordering::SeqCst);
+        self.shared.release.notify_waiters();
     }
 
     /// Drops the listener and every open connection.
@@ -188,6 +202,16 @@ async fn answer(
     });
     if behaviour == Behaviour::Hang {
         std::future::pending::<()>().await;
+    }
+    if behaviour == Behaviour::Hold {
+        loop {
+            // Made before the flag is read, so a release in between still wakes it.
+            let released = shared.release.notified();
+            if shared.released.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
     }
     if behaviour == Behaviour::SessionEcho {
         return session_echo(&target, request.headers());

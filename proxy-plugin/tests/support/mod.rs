@@ -1,12 +1,15 @@
-//! Shared support of the proxy tests: test backends, a proxy on a loopback port, a session
-//! server in-process, and waiting for a condition.
+//! Shared support of the proxy tests: test backends, a proxy on a loopback port, the
+//! `session-proxy` binary as a child process, a session server in-process, the session-lookup
+//! plugin over it, and waiting for a condition.
 
 // Each test file uses a subset of the helpers.
 #![allow(dead_code)]
 
 pub mod backend;
 pub mod demo;
+pub mod lookup;
 pub mod proxy;
+pub mod proxy_process;
 pub mod raw;
 pub mod session;
 

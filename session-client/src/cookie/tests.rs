@@ -359,3 +359,23 @@ fn bad_keys_are_refused() {
     assert!(KeyRing::new(vec![]).is_err());
     assert!(KeyRing::new(vec![key(1), key(1)]).is_err());
 }
+
+#[test]
+fn only_cookies_of_the_signing_key_and_written_format_are_current() {
+    let old = codec(&[1], Encryption::Aes256Gcm);
+    let rotated = codec(&[2, 1], Encryption::Aes256Gcm);
+    let from_old = old.encode(&snapshot(10)).unwrap();
+    let from_new = rotated.encode(&snapshot(10)).unwrap();
+    // Still valid under [new, old], but due for re-issue under the new key.
+    assert!(rotated.decode(&from_old).is_ok());
+    assert!(!rotated.is_current(&from_old));
+    assert!(rotated.is_current(&from_new));
+    assert!(old.is_current(&from_old));
+    // A v1 cookie of the signing key is due for re-issue by a codec writing v2, and back.
+    let v1 = codec(&[2], Encryption::None).with_format(CookieFormat::V1);
+    let from_v1 = v1.encode(&snapshot(10)).unwrap();
+    assert!(!rotated.is_current(&from_v1));
+    assert!(v1.is_current(&from_v1));
+    assert!(!v1.is_current(&from_new));
+    assert!(!rotated.is_current("garbage"));
+}
