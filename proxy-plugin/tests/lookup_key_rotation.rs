@@ -80,7 +80,11 @@ async fn snapshot_keys_rotate_from_old_through_new_and_old_to_new_without_a_logo
         .get("/", &format!("sid={id}; sid_snap={reissued}"))
         .await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.snapshot(), None, "a current snapshot is not rewritten");
+    assert_eq!(
+        reply.snapshot(),
+        None,
+        "a current snapshot is not rewritten"
+    );
     // The next snapshot the proxy writes because the session changed is under new too.
     let patch = Patch {
         set: attrs(&[("cart", b"[1,2,3]")]),

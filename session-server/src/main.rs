@@ -1,6 +1,17 @@
 //! `session-server`: the Stickless gRPC session server. `cargo run --release -p session-server`
 //! serves on 127.0.0.1:50051 with the in-memory store; `--help` lists every setting.
+//!
+//! Addresses: `--listen` and `--metrics-listen` take port 0 (`--listen 127.0.0.1:0`), and right
+//! after each listener is bound the server prints one line to stdout, flushed at once:
+//! `listening grpc <ip:port>`, then, with metrics on, `listening metrics <ip:port>`. Nothing
+//! else goes to stdout (logs go to stderr), so whoever starts it (tests, the bench harness)
+//! reads the real address instead of picking a free port and racing to bind it.
+//!
+//! Exit status: 0 after a clean stop on SIGINT/SIGTERM (also when in-flight calls are cut off at
+//! the end of `--shutdown-grace`), 2 for a configuration error (message on stderr), 1 when the
+//! server cannot start or fails (a store it cannot set up, an address it cannot bind).
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser as _;
@@ -14,6 +25,20 @@ use tokio::net::TcpListener;
 /// instructions per call (BENCHMARKS.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Prints `listening <role> <address>` to stdout and flushes it, the address-reporting contract
+/// (see the top of this file). A closed stdout is no reason to stop serving: the write's error
+/// is only logged.
+fn report_listening(role: &str, listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    use std::io::Write as _;
+    let address = listener.local_addr()?;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(error) = writeln!(stdout, "listening {role} {address}").and_then(|()| stdout.flush())
+    {
+        tracing::warn!(%error, role, "cannot report the listening address on stdout");
+    }
+    Ok(address)
+}
 
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -30,31 +55,47 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
+/// A future that resolves on the first SIGINT or SIGTERM. The handlers are installed by this
+/// call, not when the future is first polled: it is called before any listener is bound, so a
+/// signal sent as soon as a `listening` line is read is a clean stop, never the default action
+/// (death by the signal).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    let listen = |kind: SignalKind, name: &'static str| {
+        signal(kind)
+            .inspect_err(|error| tracing::error!(%error, "cannot listen for {name}"))
+            .ok()
     };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
+    async fn received(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
                 signal.recv().await;
             }
+            None => std::future::pending().await,
+        }
+    }
+    let interrupt = received(listen(SignalKind::interrupt(), "SIGINT"));
+    let terminate = received(listen(SignalKind::terminate(), "SIGTERM"));
+    async move {
+        tokio::select! {
+            () = interrupt => tracing::info!("SIGINT received"),
+            () = terminate => tracing::info!("SIGTERM received"),
+        }
+    }
+}
+
+/// A future that resolves on the first Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("SIGINT received"),
             Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+                tracing::error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
     }
 }
 
@@ -78,11 +119,13 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    let shutdown = shutdown_signal();
     let store = server::build_store(&settings).await?;
     let metrics = Metrics::new();
     let listener = TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    report_listening("grpc", &listener)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -92,6 +135,7 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         let listener = TcpListener::bind(address)
             .await
             .map_err(|e| format!("cannot listen for metrics on {address}: {e}"))?;
+        let address = report_listening("metrics", &listener)?;
         tracing::info!(%address, "serving Prometheus metrics on /metrics");
         let (metrics, store, stop) = (metrics.clone(), store.clone(), stopped(stop_rx.clone()));
         tokio::spawn(async move {
@@ -113,7 +157,7 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     });
     tokio::select! {
         result = &mut grpc => return Ok(result??),
-        () = shutdown_signal() => {}
+        () = shutdown => {}
     }
     let _ = stop_tx.send(true);
     match tokio::time::timeout(grace, &mut grpc).await {

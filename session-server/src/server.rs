@@ -285,9 +285,12 @@ async fn prepare(
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: refusing new calls, finishing in-flight ones");
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        // Both names a probe may ask about: the server as a whole and the API service.
+        for service in ["", session_proto::SERVICE_NAME] {
+            health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         let _ = stop_tx.send(true);
     };
     let rest = Routes::new(health_service)

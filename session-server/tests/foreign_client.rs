@@ -1,6 +1,7 @@
 //! The .proto is the whole contract: a Python client generated from `proto/session.proto` alone
 //! (grpcio-tools) talks to the server. Skipped (with a printed reason) when python3 with
-//! grpcio-tools is missing, unless `STICKLESS_REQUIRE_SERVICES=1`; `.ci/run` installs them.
+//! grpcio-tools is missing, unless `STICKLESS_REQUIRE_SERVICES=1`; `.ci/run` installs them. The
+//! script runs under `python3 -O`, so its checks cannot be bare asserts.
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use session_server::config::Settings;
 use session_server::store::memory::MemoryStore;
 use support::harness::TestServer;
-use support::services::skip_or_fail;
+use support::services::{self, skip_or_fail};
 
 fn grpc_tools_available() -> bool {
     Command::new("python3")
@@ -32,7 +33,7 @@ async fn python_client_generated_from_the_proto_alone_works() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let proto_dir = root.join("../proto");
-    let out = std::env::temp_dir().join(format!("stickless-py-{}", std::process::id()));
+    let out = std::env::temp_dir().join(services::unique_prefix("stickless-py"));
     std::fs::create_dir_all(&out).unwrap();
     let generated = Command::new("python3")
         .args(["-m", "grpc_tools.protoc"])
@@ -59,7 +60,9 @@ async fn python_client_generated_from_the_proto_alone_works() {
     let run = tokio::task::spawn_blocking({
         let out = out.clone();
         move || {
+            // -O strips `assert`: the script's checks must hold without it.
             Command::new("python3")
+                .arg("-O")
                 .arg(script)
                 .arg(addr)
                 .env("PYTHONPATH", &out)

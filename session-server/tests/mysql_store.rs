@@ -1,6 +1,6 @@
 //! The MySQL store beyond the conformance suite: schema migration, expiry before and by the
-//! reaper, rows it cannot decode, writers in two servers on one table, and a database that goes
-//! away and comes back.
+//! reaper, tombstones, rows it cannot decode, writers in two servers on one table, and (in
+//! `mysql_store/outage.rs`) a database that cannot be reached, goes away and comes back.
 
 mod support;
 
@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use session_proto::v1::{CreateRequest, GetRequest};
 use session_server::config::Settings;
 use session_server::store::mysql::{
     MIGRATIONS_TABLE, MysqlConfig, MysqlStore, REAP_BATCHES_PER_TICK, SCHEMA_VERSION,
@@ -16,15 +15,14 @@ use session_server::store::mysql::{
 use session_server::store::{EventKind, NewSession, Patch, SessionEvent, SessionStore, StoreError};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{AssertSqlSafe, Connection as _};
-use support::harness::TestServer;
 use support::ids::new_id;
-use support::mysql::{self as mysql, DropTables, OwnMariadb};
-use support::outage::{fails_as_outage, fails_within, is_unavailable};
-use support::services;
-use support::wait::eventually_ok;
+use support::mysql::{self as mysql, DropTables};
 use tokio::sync::broadcast;
 
 const NS: &str = "mysqltest";
+
+/// How long a store that is back may take to answer again: generous, for a loaded machine.
+const RECOVERY_WITHIN: Duration = Duration::from_secs(30);
 
 /// A store on a table of the test's own, with `edit` applied to the test settings; the guard
 /// drops the table.
@@ -85,16 +83,12 @@ async fn count_rows(url: &str, table: &str) -> i64 {
         .expect("count")
 }
 
-/// A private MariaDB, settings with `timeout`, and a store on them; `None` when skipped.
-async fn own_mariadb(test: &str, timeout: Duration) -> Option<(OwnMariadb, Settings, MysqlStore)> {
-    let db = OwnMariadb::start(test).await?;
-    let settings = Settings {
-        store_timeout: timeout,
-        ..Settings::default()
-    };
-    let config = mysql::test_config(&db.url(), "sessions", &settings);
-    let store = MysqlStore::connect(config).await.expect("connect");
-    Some((db, settings, store))
+/// Sleeps until the wall clock is past `at` (by a few milliseconds, past any rounding).
+async fn sleep_past(at: SystemTime) {
+    let past = at + Duration::from_millis(5);
+    while let Ok(left) = past.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
 }
 
 /// Every event already sent, without waiting for more.
@@ -173,24 +167,6 @@ async fn invalid_table_names_and_urls_are_refused() {
     }
 }
 
-#[tokio::test]
-async fn unreachable_or_silent_database_fails_connect_as_unavailable_within_the_timeout() {
-    // Nothing listens on the first; the second accepts connections (the kernel does) and never
-    // answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let silent = silent.local_addr().expect("address");
-    for addr in [
-        format!("127.0.0.1:{}", services::free_port()),
-        silent.to_string(),
-    ] {
-        let timeout = Duration::from_millis(500);
-        let mut config = MysqlConfig::new(format!("mysql://root@{addr}/test"), 1024);
-        config.timeout = timeout;
-        let unavailable = |e: &StoreError| matches!(e, StoreError::Unavailable(_));
-        fails_within(&addr, timeout, MysqlStore::connect(config), unavailable).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_row_is_never_returned_before_the_reaper_runs() {
     let test = "expired_row_before_reaper";
@@ -201,8 +177,8 @@ async fn expired_row_is_never_returned_before_the_reaper_runs() {
     };
     let short = session("nora", Duration::from_millis(50));
     let id = short.id.clone();
-    store.create(short.clone()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    let created = store.create(short.clone()).await.unwrap();
+    sleep_past(created.expires_at).await;
 
     let not_found = |r: Result<_, StoreError>| matches!(r, Err(StoreError::NotFound));
     assert!(not_found(store.get(NS, &id, false).await.map(drop)));
@@ -303,7 +279,7 @@ async fn background_reaper_sends_expired_with_the_owner() {
         .create(session("quinn", Duration::from_millis(100)))
         .await
         .unwrap();
-    let expired = tokio::time::timeout(Duration::from_secs(5), async {
+    let expired = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match events.recv().await {
                 Ok(e) if e.kind == EventKind::Expired => return e,
@@ -313,7 +289,7 @@ async fn background_reaper_sends_expired_with_the_owner() {
         }
     })
     .await
-    .expect("EXPIRED within 5s");
+    .expect("EXPIRED within 30s");
     assert_eq!(
         (expired.id.as_str(), expired.user_id.as_str()),
         (short.id.as_str(), "quinn")
@@ -330,18 +306,16 @@ async fn deleted_sessions_leave_a_tombstone_for_one_ttl_reaped_silently() {
     else {
         return;
     };
-    let ttl = Duration::from_millis(300);
+    // The tombstones live one ttl: long enough for the checks right after the deletes to run
+    // inside it however loaded the machine; the end of it is waited for, not slept past.
+    let ttl = Duration::from_secs(8);
     let (a, b) = (session("wes", ttl), session("wes", ttl));
     let a = store.create(a).await.unwrap();
     store.create(b.clone()).await.unwrap();
     let mut events = store.subscribe();
     assert!(store.delete(NS, &a.id).await.unwrap());
+    let b_deleted = SystemTime::now();
     assert_eq!(store.delete_by_user(NS, "wes").await.unwrap(), 1);
-    assert_eq!(
-        count_rows(mysql::MYSQL_URL, &table).await,
-        2,
-        "two tombstones"
-    );
     assert!(matches!(
         store.create(b.clone()).await,
         Err(StoreError::IdTaken)
@@ -359,11 +333,34 @@ async fn deleted_sessions_leave_a_tombstone_for_one_ttl_reaped_silently() {
         !store.delete(NS, &a.id).await.unwrap(),
         "a tombstone is not deleted again"
     );
+    assert_eq!(
+        count_rows(mysql::MYSQL_URL, &table).await,
+        2,
+        "two tombstones"
+    );
 
-    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    // Past its ttl a tombstone no longer holds the id, reaped or not...
-    assert_eq!(store.create(b).await.unwrap().version, 1);
-    // ...and the reaper removes it without an event.
+    // A tombstone holds the id for its whole ttl, and no longer, reaped or not.
+    let free_by = b_deleted + ttl + RECOVERY_WITHIN;
+    loop {
+        match store.create(b.clone()).await {
+            Ok(record) => {
+                assert_eq!(record.version, 1);
+                // 100 ms for the store's millisecond rounding.
+                assert!(
+                    SystemTime::now() + Duration::from_millis(100) >= b_deleted + ttl,
+                    "the id was free again before one ttl passed"
+                );
+                break;
+            }
+            Err(StoreError::IdTaken) => assert!(
+                SystemTime::now() < free_by,
+                "the id was still taken {RECOVERY_WITHIN:?} after its tombstone's ttl"
+            ),
+            Err(e) => panic!("create over a tombstone: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ...and the reaper removes the other one without an event.
     assert_eq!(store.reap_now().await.unwrap(), 1);
     assert_eq!(count_rows(mysql::MYSQL_URL, &table).await, 1);
     let kinds: Vec<EventKind> = drain(&mut events).iter().map(|e| e.kind).collect();
@@ -516,87 +513,5 @@ async fn writers_in_two_servers_on_one_table_lose_nothing() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outage_is_unavailable_and_the_same_store_recovers() {
-    let timeout = Duration::from_millis(500);
-    let Some((mut db, _, store)) = own_mariadb("mysql_outage_recovers", timeout).await else {
-        return;
-    };
-    let before = store
-        .create(session("uma", Duration::from_secs(600)))
-        .await
-        .unwrap();
-
-    // Frozen: connections open, no answers.
-    db.pause();
-    fails_as_outage(
-        "get while frozen",
-        timeout,
-        store.get(NS, &before.id, false),
-    )
-    .await;
-    fails_as_outage("list while frozen", timeout, store.list_by_user(NS, "uma")).await;
-    db.resume();
-    eventually_ok("get after thaw", Duration::from_secs(10), || {
-        store.get(NS, &before.id, false)
-    })
-    .await;
-
-    // Gone.
-    db.stop();
-    fails_as_outage("get", timeout, store.get(NS, &before.id, false)).await;
-    fails_as_outage(
-        "update",
-        timeout,
-        store.update(NS, &before.id, set("a", "1")),
-    )
-    .await;
-    fails_as_outage("create", timeout, store.create(session("uma", timeout))).await;
-    fails_as_outage("list_by_user", timeout, store.list_by_user(NS, "uma")).await;
-
-    db.restart().await;
-    let back = eventually_ok("get after restart", Duration::from_secs(15), || {
-        store.get(NS, &before.id, false)
-    })
-    .await;
-    assert_eq!(back, before, "the committed session survived the crash");
-    let updated = store.update(NS, &before.id, set("a", "1")).await.unwrap();
-    assert_eq!(updated.version, 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_answers_unavailable_while_mysql_is_down_then_recovers() {
-    let timeout = Duration::from_secs(1);
-    let Some((mut db, settings, store)) = own_mariadb("grpc_mysql_outage", timeout).await else {
-        return;
-    };
-    let server = TestServer::start(settings, Arc::new(store)).await;
-    let mut client = server.client().await;
-    let created = client
-        .create(CreateRequest {
-            user_id: "vera".into(),
-            ..CreateRequest::default()
-        })
-        .await
-        .expect("create while up")
-        .into_inner();
-    let get = GetRequest {
-        namespace: String::new(),
-        id: created.id.clone(),
-        touch: true,
-    };
-
-    db.stop();
-    let get_while_down = client.get(get.clone());
-    fails_within("get while down", timeout, get_while_down, is_unavailable).await;
-
-    db.restart().await;
-    let back = eventually_ok("get after restart", Duration::from_secs(15), || {
-        let mut client = client.clone();
-        let get = get.clone();
-        async move { client.get(get).await }
-    })
-    .await
-    .into_inner();
-    assert_eq!((back.id, back.user_id), (created.id, "vera".to_owned()));
-}
+#[path = "mysql_store/outage.rs"]
+mod outage;

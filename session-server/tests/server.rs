@@ -1,5 +1,6 @@
 //! The server as a whole, beyond any one store: auth, health and reflection for stock gRPC tools,
-//! metrics, graceful shutdown, message limits, and a Redis that is unreachable or goes away.
+//! metrics, serving threads, message limits, and a Redis that is unreachable or goes away.
+//! Graceful shutdown and Watch's lag rule have their own file, `shutdown.rs`.
 
 mod support;
 
@@ -13,6 +14,7 @@ use session_server::store::memory::MemoryStore;
 use session_server::store::redis::{RedisConfig, RedisStore};
 use support::harness::{TestServer, redis_store};
 use support::outage::{fails_within, is_unavailable};
+use support::ports::RefusedPort;
 use support::services::{self, OwnRedis};
 use support::wait::eventually_ok;
 use tonic::Code;
@@ -237,44 +239,6 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 }
 
 #[tokio::test]
-async fn shutdown_finishes_in_flight_calls_and_ends_watches() {
-    let settings = Settings::default();
-    let server = TestServer::start(settings.clone(), memory(&settings)).await;
-    let mut client = server.client().await;
-    let mut watch = client
-        .watch(WatchRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let s = client
-        .create(CreateRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(watch.next().await.unwrap().unwrap().id, s.id);
-
-    server
-        .shutdown(Duration::from_secs(10))
-        .await
-        .expect("clean stop");
-    let end = tokio::time::timeout(Duration::from_secs(5), watch.next())
-        .await
-        .expect("watch ended");
-    assert!(
-        end.is_none_or(|item| item.is_err()),
-        "no more events after shutdown"
-    );
-    let after = client
-        .get(GetRequest {
-            namespace: "".into(),
-            id: s.id,
-            touch: false,
-        })
-        .await;
-    assert!(after.is_err(), "no calls served after shutdown");
-}
-
-#[tokio::test]
 async fn serving_threads_answer_every_connection_and_drain_on_shutdown() {
     // `--serve-threads 3`: connections are handed round robin to three single-threaded
     // runtimes; all of them must serve, share the one store, and stop cleanly.
@@ -398,7 +362,8 @@ async fn redis_at_a_dead_port_is_unavailable_within_the_timeout() {
         store_timeout: Duration::from_millis(500),
         ..Settings::default()
     };
-    let url = format!("redis://127.0.0.1:{}", services::free_port());
+    let dead = RefusedPort::new();
+    let url = format!("redis://{}", dead.addr());
     let store = Arc::new(redis_store(&url, "dead_port", &settings));
     let server = TestServer::start(settings.clone(), store).await;
     let mut client = server.client().await;

@@ -53,6 +53,11 @@ impl Tally {
 
 type Client = SessionStoreClient<Channel>;
 
+/// Bound on each phase (a replica taking over, workers making progress again, events coming
+/// back): far more than each takes (seconds), so a loaded machine never fails it, while a
+/// failover that never completes does.
+const PHASE_WITHIN: Duration = Duration::from_secs(30);
+
 fn get_request(id: &str) -> GetRequest {
     GetRequest {
         namespace: String::new(),
@@ -151,16 +156,15 @@ async fn create_and_read(mut client: Client, stop: Arc<AtomicBool>, oks: Arc<Ato
     tally
 }
 
-/// Waits (up to 20 s) until `oks` counts at least `by` more than `from`.
+/// Waits (up to [`PHASE_WITHIN`]) until `oks` counts at least `by` more than `from`.
 async fn progress(what: &str, oks: &AtomicU64, from: u64, by: u64) {
     let enough = || std::future::ready((oks.load(Ordering::Relaxed) >= from + by).then_some(()));
-    eventually(what, Duration::from_secs(20), enough).await;
+    eventually(what, PHASE_WITHIN, enough).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_writes() {
     let test = "master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_writes";
-    let started = Instant::now();
     let Some(mut cluster) = RedisCluster::start(test, 3, 1).await else {
         return;
     };
@@ -183,8 +187,14 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
         .map(|(port, _)| *port)
         .min()
         .expect("masters");
-    // A counter on the victim, so the increments run into the failover.
+    // A counter on the victim, so the increments run into the failover. A third of the ids
+    // land there: 100 tries fail only if the victim serves no slot at all.
+    let mut tries = 0..100;
     let counter = loop {
+        assert!(
+            tries.next().is_some(),
+            "no session landed on master {victim}"
+        );
         let request = CreateRequest {
             attrs: [("n".to_string(), b"0".to_vec())].into(),
             ..CreateRequest::default()
@@ -228,8 +238,8 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
     let killed_at = Instant::now();
     cluster.kill(victim);
     assert!(
-        cluster.wait_until_ready(Duration::from_secs(20)).await,
-        "no replica took over within 20s"
+        cluster.wait_until_ready(PHASE_WITHIN).await,
+        "no replica took over within {PHASE_WITHIN:?}"
     );
     let promoted = killed_at.elapsed();
     let (counts, creates) = (
@@ -292,11 +302,11 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
     }
 
     // Watchers hear writes again: the event subscription moved off the dead node.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + PHASE_WITHIN;
     'heard: loop {
         assert!(
             Instant::now() < deadline,
-            "no events within 10s after the failover"
+            "no events within {PHASE_WITHIN:?} after the failover"
         );
         let update = UpdateRequest {
             id: counter.clone(),
@@ -317,9 +327,4 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
         }
     }
     watcher.abort();
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
 }

@@ -64,10 +64,17 @@ pub async fn store_for(
 
 /// A Redis store at `url` with a key prefix unique to this test.
 pub fn redis_store(url: &str, test: &str, settings: &Settings) -> RedisStore {
+    RedisStore::new(redis_config(url, test, settings)).expect("valid Redis URL")
+}
+
+/// The settings of a Redis store at `url`: `settings`' limits and timeout, and a key prefix
+/// unique to this call. Stores made from clones of it share their keys and events, as servers
+/// on one Redis do.
+pub fn redis_config(url: &str, test: &str, settings: &Settings) -> RedisConfig {
     let mut config = RedisConfig::new(url, settings.max_session_bytes);
     config.key_prefix = services::unique_prefix(test);
     config.timeout = settings.store_timeout;
-    RedisStore::new(config).expect("valid Redis URL")
+    config
 }
 
 /// A running server and what a test needs to talk to it.

@@ -3,10 +3,13 @@
 //! expects, and checking outages. Each test binary uses part of it.
 #![allow(dead_code)]
 
+pub mod cas;
 pub mod cluster;
 pub mod harness;
 pub mod ids;
 pub mod mysql;
 pub mod outage;
+pub mod ports;
+pub mod process;
 pub mod services;
 pub mod wait;

@@ -15,13 +15,36 @@ use sqlx::{AssertSqlSafe, Connection as _, Executor as _};
 
 use super::harness::Guard;
 use super::services;
-use super::wait::eventually;
 
 /// The MariaDB every MySQL test uses, as CI and developer machines run it.
 pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
 
 /// How often test stores reap, so expiry tests see EXPIRED quickly.
 pub const TEST_REAP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long one start of a private `mariadbd` gets to answer: generous, for a loaded machine
+/// (InnoDB recovery after a kill included).
+const MARIADB_START_WITHIN: Duration = Duration::from_secs(60);
+
+/// Starts of a restarted `mariadbd` on its own port before the test gives up.
+const RESTART_ATTEMPTS: usize = 3;
+
+/// `@@datadir` of the MySQL server at `url`, or `None` when none answers within two seconds.
+async fn datadir_at(url: &str) -> Option<String> {
+    let ask = async {
+        let mut conn = MySqlConnection::connect(url).await.ok()?;
+        let datadir: String = sqlx::query_scalar("SELECT @@datadir")
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+        let _ = conn.close().await;
+        Some(datadir)
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
+}
 
 /// Whether a MySQL server accepts a connection at `url` within two seconds.
 pub async fn mysql_answers(url: &str) -> bool {
@@ -169,6 +192,21 @@ fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state ...`: comm may hold spaces and parentheses, so look past the
+            // last `)`.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+        })
+    })
+}
+
 /// A private MariaDB this test starts on its own port with its own data directory; killed and
 /// its data directory removed when dropped. Its `test` database survives stop/restart.
 pub struct OwnMariadb {
@@ -195,19 +233,25 @@ impl OwnMariadb {
         let dir = std::env::temp_dir().join(unique_table(test));
         let mut own = OwnMariadb {
             child: None,
-            port: services::free_port(),
+            port: 0,
             server,
             dir,
         };
+        // A temporary directory of its own: a starting mariadbd deletes every `#sql*` file in
+        // its tmpdir, so with a shared /tmp one test's server start broke another's install.
+        if let Err(error) = std::fs::create_dir_all(own.tmp()) {
+            let why = format!("cannot create {}: {error}", own.tmp().display());
+            return services::skip_or_fail(test, &why);
+        }
         let mut init = Command::new(install);
         init.arg("--no-defaults")
             .arg(format!("--datadir={}", own.data().display()))
+            .arg(format!("--tmpdir={}", own.tmp().display()))
             .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
         if running_as_root() {
             init.arg("--user=root");
         }
-        // mariadb-install-db run by two tests at once sometimes fails (shared temp files), so
-        // installs take turns within this test process.
+        // Installs also take turns within this test process, as two at once sometimes failed.
         static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let installed = tokio::task::spawn_blocking(move || {
             let _turn = INSTALLING
@@ -229,8 +273,7 @@ impl OwnMariadb {
             }
             None => return services::skip_or_fail(test, "mariadb-install-db could not run"),
         }
-        own.spawn();
-        own.wait_ready().await;
+        own.start_on_a_free_port().await;
         execute(
             &own.url_without_database(),
             &["CREATE DATABASE IF NOT EXISTS test".into()],
@@ -243,12 +286,18 @@ impl OwnMariadb {
         self.dir.join("data")
     }
 
+    /// Its temporary files' directory (`--tmpdir`), apart from every other server's.
+    fn tmp(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
     fn spawn(&mut self) {
         let dir: &Path = &self.dir;
         let mut command = Command::new(&self.server);
         command
             .arg("--no-defaults")
             .arg(format!("--datadir={}", self.data().display()))
+            .arg(format!("--tmpdir={}", self.tmp().display()))
             .arg(format!("--port={}", self.port))
             .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
@@ -267,17 +316,63 @@ impl OwnMariadb {
         self.child = Some(command.spawn().expect("spawn mariadbd"));
     }
 
-    async fn wait_ready(&self) {
-        let url = self.url_without_database();
-        let what = format!(
-            "own mariadbd starting on {} (see {})",
-            self.port,
+    /// Starts the server on a free port, moving to a fresh port (up to
+    /// [`services::PORT_ATTEMPTS`] times) whenever it does not come up as itself: mariadbd
+    /// exits when another process took the port between [`services::free_port`] and its bind.
+    async fn start_on_a_free_port(&mut self) {
+        let mut failures = Vec::new();
+        for _ in 0..services::PORT_ATTEMPTS {
+            self.port = services::free_port();
+            self.spawn();
+            match self.came_up().await {
+                Ok(()) => return,
+                Err(why) => {
+                    self.stop();
+                    failures.push(format!("port {}: {why}", self.port));
+                }
+            }
+        }
+        panic!(
+            "own mariadbd did not start in {} attempts (see {}): {failures:?}",
+            services::PORT_ATTEMPTS,
             self.dir.join("error.log").display()
         );
-        eventually(&what, Duration::from_secs(30), || async {
-            mysql_answers(&url).await.then_some(())
-        })
-        .await;
+    }
+
+    /// Waits (up to [`MARIADB_START_WITHIN`]) until the server just spawned answers on its port
+    /// with its own data directory (another server on that port would answer too); why not
+    /// otherwise (it exited, say, because the port was taken).
+    async fn came_up(&mut self) -> Result<(), String> {
+        let url = self.url_without_database();
+        let canonical = |path: PathBuf| std::fs::canonicalize(&path).unwrap_or(path);
+        let ours = canonical(self.data());
+        let deadline = tokio::time::Instant::now() + MARIADB_START_WITHIN;
+        loop {
+            let exited = match self.child.as_mut().map(Child::try_wait) {
+                Some(Ok(None)) => None,
+                Some(Ok(Some(status))) => Some(status.to_string()),
+                Some(Err(error)) => Some(error.to_string()),
+                None => Some("not started".to_owned()),
+            };
+            if let Some(status) = exited {
+                return Err(format!("exited ({status}) before answering"));
+            }
+            if let Some(datadir) = datadir_at(&url).await {
+                let theirs = canonical(PathBuf::from(datadir.trim_end_matches('/')));
+                return if theirs == ours {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "another server answers there ({})",
+                        theirs.display()
+                    ))
+                };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("no answer within {MARIADB_START_WITHIN:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn url_without_database(&self) -> String {
@@ -298,9 +393,20 @@ impl OwnMariadb {
     }
 
     /// Freezes the server (SIGSTOP): connections stay open and nothing answers, as in a network
-    /// partition.
+    /// partition. Returns once every thread of it is stopped: a signal only asks each thread to
+    /// stop, and on a loaded machine one could still answer a query sent right after `kill`.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let Some(child) = &self.child else { return };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(child.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mariadbd {} not stopped 10s after SIGSTOP",
+                child.id()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Thaws a paused server (SIGCONT).
@@ -317,11 +423,28 @@ impl OwnMariadb {
         assert!(sent, "kill {signal} mariadbd");
     }
 
-    /// Starts it again on the same port and data directory, and waits until it answers.
+    /// Starts it again on the same port and data directory, retrying a few times should the
+    /// bind fail (the port was ours: only a moment's overlap), and waits until it answers.
     pub async fn restart(&mut self) {
         self.stop();
-        self.spawn();
-        self.wait_ready().await;
+        let mut failures = Vec::new();
+        for _ in 0..RESTART_ATTEMPTS {
+            self.spawn();
+            match self.came_up().await {
+                Ok(()) => return,
+                Err(why) => {
+                    self.stop();
+                    failures.push(why);
+                    // A retry, not a synchronisation: give the port's last user a moment.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        panic!(
+            "own mariadbd did not restart on {} (see {}): {failures:?}",
+            self.port,
+            self.dir.join("error.log").display()
+        );
     }
 }
 

@@ -99,11 +99,15 @@ pub async fn update_until_heard(
     }
 }
 
+/// How long [`events_ready`] waits for a store's events: far more than a subscription takes
+/// to come up, so a loaded machine never fails it.
+const EVENTS_READY_WITHIN: Duration = Duration::from_secs(30);
+
 /// Waits until a store's events arrive: writes a probe session until its CREATED event comes.
 pub async fn events_ready(store: &dyn SessionStore) {
     static PROBE: AtomicU64 = AtomicU64::new(0);
     let mut events = store.subscribe();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + EVENTS_READY_WITHIN;
     while Instant::now() < deadline {
         let id = format!("probe{:0>27}", PROBE.fetch_add(1, Ordering::Relaxed));
         let probe = NewSession {
@@ -123,5 +127,5 @@ pub async fn events_ready(store: &dyn SessionStore) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    panic!("the store's events did not come within 15s");
+    panic!("the store's events did not come within {EVENTS_READY_WITHIN:?}");
 }

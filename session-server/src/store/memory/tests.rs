@@ -51,16 +51,27 @@ fn ttl_patch(ttl: Duration) -> Patch {
 async fn reaper_frees_expired_sessions_and_reports_them() {
     let store = MemoryStore::with_reap_interval(1024, Duration::from_millis(10));
     let mut events = store.subscribe();
+    let ttl = Duration::from_millis(300);
+    let asked = Instant::now();
     store
-        .create(new_session(&"a".repeat(32), "u", Duration::from_millis(30)))
+        .create(new_session(&"a".repeat(32), "u", ttl))
         .await
         .unwrap();
-    assert_eq!(store.live_sessions(), Some(1));
+    let live = store.live_sessions();
+    // Before its deadline no reaper can have freed it; after, one may have.
+    if Instant::now() < asked + ttl {
+        assert_eq!(live, Some(1));
+    }
     assert_eq!(events.recv().await.unwrap().kind, EventKind::Created);
-    let expired = tokio::time::timeout(Duration::from_secs(5), events.recv())
+    // Generous, for a loaded machine: the reaper runs every 10 ms.
+    let expired = tokio::time::timeout(Duration::from_secs(30), events.recv())
         .await
-        .expect("EXPIRED within 5s")
+        .expect("EXPIRED within 30s")
         .unwrap();
+    assert!(
+        Instant::now() >= asked + ttl,
+        "reaped before its ttl passed"
+    );
     assert_eq!(expired.kind, EventKind::Expired);
     assert_eq!(expired.user_id, "u");
     assert_eq!(store.live_sessions(), Some(0));
@@ -92,11 +103,11 @@ async fn reaper_batches_a_mass_expiry() {
 async fn expired_but_unreaped_session_is_never_returned() {
     let store = manual_store();
     let id = "b".repeat(32);
-    store
-        .create(new_session(&id, "u", Duration::from_millis(1)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    let ttl = Duration::from_millis(1);
+    store.create(new_session(&id, "u", ttl)).await.unwrap();
+    // Time passes at least this much: the session is expired, not yet reaped (the reaper of a
+    // manual store never runs).
+    tokio::time::sleep(5 * ttl).await;
     assert!(matches!(
         store.get("default", &id, false).await,
         Err(StoreError::NotFound)
@@ -113,23 +124,25 @@ async fn expired_but_unreaped_session_is_never_returned() {
 async fn a_session_kept_alive_by_gets_is_not_reaped_at_its_first_deadline() {
     let store = manual_store();
     let mut events = store.subscribe();
+    // Long, so the touching get below comes well within it on any machine; reaps are given
+    // their time, nothing waits for it.
+    let ttl = Duration::from_secs(60);
+    store.create(new_session(&id(1), "u", ttl)).await.unwrap();
     let created = Instant::now();
-    store
-        .create(new_session(&id(1), "u", Duration::from_secs(1)))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Slides the deadline to at least created + 1.3 s, under the read lock only.
+    // At least this long passes before the touch, so it moves the deadline by as much.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Slides the deadline to at least created + ttl + 100 ms, under the read lock only.
     store.get("default", &id(1), true).await.unwrap();
 
-    // Past the first deadline: the index element is due, the session is not.
-    store.inner.reap(created + Duration::from_millis(1200));
+    // Past the first deadline (at most created + ttl): the index element is due, the session
+    // is not.
+    store.inner.reap(created + ttl + Duration::from_millis(10));
     assert_eq!(store.live_sessions(), Some(1));
     assert_eq!(held(&store), (1, 1), "indexed again, once");
     assert_eq!(drain(&mut events), [EventKind::Created], "no EXPIRED");
     store.get("default", &id(1), false).await.unwrap();
 
-    store.inner.reap(Instant::now() + Duration::from_secs(2));
+    store.inner.reap(Instant::now() + 2 * ttl);
     assert_eq!(store.live_sessions(), Some(0));
     assert_eq!(drain(&mut events), [EventKind::Expired]);
     assert_eq!(held(&store), (0, 0));
@@ -140,14 +153,14 @@ async fn sessions_slid_many_times_are_reaped_once_they_stop() {
     let store = manual_store();
     let mut events = store.subscribe();
     let n = 200;
+    // Sliding all of them takes microseconds; the ttl leaves a loaded machine a second of
+    // stall between two passes before a session would expire under the test.
+    let ttl = Duration::from_millis(1200);
     for i in 0..n {
-        store
-            .create(new_session(&id(i), "u", Duration::from_millis(400)))
-            .await
-            .unwrap();
+        store.create(new_session(&id(i), "u", ttl)).await.unwrap();
     }
-    // About three ttls of slides, with the reaper running between them.
-    let until = Instant::now() + Duration::from_millis(1200);
+    // Over two ttls of slides, with the reaper running between them.
+    let until = Instant::now() + 2 * ttl + Duration::from_millis(200);
     while Instant::now() < until {
         for i in 0..n {
             store.get("default", &id(i), true).await.unwrap();
@@ -159,7 +172,7 @@ async fn sessions_slid_many_times_are_reaped_once_they_stop() {
     assert_eq!(held(&store), (n, n), "one index element each, no growth");
     assert_eq!(drain(&mut events).len(), n, "only the CREATED events");
 
-    store.inner.reap(Instant::now() + Duration::from_secs(1));
+    store.inner.reap(Instant::now() + 2 * ttl);
     assert_eq!(store.live_sessions(), Some(0));
     assert_eq!(held(&store), (0, 0));
     let expired = drain(&mut events);
