@@ -3,9 +3,19 @@
 //!
 //! The running executable is `target/<profile>/compare` or, for tests,
 //! `target/<profile>/deps/<test>-<hash>`; either way the binaries live in `target/<profile>/`.
+//!
+//! Each binary listens where it is told, port 0 included, and prints one line to stdout per
+//! listener right after binding it: `listening <role> <ip:port>` (roles: session-server `grpc`
+//! and `metrics`, session-proxy `proxy` and `admin`, demo-app `http`). [`Reported`] collects
+//! those lines from a child's stdout, so a harness starts every child on port 0 and reads back
+//! where it listens instead of picking a free port and racing to bind it.
 
+use std::collections::HashMap;
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Why the binaries cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +103,58 @@ impl Binaries {
             session_proxy,
             proxy_snapshot_key,
         })
+    }
+}
+
+/// The role and address of a `listening <role> <ip:port>` line (the address-reporting
+/// contract), or `None` for any other line.
+pub fn parse_listening(line: &str) -> Option<(&str, SocketAddr)> {
+    let mut words = line.trim_end().split(' ');
+    let (Some("listening"), Some(role), Some(addr), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    Some((role, addr.parse().ok()?))
+}
+
+/// The addresses a child has reported on its stdout so far, by role. A thread reads the
+/// child's stdout to its end, copies every line to the child's log and records each
+/// `listening` line; clones share what it records.
+#[derive(Debug, Clone, Default)]
+pub struct Reported {
+    /// Role -> address, as reported (a role reported twice keeps its last address).
+    addrs: Arc<Mutex<HashMap<String, SocketAddr>>>,
+}
+
+impl Reported {
+    /// Starts the thread that reads `stdout` and copies each line to `log`.
+    pub fn tee(stdout: ChildStdout, mut log: impl std::io::Write + Send + 'static) -> Reported {
+        let reported = Reported::default();
+        let addrs = reported.addrs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some((role, addr)) = parse_listening(&line) {
+                    addrs
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(role.to_owned(), addr);
+                }
+                // The log is for people: a failed write must not stop the recording.
+                let _ = writeln!(log, "{line}");
+            }
+        });
+        reported
+    }
+
+    /// The address reported for `role`, if it has been reported yet.
+    pub fn get(&self, role: &str) -> Option<SocketAddr> {
+        self.addrs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(role)
+            .copied()
     }
 }
 
@@ -247,5 +309,27 @@ mod tests {
             profile_dir(Path::new("/w/target/debug/deps/claims-0123abcd")),
             Path::new("/w/target/debug")
         );
+    }
+
+    #[test]
+    fn listening_lines_give_their_role_and_address_and_nothing_else_does() {
+        assert_eq!(
+            parse_listening("listening grpc 127.0.0.1:40123\n"),
+            Some(("grpc", "127.0.0.1:40123".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_listening("listening admin [::1]:9"),
+            Some(("admin", "[::1]:9".parse().unwrap()))
+        );
+        for other in [
+            "",
+            "listening",
+            "listening http",
+            "listening http 127.0.0.1",
+            "listening http 127.0.0.1:1 extra",
+            "2026-01-01 INFO proxy listening address=127.0.0.1:1",
+        ] {
+            assert_eq!(parse_listening(other), None, "{other:?}");
+        }
     }
 }

@@ -3,14 +3,19 @@
 //! not in-process tasks, so that killing a backend really cuts its connections.
 //!
 //! Every child is a [`Proc`], killed (SIGKILL) and reaped when dropped, so a harness that
-//! fails or panics leaves nothing running. Each start waits for the process to answer, with a
-//! deadline; each child's stdout and stderr go to a log file in the run's directory.
+//! fails or panics leaves nothing running. Our own binaries start on port 0 and report where
+//! they listen (`listening <role> <addr>` on stdout, see [`crate::binaries`]), so no port is
+//! picked and raced for; only a restart that must come back on its old address (a backend in
+//! a rolling restart, the session server after an outage: the others know them by it) names
+//! that address, and is started again when the address is taken meanwhile. nginx and HAProxy
+//! cannot report a port-0 bind: [`external::start_retrying`] picks a port and tries another
+//! when it is taken. Each start waits for the process with a deadline; each child's stdout and
+//! stderr go to a log file in the run's directory, whose end a failed start quotes.
 
-use std::ffi::OsString;
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+mod proc;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -18,12 +23,16 @@ use tokio::time::Instant;
 use crate::binaries::Binaries;
 use crate::external::{self, ExternalProxy};
 use crate::mode::{COOKIE_KEY, Mode, StoreChoice};
+use proc::Proc;
 
 /// Bound on any one process becoming ready: debug builds on a busy 2-core machine start in
 /// well under a second, so this only catches a process that will never come up.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pause between two readiness probes.
 const POLL: Duration = Duration::from_millis(20);
+/// Where a child binds when any port will do: it reports the port it got.
+const ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// Why the cluster could not be started or changed.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +47,7 @@ pub enum ClusterError {
         source: std::io::Error,
     },
     /// A process exited, or did not become ready in time.
-    #[error("{what} {why} (its log: {})", log.display())]
+    #[error("{what} {why}; the end of its log ({}):\n{tail}", log.display())]
     NotReady {
         /// Which process.
         what: String,
@@ -46,6 +55,8 @@ pub enum ClusterError {
         why: String,
         /// Its log file.
         log: PathBuf,
+        /// The end of what this start of the process wrote to it.
+        tail: String,
     },
     /// A file of the run (log, proxy configuration) could not be written.
     #[error("{what}: {source}")]
@@ -66,129 +77,12 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterEr
     move |source| ClusterError::Io { what, source }
 }
 
-/// A loopback address nobody listens on right now (bind port 0, read it, let it go).
-pub fn free_addr() -> Result<SocketAddr, ClusterError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_err(io_error("reserving a loopback port"))
-}
-
-/// A child process, killed and reaped when dropped.
-#[derive(Debug)]
-pub(crate) struct Proc {
-    /// What it is, for messages (`backend s2`).
-    what: String,
-    /// The process.
-    child: Child,
-    /// Its stdout and stderr.
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `program args` with stdout and stderr appended to `log`, and without the
-    /// environment variables the project's binaries read (a developer's shell may set them).
-    fn spawn(
-        program: &Path,
-        args: &[String],
-        what: &str,
-        log: &Path,
-    ) -> Result<Proc, ClusterError> {
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(io_error(format!("opening {}", log.display())))?;
-        let err_file = file
-            .try_clone()
-            .map_err(io_error(format!("opening {}", log.display())))?;
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err_file)
-            .env("RUST_LOG", "warn");
-        let inherited: Vec<OsString> = std::env::vars_os()
-            .map(|(key, _)| key)
-            .filter(|key| {
-                let key = key.to_string_lossy();
-                key.starts_with("STICKLESS_") || key.starts_with("DEMO_")
-            })
-            .collect();
-        for key in inherited {
-            command.env_remove(key);
-        }
-        let child = command.spawn().map_err(|source| ClusterError::Spawn {
-            what: format!("{what} ({})", program.display()),
-            source,
-        })?;
-        tracing::debug!(what, pid = child.id(), "started");
-        Ok(Proc {
-            what: what.to_owned(),
-            child,
-            log: log.to_owned(),
-        })
-    }
-
-    /// An error if the process has exited.
-    fn check_alive(&mut self) -> Result<(), ClusterError> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => Err(self.not_ready(format!("exited ({status})"))),
-            Err(error) => Err(self.not_ready(format!("cannot be watched ({error})"))),
-        }
-    }
-
-    fn not_ready(&self, why: String) -> ClusterError {
-        ClusterError::NotReady {
-            what: self.what.clone(),
-            why,
-            log: self.log.clone(),
-        }
-    }
-
-    /// Polls `ready` until it holds, failing when the process exits or `START_TIMEOUT` passes.
-    async fn wait_ready<F, Fut>(&mut self, mut ready: F) -> Result<(), ClusterError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            if ready().await {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.not_ready(format!("not ready within {START_TIMEOUT:?}")));
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-
-    /// Sends SIGHUP (the proxy re-reads its configuration).
-    fn hangup(&self) -> Result<(), ClusterError> {
-        let pid = rustix::process::Pid::from_child(&self.child);
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
-            .map_err(|errno| io_error(format!("SIGHUP to {}", self.what))(errno.into()))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGKILL: a crash, not a shutdown. Its connections are cut at once.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        tracing::debug!(what = %self.what, "killed");
-    }
-}
-
-/// One backend slot: a name and port that survive restarts of its process.
+/// One backend slot: a name and an address that survive restarts of its process.
 #[derive(Debug)]
 struct Backend {
     /// Instance name (`x-served-by`).
     name: String,
-    /// Where it listens.
+    /// Where it listens: port 0 until its first start reports the real one.
     addr: SocketAddr,
     /// The running process, if any.
     proc: Option<Proc>,
@@ -197,6 +91,8 @@ struct Backend {
 /// The proxy in front.
 #[derive(Debug)]
 enum Front {
+    /// Not started yet.
+    None,
     /// `session-proxy`, configured by flags plus a TOML file listing the backends.
     Stickless {
         /// The process.
@@ -234,13 +130,14 @@ pub struct Cluster {
     spec: ClusterSpec,
     /// A plain client for readiness probes (no cookies).
     http: reqwest::Client,
-    /// Where the session server listens (kept across its restarts).
+    /// Where the session server listens (port 0 until its first start; kept across its
+    /// restarts, since the backends and the proxy know it by this address).
     store_addr: SocketAddr,
     /// The session server, when running.
     store: Option<Proc>,
     /// Every backend slot ever configured, in order.
     backends: Vec<Backend>,
-    /// Where clients connect.
+    /// Where clients connect (port 0 until the front has started).
     listen: SocketAddr,
     /// The proxy.
     front: Front,
@@ -255,11 +152,11 @@ impl Cluster {
             .build()
             .map_err(|e| io_error("building an HTTP client")(std::io::Error::other(e)))?;
         let mut cluster = Cluster {
-            store_addr: free_addr()?,
+            store_addr: ANY_PORT,
             store: None,
             backends: Vec::new(),
-            listen: free_addr()?,
-            front: Front::External(None),
+            listen: ANY_PORT,
+            front: Front::None,
             http,
             spec,
         };
@@ -267,10 +164,11 @@ impl Cluster {
         for _ in 0..cluster.spec.backends {
             cluster.backends.push(Backend {
                 name: format!("s{}", cluster.backends.len() + 1),
-                addr: free_addr()?,
+                addr: ANY_PORT,
                 proc: None,
             });
         }
+        // All spawned first, then waited for: they start side by side.
         for index in 0..cluster.backends.len() {
             cluster.spawn_backend(index)?;
         }
@@ -299,20 +197,21 @@ impl Cluster {
         format!("http://{}", self.store_addr)
     }
 
-    /// Starts (or restarts, on the same port) the session server.
+    /// Starts the session server: on a port of its choosing the first time, on the same
+    /// address again after [`Cluster::kill_store`].
     pub async fn start_store(&mut self) -> Result<(), ClusterError> {
         let mut args = vec!["--listen".to_owned(), self.store_addr.to_string()];
         args.extend(self.spec.store.server_args(&self.spec.tag));
-        let log = self.log("session-server");
-        let mut proc = Proc::spawn(
+        let (proc, addr) = Proc::start_listening(
             &self.spec.bins.session_server,
             &args,
             "session-server",
-            &log,
-        )?;
-        let addr = self.store_addr;
-        proc.wait_ready(|| async move { tokio::net::TcpStream::connect(addr).await.is_ok() })
-            .await?;
+            &self.log("session-server"),
+            "grpc",
+            self.store_addr.port() != 0,
+        )
+        .await?;
+        self.store_addr = addr;
         self.store = Some(proc);
         Ok(())
     }
@@ -322,8 +221,7 @@ impl Cluster {
         self.store = None;
     }
 
-    fn spawn_backend(&mut self, index: usize) -> Result<(), ClusterError> {
-        let url = self.session_server_url();
+    fn backend_args(&self, index: usize) -> Vec<String> {
         let backend = &self.backends[index];
         let mut args = vec![
             "--listen".to_owned(),
@@ -332,15 +230,31 @@ impl Cluster {
             backend.name.clone(),
             "--insecure-cookies".to_owned(),
         ];
-        args.extend(self.spec.mode.demo_args(&url));
-        let what = format!("backend {}", backend.name);
-        let log = self.log(&backend.name);
+        args.extend(self.spec.mode.demo_args(&self.session_server_url()));
+        args
+    }
+
+    /// Spawns backend `index` on a port of its choosing (its first start).
+    fn spawn_backend(&mut self, index: usize) -> Result<(), ClusterError> {
+        let args = self.backend_args(index);
+        let what = format!("backend {}", self.backends[index].name);
+        let log = self.log(&self.backends[index].name);
         let proc = Proc::spawn(&self.spec.bins.demo_app, &args, &what, &log)?;
         self.backends[index].proc = Some(proc);
         Ok(())
     }
 
+    /// Waits until backend `index` reports its address (recorded) and answers its health check.
     async fn wait_backend(&mut self, index: usize) -> Result<(), ClusterError> {
+        let Some(proc) = self.backends[index].proc.as_mut() else {
+            return Ok(());
+        };
+        let addr = proc.wait_listening("http").await?;
+        self.backends[index].addr = addr;
+        self.wait_backend_healthy(index).await
+    }
+
+    async fn wait_backend_healthy(&mut self, index: usize) -> Result<(), ClusterError> {
         let url = format!("http://{}/healthz", self.backends[index].addr);
         let http = self.http.clone();
         let Some(proc) = self.backends[index].proc.as_mut() else {
@@ -356,18 +270,26 @@ impl Cluster {
         }
     }
 
-    /// Starts backend `index` again on its port and waits until the proxy uses it again.
+    /// Starts backend `index` again on its address (the proxy knows it by that address) and
+    /// waits until the proxy uses it again.
     pub async fn restart_backend(&mut self, index: usize) -> Result<(), ClusterError> {
-        self.spawn_backend(index)?;
-        self.wait_backend(index).await?;
+        let args = self.backend_args(index);
+        let what = format!("backend {}", self.backends[index].name);
+        let log = self.log(&self.backends[index].name);
+        let (proc, _) =
+            Proc::start_listening(&self.spec.bins.demo_app, &args, &what, &log, "http", true)
+                .await?;
+        self.backends[index].proc = Some(proc);
+        self.wait_backend_healthy(index).await?;
         self.wait_front_sees_all_up().await
     }
 
-    /// Starts one more backend and adds it to the proxy's configuration.
+    /// Starts one more backend (on a port of its choosing) and adds it to the proxy's
+    /// configuration.
     pub async fn add_backend(&mut self) -> Result<(), ClusterError> {
         self.backends.push(Backend {
             name: format!("s{}", self.backends.len() + 1),
-            addr: free_addr()?,
+            addr: ANY_PORT,
             proc: None,
         });
         let index = self.backends.len() - 1;
@@ -387,9 +309,12 @@ impl Cluster {
                 *running = None;
                 self.start_front().await
             }
+            Front::None => Ok(()),
         }
     }
 
+    /// Starts the front: on a port of its choosing the first time, on the same address when
+    /// an external proxy is restarted with a new backend list.
     async fn start_front(&mut self) -> Result<(), ClusterError> {
         let Mode::External(kind) = self.spec.mode else {
             return self.start_session_proxy().await;
@@ -400,14 +325,17 @@ impl Cluster {
             .dir
             .join(format!("{}-{}", self.spec.tag, self.spec.mode));
         std::fs::create_dir_all(&dir).map_err(io_error(format!("creating {}", dir.display())))?;
-        let (listen, http) = (self.listen, self.http.clone());
-        let proxy =
-            tokio::task::spawn_blocking(move || external::start(kind, &addrs, listen, &dir))
-                .await
-                .map_err(|e| ClusterError::External(e.to_string()))?
-                .map_err(|e| ClusterError::External(e.to_string()))?;
+        let listen = Some(self.listen).filter(|addr| addr.port() != 0);
+        let proxy = tokio::task::spawn_blocking(move || {
+            external::start_retrying(kind, &addrs, listen, &dir)
+        })
+        .await
+        .map_err(|e| ClusterError::External(e.to_string()))?
+        .map_err(|e| ClusterError::External(e.to_string()))?;
+        self.listen = proxy.listen();
         let url = format!("{}/healthz", proxy.url.trim_end_matches('/'));
         self.front = Front::External(Some(proxy));
+        let http = self.http.clone();
         let deadline = Instant::now() + START_TIMEOUT;
         while !healthy(&http, &url).await {
             if Instant::now() >= deadline {
@@ -424,14 +352,13 @@ impl Cluster {
         let config = self.spec.dir.join(format!("{}-proxy.toml", self.spec.tag));
         std::fs::write(&config, proxy_backends_toml(&self.backends))
             .map_err(io_error(format!("writing {}", config.display())))?;
-        let admin = free_addr()?;
         let mut args: Vec<String> = [
             "--config",
             &config.to_string_lossy(),
             "--listen",
-            &self.listen.to_string(),
+            &ANY_PORT.to_string(),
             "--admin-listen",
-            &admin.to_string(),
+            &ANY_PORT.to_string(),
             // The harness is the forwarding proxy: its X-Forwarded-For is each user's address.
             "--trusted-proxies",
             "127.0.0.1/32",
@@ -458,7 +385,9 @@ impl Cluster {
             self.spec.bins.proxy_snapshot_key,
         ));
         let log = self.log("session-proxy");
-        let proc = Proc::spawn(&self.spec.bins.session_proxy, &args, "session-proxy", &log)?;
+        let mut proc = Proc::spawn(&self.spec.bins.session_proxy, &args, "session-proxy", &log)?;
+        self.listen = proc.wait_listening("proxy").await?;
+        let admin = proc.wait_listening("admin").await?;
         self.front = Front::Stickless {
             proc,
             config,

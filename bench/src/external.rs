@@ -5,7 +5,9 @@
 //! `include_str!`): [`start`] fills it in for the given backends and listen address, writes it
 //! into a work directory, starts the proxy in the foreground with its pid file, logs and temp
 //! files inside that directory, and waits (bounded) until it accepts connections. The
-//! [`ExternalProxy`] it returns stops the process (and waits for it) when dropped.
+//! [`ExternalProxy`] it returns stops the process (and waits for it) when dropped. Neither
+//! proxy can report the port it got from a port-0 bind, so [`start_retrying`] picks a free
+//! port and starts again on another one when someone takes it first.
 //!
 //! Every template gets the same safety nets session-proxy has, so the comparison is fair:
 //! health checks (nginx: passive, `max_fails=1 fail_timeout=2s`; HAProxy: active,
@@ -24,11 +26,12 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use bench::external::{ExternalKind, available, start};
+//! use bench::external::{ExternalKind, available, start_retrying};
 //! let backends = ["127.0.0.1:8081".parse()?, "127.0.0.1:8082".parse()?];
 //! if available(ExternalKind::NginxIpHash).is_ok() {
 //!     let dir = tempfile::tempdir()?;
-//!     let nginx = start(ExternalKind::NginxIpHash, &backends, "127.0.0.1:8090".parse()?, dir.path())?;
+//!     // On a free loopback port (another one when it is taken before nginx binds it).
+//!     let nginx = start_retrying(ExternalKind::NginxIpHash, &backends, None, dir.path())?;
 //!     // send requests to nginx.url; nginx stops when `nginx` is dropped
 //! }
 //! # Ok(())
@@ -46,9 +49,17 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, geteuid, kill_process};
 
+mod template;
+
+use template::{prepare_workdir, render};
+
 /// Bound on a proxy's start-up, until it accepts connections. nginx retries a busy port for
 /// ~2.5 s before giving up, so this leaves room for that and for a slow CI machine.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Starts in all of [`start_retrying`] when the listen address is taken.
+const BIND_ATTEMPTS: u32 = 5;
+/// Pause before [`start_retrying`] tries a taken fixed address again (times the attempt).
+const REBIND_PAUSE: Duration = Duration::from_millis(200);
 /// Time a proxy gets to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between two polls of a starting or stopping process.
@@ -197,12 +208,28 @@ pub enum ExternalError {
     },
 }
 
+impl ExternalError {
+    /// Whether the start failed because the listen address was taken (by the time the proxy
+    /// tried to bind it): worth another try, on another port or later.
+    pub fn address_in_use(&self) -> bool {
+        match self {
+            ExternalError::ListenBusy { .. } => true,
+            // nginx: "bind() to ... failed (98: Address already in use)"; HAProxy: "cannot
+            // bind socket (Address already in use)".
+            ExternalError::NotReady { log, .. } => log.contains("Address already in use"),
+            _ => false,
+        }
+    }
+}
+
 /// A running nginx or HAProxy; stopped (SIGTERM, then SIGKILL after 5 s) and waited for when
 /// dropped.
 #[derive(Debug)]
 pub struct ExternalProxy {
     /// Where clients send requests, `http://<listen>`.
     pub url: String,
+    /// The address it listens on.
+    listen: SocketAddr,
     /// Which proxy this is.
     kind: ExternalKind,
     /// The proxy's (master) process; it is our child, so its pid cannot be reused before we
@@ -216,6 +243,11 @@ impl ExternalProxy {
     /// Which proxy this is.
     pub fn kind(&self) -> ExternalKind {
         self.kind
+    }
+
+    /// The address it listens on.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
     }
 
     /// The process id of the proxy (nginx's master process).
@@ -347,6 +379,7 @@ pub fn start(
     })?;
     let mut proxy = ExternalProxy {
         url: format!("http://{listen}"),
+        listen,
         kind,
         child,
         workdir,
@@ -371,6 +404,40 @@ pub fn start(
         log: log_tail(&proxy),
         log_path: proxy.log_path(),
     })
+}
+
+/// [`start`], tried again when the listen address turns out to be taken, `BIND_ATTEMPTS` starts
+/// in all. With `listen` `None`, on a free loopback port, another one each time: nginx and
+/// HAProxy cannot report a port-0 bind, so a port is picked (bound and released) and someone
+/// else may bind it first. With `Some(address)`, on that address each time, after a pause (a
+/// restart that must keep its address: the clients know it).
+pub fn start_retrying(
+    kind: ExternalKind,
+    backends: &[SocketAddr],
+    listen: Option<SocketAddr>,
+    workdir: &Path,
+) -> Result<ExternalProxy, ExternalError> {
+    let mut attempt = 1;
+    loop {
+        let address = match listen {
+            Some(address) => address,
+            None => TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .map_err(|error| ExternalError::Invalid {
+                    kind,
+                    reason: format!("cannot pick a loopback port: {error}"),
+                })?,
+        };
+        match start(kind, backends, address, workdir) {
+            Err(error) if attempt < BIND_ATTEMPTS && error.address_in_use() => {
+                if listen.is_some() {
+                    thread::sleep(REBIND_PAUSE * attempt);
+                }
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The binary named by the override variable, or the first on `PATH` or in the sbin
@@ -408,70 +475,6 @@ fn find_binary(program: &Program) -> Result<PathBuf, String> {
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Creates `workdir` when missing and returns its absolute form; refuses paths the nginx
-/// configuration could not quote.
-fn prepare_workdir(workdir: &Path) -> Result<PathBuf, ExternalError> {
-    // Written inside double quotes in nginx.conf, where these would end or escape the string.
-    let quotable = |path: &Path| {
-        path.to_str().is_some_and(|text| {
-            !text
-                .chars()
-                .any(|c| matches!(c, '"' | '\\' | '$') || c.is_control())
-        })
-    };
-    let refuse = || ExternalError::Workdir {
-        path: workdir.to_owned(),
-        reason: "the path must be UTF-8 without quotes, backslashes, $ or control characters"
-            .to_owned(),
-    };
-    if !quotable(workdir) {
-        return Err(refuse());
-    }
-    fs::create_dir_all(workdir).map_err(|e| workdir_error(workdir, e))?;
-    let absolute = fs::canonicalize(workdir).map_err(|e| workdir_error(workdir, e))?;
-    if !quotable(&absolute) {
-        return Err(refuse());
-    }
-    Ok(absolute)
-}
-
-/// The template with its placeholders filled in: every line holding `{{BACKEND}}` is repeated
-/// once per backend (`{{NAME}}` = s1, s2, ...); `{{LISTEN}}`, `{{WORKDIR}}` and `{{USER}}`
-/// (`user root;` for a root start, so workers can use a root-only work directory) are replaced.
-fn render(
-    template: &str,
-    backends: &[SocketAddr],
-    listen: SocketAddr,
-    workdir: &Path,
-    root: bool,
-) -> String {
-    let user = if root {
-        "user root;"
-    } else {
-        "# not started as root: nginx runs as the caller's user"
-    };
-    let mut out = String::with_capacity(template.len() + 128 * backends.len());
-    for line in template.lines() {
-        if line.contains("{{BACKEND}}") {
-            for (i, backend) in backends.iter().enumerate() {
-                let line = line
-                    .replace("{{BACKEND}}", &backend.to_string())
-                    .replace("{{NAME}}", &format!("s{}", i + 1));
-                out.push_str(&line);
-                out.push('\n');
-            }
-            continue;
-        }
-        let line = line
-            .replace("{{LISTEN}}", &listen.to_string())
-            .replace("{{WORKDIR}}", &workdir.display().to_string())
-            .replace("{{USER}}", user);
-        out.push_str(&line);
-        out.push('\n');
-    }
-    out
 }
 
 fn workdir_error(path: &Path, error: io::Error) -> ExternalError {
@@ -521,58 +524,6 @@ fn log_tail(proxy: &ExternalProxy) -> String {
 mod tests {
     use super::*;
 
-    fn backends() -> Vec<SocketAddr> {
-        vec![
-            "127.0.0.1:8081".parse().unwrap(),
-            "127.0.0.1:8082".parse().unwrap(),
-        ]
-    }
-
-    #[test]
-    fn every_placeholder_is_filled_in_every_template() {
-        for kind in ExternalKind::ALL {
-            for root in [true, false] {
-                let text = render(
-                    kind.template(),
-                    &backends(),
-                    "127.0.0.1:9000".parse().unwrap(),
-                    Path::new("/tmp/work"),
-                    root,
-                );
-                assert!(!text.contains("{{"), "{kind}: {text}");
-                assert!(text.contains("127.0.0.1:9000"), "{kind} listens");
-            }
-        }
-    }
-
-    #[test]
-    fn backend_lines_are_repeated_once_per_backend_with_their_names() {
-        let listen = "127.0.0.1:9000".parse().unwrap();
-        let text = render(
-            ExternalKind::HaproxyCookieInsert.template(),
-            &backends(),
-            listen,
-            Path::new("/w"),
-            false,
-        );
-        assert!(
-            text.contains("server s1 127.0.0.1:8081 check inter 500ms fall 1 rise 1 cookie s1")
-        );
-        assert!(
-            text.contains("server s2 127.0.0.1:8082 check inter 500ms fall 1 rise 1 cookie s2")
-        );
-        let nginx = render(
-            ExternalKind::NginxIpHash.template(),
-            &backends(),
-            listen,
-            Path::new("/w"),
-            true,
-        );
-        assert_eq!(nginx.matches("max_fails=1 fail_timeout=2s;").count(), 2);
-        assert!(nginx.contains("\nuser root;\n"));
-        assert!(nginx.contains("pid \"/w/nginx.pid\";"));
-    }
-
     #[test]
     fn unusable_requests_are_refused_before_anything_starts() {
         let dir = Path::new("/nonexistent-never-created");
@@ -584,7 +535,7 @@ mod tests {
         assert!(matches!(
             start(
                 ExternalKind::NginxIpHash,
-                &backends(),
+                &["127.0.0.1:8081".parse().unwrap()],
                 "127.0.0.1:0".parse().unwrap(),
                 dir
             ),

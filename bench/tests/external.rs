@@ -7,6 +7,8 @@
 //! A missing nginx or haproxy binary prints `SKIPPED <test>: <why>` and skips, unless
 //! `STICKLESS_REQUIRE_SERVICES=1`, when it fails the test (CI installs both).
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -15,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use bench::external::{ExternalError, ExternalKind, ExternalProxy, available, start};
+use bench::external::{ExternalKind, ExternalProxy, available, start_retrying};
+use support::Reply;
 
 /// Client addresses that differ in their first three octets (nginx `ip_hash` looks at no more)
 /// and are varied enough that both backends get some of them whatever the hash.
@@ -38,18 +41,15 @@ const CLIENTS: [&str; 16] = [
     "203.0.113.7",
 ];
 
-/// The skip rule: true when `kind`'s binary is usable; otherwise prints why and returns false,
-/// or fails under `STICKLESS_REQUIRE_SERVICES=1`.
+/// True when `kind`'s binary is usable; otherwise the skip rule.
 fn usable(kind: ExternalKind, test: &str) -> bool {
-    let Err(why) = available(kind) else {
-        return true;
-    };
-    if std::env::var("STICKLESS_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
-        panic!("{test}: {why} (STICKLESS_REQUIRE_SERVICES=1, so this is a failure)");
+    match available(kind) {
+        Ok(_) => true,
+        Err(why) => {
+            support::skip_or_fail(test, &why);
+            false
+        }
     }
-    // Written to the stderr handle itself: eprintln! is captured and hidden for passing tests.
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-    false
 }
 
 /// A loopback HTTP/1.1 backend (keep-alive, bodies by Content-Length) answering every request
@@ -161,55 +161,9 @@ fn serve(stream: TcpStream, name: &str, heads: &Mutex<Vec<String>>) {
     }
 }
 
-/// A response as the tests need it.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    /// Header lines, names lower-cased.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// `GET /` through `proxy` with extra headers, on its own connection.
 fn get(proxy: &ExternalProxy, headers: &[(&str, &str)]) -> Reply {
-    let addr: SocketAddr = proxy.url.trim_start_matches("http://").parse().unwrap();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("a whole response");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Reply {
-        status,
-        headers,
-        body: body.to_owned(),
-    }
+    support::request(proxy.listen(), "GET", "/", headers, None)
 }
 
 /// The backend that served `GET /` with these headers (and that it was a 200).
@@ -217,35 +171,6 @@ fn served_by(proxy: &ExternalProxy, headers: &[(&str, &str)]) -> String {
     let reply = get(proxy, headers);
     assert_eq!(reply.status, 200, "{reply:?}");
     reply.body
-}
-
-/// Starts `kind` on a free loopback port, trying another port if one was taken meanwhile.
-fn start_on_free_port(
-    kind: ExternalKind,
-    backends: &[&Backend],
-    workdir: &tempfile::TempDir,
-) -> ExternalProxy {
-    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let mut last = None;
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        match start(kind, &addrs, listen, workdir.path()) {
-            Ok(proxy) => return proxy,
-            Err(error @ ExternalError::ListenBusy { .. }) => last = Some(error),
-            Err(error @ ExternalError::NotReady { .. })
-                if error.to_string().contains("Address already in use") =>
-            {
-                last = Some(error);
-            }
-            Err(error) => panic!("{kind} did not start: {error}"),
-        }
-    }
-    panic!("{kind} found no free port: {last:?}");
 }
 
 /// Two backends and `kind` in front of them, or `None` when the binary is missing.
@@ -258,7 +183,8 @@ fn setup(
     }
     let (a, b) = (Backend::start("s1"), Backend::start("s2"));
     let dir = tempfile::tempdir().unwrap();
-    let proxy = start_on_free_port(kind, &[&a, &b], &dir);
+    let proxy = start_retrying(kind, &[a.addr, b.addr], None, dir.path())
+        .unwrap_or_else(|error| panic!("{kind} did not start: {error}"));
     Some((a, b, proxy, dir))
 }
 
@@ -292,7 +218,7 @@ fn a_dead_backend_is_skipped(
 
 /// Nothing accepts on the proxy's address once it is dropped, and its process is gone.
 fn stops_when_dropped(proxy: ExternalProxy) {
-    let addr: SocketAddr = proxy.url.trim_start_matches("http://").parse().unwrap();
+    let addr = proxy.listen();
     let pid = proxy.pid();
     drop(proxy);
     let deadline = Instant::now() + Duration::from_secs(5);
