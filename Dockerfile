@@ -2,12 +2,15 @@
 # comparison harness `compare` (with the real nginx and HAProxy it measures against).
 #
 #   docker build -t stickless .
-#   docker run --rm -p 127.0.0.1:50051:50051 stickless      # session-server, memory store
+#   docker run --rm -p 127.0.0.1:50051:50051 -e STICKLESS_AUTH_TOKEN=... stickless
+#                                                            # session-server, memory store
 #   docker run --rm stickless compare --help
 #   docker compose up --build                                # the demo cluster (docker-compose.yml)
 #
 # Every binary takes its settings as flags or STICKLESS_* / DEMO_* environment variables; in a
-# container, listen on 0.0.0.0 (the defaults are loopback only).
+# container, listen on 0.0.0.0 (the defaults are loopback only). session-server refuses a
+# non-loopback address without authentication: give it STICKLESS_AUTH_TOKEN, a mounted
+# STICKLESS_AUTH_TOKEN_FILE, or TLS client certificates (--tls-client-ca).
 
 # --- build: the whole workspace in release mode ---------------------------------------------
 FROM rust:1-bookworm AS builder

@@ -96,11 +96,14 @@ until_ok() {
 
 say "smoke test: session-server (the image's command) and a demo-app in front of it"
 # Both ports on the first container, published on free loopback ports of the host.
-server=$(docker run -d -p 127.0.0.1::50051 -p 127.0.0.1::8080 "$IMAGE")
+# The image's command listens on 0.0.0.0, so it needs a token (it refuses to start without).
+server=$(docker run -d -e STICKLESS_AUTH_TOKEN=docker-smoke -p 127.0.0.1::50051 \
+  -p 127.0.0.1::8080 "$IMAGE")
 CONTAINERS+=("$server")
 until_ok 60 sh -c "docker logs '$server' 2>/dev/null | grep -q '^listening grpc '" \
   || fail "session-server did not report its gRPC address"
-app=$(docker run -d --network "container:$server" "$IMAGE" demo-app --listen 0.0.0.0:8080 \
+app=$(docker run -d -e STICKLESS_AUTH_TOKEN=docker-smoke --network "container:$server" \
+  "$IMAGE" demo-app --listen 0.0.0.0:8080 \
   --name docker-smoke --sessions store --session-server http://127.0.0.1:50051 --insecure-cookies)
 CONTAINERS+=("$app")
 http=$(docker port "$server" 8080/tcp | head -n 1)

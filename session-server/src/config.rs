@@ -108,9 +108,23 @@ pub struct Cli {
     /// Cap on a session's attributes, keys plus values, in bytes [default: 65536].
     #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES")]
     pub max_session_bytes: Option<usize>,
-    /// Bearer token every SessionStore call must carry (`authorization: Bearer <token>`).
+    /// Bearer token every SessionStore call must carry (`authorization: Bearer <token>`),
+    /// allowed in every namespace, read-write; adds to `--auth-token-file`'s tokens.
     #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// File of scoped tokens, one a line: `TOKEN NAMESPACES RIGHTS`, e.g. `app-secret demo,shop
+    /// rw` (`TOKEN` or `sha256:<hex>` of it; `NAMESPACES` a comma list or `*`; `RIGHTS` `rw` or
+    /// `ro`: Get, ListByUser and Watch only); `#` starts a comment.
+    #[arg(long, env = "STICKLESS_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Serve on a non-loopback `--listen` address without authentication (no token, no token
+    /// file, no `--tls-client-ca`), which is refused otherwise.
+    #[arg(
+        long,
+        env = "STICKLESS_ALLOW_UNAUTHENTICATED",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub allow_unauthenticated: bool,
     /// Log format [default: text].
     #[arg(long, env = "STICKLESS_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -125,6 +139,17 @@ pub struct Cli {
     /// of CPUs with the memory store, 1 with Redis or MySQL].
     #[arg(long, env = "STICKLESS_SERVE_THREADS")]
     pub serve_threads: Option<usize>,
+    /// PEM certificate chain for gRPC over TLS (with `--tls-key`); re-read on SIGHUP
+    /// [default: plaintext].
+    #[arg(long, env = "STICKLESS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`; re-read on SIGHUP.
+    #[arg(long, env = "STICKLESS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one (mTLS); re-read on
+    /// SIGHUP [default: no client certificate asked].
+    #[arg(long, env = "STICKLESS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings as the flags, snake_case, every key optional.
@@ -150,11 +175,16 @@ struct FileConfig {
     max_ttl: Option<Duration>,
     max_session_bytes: Option<usize>,
     auth_token: Option<String>,
+    auth_token_file: Option<PathBuf>,
+    allow_unauthenticated: Option<bool>,
     log_format: Option<LogFormat>,
     metrics_listen: Option<SocketAddr>,
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
     serve_threads: Option<usize>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// Durations in the file are strings such as "30m" or "1h 30m", as on the command line.
@@ -196,6 +226,20 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("invalid setting: {0}")]
     Invalid(String),
+    /// The auth token file cannot be read or has a malformed line (named by number; the
+    /// message never quotes it).
+    #[error(transparent)]
+    TokenFile(#[from] crate::auth::TokenFileError),
+    /// A non-loopback listen address with no authentication and no explicit opt-out.
+    #[error(
+        "refusing to serve on {listen} without authentication (not a loopback address): set \
+         --auth-token-file PATH (or --auth-token, or --tls-client-ca), or pass \
+         --allow-unauthenticated to serve anyone who can connect"
+    )]
+    Unauthenticated {
+        /// The listen address.
+        listen: SocketAddr,
+    },
 }
 
 /// The settings the server runs with, every value resolved.
@@ -229,8 +273,14 @@ pub struct Settings {
     pub max_ttl: Duration,
     /// Cap on a session's attributes in bytes.
     pub max_session_bytes: usize,
-    /// Bearer token required on SessionStore calls, if any.
+    /// Bearer token accepted on SessionStore calls in every namespace, read-write, if any.
     pub auth_token: Option<String>,
+    /// File of scoped tokens, if any (read when the settings are resolved).
+    pub auth_token_file: Option<PathBuf>,
+    /// The tokens of `auth_token_file`, as read when the settings were resolved.
+    pub auth_file_tokens: Vec<crate::auth::ScopedToken>,
+    /// Serve on a non-loopback address without authentication.
+    pub allow_unauthenticated: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Prometheus listen address, if any.
@@ -240,6 +290,12 @@ pub struct Settings {
     /// Threads serving gRPC connections as set (1: the main runtime serves them); `None`: see
     /// [`Settings::serve_threads`].
     pub serve_threads: Option<usize>,
+    /// PEM certificate chain of the gRPC listener; with `tls_key`, gRPC is served over TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that must have signed every client's certificate (mTLS), if any.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -270,6 +326,11 @@ impl Settings {
         let file: FileConfig = match file_text {
             Some(text) => toml::from_str(text)?,
             None => FileConfig::default(),
+        };
+        let auth_token_file = cli.auth_token_file.or(file.auth_token_file);
+        let auth_file_tokens = match &auth_token_file {
+            Some(path) => crate::auth::read_token_file(path)?,
+            None => Vec::new(),
         };
         let settings = Settings {
             listen: cli
@@ -314,6 +375,10 @@ impl Settings {
                 .or(file.max_session_bytes)
                 .unwrap_or(DEFAULT_MAX_SESSION_BYTES),
             auth_token: cli.auth_token.or(file.auth_token),
+            auth_token_file,
+            auth_file_tokens,
+            allow_unauthenticated: cli.allow_unauthenticated
+                || file.allow_unauthenticated.unwrap_or(false),
             log_format: cli
                 .log_format
                 .or(file.log_format)
@@ -324,6 +389,9 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             serve_threads: cli.serve_threads.or(file.serve_threads),
+            tls_cert: cli.tls_cert.or(file.tls_cert),
+            tls_key: cli.tls_key.or(file.tls_key),
+            tls_client_ca: cli.tls_client_ca.or(file.tls_client_ca),
         };
         settings.validate()?;
         Ok(settings)
@@ -390,6 +458,31 @@ impl Settings {
         }
         if self.auth_token.as_deref().is_some_and(str::is_empty) {
             return invalid("auth-token, when set, must not be empty".into());
+        }
+        if let Some(flag) = &self.auth_token {
+            let flag = crate::auth::ScopedToken::new(flag, crate::auth::Scope::unrestricted());
+            if self.auth_file_tokens.iter().any(|t| t.same_token(&flag)) {
+                return invalid("auth-token is also in the auth token file: give it once".into());
+            }
+        }
+        // Authenticated by default: anyone who can reach a public address could otherwise
+        // create a session for any user, or watch every session id as it is made.
+        let authenticated = self.auth_token.is_some()
+            || self.auth_token_file.is_some()
+            || self.tls_client_ca.is_some();
+        if !self.listen.ip().to_canonical().is_loopback()
+            && !authenticated
+            && !self.allow_unauthenticated
+        {
+            return Err(ConfigError::Unauthenticated {
+                listen: self.listen,
+            });
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls-cert and tls-key go together: set both or neither".into());
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return invalid("tls-client-ca needs tls-cert and tls-key (mTLS is TLS)".into());
         }
         Ok(())
     }
@@ -463,5 +556,49 @@ mod tests {
         }
         assert!(Settings::resolve(Cli::default(), Some("default_ttl = \"soon\"")).is_err());
         assert!(Cli::try_parse_from(["session-server", "--store", "mongo"]).is_err());
+    }
+
+    #[test]
+    fn a_public_listen_address_needs_authentication_or_the_opt_out() {
+        for listen in ["0.0.0.0:50051", "[::]:50051", "192.0.2.7:50051"] {
+            let err = Settings::resolve(cli(&["--listen", listen]), None).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Unauthenticated { .. }),
+                "{listen}: {err}"
+            );
+            for fix in [
+                &["--allow-unauthenticated"][..],
+                &["--auth-token", "t0ken"][..],
+            ] {
+                let args = [&["--listen", listen][..], fix].concat();
+                assert!(Settings::resolve(cli(&args), None).is_ok(), "{args:?}");
+            }
+            let file = format!("listen = \"{listen}\"\nallow_unauthenticated = true\n");
+            assert!(
+                Settings::resolve(Cli::default(), Some(&file))
+                    .unwrap()
+                    .allow_unauthenticated
+            );
+            // mTLS authenticates too (checked without reading the files).
+            let mtls = Settings {
+                listen: listen.parse().unwrap(),
+                tls_cert: Some("cert.pem".into()),
+                tls_key: Some("key.pem".into()),
+                tls_client_ca: Some("ca.pem".into()),
+                ..Settings::default()
+            };
+            assert!(mtls.validate().is_ok(), "{listen} with mTLS");
+        }
+        for loopback in [
+            "127.0.0.1:0",
+            "127.0.0.2:0",
+            "[::1]:0",
+            "[::ffff:127.0.0.1]:0",
+        ] {
+            assert!(
+                Settings::resolve(cli(&["--listen", loopback]), None).is_ok(),
+                "{loopback}"
+            );
+        }
     }
 }

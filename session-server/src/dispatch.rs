@@ -1,6 +1,7 @@
 //! The server's top-level service: calls of the SessionStore service go straight to it, behind
-//! the bearer-token check; every other path (health, reflection, anything unknown) goes to
-//! tonic's router.
+//! the bearer-token check, with the token's scope in their request extensions (the service
+//! checks it once it has decoded the namespace); every other path (health, reflection, anything
+//! unknown) goes to tonic's router.
 //!
 //! tonic's router matches paths with axum and re-boxes the request body and the response body
 //! on the way through (tonic body, axum body, tonic body again), for every call. On the hot path
@@ -30,7 +31,7 @@ type Api = SessionStoreServer<SessionService>;
 pub(crate) struct ApiFirst {
     /// The SessionStore service.
     api: Api,
-    /// Its bearer-token check.
+    /// Its bearer-token check, which gives each admitted call its token's scope.
     auth: BearerAuth,
     /// tonic's router for the other services.
     rest: Routes,
@@ -67,13 +68,19 @@ impl Service<Request<Body>> for ApiFirst {
         Service::<Request<Body>>::poll_ready(&mut self.rest, cx)
     }
 
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         if !is_api(request.uri().path()) {
             return Either::Right(self.rest.call(request));
         }
         let header = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
         match self.auth.check(header) {
-            Ok(()) => Either::Left(Either::Right(self.api.call(request))),
+            Ok(scope) => {
+                // tonic hands the extensions on to the method's `tonic::Request`.
+                if let Some(scope) = scope {
+                    request.extensions_mut().insert(scope);
+                }
+                Either::Left(Either::Right(self.api.call(request)))
+            }
             Err(status) => Either::Left(Either::Left(ready(Ok(status.into_http())))),
         }
     }

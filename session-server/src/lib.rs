@@ -12,7 +12,10 @@
 //! - [`service`]: the tonic service: validation, TTL policy, error mapping to gRPC codes.
 //! - [`auth`]: the bearer-token interceptor (constant-time check).
 //! - [`metrics`]: Prometheus counters and histograms, and their `/metrics` listener.
-//! - [`server`]: builds the store and serves the API with health and reflection until shutdown.
+//! - [`tls`]: the listener's certificate, key and client CA from PEM files, reloadable while
+//!   serving, and TLS handshakes run side by side with a deadline.
+//! - [`server`]: builds the store and serves the API with health and reflection until shutdown,
+//!   in plaintext or over TLS.
 
 pub mod auth;
 pub mod config;
@@ -22,3 +25,4 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -7,9 +7,17 @@
 //! else goes to stdout (logs go to stderr), so whoever starts it (tests, the bench harness)
 //! reads the real address instead of picking a free port and racing to bind it.
 //!
+//! TLS: with `--tls-cert` and `--tls-key` the gRPC port speaks only TLS. SIGHUP re-reads the
+//! certificate, key and client CA files: new handshakes use them, established connections stay
+//! up; files that do not make a valid configuration are refused (logged as an error) and the
+//! previous one stays in use. Without TLS there is nothing to reload: SIGHUP is logged and
+//! ignored (never the default action, which would kill the server; nginx and HAProxy operators
+//! send it out of habit).
+//!
 //! Exit status: 0 after a clean stop on SIGINT/SIGTERM (also when in-flight calls are cut off at
-//! the end of `--shutdown-grace`), 2 for a configuration error (message on stderr), 1 when the
-//! server cannot start or fails (a store it cannot set up, an address it cannot bind).
+//! the end of `--shutdown-grace`), 2 for a configuration error (message on stderr), TLS files
+//! that cannot be read or used at start-up included, 1 when the server cannot start or fails
+//! (a store it cannot set up, an address it cannot bind).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -18,6 +26,7 @@ use clap::Parser as _;
 use session_server::config::{Cli, LogFormat, Settings};
 use session_server::metrics::Metrics;
 use session_server::server;
+use session_server::tls::ServerTls;
 use tokio::net::TcpListener;
 
 /// mimalloc instead of the system allocator: a gRPC call allocates a few dozen small blocks
@@ -85,6 +94,47 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Reloads `tls` from its files on every SIGHUP (without TLS: logs that there is nothing to
+/// reload), for as long as the process runs. The handler is installed by this call (before any
+/// listener is bound, as for [`shutdown_signal`]), so a SIGHUP sent once the `listening` line
+/// is out never kills the server.
+#[cfg(unix)]
+fn reload_on_sighup(tls: Option<ServerTls>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP: TLS files will not be reloaded");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: no TLS files to reload; ignored");
+                continue;
+            };
+            let files = tls.files();
+            // A few small files: read on this task, not worth a blocking thread.
+            match tls.reload() {
+                Ok(()) => tracing::info!(
+                    cert = %files.cert.display(),
+                    client_ca = ?files.client_ca,
+                    "SIGHUP: TLS files reloaded; new connections use them"
+                ),
+                Err(error) => tracing::error!(
+                    %error,
+                    "SIGHUP: TLS files refused; still using the previous certificate"
+                ),
+            }
+        }
+    });
+}
+
+/// Without SIGHUP there is no reload.
+#[cfg(not(unix))]
+fn reload_on_sighup(_tls: Option<ServerTls>) {}
+
 /// A future that resolves on the first Ctrl-C.
 #[cfg(not(unix))]
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
@@ -108,8 +158,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match ServerTls::from_settings(&settings) {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("session-server: {error}");
+            return ExitCode::from(2);
+        }
+    };
     init_logs(settings.log_format);
-    match serve(settings).await {
+    match serve(settings, tls).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "session-server failed");
@@ -118,8 +175,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    settings: Settings,
+    tls: Option<ServerTls>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = shutdown_signal();
+    reload_on_sighup(tls.clone());
     let store = server::build_store(&settings).await?;
     let metrics = Metrics::new();
     let listener = TcpListener::bind(settings.listen)
@@ -152,7 +213,7 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
         let stop = stopped(stop_rx);
         async move {
             let threads = settings.serve_threads();
-            server::run_sharded(listener, &settings, store, metrics, stop, threads).await
+            server::run_with_tls(listener, &settings, store, metrics, stop, threads, tls).await
         }
     });
     tokio::select! {

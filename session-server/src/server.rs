@@ -1,5 +1,6 @@
 //! Putting the server together: the store chosen by the settings, the SessionStore service
-//! behind its bearer-token check, the standard health service and server reflection.
+//! behind its bearer-token check, the standard health service and server reflection, served
+//! in plaintext or, with the settings' TLS files, over TLS (all of it on the one port).
 //!
 //! [`run`] takes its listener and its shutdown signal as arguments, so tests bind
 //! `127.0.0.1:0`, spawn it and know the address before any call.
@@ -24,6 +25,7 @@ use crate::store::SessionStore;
 use crate::store::memory::MemoryStore;
 use crate::store::mysql::{MysqlConfig, MysqlStore};
 use crate::store::redis::{RedisConfig, RedisStore};
+use crate::tls::{ServerTls, TlsError};
 
 /// Headroom over `--max-session-bytes` for the rest of a request (ids, field tags, map keys'
 /// framing), so that the size check, not the transport, refuses an oversized session with a
@@ -74,6 +76,9 @@ pub enum ServeError {
     /// A serving thread or its runtime could not be started.
     #[error("cannot start a gRPC serving thread: {0}")]
     Thread(std::io::Error),
+    /// The TLS certificate, key or client CA could not be read or used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The store the settings ask for. Redis is not contacted here: a server whose Redis is down
@@ -107,7 +112,8 @@ pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, S
 
 /// Serves gRPC on `listener` until `shutdown` completes, then stops accepting, ends Watch
 /// streams, lets in-flight calls finish and returns. Connections are served on the caller's
-/// runtime; see [`run_sharded`] for threads of their own.
+/// runtime; see [`run_sharded`] for threads of their own. With `tls_cert` and `tls_key` in
+/// the settings, every connection is TLS (see [`run_with_tls`] to reload the certificate).
 pub async fn run(
     listener: TcpListener,
     settings: &Settings,
@@ -115,12 +121,7 @@ pub async fn run(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (service, signal) = prepare(&listener, settings, store, metrics, shutdown).await?;
-    builder()
-        .serve_with_incoming_shutdown(service, no_delay(listener), signal)
-        .await?;
-    tracing::info!("gRPC server stopped");
-    Ok(())
+    run_sharded(listener, settings, store, metrics, shutdown, 1).await
 }
 
 /// Like [`run`], with the connections served on `threads` threads of their own, each a
@@ -133,7 +134,8 @@ pub async fn run(
 /// calls never change thread, and the responses of one round leave in one write: server CPU
 /// per `Get` 17.0 → 14.2 µs, p99 at peak ~4.4 → ~0.6 ms, and 1.25× the calls per second
 /// against a load generator that runs an event loop per thread (`BENCHMARKS.md`). The store is
-/// shared by all threads as before; `threads` of 1 or less is [`run`].
+/// shared by all threads as before; `threads` of 1 or less is [`run`]. With TLS, each thread
+/// also does the handshakes of the connections it is handed.
 pub async fn run_sharded(
     listener: TcpListener,
     settings: &Settings,
@@ -142,20 +144,53 @@ pub async fn run_sharded(
     shutdown: impl Future<Output = ()> + Send + 'static,
     threads: usize,
 ) -> Result<(), ServeError> {
+    let tls = ServerTls::from_settings(settings)?;
+    run_with_tls(listener, settings, store, metrics, shutdown, threads, tls).await
+}
+
+/// Like [`run_sharded`], with the TLS configuration given by the caller instead of read from
+/// the settings' files: the caller keeps a clone and calls [`ServerTls::reload`] (the binary
+/// does on SIGHUP); new handshakes use the reloaded certificate, established connections stay.
+/// `None` serves plaintext.
+pub async fn run_with_tls(
+    listener: TcpListener,
+    settings: &Settings,
+    store: Arc<dyn SessionStore>,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    threads: usize,
+    tls: Option<ServerTls>,
+) -> Result<(), ServeError> {
+    let (service, signal) =
+        prepare(&listener, settings, store, metrics, shutdown, tls.as_ref()).await?;
     if threads <= 1 {
-        return run(listener, settings, store, metrics, shutdown).await;
+        let connections = no_delay(listener);
+        let server = builder();
+        match tls {
+            None => {
+                server
+                    .serve_with_incoming_shutdown(service, connections, signal)
+                    .await?
+            }
+            Some(tls) => {
+                server
+                    .serve_with_incoming_shutdown(service, tls.incoming(connections), signal)
+                    .await?
+            }
+        }
+        tracing::info!("gRPC server stopped");
+        return Ok(());
     }
-    let (service, signal) = prepare(&listener, settings, store, metrics, shutdown).await?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut shards = Vec::with_capacity(threads);
     for shard in 0..threads {
         let (connections, accepted) = mpsc::unbounded_channel();
         shards.push(connections);
-        let (service, done) = (service.clone(), done_tx.clone());
+        let (service, done, tls) = (service.clone(), done_tx.clone(), tls.clone());
         std::thread::Builder::new()
             .name(format!("grpc-{shard}"))
             .spawn(move || {
-                let _ = done.send(serve_shard(service, accepted));
+                let _ = done.send(serve_shard(service, accepted, tls));
             })
             .map_err(ServeError::Thread)?;
     }
@@ -206,11 +241,13 @@ async fn accept_into(
     }
 }
 
-/// One serving thread: a single-threaded runtime serving the connections it is handed until
-/// their sender is dropped, then letting their calls finish.
+/// One serving thread: a single-threaded runtime serving the connections it is handed (doing
+/// their TLS handshakes first, with `tls`) until their sender is dropped, then letting their
+/// calls finish.
 fn serve_shard(
     service: ApiFirst,
     accepted: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    tls: Option<ServerTls>,
 ) -> Result<(), ServeError> {
     use futures::StreamExt as _;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -221,9 +258,19 @@ fn serve_shard(
         let incoming = UnboundedReceiverStream::new(accepted).map(tokio::net::TcpStream::from_std);
         // The end of `incoming` stops the server; a shutdown signal is still needed (one that
         // never comes) for tonic to drain the connections instead of dropping them.
-        builder()
-            .serve_with_incoming_shutdown(service, incoming, std::future::pending())
-            .await
+        let never = std::future::pending();
+        match tls {
+            None => {
+                builder()
+                    .serve_with_incoming_shutdown(service, incoming, never)
+                    .await
+            }
+            Some(tls) => {
+                builder()
+                    .serve_with_incoming_shutdown(service, tls.incoming(incoming), never)
+                    .await
+            }
+        }
     })?;
     Ok(())
 }
@@ -243,6 +290,7 @@ async fn prepare(
     store: Arc<dyn SessionStore>,
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    tls: Option<&ServerTls>,
 ) -> Result<(ApiFirst, impl Future<Output = ()> + Send + 'static), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {
@@ -258,7 +306,7 @@ async fn prepare(
     let api = SessionStoreServer::new(service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(usize::MAX);
-    let auth = BearerAuth::new(settings.auth_token.as_deref()).map_err(|_| ServeError::Random)?;
+    let auth = BearerAuth::from_settings(settings).map_err(|_| ServeError::Random)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -279,7 +327,9 @@ async fn prepare(
     tracing::info!(
         ?address,
         store = store.kind(),
-        auth = settings.auth_token.is_some(),
+        auth_tokens = auth.token_count(),
+        tls = tls.is_some(),
+        client_certificates = tls.is_some_and(|tls| tls.files().client_ca.is_some()),
         "serving gRPC"
     );
     let signal = async move {

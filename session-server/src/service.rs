@@ -3,7 +3,9 @@
 //!
 //! Codes: NOT_FOUND (missing or expired), INVALID_ARGUMENT (malformed id, namespace, user, key,
 //! ttl, or a session over the size limit), ABORTED (compare-and-set conflict), UNAVAILABLE (store
-//! unreachable or too slow), RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug).
+//! unreachable or too slow), RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug),
+//! PERMISSION_DENIED (the call's token may not reach the namespace, or is read-only and the
+//! method writes: see [`admit`]). UNAUTHENTICATED comes before the service, from the token check.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,6 +21,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::{Access, Scope};
 use crate::id::{self, IdGenerator};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -155,19 +158,43 @@ impl SessionService {
     }
 }
 
-/// The namespace to use: empty means [`DEFAULT_NAMESPACE`]; otherwise 1 to 64 of
-/// `[A-Za-z0-9_.-]`, since it becomes part of store keys.
+/// Whether `name` is a namespace as written out: 1 to 64 of `[A-Za-z0-9_.-]`, since it
+/// becomes part of store keys.
+pub fn is_valid_namespace(name: &str) -> bool {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    (1..=MAX_NAMESPACE_LEN).contains(&name.len()) && name.bytes().all(allowed)
+}
+
+/// The namespace to use: empty means [`DEFAULT_NAMESPACE`]; otherwise it must be valid
+/// ([`is_valid_namespace`]).
 pub fn namespace(requested: &str) -> Result<String, Status> {
     if requested.is_empty() {
         return Ok(DEFAULT_NAMESPACE.to_owned());
     }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
-    if requested.len() > MAX_NAMESPACE_LEN || !requested.bytes().all(allowed) {
+    if !is_valid_namespace(requested) {
         return Err(Status::invalid_argument(format!(
             "namespace must be 1 to {MAX_NAMESPACE_LEN} characters of [A-Za-z0-9_.-]"
         )));
     }
     Ok(requested.to_owned())
+}
+
+/// The message of `request` and its namespace (resolved by [`namespace`]), once the call's
+/// token may use `method`, which needs `access`, there. The token check put the token's
+/// [`Scope`] in the request's extensions; a request without one was admitted unscoped (no
+/// token is configured). Checked before the rest of the message, so a token outside its scope
+/// learns nothing about what else it got wrong.
+fn admit<T>(
+    request: Request<T>,
+    method: &str,
+    access: Access,
+    namespace_of: impl FnOnce(&T) -> &str,
+) -> Result<(T, String), Status> {
+    let namespace = namespace(namespace_of(request.get_ref()))?;
+    if let Some(scope) = request.extensions().get::<Scope>() {
+        scope.check(method, access, &namespace)?;
+    }
+    Ok((request.into_inner(), namespace))
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
@@ -249,8 +276,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::CreateRequest>,
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Create", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Create", Access::Write, |r| &r.namespace)?;
             check_user(&req.user_id)?;
             self.check_size(&req.attrs)?;
             let ttl = self
@@ -281,8 +307,7 @@ impl SessionStoreApi for SessionService {
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::Session>, Status> {
         self.observed("Get", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Get", Access::Read, |r| &r.namespace)?;
             check_id(&req.id)?;
             let record = self
                 .store
@@ -299,8 +324,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::UpdateRequest>,
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Update", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Update", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             self.check_size(&req.set)?;
             for key in &req.remove {
@@ -336,8 +360,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::TouchRequest>,
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Touch", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Touch", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             let ttl = self.ttl(req.ttl)?;
             let record = self
@@ -355,8 +378,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::RegenerateRequest>,
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Regenerate", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Regenerate", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             for _ in 0..ID_TRIES {
                 let new_id = self.new_id()?;
@@ -379,8 +401,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
         self.observed("Delete", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Delete", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             let deleted = self
                 .store
@@ -397,8 +418,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::ListByUserRequest>,
     ) -> Result<Response<v1::ListByUserResponse>, Status> {
         self.observed("ListByUser", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "ListByUser", Access::Read, |r| &r.namespace)?;
             check_named_user(&req.user_id)?;
             let records = self
                 .store
@@ -417,8 +437,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::DeleteByUserRequest>,
     ) -> Result<Response<v1::DeleteByUserResponse>, Status> {
         self.observed("DeleteByUser", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "DeleteByUser", Access::Write, |r| &r.namespace)?;
             check_named_user(&req.user_id)?;
             let deleted = self
                 .store
@@ -435,8 +454,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Restore", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Restore", Access::Write, |r| &r.namespace)?;
             let session = req
                 .session
                 .ok_or_else(|| Status::invalid_argument("session is required"))?;
@@ -482,8 +500,7 @@ impl SessionStoreApi for SessionService {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.observed("Watch", async {
-            let req = request.into_inner();
-            let namespace = namespace(&req.namespace)?;
+            let (req, namespace) = admit(request, "Watch", Access::Read, |r| &r.namespace)?;
             check_user(&req.user_id)?;
             let user = req.user_id;
             let mut shutdown = self.shutdown.clone();

@@ -191,6 +191,26 @@ fn sigterm_as_soon_as_the_address_is_reported_is_a_clean_stop() {
     assert!(logs.contains("SIGTERM received"), "{logs}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_tls_is_logged_and_ignored_not_fatal() {
+    // SIGHUP's default action kills a process; operators send it to reload out of habit (nginx,
+    // HAProxy). Without TLS files there is nothing to reload, and the server keeps serving.
+    let args = ["--listen", "127.0.0.1:0"];
+    let mut server = ServerProcess::start(BINARY.as_ref(), &args, &["grpc"]);
+    let mut client = SessionStoreClient::connect(server.grpc_url())
+        .await
+        .expect("connect");
+    server.hang_up();
+    tokio::task::block_in_place(|| server.wait_stderr("no TLS files to reload", EXIT_WITHIN));
+    client
+        .create(CreateRequest::default())
+        .await
+        .expect("still serving after SIGHUP");
+    server.terminate();
+    let status = tokio::task::block_in_place(|| server.wait_exit(EXIT_WITHIN));
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
 /// A minimal HTTP/1.1 GET, enough to scrape the metrics listener.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

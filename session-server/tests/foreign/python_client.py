@@ -4,6 +4,10 @@ Run by tests/foreign_client.rs: it compiles the .proto with grpcio-tools into a 
 directory, then runs this script against a live server given as argv[1]. Every check here is
 about the wire contract: field names, optional fields, codes.
 
+With `--ca PATH` (a PEM CA certificate) the server is a TLS one: a plaintext channel must be
+refused, and every check then runs over TLS, trusting that CA only, with the server certificate
+checked for the name `localhost`.
+
 Checks raise explicitly (check below), never with a bare `assert`, so that `python -O`, which
 strips asserts, still checks everything; the Rust test runs this script with -O.
 """
@@ -43,7 +47,20 @@ except CheckFailed:
 else:
     raise SystemExit("check() does not raise")
 
-stub = rpc.SessionStoreStub(grpc.insecure_channel(sys.argv[1]))
+target = sys.argv[1]
+ca_path = sys.argv[3] if len(sys.argv) == 4 and sys.argv[2] == "--ca" else None
+check(len(sys.argv) == 2 or ca_path is not None, f"usage: ADDR [--ca PATH], not {sys.argv[1:]}")
+if ca_path is None:
+    channel = grpc.insecure_channel(target)
+else:
+    plaintext = rpc.SessionStoreStub(grpc.insecure_channel(target))
+    code = code_of(lambda: plaintext.Get(pb.GetRequest(namespace="py", id="A" * 32), timeout=20))
+    check(code == grpc.StatusCode.UNAVAILABLE, f"plaintext channel to the TLS port: {code}")
+    with open(ca_path, "rb") as ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
+    channel = grpc.secure_channel(target, credentials,
+                                  options=[("grpc.ssl_target_name_override", "localhost")])
+stub = rpc.SessionStoreStub(channel)
 
 s = stub.Create(pb.CreateRequest(namespace="py", user_id="py-user", attrs={"cart": b"[1]"},
                                  ttl=Duration(seconds=60)))
@@ -71,4 +88,4 @@ check(r.id != s.id and dict(r.attrs) == dict(g.attrs), f"regenerated: {r}")
 check(stub.Delete(pb.DeleteRequest(namespace="py", id=r.id)).deleted, "first delete: deleted")
 check(not stub.Delete(pb.DeleteRequest(namespace="py", id=r.id)).deleted,
       "second delete: nothing there")
-print("python client OK")
+print("python client OK" + ("" if ca_path is None else " over TLS"))

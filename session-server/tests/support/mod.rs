@@ -12,4 +12,5 @@ pub mod outage;
 pub mod ports;
 pub mod process;
 pub mod services;
+pub mod tls;
 pub mod wait;

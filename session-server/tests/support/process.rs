@@ -142,11 +142,45 @@ impl ServerProcess {
 
     /// Sends SIGTERM, as an orchestrator stopping the server does.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP, as an operator reloading the server does.
+    pub fn hang_up(&self) {
+        self.signal("HUP");
+    }
+
+    fn signal(&self, name: &str) {
         let sent = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(sent, "kill -TERM {}", self.pid());
+        assert!(sent, "kill -{name} {}", self.pid());
+    }
+
+    /// Everything the child has written to stderr so far (while it runs).
+    pub fn stderr_so_far(&self) -> String {
+        lock(&self.stderr).clone()
+    }
+
+    /// Waits (at most `within`) until the child's stderr contains `text`; fails the test with
+    /// its stderr so far when it does not, or when the child exits first.
+    pub fn wait_stderr(&mut self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.stderr_so_far().contains(text) {
+            if let Some(status) = self.child.try_wait().expect("poll the child") {
+                panic!(
+                    "the server exited ({status}) before logging {text:?}:\n{}",
+                    self.stderr_so_far()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in stderr within {within:?}:\n{}",
+                self.stderr_so_far()
+            );
+            std::thread::sleep(POLL_EVERY);
+        }
     }
 
     /// Waits (at most `within`) for the child to exit and gives its status; fails the test,
