@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing};
 use session_client::{
-    ClientConfig, FallbackMode, Session, SessionClient, SessionConfig, SessionError, SessionLayer,
+    ClientConfig, ClientError, ClientTls, FallbackMode, Session, SessionClient, SessionConfig,
+    SessionError, SessionLayer,
 };
 use session_server::config::Settings;
 use session_server::metrics::Metrics;
@@ -70,6 +71,10 @@ pub struct DemoConfig {
     pub namespace: String,
     /// Bearer token for the session server.
     pub auth_token: Option<String>,
+    /// TLS settings of an `https://` session server (CA bundle, client identity for mTLS);
+    /// `None`: the system's roots for `https://`. Refused with an `http://` URL and with
+    /// `local` sessions.
+    pub session_tls: Option<ClientTls>,
 }
 
 impl DemoConfig {
@@ -84,7 +89,22 @@ impl DemoConfig {
             secure_cookies: true,
             namespace: "demo".into(),
             auth_token: None,
+            session_tls: None,
         }
+    }
+
+    /// The settings of the client of the session server (`store` and `proxy` modes): its
+    /// URL, the namespace, the token and the TLS settings. `None` for `local` sessions, whose
+    /// in-process store is reached over loopback.
+    pub fn session_client_config(&self) -> Option<ClientConfig> {
+        let (Sessions::Store(url) | Sessions::Proxy(url)) = &self.sessions else {
+            return None;
+        };
+        let mut client_config = ClientConfig::new(url.clone());
+        client_config.namespace.clone_from(&self.namespace);
+        client_config.auth_token.clone_from(&self.auth_token);
+        client_config.tls.clone_from(&self.session_tls);
+        Some(client_config)
     }
 }
 
@@ -115,13 +135,21 @@ struct Instance {
 /// The demo's router with its session layer. For `local` sessions it starts an in-process
 /// session server on a private loopback port, alive as long as the runtime.
 pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
-    let endpoint = match &config.sessions {
-        Sessions::Store(url) | Sessions::Proxy(url) => url.clone(),
-        Sessions::Local => local_store().await?,
+    let client_config = match config.session_client_config() {
+        Some(client_config) => client_config,
+        None if config.session_tls.is_some() => {
+            return Err(DemoError::Client(ClientError::Config(
+                "session server TLS settings are for a session server; local sessions have none"
+                    .into(),
+            )));
+        }
+        None => {
+            let mut client_config = ClientConfig::new(local_store().await?);
+            client_config.namespace.clone_from(&config.namespace);
+            client_config.auth_token.clone_from(&config.auth_token);
+            client_config
+        }
     };
-    let mut client_config = ClientConfig::new(endpoint);
-    client_config.namespace.clone_from(&config.namespace);
-    client_config.auth_token.clone_from(&config.auth_token);
     let client = SessionClient::connect_lazy(client_config)?;
     let instance = Instance {
         name: Arc::from(config.name.as_str()),

@@ -2,12 +2,13 @@
 //! alone; point `--session-server` at a running session server for shared sessions.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use demo::{DemoConfig, Sessions};
-use session_client::FallbackMode;
 use session_client::cookie::Encryption;
+use session_client::{ClientTls, FallbackMode};
 
 /// Where sessions live.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -49,13 +50,35 @@ struct Cli {
     /// Where sessions live.
     #[arg(long, env = "DEMO_SESSIONS", value_enum, default_value = "store")]
     sessions: SessionMode,
-    /// Session server URL (with `--sessions store`).
+    /// Session server URL (with `--sessions store` or `proxy`): `https://` is always TLS,
+    /// `http://` cleartext.
     #[arg(
         long,
         env = "DEMO_SESSION_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     session_server: String,
+    /// CA bundle (PEM) the session server's certificate must chain to, for an `https://`
+    /// `--session-server` [default: the system's roots].
+    #[arg(long, value_name = "PATH", env = "DEMO_SESSION_SERVER_CA")]
+    session_server_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to a session server that requires mTLS; needs
+    /// `--session-client-key`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "DEMO_SESSION_CLIENT_CERT",
+        requires = "session_client_key"
+    )]
+    session_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--session-client-cert`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "DEMO_SESSION_CLIENT_KEY",
+        requires = "session_client_cert"
+    )]
+    session_client_key: Option<PathBuf>,
     /// Cookie fallback mode.
     #[arg(long, env = "DEMO_FALLBACK", value_enum, default_value = "off")]
     fallback: Fallback,
@@ -98,26 +121,24 @@ fn report_listening(role: &str, addr: SocketAddr) -> std::io::Result<()> {
     stdout.flush()
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+/// The demo's settings from its flags: what `main` refuses with exit status 2 (a fallback
+/// without a key, TLS files that cannot be read, TLS settings that do not fit the session
+/// server URL) is an `Err` with the reason.
+fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
     let fallback = match cli.fallback {
         Fallback::Off => FallbackMode::Off,
         Fallback::OnOutage => FallbackMode::OnOutage,
         Fallback::Always => FallbackMode::Always,
     };
     if !matches!(fallback, FallbackMode::Off) && cli.cookie_keys.is_empty() {
-        eprintln!("demo-app: --fallback needs at least one --cookie-key");
-        return ExitCode::from(2);
+        return Err("--fallback needs at least one --cookie-key".into());
     }
+    let session_tls = ClientTls::from_files(
+        cli.session_server_ca.as_deref(),
+        cli.session_client_cert.as_deref(),
+        cli.session_client_key.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
     let config = DemoConfig {
         name: cli.name,
         sessions: match cli.sessions {
@@ -135,11 +156,45 @@ async fn main() -> ExitCode {
         secure_cookies: !cli.insecure_cookies,
         namespace: cli.namespace,
         auth_token: cli.auth_token,
+        session_tls,
     };
-    let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+    match config.session_client_config() {
+        Some(client_config) => client_config.validate().map_err(|e| e.to_string())?,
+        None if config.session_tls.is_some() => {
+            return Err(
+                "--session-server-ca and --session-client-cert/--session-client-key are for \
+                 --session-server; --sessions local has no session server"
+                    .into(),
+            );
+        }
+        None => {}
+    }
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = cli.listen;
+    let config = match demo_config(cli) {
+        Ok(config) => config,
+        Err(reason) => {
+            eprintln!("demo-app: {reason}");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("demo-app: cannot listen on {}: {error}", cli.listen);
+            eprintln!("demo-app: cannot listen on {listen}: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -171,9 +226,32 @@ async fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use base64::Engine as _;
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-    use super::parse_key;
+    use base64::Engine as _;
+    use clap::Parser as _;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    use session_client::{ClientConfig, ClientTls, SessionClient};
+    use session_proto::v1::session_store_server::SessionStoreServer;
+    use session_server::config::Settings;
+    use session_server::metrics::Metrics;
+    use session_server::service::{Limits, SessionService};
+    use session_server::store::memory::MemoryStore;
+    use tokio::net::TcpListener;
+    use tokio::sync::watch;
+    use tonic::transport::server::TcpIncoming;
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+    use super::{Cli, demo_config, parse_key};
+
+    /// Bound on any wait: generous, a passing test never waits it out.
+    const PATIENCE: Duration = Duration::from_secs(30);
 
     #[test]
     fn keys_parse_as_hex_or_base64_and_must_be_long_enough() {
@@ -182,5 +260,232 @@ mod tests {
         assert_eq!(parse_key(&b64).unwrap(), vec![7u8; 40]);
         assert!(parse_key("abcd").is_err());
         assert!(parse_key("not a key at all!").is_err());
+    }
+
+    /// A test CA (rcgen) whose certificates and keys are written to a directory of their own,
+    /// removed on drop.
+    struct Pki {
+        /// The CA.
+        ca: CertifiedIssuer<'static, KeyPair>,
+        /// Where the PEM files go.
+        dir: PathBuf,
+    }
+
+    impl Pki {
+        fn new(label: &str) -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.distinguished_name.push(DnType::CommonName, label);
+            let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
+                .expect("CA certificate");
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let dir = std::env::temp_dir().join(format!(
+                "stickless-demo-{label}-{}-{nanos}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).expect("temporary directory");
+            Pki { ca, dir }
+        }
+
+        /// Writes `content` to `name` in the directory.
+        fn write(&self, name: &str, content: &str) -> PathBuf {
+            let path = self.dir.join(name);
+            std::fs::write(&path, content).expect("write PEM");
+            path
+        }
+
+        /// The CA certificate's file.
+        fn ca_file(&self) -> PathBuf {
+            self.write("ca.pem", &self.ca.pem())
+        }
+
+        /// A certificate and key (PEM) for `names`, for `usage`.
+        fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            let mut params = CertificateParams::new(names).expect("leaf params");
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
+            (cert.pem(), key.serialize_pem())
+        }
+
+        /// A client certificate and key, written; their files.
+        fn client_files(&self) -> (PathBuf, PathBuf) {
+            let (cert, key) = self.leaf(&["demo.test"], ExtendedKeyUsagePurpose::ClientAuth);
+            (
+                self.write("client.pem", &cert),
+                self.write("client.key", &key),
+            )
+        }
+
+        /// TLS settings of a server for 127.0.0.1, requiring this CA's client certificates
+        /// when `mtls`.
+        fn server_tls(&self, mtls: bool) -> ServerTlsConfig {
+            let (cert, key) = self.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+            let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if mtls {
+                tls.client_ca_root(Certificate::from_pem(self.ca.pem()))
+            } else {
+                tls
+            }
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A TLS session server (memory store) on `127.0.0.1:0`, serving until the test's runtime
+    /// ends; its address.
+    async fn tls_session_server(tls: ServerTlsConfig) -> SocketAddr {
+        let settings = Settings::default();
+        let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+        let limits = Limits {
+            default_ttl: settings.default_ttl,
+            max_ttl: settings.max_ttl,
+            max_session_bytes: settings.max_session_bytes,
+        };
+        let (watch_stop, watch_rx) = watch::channel(false);
+        let service = SessionService::new(store, limits, Metrics::new(), watch_rx);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let builder = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("server TLS settings");
+        tokio::spawn(async move {
+            let _watch_stop = watch_stop;
+            let mut builder = builder;
+            builder
+                .add_service(SessionStoreServer::new(service))
+                .serve_with_incoming(TcpIncoming::from(listener))
+                .await
+                .expect("TLS session server failed");
+        });
+        addr
+    }
+
+    /// The flags `args` after `demo-app`.
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("demo-app").chain(args.iter().copied()))
+            .expect("flags parse")
+    }
+
+    /// A path as a flag value.
+    fn arg(path: &Path) -> &str {
+        path.to_str().expect("UTF-8 temporary path")
+    }
+
+    #[tokio::test]
+    async fn session_server_ca_with_an_https_url_keeps_sessions_in_a_tls_session_server() {
+        let pki = Pki::new("session-ca");
+        let ca = pki.ca_file();
+        let (cert, key) = pki.client_files();
+        for mtls in [false, true] {
+            let addr = tls_session_server(pki.server_tls(mtls)).await;
+            let url = format!("https://{addr}");
+            let mut args = vec![
+                "--session-server",
+                &url,
+                "--session-server-ca",
+                arg(&ca),
+                "--insecure-cookies",
+            ];
+            if mtls {
+                args.extend(["--session-client-cert", arg(&cert)]);
+                args.extend(["--session-client-key", arg(&key)]);
+            }
+            let config = demo_config(cli(&args)).expect("TLS flags accepted");
+            let tls = config.session_tls.clone().expect("TLS settings read");
+            assert_eq!(tls.identity.is_some(), mtls);
+
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let app = format!("http://{}", listener.local_addr().expect("address"));
+            let serving = config.clone();
+            tokio::spawn(
+                async move { demo::run(listener, &serving, std::future::pending()).await },
+            );
+            let http = reqwest::Client::builder()
+                .cookie_store(true)
+                .timeout(PATIENCE)
+                .build()
+                .expect("HTTP client");
+            let login = http
+                .post(format!("{app}/login"))
+                .form(&[("user", "alice")])
+                .send()
+                .await
+                .expect("login answered");
+            assert_eq!(login.status(), reqwest::StatusCode::OK, "mTLS: {mtls}");
+            let me: serde_json::Value = http
+                .get(format!("{app}/me"))
+                .send()
+                .await
+                .expect("/me answered")
+                .json()
+                .await
+                .expect("JSON");
+            assert_eq!(me["user"], "alice", "mTLS: {mtls}");
+
+            // The session is in the TLS session server, in the demo's namespace.
+            let mut direct = ClientConfig::new(url.clone());
+            direct.namespace = "demo".into();
+            direct.tls = Some(tls);
+            direct.timeout = PATIENCE;
+            let direct = SessionClient::connect_lazy(direct).expect("client");
+            let sessions = direct.list_by_user("alice").await.expect("list over TLS");
+            assert_eq!(sessions.len(), 1, "mTLS: {mtls}");
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_without_its_key_is_refused_with_exit_status_2() {
+        for args in [
+            ["--session-client-cert", "/tmp/c.pem"],
+            ["--session-client-key", "/tmp/c.key"],
+        ] {
+            let error = Cli::try_parse_from(std::iter::once("demo-app").chain(args))
+                .expect_err("one half of an identity");
+            assert_eq!(error.exit_code(), 2, "{error}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_that_do_not_fit_are_refused_naming_the_reason() {
+        let pki = Pki::new("refusals");
+        let ca = pki.ca_file();
+        let missing = pki.dir.join("missing.pem");
+        let refused = |args: &[&str]| match demo_config(cli(args)) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(reason) => reason,
+        };
+        let m = refused(&[
+            "--session-server",
+            "http://127.0.0.1:50051",
+            "--session-server-ca",
+            arg(&ca),
+        ]);
+        assert!(m.contains("https://"), "{m}");
+        let m = refused(&[
+            "--session-server",
+            "https://127.0.0.1:50051",
+            "--session-server-ca",
+            arg(&missing),
+        ]);
+        assert!(m.contains(arg(&missing)), "{m}");
+        let m = refused(&["--sessions", "local", "--session-server-ca", arg(&ca)]);
+        assert!(m.contains("local"), "{m}");
+        let m = refused(&["--session-server", "ftp://127.0.0.1:50051"]);
+        assert!(m.contains("https://") && m.contains("http://"), "{m}");
+        let plain = demo_config(cli(&[
+            "--session-server",
+            "https://sessions.internal:50051",
+        ]))
+        .expect("https:// without a CA: the system's roots");
+        assert_eq!(plain.session_tls, None::<ClientTls>);
     }
 }

@@ -36,6 +36,7 @@
 //! url = "http://127.0.0.1:50051"
 //! attrs = ["cart"]    # also namespace, cookie, on_failure, timeout, auth_token
 //! snapshot_keys = ["<hex or base64 of 32+ bytes>"]  # outage fallback; also snapshot_cookie
+//! # ca = "/etc/stickless/ca.pem"   # for an https:// url; also client_cert, client_key (mTLS)
 //! ```
 
 use std::net::SocketAddr;
@@ -167,6 +168,10 @@ pub struct LookupConfig {
     pub snapshot_keys: Vec<SnapshotKey>,
     /// Name of the snapshot cookie.
     pub snapshot_cookie: String,
+    /// TLS settings of an `https://` session server, read from the `--session-ca` /
+    /// `--session-client-cert` / `--session-client-key` files (`None`: the system's roots).
+    /// Holds the files' contents, so a reload that reads changed files rebuilds the client.
+    pub tls: Option<session_client::ClientTls>,
 }
 
 /// Limits and timeouts, each answered with its own status.

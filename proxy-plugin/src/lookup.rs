@@ -327,6 +327,7 @@ impl Plugin {
         };
         let client = SessionClient::connect_lazy(ClientConfig {
             endpoint: config.session_server.clone(),
+            tls: config.tls.clone(),
             namespace: config.namespace.clone(),
             auth_token: config.auth_token.clone(),
             timeout: config.timeout,

@@ -1,5 +1,6 @@
 //! The proxy's configuration as an operator writes it: flags, the TOML file, their precedence,
-//! every balancing mode, and the messages a mistake gets.
+//! every balancing mode, and the messages a mistake gets (the session lookup's TLS files:
+//! `lookup_tls.rs`).
 
 use std::time::Duration;
 
@@ -199,6 +200,7 @@ fn a_file_alone_configures_everything() {
                 timeout: Duration::from_millis(250),
                 snapshot_keys: vec![],
                 snapshot_cookie: "sid_snap".into(),
+                tls: None,
             }),
         }
     );
@@ -355,6 +357,7 @@ fn session_lookup_is_on_with_a_url_and_has_defaults() {
             timeout: Duration::from_millis(500),
             snapshot_keys: vec![],
             snapshot_cookie: "sid_snap".into(),
+            tls: None,
         })
     );
     let message = refused(with_backend(&["--session-attr", "cart"]), None);

@@ -5,6 +5,10 @@
 //! bounded by a timeout; idempotent calls (get, touch, delete, list, delete-by-user, restore) are
 //! retried with exponential backoff when the server is unavailable; writes that are not
 //! idempotent (create, update, regenerate) are never replayed.
+//!
+//! The endpoint's scheme decides the transport, and nothing else does: `https://` is always
+//! TLS ([`ClientConfig::tls`], the system's roots when it is `None`), `http://` is cleartext
+//! and refuses TLS settings, any other scheme is refused.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,15 +17,21 @@ use std::time::{Duration, SystemTime};
 
 use session_proto::v1;
 use session_proto::v1::session_store_client::SessionStoreClient;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use crate::tls::ClientTls;
 
 /// Where and how to reach the session server.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `http://host:port` of the session server.
+    /// `https://host:port` (TLS) or `http://host:port` (cleartext) of the session server.
     pub endpoint: String,
+    /// TLS settings of an `https://` endpoint: the CA bundle its certificate must chain to and
+    /// the client identity for mTLS. `None` with `https://`: the system's roots, no client
+    /// certificate. Given with an `http://` endpoint, it is a configuration error.
+    pub tls: Option<ClientTls>,
     /// Application namespace for every call (empty: `default`).
     pub namespace: String,
     /// Bearer token, when the server requires one.
@@ -37,10 +47,12 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// Defaults: namespace `default`, no token, 1 s per call, 2 retries from 25 ms.
+    /// Defaults: namespace `default`, no token, 1 s per call, 2 retries from 25 ms; for an
+    /// `https://` endpoint, the system's roots.
     pub fn new(endpoint: impl Into<String>) -> Self {
         ClientConfig {
             endpoint: endpoint.into(),
+            tls: None,
             namespace: String::new(),
             auth_token: None,
             timeout: Duration::from_secs(1),
@@ -49,6 +61,104 @@ impl ClientConfig {
             backoff: Duration::from_millis(25),
         }
     }
+
+    /// Checks everything short of connecting, as [`SessionClient::connect_lazy`] does: the
+    /// endpoint is `http://` or `https://` with a host, TLS settings come only with
+    /// `https://`, their PEM holds what it should, the client key fits its certificate, an
+    /// `https://` endpoint without a CA bundle finds system roots, the token is ASCII. A binary
+    /// calls it to refuse a bad configuration at start.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        self.parts().map(|_| ())
+    }
+
+    /// The tonic endpoint (TLS set up for `https://`) and the `authorization` value.
+    fn parts(&self) -> Result<(Endpoint, Option<MetadataValue<Ascii>>), ClientError> {
+        let transport = self.transport()?;
+        let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
+            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", self.endpoint)))?;
+        if transport == Transport::Tls {
+            let tls = self.tls.clone().unwrap_or_default();
+            endpoint = endpoint
+                .tls_config(tls.tonic_config(self.connect_timeout))
+                .map_err(|e| {
+                    let roots = if tls.ca_pem.is_some() {
+                        "the given CA bundle"
+                    } else {
+                        "the system's roots, as no CA bundle is given"
+                    };
+                    let identity = if tls.identity.is_some() {
+                        ", presenting the client certificate"
+                    } else {
+                        ""
+                    };
+                    ClientError::Config(format!(
+                        "cannot set up TLS for {:?} (trusting {roots}{identity}): {}",
+                        self.endpoint,
+                        error_chain(&e)
+                    ))
+                })?;
+        }
+        let endpoint = endpoint
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let auth = match &self.auth_token {
+            Some(token) => Some(
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| ClientError::Config("auth token is not valid ASCII".into()))?,
+            ),
+            None => None,
+        };
+        Ok((endpoint, auth))
+    }
+
+    /// The transport the endpoint's scheme asks for, once the scheme, the host and the TLS
+    /// settings' PEM are checked.
+    fn transport(&self) -> Result<Transport, ClientError> {
+        let uri: http::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", self.endpoint)))?;
+        let transport = match uri.scheme_str() {
+            Some("https") => Transport::Tls,
+            Some("http") if self.tls.is_some() => {
+                return Err(ClientError::Config(format!(
+                    "TLS settings (CA bundle or client certificate) are given for the cleartext \
+                     endpoint {:?}: use an https:// URL for TLS, or drop the TLS settings",
+                    self.endpoint
+                )));
+            }
+            Some("http") => Transport::Cleartext,
+            _ => {
+                return Err(ClientError::Config(format!(
+                    "endpoint {:?} must be https://host:port (TLS) or http://host:port \
+                     (cleartext)",
+                    self.endpoint
+                )));
+            }
+        };
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(ClientError::Config(format!(
+                "endpoint {:?} has no host",
+                self.endpoint
+            )));
+        }
+        if let Some(tls) = &self.tls {
+            tls.check()?;
+        }
+        Ok(transport)
+    }
+}
+
+/// How the client reaches the server, decided by the endpoint's scheme alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// `http://`: cleartext HTTP/2.
+    Cleartext,
+    /// `https://`: TLS, always.
+    Tls,
 }
 
 /// Why a call failed, told apart the way callers decide on it.
@@ -73,6 +183,10 @@ pub enum ClientError {
     /// The auth token is missing or wrong.
     #[error("not authenticated: {0}")]
     Unauthenticated(String),
+    /// The token is known but its scope does not cover the call (another namespace, or a
+    /// write with a read-only token): a deployment error, never retried.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Anything else the server said.
     #[error("session server error {code:?}: {message}")]
     Other {
@@ -95,7 +209,12 @@ impl ClientError {
 
 impl From<Status> for ClientError {
     fn from(status: Status) -> Self {
-        let message = status.message().to_owned();
+        // tonic's transport failures ("transport error") keep the cause (a TLS alert, a reset)
+        // in the source chain: say it.
+        let message = with_causes(
+            status.message().to_owned(),
+            std::error::Error::source(&status),
+        );
         match status.code() {
             Code::NotFound => ClientError::NotFound,
             Code::Aborted => ClientError::Conflict(message),
@@ -106,7 +225,8 @@ impl From<Status> for ClientError {
                 ClientError::Unavailable(message)
             }
             Code::InvalidArgument | Code::OutOfRange => ClientError::Invalid(message),
-            Code::Unauthenticated | Code::PermissionDenied => ClientError::Unauthenticated(message),
+            Code::Unauthenticated => ClientError::Unauthenticated(message),
+            Code::PermissionDenied => ClientError::PermissionDenied(message),
             code => ClientError::Other { code, message },
         }
     }
@@ -188,7 +308,28 @@ pub struct SessionClient {
     /// Settings.
     config: Arc<ClientConfig>,
     /// `Bearer <token>`, ready to attach.
-    auth: Option<MetadataValue<tonic::metadata::Ascii>>,
+    auth: Option<MetadataValue<Ascii>>,
+}
+
+/// An error and its sources, `: `-separated (tonic's transport errors say little at the top).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    with_causes(error.to_string(), error.source())
+}
+
+/// `text` followed by what each error of the chain from `source` adds to it (many errors
+/// repeat their source's text, which is not said twice).
+fn with_causes(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if cause_text.contains(&text) {
+            text = cause_text;
+        } else if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn duration(d: Duration) -> Option<prost_types::Duration> {
@@ -210,22 +351,10 @@ macro_rules! rpc {
 
 impl SessionClient {
     /// A client that connects on first use (and reconnects after failures), so a backend starts
-    /// even while the session server is down.
+    /// even while the session server is down. Refuses what [`ClientConfig::validate`] refuses,
+    /// saying why.
     pub fn connect_lazy(config: ClientConfig) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", config.endpoint)))?
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let auth = match &config.auth_token {
-            Some(token) => Some(
-                MetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| ClientError::Config("auth token is not valid ASCII".into()))?,
-            ),
-            None => None,
-        };
+        let (endpoint, auth) = config.parts()?;
         Ok(SessionClient {
             inner: SessionStoreClient::new(endpoint.connect_lazy()),
             config: Arc::new(config),
@@ -397,5 +526,38 @@ impl SessionClient {
         };
         let session = rpc!(self, true, restore, message)?;
         Ok(session.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_the_errors_callers_decide_on() {
+        let cases = [
+            (Code::NotFound, ClientError::NotFound),
+            (Code::Aborted, ClientError::Conflict("m".into())),
+            (Code::FailedPrecondition, ClientError::Refused("m".into())),
+            (Code::Unavailable, ClientError::Unavailable("m".into())),
+            (Code::InvalidArgument, ClientError::Invalid("m".into())),
+            (
+                Code::Unauthenticated,
+                ClientError::Unauthenticated("m".into()),
+            ),
+            // A scoped token used outside its scope is told apart from a missing token.
+            (
+                Code::PermissionDenied,
+                ClientError::PermissionDenied("m".into()),
+            ),
+        ];
+        for (code, expected) in cases {
+            assert_eq!(
+                ClientError::from(Status::new(code, "m")),
+                expected,
+                "{code:?}"
+            );
+        }
+        assert!(!ClientError::PermissionDenied("m".into()).is_unavailable());
     }
 }

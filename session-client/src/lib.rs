@@ -41,10 +41,14 @@
 //!   rotation.
 //! - [`layer`]: [`SessionLayer`] and the [`Session`] extractor for axum/tower, with the fallback
 //!   modes.
+//! - [`tls`]: [`ClientTls`], the CA bundle and client identity of an `https://` session server
+//!   (an `https://` URL is always TLS; `http://` is cleartext and refuses TLS settings).
 
 pub mod client;
 pub mod cookie;
 pub mod layer;
+pub mod tls;
 
 pub use client::{ClientConfig, ClientError, Patch, SessionClient, SessionData};
 pub use layer::{FallbackMode, Session, SessionConfig, SessionError, SessionLayer};
+pub use tls::{ClientIdentity, ClientTls};

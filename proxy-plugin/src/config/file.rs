@@ -2,6 +2,7 @@
 //! optional and every unknown key an error (`deny_unknown_fields` on every table).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -102,4 +103,10 @@ pub(super) struct FileLookup {
     pub(super) auth_token: Option<Parsed<Token>>,
     pub(super) snapshot_keys: Option<Vec<Parsed<SnapshotKey>>>,
     pub(super) snapshot_cookie: Option<Parsed<CookieName>>,
+    /// CA bundle of an `https://` url (a path, relative to the working directory).
+    pub(super) ca: Option<PathBuf>,
+    /// Client certificate for mTLS (a path).
+    pub(super) client_cert: Option<PathBuf>,
+    /// Its private key (a path).
+    pub(super) client_key: Option<PathBuf>,
 }

@@ -204,7 +204,8 @@ pub struct Cli {
     /// Largest request body kept so the request can be retried elsewhere [default: 65536].
     #[arg(long, value_name = "BYTES", env = "STICKLESS_PROXY_RETRY_BUFFER_BYTES")]
     pub retry_buffer_bytes: Option<usize>,
-    /// Session server URL (http:// or https://); turns the session-lookup plugin on.
+    /// Session server URL; turns the session-lookup plugin on. `https://` is always TLS (see
+    /// `--session-ca`), `http://` cleartext.
     #[arg(
         long,
         value_name = "URL",
@@ -264,6 +265,17 @@ pub struct Cli {
         value_parser = parse_setting::<Token>,
     )]
     pub session_auth_token: Option<Token>,
+    /// CA bundle (PEM) the session server's certificate must chain to, for an `https://`
+    /// `--session-lookup` [default: the system's roots]. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_SESSION_CA")]
+    pub session_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to a session server that requires mTLS; needs
+    /// `--session-client-key`. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_SESSION_CLIENT_CERT")]
+    pub session_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--session-client-cert`. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_SESSION_CLIENT_KEY")]
+    pub session_client_key: Option<PathBuf>,
     /// Key of the signed session snapshot cookie, hex or base64, at least 32 bytes: the same
     /// material as the backends' `demo-app --cookie-key`. Repeat for rotation, signing key
     /// first. Turns on the outage fallback: while the session server is unreachable, a valid

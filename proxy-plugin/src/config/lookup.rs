@@ -1,4 +1,14 @@
 //! The session-lookup plugin's settings: flags over `[session_lookup]` over the defaults.
+//!
+//! The TLS files (`--session-ca`, `--session-client-cert`, `--session-client-key`, or `ca`,
+//! `client_cert`, `client_key` in the table) are read here, on every resolve: at start (a file
+//! that cannot be read is a configuration error, exit 2) and on every SIGHUP (a reload that
+//! cannot read them is refused and the running configuration kept). They are only for an
+//! `https://` session server: given with an `http://` one, they are refused, not ignored.
+
+use std::path::PathBuf;
+
+use session_client::{ClientError, ClientTls};
 
 use super::file::FileLookup;
 use super::{
@@ -33,6 +43,9 @@ pub(super) fn resolve(
                 "--session-snapshot-cookie",
                 cli.session_snapshot_cookie.is_some(),
             ),
+            ("--session-ca", cli.session_ca.is_some()),
+            ("--session-client-cert", cli.session_client_cert.is_some()),
+            ("--session-client-key", cli.session_client_key.is_some()),
             (
                 "[session_lookup] settings",
                 file.namespace.is_some()
@@ -42,7 +55,10 @@ pub(super) fn resolve(
                     || file.timeout.is_some()
                     || file.auth_token.is_some()
                     || file.snapshot_keys.is_some()
-                    || file.snapshot_cookie.is_some(),
+                    || file.snapshot_cookie.is_some()
+                    || file.ca.is_some()
+                    || file.client_cert.is_some()
+                    || file.client_key.is_some(),
             ),
         ];
         if let Some((what, _)) = stray.iter().find(|(_, given)| *given) {
@@ -53,8 +69,15 @@ pub(super) fn resolve(
         }
         return Ok(None);
     };
+    let tls = tls(
+        &url,
+        cli.session_ca.clone().or(file.ca),
+        cli.session_client_cert.clone().or(file.client_cert),
+        cli.session_client_key.clone().or(file.client_key),
+    )?;
     let config = LookupConfig {
         session_server: url,
+        tls,
         namespace: cli
             .session_namespace
             .clone()
@@ -116,6 +139,37 @@ pub(super) fn resolve(
         ));
     }
     Ok(Some(config))
+}
+
+/// Reads the TLS files of the session server at `url`: refused with an `http://` URL, and
+/// when a file cannot be read or holds no usable PEM (the message names the file).
+fn tls(
+    url: &str,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<ClientTls>, ConfigError> {
+    let given = [
+        ("--session-ca / ca", ca.is_some()),
+        ("--session-client-cert / client_cert", cert.is_some()),
+        ("--session-client-key / client_key", key.is_some()),
+    ];
+    if let Some((what, _)) = given.iter().find(|(_, given)| *given)
+        && !url
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{what} is for an https:// session server, but the session server is {url}: use \
+             https:// for TLS, or drop the TLS settings"
+        )));
+    }
+    ClientTls::from_files(ca.as_deref(), cert.as_deref(), key.as_deref()).map_err(|e| {
+        ConfigError::Invalid(match e {
+            ClientError::Config(message) => format!("session lookup TLS: {message}"),
+            other => format!("session lookup TLS: {other}"),
+        })
+    })
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) ->
         timeout: Duration::from_millis(500),
         snapshot_keys: keys.iter().map(|k| SnapshotKey(k.to_vec())).collect(),
         snapshot_cookie: "sid_snap".to_owned(),
+        tls: None,
     }
 }
 
