@@ -31,6 +31,8 @@ use rustix::process::{Pid, Signal, geteuid, kill_process};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::binaries::Reported;
+
 /// The backend's answer: small, so the proxies (not the bytes) are what is measured.
 pub const BACKEND_BODY: &[u8] = b"hello from the load-http backend\n";
 /// Bound on a process's start-up, until it accepts (and, for proxies, answers 200).
@@ -127,6 +129,8 @@ pub struct Spawned {
     child: Child,
     /// Where its output goes.
     pub log: PathBuf,
+    /// The addresses it reported on stdout (our binaries: `listening <role> <addr>`).
+    reported: Reported,
 }
 
 impl Spawned {
@@ -135,37 +139,70 @@ impl Spawned {
         let file_too = file
             .try_clone()
             .map_err(|e| format!("{}: {e}", log.display()))?;
-        let child = command
+        let mut child = command
             .stdin(Stdio::null())
-            .stdout(file_too)
+            .stdout(Stdio::piped())
             .stderr(file)
             .spawn()
             .map_err(|e| format!("starting {name}: {e}"))?;
+        // stdout goes through a reader that records the `listening` lines, then to the log.
+        let reported = match child.stdout.take() {
+            Some(stdout) => Reported::tee(stdout, file_too),
+            None => Reported::default(),
+        };
         Ok(Spawned {
             name: name.to_owned(),
             child,
             log: log.to_owned(),
+            reported,
         })
+    }
+
+    /// The end of the log, when the process has exited: why it did not start.
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().ok().flatten()?;
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: String = log
+            .chars()
+            .rev()
+            .take(2000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        Some(format!(
+            "{} exited during start-up ({status}):\n{tail}",
+            self.name
+        ))
+    }
+
+    /// Waits (bounded) for the address one of our binaries reports for `role` once bound
+    /// (started with port 0, so no port is guessed); the end of the log when it exits first.
+    fn wait_reported(&mut self, role: &str) -> Result<SocketAddr, String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(addr) = self.reported.get(role) {
+                return Ok(addr);
+            }
+            if let Some(why) = self.exited() {
+                return Err(why);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} reported no {role} address within {START_TIMEOUT:?}",
+                    self.name
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
     }
 
     /// Waits (bounded) until `addr` accepts; the end of the log when the process exits first.
     fn wait_accepting(&mut self, addr: SocketAddr) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                let log = fs::read_to_string(&self.log).unwrap_or_default();
-                let tail: String = log
-                    .chars()
-                    .rev()
-                    .take(2000)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect();
-                return Err(format!(
-                    "{} exited during start-up ({status}):\n{tail}",
-                    self.name
-                ));
+            if let Some(why) = self.exited() {
+                return Err(why);
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(());
@@ -200,26 +237,25 @@ impl Drop for Spawned {
     }
 }
 
-/// A free loopback address (bound and released: the usual small race, fine for a benchmark).
+/// A free loopback address (bound and released), for nginx, which cannot report a port-0
+/// bind; our own binaries bind port 0 and report their address instead.
 pub fn free_addr() -> io::Result<SocketAddr> {
     StdListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-/// Starts `session-proxy` on `listen` in front of `backend` with `workers` tokio worker
-/// threads (`TOKIO_WORKER_THREADS`); with `lookup`, the session-lookup plugin asks that
-/// session server in namespace `namespace`.
+/// Starts `session-proxy` on a port of the OS's choosing in front of `backend` with `workers`
+/// tokio worker threads (`TOKIO_WORKER_THREADS`); with `lookup`, the session-lookup plugin
+/// asks that session server in namespace `namespace`. Returns the process and its address.
 pub fn start_session_proxy(
     binary: &Path,
     backend: SocketAddr,
-    listen: SocketAddr,
     workers: usize,
     lookup: Option<(&str, &str)>,
     workdir: &Path,
-) -> Result<Spawned, String> {
+) -> Result<(Spawned, SocketAddr), String> {
     let mut command = Command::new(binary);
     command
-        .arg("--listen")
-        .arg(listen.to_string())
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--backend")
         .arg(format!("http://{backend}"))
         .env("TOKIO_WORKER_THREADS", workers.to_string())
@@ -232,28 +268,27 @@ pub fn start_session_proxy(
         &mut command,
         &workdir.join("session-proxy.log"),
     )?;
-    proc.wait_accepting(listen)?;
-    Ok(proc)
+    let listen = proc.wait_reported("proxy")?;
+    Ok((proc, listen))
 }
 
-/// Starts `session-server` (in-memory store) on `listen`.
+/// Starts `session-server` (in-memory store) on a port of the OS's choosing. Returns the
+/// process and its gRPC address.
 pub fn start_session_server(
     binary: &Path,
-    listen: SocketAddr,
     workdir: &Path,
-) -> Result<Spawned, String> {
+) -> Result<(Spawned, SocketAddr), String> {
     let mut command = Command::new(binary);
     command
-        .arg("--listen")
-        .arg(listen.to_string())
+        .args(["--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "warn");
     let mut proc = Spawned::spawn(
         "session-server",
         &mut command,
         &workdir.join("session-server.log"),
     )?;
-    proc.wait_accepting(listen)?;
-    Ok(proc)
+    let listen = proc.wait_reported("grpc")?;
+    Ok((proc, listen))
 }
 
 /// The nginx configuration: round-robin upstream (nginx's default) with a keep-alive pool,

@@ -119,9 +119,8 @@ async fn run(cli: Cli) -> Result<(), String> {
     let mut processes: Vec<Spawned> = Vec::new();
     let mut cookie = None;
     let lookup_url = if cli.lookup {
-        let addr = free_addr().map_err(|e| e.to_string())?;
-        let server =
-            load_http::start_session_server(&binary("session-server")?, addr, workdir.path())?;
+        let (server, addr) =
+            load_http::start_session_server(&binary("session-server")?, workdir.path())?;
         processes.push(server);
         let url = format!("http://{addr}");
         let mut config = ClientConfig::new(url.clone());
@@ -138,15 +137,14 @@ async fn run(cli: Cli) -> Result<(), String> {
         None
     };
 
-    let proxy_listen = free_addr().map_err(|e| e.to_string())?;
-    processes.push(load_http::start_session_proxy(
+    let (proxy, proxy_listen) = load_http::start_session_proxy(
         &binary("session-proxy")?,
         backend.addr,
-        proxy_listen,
         cli.workers,
         lookup_url.as_deref().map(|url| (url, NAMESPACE)),
         workdir.path(),
-    )?);
+    )?;
+    processes.push(proxy);
     let mut targets = vec![Target {
         name: if cli.lookup {
             "session-proxy + lookup"
