@@ -258,7 +258,8 @@ fn parse_line(fields: &[&str]) -> Result<ScopedToken, LineError> {
 
 /// The 32 bytes written as 64 hex digits (either case) in `hex`.
 fn parse_hex_digest(hex: &str) -> Option<[u8; SHA256_OUTPUT_LEN]> {
-    if hex.len() != 2 * SHA256_OUTPUT_LEN {
+    // Hex digits only: from_str_radix alone would take a sign ("+f").
+    if hex.len() != 2 * SHA256_OUTPUT_LEN || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0; SHA256_OUTPUT_LEN];
@@ -429,6 +430,16 @@ mod tests {
         assert!(app.check("Create", Access::Write, "shop").is_ok());
         assert!(app.check("Get", Access::Read, "default").is_err());
         assert_eq!(scope("root"), Scope::unrestricted());
+    }
+
+    #[test]
+    fn a_digest_is_64_hex_digits_and_nothing_else() {
+        assert!(parse_hex_digest(&"ab".repeat(32)).is_some());
+        // from_str_radix takes "+f": a digest must not.
+        assert!(parse_hex_digest(&format!("+f{}", "ab".repeat(31))).is_none());
+        assert!(parse_hex_digest(&format!("-f{}", "ab".repeat(31))).is_none());
+        assert!(parse_hex_digest(&"ag".repeat(32)).is_none());
+        assert!(parse_hex_digest(&"ab".repeat(31)).is_none());
     }
 
     #[test]

@@ -467,8 +467,10 @@ impl Settings {
         }
         // Authenticated by default: anyone who can reach a public address could otherwise
         // create a session for any user, or watch every session id as it is made.
+        // The tokens in use, not the file's name: a file that gave no tokens authenticates
+        // nobody.
         let authenticated = self.auth_token.is_some()
-            || self.auth_token_file.is_some()
+            || !self.auth_file_tokens.is_empty()
             || self.tls_client_ca.is_some();
         if !self.listen.ip().to_canonical().is_loopback()
             && !authenticated

@@ -79,6 +79,13 @@ pub enum ServeError {
     /// The TLS certificate, key or client CA could not be read or used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The listener is not on a loopback address and nothing authenticates callers (no token,
+    /// no client CA) while `allow_unauthenticated` is off.
+    #[error(
+        "refusing to serve on {0} without authentication (not a loopback address): set \
+         auth tokens or a TLS client CA, or allow_unauthenticated"
+    )]
+    Unauthenticated(std::net::SocketAddr),
 }
 
 /// The store the settings ask for. Redis is not contacted here: a server whose Redis is down
@@ -292,6 +299,19 @@ async fn prepare(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<&ServerTls>,
 ) -> Result<(ApiFirst, impl Future<Output = ()> + Send + 'static), ServeError> {
+    // The same rule as config validation, on the address really bound and the credentials
+    // really in use, for callers that build `Settings` by hand.
+    if let Ok(bound) = listener.local_addr() {
+        let authenticated = settings.auth_token.is_some()
+            || !settings.auth_file_tokens.is_empty()
+            || tls.is_some_and(|_| settings.tls_client_ca.is_some());
+        if !bound.ip().to_canonical().is_loopback()
+            && !authenticated
+            && !settings.allow_unauthenticated
+        {
+            return Err(ServeError::Unauthenticated(bound));
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {
         default_ttl: settings.default_ttl,

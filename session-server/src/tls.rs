@@ -28,6 +28,11 @@ use crate::config::Settings;
 /// machine finishes a real handshake in milliseconds; 10 s is far from cutting one off.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes under way at once, at most: past it a new connection is closed at once, so that
+/// clients that connect and never finish (each held up to [`HANDSHAKE_TIMEOUT`]) cannot take
+/// every file descriptor (nginx bounds the same with `worker_connections`).
+pub const MAX_PENDING_HANDSHAKES: usize = 1024;
+
 /// The one application protocol offered: gRPC is HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
 
@@ -44,14 +49,28 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The TLS files the settings name, or `None` for plaintext (the settings were validated:
-    /// a certificate always comes with its key).
-    pub fn from_settings(settings: &Settings) -> Option<TlsFiles> {
-        Some(TlsFiles {
-            cert: settings.tls_cert.clone()?,
-            key: settings.tls_key.clone()?,
-            client_ca: settings.tls_client_ca.clone(),
-        })
+    /// The TLS files the settings name, or `None` for plaintext. Settings that name only part
+    /// of a configuration (a certificate without its key, a client CA without a certificate)
+    /// are an error here too, not only in config validation: a caller that builds `Settings`
+    /// by hand must never get a plaintext server, or one without mTLS, by leaving a field out.
+    pub fn from_settings(settings: &Settings) -> Result<Option<TlsFiles>, TlsError> {
+        match (
+            &settings.tls_cert,
+            &settings.tls_key,
+            &settings.tls_client_ca,
+        ) {
+            (Some(cert), Some(key), client_ca) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            (Some(_), None, _) => Err(TlsError::Incomplete("tls-cert is set without tls-key")),
+            (None, Some(_), _) => Err(TlsError::Incomplete("tls-key is set without tls-cert")),
+            (None, None, Some(_)) => Err(TlsError::Incomplete(
+                "tls-client-ca is set without tls-cert and tls-key",
+            )),
+        }
     }
 }
 
@@ -59,6 +78,9 @@ impl TlsFiles {
 /// names the file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// The settings name only part of a TLS configuration.
+    #[error("incomplete TLS settings: {0}")]
+    Incomplete(&'static str),
     /// A file could not be read.
     #[error("cannot read TLS {what} {path}: {source}")]
     Read {
@@ -127,7 +149,7 @@ impl ServerTls {
 
     /// The TLS configuration the settings ask for, loaded; `None` for plaintext.
     pub fn from_settings(settings: &Settings) -> Result<Option<ServerTls>, TlsError> {
-        TlsFiles::from_settings(settings)
+        TlsFiles::from_settings(settings)?
             .map(ServerTls::load)
             .transpose()
     }
@@ -192,6 +214,15 @@ impl ServerTls {
             loop {
                 tokio::select! {
                     accepted = state.connections.next() => match accepted {
+                        Some(Ok(tcp)) if state.handshakes.len() >= MAX_PENDING_HANDSHAKES => {
+                            // A flood of clients that never finish their handshake must not
+                            // take every file descriptor: past the cap, close at once.
+                            tracing::debug!(
+                                peer = ?tcp.peer_addr().ok(),
+                                pending = MAX_PENDING_HANDSHAKES,
+                                "too many TLS handshakes under way; connection closed"
+                            );
+                        }
                         Some(Ok(tcp)) => {
                             state.handshakes.spawn(handshake(state.tls.acceptor(), tcp));
                         }

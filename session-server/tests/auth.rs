@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -547,17 +547,10 @@ async fn probes_and_reflection_stay_open_with_scoped_tokens() {
 /// Bound on the binary's start and on its exit after SIGTERM: generous, for a loaded machine.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
 
-/// Runs the binary to completion with `args`, `env` and no other `STICKLESS_*` variables.
+/// Runs the binary with `args`, `env` and no other `STICKLESS_*` variables, bounded (a
+/// binary that serves instead of refusing is killed and fails the test).
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(BINARY);
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STICKLESS_") {
-            command.env_remove(name);
-        }
-    }
-    command.envs(env.iter().copied());
-    command.output().expect("run session-server")
+    support::process::run_bounded(BINARY.as_ref(), args, env)
 }
 
 /// Fails unless `out` is a refusal of the configuration: exit status 2, nothing on stdout, one

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use session_proto::v1::CreateRequest;
@@ -18,17 +18,10 @@ const BINARY: &str = env!("CARGO_BIN_EXE_session-server");
 /// Bound on the exit after SIGTERM: generous, for a loaded machine.
 const EXIT_WITHIN: Duration = Duration::from_secs(30);
 
-/// Runs the binary to completion with `args` and no `STICKLESS_*` variables from the caller's
-/// environment.
+/// Runs the binary with `args` and no `STICKLESS_*` variables from the caller's environment,
+/// bounded (a binary that serves instead of refusing is killed and fails the test).
 fn run(args: &[&str]) -> Output {
-    let mut command = Command::new(BINARY);
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STICKLESS_") {
-            command.env_remove(name);
-        }
-    }
-    command.output().expect("run session-server")
+    support::process::run_bounded::<&str>(BINARY.as_ref(), args, &[])
 }
 
 /// Fails unless `out` is a refusal of the configuration: exit status 2 (not a panic's 101, not

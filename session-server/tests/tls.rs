@@ -9,7 +9,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -329,32 +329,9 @@ async fn tls_files_come_from_the_config_file() {
         .unwrap();
 }
 
-/// Bound on a start-up refusal; a binary still running then is killed (and fails the test).
-const REFUSED_WITHIN: Duration = Duration::from_secs(30);
-
-/// Runs the binary with `args` and `env` as its only `STICKLESS_*` variables until it exits,
-/// or for [`REFUSED_WITHIN`] and then kills it (a server that started instead of refusing).
+/// Runs the binary with `args` and `env` as its only `STICKLESS_*` variables, bounded.
 fn run(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    use std::process::Stdio;
-    let mut command = Command::new(BINARY);
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STICKLESS_") {
-            command.env_remove(name);
-        }
-    }
-    command.envs(env.iter().copied());
-    let mut child = command.spawn().expect("run session-server");
-    let deadline = Instant::now() + REFUSED_WITHIN;
-    while child.try_wait().expect("poll the child").is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    child.wait_with_output().expect("the child's output")
+    support::process::run_bounded(BINARY.as_ref(), args, env)
 }
 
 /// Fails unless `out` is a start-up refusal: exit status 2, nothing on stdout, and one line on
@@ -471,4 +448,58 @@ fn tls_settings_have_environment_twins() {
         ("STICKLESS_TLS_CLIENT_CA", missing.as_path()),
     ];
     assert_refused("STICKLESS_TLS_CLIENT_CA", &run(&listen, &env), &[named]);
+}
+
+#[tokio::test]
+async fn hand_built_settings_naming_part_of_a_tls_setup_never_serve_plaintext() {
+    // `server::run` is public and `Settings` has public fields: a caller that leaves the key
+    // (or the certificate) out must get an error, not a cleartext server or one without mTLS.
+    let dir = TlsDir::new("partial-settings");
+    let ca = TestCa::new("partial");
+    let (cert, key) = dir.write_server_identity(&ca.server());
+    let client_ca = dir.write("client-ca.pem", &ca.cert);
+    let partial = [
+        (Some(cert.clone()), None, None),
+        (None, Some(key.clone()), None),
+        (None, None, Some(client_ca.clone())),
+        (Some(cert), None, Some(client_ca)),
+    ];
+    for (tls_cert, tls_key, tls_client_ca) in partial {
+        let settings = Settings {
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            ..Settings::default()
+        };
+        let case = format!("{settings:?}");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+        let served = session_server::server::run(
+            listener,
+            &settings,
+            store,
+            session_server::metrics::Metrics::new(),
+            std::future::ready(()),
+        )
+        .await;
+        let error = served.expect_err(&case).to_string();
+        assert!(error.contains("incomplete TLS settings"), "{case}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn a_public_listener_without_credentials_is_refused_on_the_library_path_too() {
+    let settings = Settings::default();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+    let served = session_server::server::run(
+        listener,
+        &settings,
+        store,
+        session_server::metrics::Metrics::new(),
+        std::future::ready(()),
+    )
+    .await;
+    let error = served.expect_err("refused").to_string();
+    assert!(error.contains("without authentication"), "{error}");
 }

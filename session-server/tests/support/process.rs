@@ -4,10 +4,11 @@
 //! No free port is ever picked and released, so nothing can take it between check and bind.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -236,4 +237,45 @@ pub fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
 /// The text behind a mutex, also after a reader thread panicked.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Bound on a run that should end by itself (a refused configuration); a binary still running
+/// then is killed, so a regression that starts serving fails the test instead of hanging it.
+pub const RUN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs `binary` with `args` and `env` as its only `STICKLESS_*` variables until it exits, or
+/// for [`RUN_WITHIN`] and then kills it. Unless `args` or `env` say where to listen (or name a
+/// config file), `--listen 127.0.0.1:0` comes first, so that a binary that starts instead of
+/// refusing never binds a fixed port.
+pub fn run_bounded<V: AsRef<OsStr>>(binary: &Path, args: &[&str], env: &[(&str, V)]) -> Output {
+    let names_listen = args
+        .iter()
+        .any(|a| a.starts_with("--listen") || a.starts_with("--config"))
+        || env
+            .iter()
+            .any(|(name, _)| *name == "STICKLESS_LISTEN" || *name == "STICKLESS_CONFIG");
+    let mut command = Command::new(binary);
+    if !names_listen {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STICKLESS_") {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().map(|(name, value)| (name, value.as_ref())));
+    let mut child = command.spawn().expect("run the binary");
+    // Pipes are drained by wait_with_output only after the exit; a refusal writes one line,
+    // far below a pipe's capacity.
+    let deadline = Instant::now() + RUN_WITHIN;
+    while child.try_wait().expect("poll the child").is_none() && Instant::now() < deadline {
+        std::thread::sleep(POLL_EVERY);
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("the child's output")
 }
