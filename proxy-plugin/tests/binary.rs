@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::backend::{Behaviour, TestBackend};
-use support::proxy_process::{ProxyProcess, command};
+use support::proxy_process::{ProxyProcess, command, run_bounded};
 
 /// Generous bound on anything the tests wait for (a loaded 2-core machine is slow, never this
 /// slow).
@@ -132,7 +132,7 @@ fn a_bad_configuration_exits_2_naming_the_problem() {
         (&["--backend", "https://127.0.0.1:1"], &["only http://"]),
     ];
     for (args, expected) in cases {
-        let out = command().args(args).output().unwrap();
+        let out = run_bounded(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         for text in expected {

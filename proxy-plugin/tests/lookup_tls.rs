@@ -27,7 +27,7 @@ use session_server::metrics::Metrics;
 use session_server::service::{Limits, SessionService};
 use session_server::store::memory::MemoryStore;
 use support::backend::{Behaviour, TestBackend};
-use support::proxy_process::{ProxyProcess, command};
+use support::proxy_process::{ProxyProcess, command, run_bounded};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -367,7 +367,7 @@ fn unusable_session_tls_settings_exit_2_naming_the_problem() {
         ),
     ];
     for (args, expected) in cases {
-        let out = command().args(&args).output().expect("run session-proxy");
+        let out = run_bounded(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         for text in expected {

@@ -75,6 +75,10 @@ pub struct Cli {
     /// Redis URL for `--store redis` [default: redis://127.0.0.1:6379].
     #[arg(long, env = "STICKLESS_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// PEM CA certificates trusted for a `rediss://` `--redis-url`, instead of the system's
+    /// root certificates [default: the system's].
+    #[arg(long, env = "STICKLESS_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
     /// MySQL/MariaDB URL for `--store mysql` [default: mysql://root@127.0.0.1:3306/test].
     #[arg(long, env = "STICKLESS_MYSQL_URL")]
     pub mysql_url: Option<String>,
@@ -159,6 +163,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     store: Option<StoreKind>,
     redis_url: Option<String>,
+    redis_ca: Option<PathBuf>,
     redis_prefix: Option<String>,
     redis_pool_size: Option<usize>,
     mysql_url: Option<String>,
@@ -251,6 +256,8 @@ pub struct Settings {
     pub store: StoreKind,
     /// Redis URL (used with `store = redis`), or seed nodes (`store = redis-cluster`).
     pub redis_url: String,
+    /// PEM CA certificates trusted for a `rediss://` Redis URL instead of the system's roots.
+    pub redis_ca: Option<PathBuf>,
     /// MySQL URL (used with `store = mysql`).
     pub mysql_url: String,
     /// MySQL table of the sessions.
@@ -342,6 +349,7 @@ impl Settings {
                 .redis_url
                 .or(file.redis_url)
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()),
+            redis_ca: cli.redis_ca.or(file.redis_ca),
             mysql_url: cli
                 .mysql_url
                 .or(file.mysql_url)
@@ -452,6 +460,36 @@ impl Settings {
         }
         if self.mysql_pool_size == 0 {
             return invalid("mysql-pool-size must be at least 1".into());
+        }
+        if let Some(ca) = &self.redis_ca
+            && matches!(self.store, StoreKind::Redis | StoreKind::RedisCluster)
+        {
+            // A CA only makes sense for TLS; never connect in cleartext when one was given.
+            let cleartext = |seed: &str| seed.contains("://") && !seed.starts_with("rediss://");
+            if !self.redis_url.trim().starts_with("rediss://")
+                || self.redis_url.split(',').map(str::trim).any(cleartext)
+            {
+                return invalid(
+                    "redis-ca is set but redis-url is not rediss://: use a rediss:// URL for \
+                     Redis over TLS"
+                        .into(),
+                );
+            }
+            let certs = std::fs::read(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    use rustls::pki_types::{CertificateDer, pem::PemObject};
+                    CertificateDer::pem_slice_iter(&pem)
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())
+                });
+            match certs {
+                Ok(certs) if !certs.is_empty() => {}
+                Ok(_) => {
+                    return invalid(format!("redis-ca {}: no PEM certificate", ca.display()));
+                }
+                Err(e) => return invalid(format!("cannot read redis-ca {}: {e}", ca.display())),
+            }
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
             return invalid("redis-prefix must be non-empty and free of '{' and '}'".into());

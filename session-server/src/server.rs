@@ -102,6 +102,15 @@ pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, S
             config.key_prefix = settings.redis_prefix.clone();
             config.pool_size = settings.redis_pool_size;
             config.timeout = settings.store_timeout;
+            if let Some(path) = &settings.redis_ca {
+                let pem = std::fs::read(path).map_err(|e| {
+                    crate::store::StoreError::Internal(format!(
+                        "cannot read redis-ca {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                config.tls_ca = Some(pem);
+            }
             Arc::new(RedisStore::new(config)?)
         }
         StoreKind::Mysql => {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
@@ -20,6 +20,36 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_session-proxy");
 /// How long a child gets to report its addresses: start-up is milliseconds at idle, and a
 /// loaded 2-core machine building beside the tests stretches it a lot.
 const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Bound on a run that should end by itself (a refused configuration); a binary still running
+/// then is killed, so a regression that starts serving fails the test instead of hanging it.
+pub const RUN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Runs the binary (see [`command`]) with `args` until it exits, or for [`RUN_WITHIN`] and
+/// then kills it. Unless `args` say where to listen or name a config file, `--listen
+/// 127.0.0.1:0` comes first, so a binary that starts instead of refusing never binds 8080.
+pub fn run_bounded<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    let names_listen = args.iter().any(|a| {
+        let a = a.as_ref().to_string_lossy();
+        a.starts_with("--listen") || a.starts_with("--config")
+    });
+    let mut command = command();
+    if !names_listen {
+        command.args(["--listen", "127.0.0.1:0"]);
+    }
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("run session-proxy");
+    let deadline = Instant::now() + RUN_WITHIN;
+    while child.try_wait().expect("poll the child").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().expect("the child's output")
+}
 
 /// The binary with none of the environment twins a developer's shell might set, logging at
 /// `info`.

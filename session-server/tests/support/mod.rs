@@ -11,6 +11,7 @@ pub mod mysql;
 pub mod outage;
 pub mod ports;
 pub mod process;
+pub mod redis_tls;
 pub mod services;
 pub mod tls;
 pub mod wait;

@@ -1,6 +1,7 @@
 //! The settings of the Redis store.
 
 use crate::store::redact_url as redacted;
+use ::redis::{Client, IntoConnectionInfo, RedisResult, TlsCertificates};
 use std::time::Duration;
 
 /// Settings of the Redis store.
@@ -23,6 +24,10 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Limit on the total attribute size of a session (see [`crate::store::attrs_size`]).
     pub max_session_bytes: usize,
+    /// PEM CA certificates that alone are trusted to have signed Redis's certificate, for a
+    /// `rediss://` URL; `None`: the system's root certificates. A `rediss://` URL is always
+    /// TLS, a `redis://` one never is, and a CA with a `redis://` URL is an error.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl RedisConfig {
@@ -35,6 +40,25 @@ impl RedisConfig {
             pool_size: 32,
             timeout: Duration::from_secs(2),
             max_session_bytes,
+            tls_ca: None,
+        }
+    }
+
+    /// A client of the server at `info` (a URL or a connection's settings): over TLS when the
+    /// URL is `rediss://`, trusting [`RedisConfig::tls_ca`] when set. Errors are malformed
+    /// URLs, an unusable CA, and a CA with a URL that is not `rediss://`.
+    pub(crate) fn client(&self, info: impl IntoConnectionInfo) -> RedisResult<Client> {
+        match &self.tls_ca {
+            Some(pem) => Client::build_with_tls(info, self.tls_certificates(pem)),
+            None => Client::open(info),
+        }
+    }
+
+    /// The CA of [`RedisConfig::tls_ca`] as the Redis client takes it.
+    pub(crate) fn tls_certificates(&self, pem: &[u8]) -> TlsCertificates {
+        TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.to_vec()),
         }
     }
 }
@@ -49,6 +73,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
             .field("max_session_bytes", &self.max_session_bytes)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "set"))
             .finish()
     }
 }

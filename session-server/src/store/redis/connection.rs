@@ -56,7 +56,7 @@ impl Connections {
         if config.cluster {
             return Ok(Connections::Cluster(cluster(config)?));
         }
-        let client = Client::open(config.url.as_str())?;
+        let client = config.client(config.url.as_str())?;
         let settings = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout));
@@ -208,7 +208,11 @@ fn cluster(config: &RedisConfig) -> Result<ClusterConnection, RedisError> {
         .unwrap_or(MAX_RETRIES)
         .saturating_add(4)
         .min(MAX_RETRIES);
-    let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+    let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str));
+    if let Some(pem) = &config.tls_ca {
+        builder = builder.certs(config.tls_certificates(pem));
+    }
+    let client = builder
         .connection_timeout(config.timeout)
         .response_timeout(config.timeout)
         .overall_response_timeout(None)

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ::redis::{Client, ConnectionInfo, IntoConnectionInfo, Msg, RedisError, Value};
+use ::redis::{Client, ConnectionInfo, Msg, RedisError, Value};
 use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -33,7 +33,7 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 /// Where the subscriber listens.
 enum Source {
     /// One server.
-    Standalone(Client),
+    Standalone(Box<Client>),
     /// A cluster, found from its seed nodes (whose settings reach every node).
     Cluster(Vec<ConnectionInfo>),
 }
@@ -63,14 +63,14 @@ impl Subscriber {
         let (source, db) = if config.cluster {
             let seeds = seed_urls(&config.url)
                 .iter()
-                .map(|url| url.as_str().into_connection_info())
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|url| Ok(config.client(url.as_str())?.get_connection_info().clone()))
+                .collect::<Result<Vec<_>, RedisError>>()?;
             // A cluster has only database 0.
             (Source::Cluster(seeds), 0)
         } else {
-            let client = Client::open(config.url.as_str())?;
+            let client = config.client(config.url.as_str())?;
             let db = client.get_connection_info().redis_settings().db();
-            (Source::Standalone(client), db)
+            (Source::Standalone(Box::new(client)), db)
         };
         Ok(Subscriber {
             source,
