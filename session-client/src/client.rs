@@ -23,8 +23,8 @@ use tonic::{Code, Status};
 
 use crate::tls::ClientTls;
 
-/// Where and how to reach the session server.
-#[derive(Debug, Clone)]
+/// Where and how to reach the session server. Its `Debug` output never shows the token.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// `https://host:port` (TLS) or `http://host:port` (cleartext) of the session server.
     pub endpoint: String,
@@ -44,6 +44,21 @@ pub struct ClientConfig {
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub backoff: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls)
+            .field("namespace", &self.namespace)
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retries", &self.retries)
+            .field("backoff", &self.backoff)
+            .finish()
+    }
 }
 
 impl ClientConfig {
@@ -559,5 +574,14 @@ mod tests {
             );
         }
         assert!(!ClientError::PermissionDenied("m".into()).is_unavailable());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let mut config = ClientConfig::new("http://127.0.0.1:1");
+        config.auth_token = Some("s3cret-token".into());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert!(shown.contains("<hidden>"), "{shown}");
     }
 }
