@@ -419,6 +419,17 @@ impl Settings {
         })
     }
 
+    /// Whether serving on `listen` would break "authenticated by default": the address is not
+    /// loopback, no credential is in use (a token, a token file's tokens - not its name - or a
+    /// TLS client CA) and `allow_unauthenticated` is off. Config validation asks it about
+    /// `listen`, the server about the address it really bound.
+    pub fn refuses_unauthenticated(&self, listen: SocketAddr) -> bool {
+        let authenticated = self.auth_token.is_some()
+            || !self.auth_file_tokens.is_empty()
+            || self.tls_client_ca.is_some();
+        !listen.ip().to_canonical().is_loopback() && !authenticated && !self.allow_unauthenticated
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
@@ -505,15 +516,7 @@ impl Settings {
         }
         // Authenticated by default: anyone who can reach a public address could otherwise
         // create a session for any user, or watch every session id as it is made.
-        // The tokens in use, not the file's name: a file that gave no tokens authenticates
-        // nobody.
-        let authenticated = self.auth_token.is_some()
-            || !self.auth_file_tokens.is_empty()
-            || self.tls_client_ca.is_some();
-        if !self.listen.ip().to_canonical().is_loopback()
-            && !authenticated
-            && !self.allow_unauthenticated
-        {
+        if self.refuses_unauthenticated(self.listen) {
             return Err(ConfigError::Unauthenticated {
                 listen: self.listen,
             });

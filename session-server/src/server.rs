@@ -308,18 +308,17 @@ async fn prepare(
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<&ServerTls>,
 ) -> Result<(ApiFirst, impl Future<Output = ()> + Send + 'static), ServeError> {
-    // The same rule as config validation, on the address really bound and the credentials
-    // really in use, for callers that build `Settings` by hand.
-    if let Ok(bound) = listener.local_addr() {
-        let authenticated = settings.auth_token.is_some()
-            || !settings.auth_file_tokens.is_empty()
-            || tls.is_some_and(|_| settings.tls_client_ca.is_some());
-        if !bound.ip().to_canonical().is_loopback()
-            && !authenticated
-            && !settings.allow_unauthenticated
-        {
-            return Err(ServeError::Unauthenticated(bound));
-        }
+    // The same rule as config validation, on the address really bound, for callers that
+    // build `Settings` by hand. A client CA counts only when TLS really is on.
+    if settings.tls_client_ca.is_some() && tls.is_none() {
+        return Err(
+            TlsError::Incomplete("tls-client-ca is set but the server serves plaintext").into(),
+        );
+    }
+    if let Ok(bound) = listener.local_addr()
+        && settings.refuses_unauthenticated(bound)
+    {
+        return Err(ServeError::Unauthenticated(bound));
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let limits = Limits {

@@ -49,11 +49,7 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("STICKLESS_") {
-                command.env_remove(name);
-            }
-        }
+        without_stickless_env(&mut command);
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
@@ -263,11 +259,7 @@ pub fn run_bounded<V: AsRef<OsStr>>(binary: &Path, args: &[&str], env: &[(&str, 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("STICKLESS_") {
-            command.env_remove(name);
-        }
-    }
+    without_stickless_env(&mut command);
     command.envs(env.iter().map(|(name, value)| (name, value.as_ref())));
     let mut child = command.spawn().expect("run the binary");
     // Pipes are drained by wait_with_output only after the exit; a refusal writes one line,
@@ -278,4 +270,14 @@ pub fn run_bounded<V: AsRef<OsStr>>(binary: &Path, args: &[&str], env: &[(&str, 
     }
     let _ = child.kill();
     child.wait_with_output().expect("the child's output")
+}
+
+/// Removes every `STICKLESS_*` variable of the caller's environment from `command`, so the
+/// caller's shell cannot change what is tested.
+fn without_stickless_env(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("STICKLESS_") {
+            command.env_remove(name);
+        }
+    }
 }
