@@ -16,6 +16,7 @@ use futures::StreamExt as _;
 use session_proto::v1::session_store_client::SessionStoreClient;
 use session_proto::v1::*;
 use session_server::config::Settings;
+use session_server::service::MAX_USER_ID_LEN;
 use session_server::store::memory::MemoryStore;
 use session_server::store::{
     EVENT_BUFFER, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreResult,
@@ -283,7 +284,10 @@ async fn watcher_that_falls_behind_gets_resource_exhausted_then_the_stream_ends(
     let server = TestServer::start(settings, store.clone()).await;
     // A small HTTP/2 window, so that the server can push only a few hundred events ahead of a
     // watcher that does not read; the rest wait in the store's broadcast, which keeps
-    // EVENT_BUFFER of them.
+    // EVENT_BUFFER of them. Each event carries a user id of the longest allowed length, so that
+    // every DATA frame is over h2's 256-byte "small frame" threshold: small unread frames
+    // spend the client's own flood budget (window / 2) and h2 would end the connection with
+    // ENHANCE_YOUR_CALM before the server's broadcast overflows.
     let channel = Channel::from_shared(format!("http://{}", server.addr))
         .expect("valid URI")
         .initial_stream_window_size(65_535)
@@ -298,13 +302,13 @@ async fn watcher_that_falls_behind_gets_resource_exhausted_then_the_stream_ends(
         .into_inner();
 
     // Four times the buffer, written while the watcher reads nothing: whatever the scheduling,
-    // at most a window's worth (~1k events) leaves the broadcast, so it must overflow.
+    // at most a window's worth (~200 events) leaves the broadcast, so it must overflow.
     let produced = 4 * EVENT_BUFFER;
     let created = store
         .create(NewSession {
             id: "lagginglagginglagginglagginglagg".into(),
             namespace: "default".into(),
-            user_id: String::new(),
+            user_id: "u".repeat(MAX_USER_ID_LEN),
             attrs: Default::default(),
             ttl: Duration::from_secs(600),
         })
