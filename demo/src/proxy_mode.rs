@@ -6,6 +6,8 @@
 //! cookie after each of its writes, so the snapshot the proxy falls back on during a store
 //! outage holds every change the app acknowledged.
 
+use std::time::SystemTime;
+
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::json;
-use session_client::cookie::{CookieCodec, Snapshot, unix_ms};
+use session_client::cookie::{CookieCodec, Snapshot};
 use session_client::{ClientError, Patch, SessionClient, SessionConfig, SessionData};
 
 use crate::{Cart, CartAdd, Instance, JsonOrForm, Login, MAX_CART_ITEMS, not_logged_in};
@@ -109,17 +111,7 @@ fn set_snapshot(state: &ProxyState, session: &SessionData, mut response: Respons
     let Some(codec) = &state.codec else {
         return response;
     };
-    let snapshot = Snapshot {
-        id: session.id.clone(),
-        namespace: session.namespace.clone(),
-        user_id: session.user_id.clone(),
-        attrs: session.attrs.clone().into_iter().collect(),
-        version: session.version,
-        created_at_ms: unix_ms(session.created_at),
-        issued_at_ms: unix_ms(std::time::SystemTime::now()),
-        expires_at_ms: unix_ms(session.expires_at),
-        ttl_ms: u64::try_from(session.ttl.as_millis()).unwrap_or(u64::MAX),
-    };
+    let snapshot = Snapshot::from_session(session, &session.namespace, SystemTime::now());
     let name = SessionConfig::default().snapshot_cookie_name;
     let secure = if state.secure { "; Secure" } else { "" };
     match codec.encode(&snapshot) {

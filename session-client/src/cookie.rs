@@ -29,9 +29,13 @@
 //! and that was three quarters of a round trip's instructions for a 1 KB session. v2 runs it over
 //! the binary in plain mode only, and the value is built in one buffer that the MAC and the AEAD
 //! work on in place: no other copies of the session.
+//!
+//! Which session a snapshot stands for, when it is re-issued and how it converts to and from a
+//! session is one policy, in [`Snapshot`]'s methods, [`CookieCodec::decode_for`] and
+//! [`fits_in_cookie`]: every writer of snapshot cookies follows it. Key material written as text
+//! (flags, environment) is read by [`key_material_from_text`].
 
-use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -60,43 +64,9 @@ const MODE_PLAIN: u8 = 0;
 const MODE_AES_256_GCM: u8 = 1;
 const MODE_CHACHA20_POLY1305: u8 = 2;
 
-/// A session as the cookie carries it.
-#[derive(Clone, PartialEq, Eq, prost::Message)]
-pub struct Snapshot {
-    /// Session id.
-    #[prost(string, tag = "1")]
-    pub id: String,
-    /// Namespace of the session.
-    #[prost(string, tag = "2")]
-    pub namespace: String,
-    /// Owner, or empty.
-    #[prost(string, tag = "3")]
-    pub user_id: String,
-    /// Attributes.
-    #[prost(btree_map = "string, bytes", tag = "4")]
-    pub attrs: BTreeMap<String, Vec<u8>>,
-    /// Session version this snapshot reflects.
-    #[prost(uint64, tag = "5")]
-    pub version: u64,
-    /// When the session was created (unix ms).
-    #[prost(uint64, tag = "6")]
-    pub created_at_ms: u64,
-    /// When this snapshot was made (unix ms).
-    #[prost(uint64, tag = "7")]
-    pub issued_at_ms: u64,
-    /// When this snapshot stops being valid (unix ms).
-    #[prost(uint64, tag = "8")]
-    pub expires_at_ms: u64,
-    /// The session's sliding ttl (ms).
-    #[prost(uint64, tag = "9")]
-    pub ttl_ms: u64,
-}
+mod snapshot;
 
-/// Milliseconds since the Unix epoch (0 before it).
-pub fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use snapshot::{Snapshot, fits_in_cookie, unix_ms};
 
 /// Key material written as text: hex (an even number of hex digits) or base64 (standard or
 /// url-safe, padded or not). `None` when it is neither. The length is the caller's to check
@@ -117,6 +87,37 @@ pub fn key_from_text(text: &str) -> Option<Vec<u8>> {
     [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
         .iter()
         .find_map(|engine| engine.decode(text).ok())
+}
+
+/// Why key material written as text was refused. Its message is a predicate, for the caller to
+/// prefix with the key's name (`format!("cookie key {error}")`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyTextError {
+    /// Neither hex nor base64.
+    #[error("must be hex or base64")]
+    NotHexOrBase64,
+    /// Fewer bytes than asked for.
+    #[error("must be at least {min} bytes, got {got} (e.g. `openssl rand -hex 32`)")]
+    TooShort {
+        /// Fewest bytes accepted.
+        min: usize,
+        /// Bytes given.
+        got: usize,
+    },
+}
+
+/// Key material written as text ([`key_from_text`]: hex or base64) of at least `min` bytes
+/// ([`MIN_KEY_BYTES`] for a [`CookieKey`]): how every binary reads a key from a flag or the
+/// environment.
+pub fn key_material_from_text(text: &str, min: usize) -> Result<Vec<u8>, KeyTextError> {
+    let bytes = key_from_text(text).ok_or(KeyTextError::NotHexOrBase64)?;
+    if bytes.len() < min {
+        return Err(KeyTextError::TooShort {
+            min,
+            got: bytes.len(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Which AEAD hides the content, if any.

@@ -38,9 +38,9 @@
 //! - [`client`]: [`SessionClient`], the typed gRPC client (one channel, timeouts, retries of
 //!   idempotent calls, errors told apart).
 //! - [`cookie`]: [`cookie::CookieCodec`], the signed (optionally sealed) snapshot cookie with key
-//!   rotation.
+//!   rotation, and the one snapshot policy its every writer follows ([`cookie::Snapshot`]).
 //! - [`layer`]: [`SessionLayer`] and the [`Session`] extractor for axum/tower, with the fallback
-//!   modes.
+//!   modes (tower plumbing, the session API and the fallback state machine apart).
 //! - [`tls`]: [`ClientTls`], the CA bundle and client identity of an `https://` session server
 //!   (an `https://` URL is always TLS; `http://` is cleartext and refuses TLS settings).
 

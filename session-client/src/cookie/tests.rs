@@ -1,7 +1,8 @@
 //! Unit tests of the cookie codec: round trips in both formats, compatibility with the first
 //! release's cookies, rotation, expiry, size limits and tamper rejection.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
 
 use super::*;
 
@@ -349,6 +350,27 @@ fn keys_are_read_from_hex_or_base64() {
     assert_eq!(key_from_text(&standard), Some(vec![0xfb; 33]));
     assert_eq!(key_from_text("not a key!"), None);
     assert_eq!(key_from_text(""), None);
+}
+
+#[test]
+fn key_material_must_be_key_text_of_enough_bytes() {
+    assert_eq!(
+        key_material_from_text(&"ab".repeat(32), MIN_KEY_BYTES),
+        Ok(vec![0xab; 32])
+    );
+    assert_eq!(
+        key_material_from_text(&"ab".repeat(31), MIN_KEY_BYTES),
+        Err(KeyTextError::TooShort { min: 32, got: 31 })
+    );
+    assert_eq!(
+        key_material_from_text("not a key!", 1),
+        Err(KeyTextError::NotHexOrBase64)
+    );
+    let error = key_material_from_text("abcd", MIN_KEY_BYTES).unwrap_err();
+    assert_eq!(
+        format!("cookie key {error}"),
+        "cookie key must be at least 32 bytes, got 2 (e.g. `openssl rand -hex 32`)"
+    );
 }
 
 #[test]

@@ -1,0 +1,242 @@
+//! The [`Session`] handlers get: typed reads and writes of the request's session, with the
+//! change tracking that lets the layer save once, after the handler, as one patch.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::FromRequestParts;
+use http::request::Parts;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::SessionError;
+use super::fallback::{CookieUpdate, Fallback};
+use crate::client::{Patch, SessionData};
+
+/// Where the loaded session came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// No session yet: a write creates one.
+    New,
+    /// The store has it.
+    Store,
+    /// Only the snapshot has it (store unreachable, or the session was made during an outage).
+    Snapshot,
+}
+
+/// What this request changed, replayed as one patch when the response goes out.
+#[derive(Debug, Default)]
+pub(super) struct Changes {
+    /// Keys written.
+    pub(super) set: HashSet<String>,
+    /// Keys removed.
+    pub(super) remove: HashSet<String>,
+    /// Owner changed.
+    pub(super) user: bool,
+    /// `regenerate` was called.
+    pub(super) regenerate: bool,
+    /// `destroy` was called.
+    pub(super) destroy: bool,
+}
+
+impl Changes {
+    /// Whether the handler changed anything.
+    pub(super) fn any(&self) -> bool {
+        !self.set.is_empty()
+            || !self.remove.is_empty()
+            || self.user
+            || self.regenerate
+            || self.destroy
+    }
+}
+
+/// Per-request state behind a [`Session`].
+#[derive(Debug)]
+pub(super) struct State {
+    /// Id from the request's cookie.
+    pub(super) cookie_id: Option<String>,
+    /// Raw snapshot cookie from the request.
+    pub(super) cookie_snapshot: Option<String>,
+    /// Whether the lazy load ran.
+    pub(super) loaded: bool,
+    /// The session as this request sees it, with its changes applied (id empty while `New`;
+    /// times at the Unix epoch and a zero ttl until the store or a snapshot gives them).
+    pub(super) current: SessionData,
+    /// Where it came from.
+    pub(super) source: Source,
+    /// What the handler changed.
+    pub(super) changes: Changes,
+}
+
+impl State {
+    /// A request's state before anything is loaded.
+    pub(super) fn new(cookie_id: Option<String>, cookie_snapshot: Option<String>) -> Self {
+        State {
+            cookie_id,
+            cookie_snapshot,
+            loaded: false,
+            current: SessionData {
+                id: String::new(),
+                namespace: String::new(),
+                user_id: String::new(),
+                attrs: Default::default(),
+                version: 0,
+                created_at: SystemTime::UNIX_EPOCH,
+                expires_at: SystemTime::UNIX_EPOCH,
+                ttl: Duration::ZERO,
+            },
+            source: Source::New,
+            changes: Changes::default(),
+        }
+    }
+
+    /// This request's changes as one attribute-level patch (without compare-and-set: writers of
+    /// different keys both win).
+    pub(super) fn patch(&self) -> Patch {
+        let changes = &self.changes;
+        Patch {
+            set: changes
+                .set
+                .iter()
+                .filter_map(|k| self.current.attrs.get(k).map(|v| (k.clone(), v.clone())))
+                .collect(),
+            remove: changes.remove.iter().cloned().collect(),
+            expected_version: None,
+            user_id: changes.user.then(|| self.current.user_id.clone()),
+            ttl: None,
+        }
+    }
+}
+
+/// The session of the current request: extract it in a handler.
+///
+/// Values are stored as JSON. Everything loads lazily and is saved once after the handler.
+#[derive(Clone)]
+pub struct Session {
+    /// The state machine shared by every request of the layer.
+    fallback: Arc<Fallback>,
+    /// This request's session state.
+    state: Arc<tokio::sync::Mutex<State>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").finish_non_exhaustive()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Session {
+    type Rejection = SessionError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Session>()
+            .cloned()
+            .ok_or(SessionError::MissingLayer)
+    }
+}
+
+impl Session {
+    /// The session of a request that sent `cookie_id` and `cookie_snapshot`, not loaded yet.
+    pub(super) fn new(
+        fallback: Arc<Fallback>,
+        cookie_id: Option<String>,
+        cookie_snapshot: Option<String>,
+    ) -> Self {
+        Session {
+            fallback,
+            state: Arc::new(tokio::sync::Mutex::new(State::new(
+                cookie_id,
+                cookie_snapshot,
+            ))),
+        }
+    }
+
+    /// The value under `key`, if any.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        let state = self.loaded().await?;
+        match state.current.attrs.get(key) {
+            Some(bytes) => Ok(Some(serde_json::from_slice(bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `value` under `key`.
+    pub async fn insert<T: Serialize>(&self, key: &str, value: &T) -> Result<(), SessionError> {
+        let bytes = serde_json::to_vec(value)?;
+        let mut state = self.loaded().await?;
+        state.current.attrs.insert(key.to_owned(), bytes);
+        state.changes.remove.remove(key);
+        state.changes.set.insert(key.to_owned());
+        Ok(())
+    }
+
+    /// Removes `key`.
+    pub async fn remove(&self, key: &str) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        if state.current.attrs.remove(key).is_some() || state.source != Source::New {
+            state.changes.set.remove(key);
+            state.changes.remove.insert(key.to_owned());
+        }
+        Ok(())
+    }
+
+    /// The logged-in user, if any.
+    pub async fn user_id(&self) -> Result<Option<String>, SessionError> {
+        let state = self.loaded().await?;
+        Ok(Some(state.current.user_id.clone()).filter(|u| !u.is_empty()))
+    }
+
+    /// Sets the session's user (log in). Call [`Session::regenerate`] too.
+    pub async fn set_user(&self, user_id: impl Into<String>) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        state.current.user_id = user_id.into();
+        state.changes.user = true;
+        Ok(())
+    }
+
+    /// Gives the session a new id when the response goes out, killing the old one (session
+    /// fixation defence: call it on login).
+    pub async fn regenerate(&self) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        state.changes.regenerate = true;
+        Ok(())
+    }
+
+    /// Deletes the session (log out) and clears its cookies.
+    pub async fn destroy(&self) -> Result<(), SessionError> {
+        let mut state = self.state.lock().await;
+        state.changes.destroy = true;
+        Ok(())
+    }
+
+    /// The session id, if the session exists.
+    pub async fn id(&self) -> Result<Option<String>, SessionError> {
+        let state = self.loaded().await?;
+        Ok(Some(state.current.id.clone()).filter(|id| !id.is_empty()))
+    }
+
+    /// Whether this request is served from the snapshot because the store is unreachable.
+    pub async fn is_degraded(&self) -> Result<bool, SessionError> {
+        Ok(self.loaded().await?.source == Source::Snapshot)
+    }
+
+    /// The state, loaded on first use.
+    async fn loaded(&self) -> Result<tokio::sync::MutexGuard<'_, State>, SessionError> {
+        let mut state = self.state.lock().await;
+        if !state.loaded {
+            self.fallback.load(&mut state).await?;
+            state.loaded = true;
+        }
+        Ok(state)
+    }
+
+    /// Writes this request's changes; called once after the handler. Returns the cookies the
+    /// response must carry.
+    pub(super) async fn save(&self) -> Result<CookieUpdate, SessionError> {
+        let mut state = self.state.lock().await;
+        self.fallback.save(&mut state).await
+    }
+}
