@@ -101,15 +101,8 @@ struct Cli {
 
 /// A key given as hex or base64, at least 32 bytes.
 fn parse_key(text: &str) -> Result<Vec<u8>, String> {
-    let bytes = session_client::cookie::key_from_text(text)
-        .ok_or_else(|| "cookie key must be hex or base64".to_string())?;
-    if bytes.len() < session_client::cookie::MIN_KEY_BYTES {
-        return Err(format!(
-            "cookie key must be at least 32 bytes, got {}",
-            bytes.len()
-        ));
-    }
-    Ok(bytes)
+    session_client::cookie::key_material_from_text(text, session_client::cookie::MIN_KEY_BYTES)
+        .map_err(|error| format!("cookie key {error}"))
 }
 
 /// Prints `listening <role> <addr>` on stdout and flushes it: the one line a caller that

@@ -30,7 +30,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Most gRPC serving threads (`--serve-threads`): far more than any machine has cores.
 pub const MAX_SERVE_THREADS: usize = 1024;
 
-/// Which store keeps the sessions.
+/// Which store keeps the sessions. Every kind can be named in any build; one whose cargo
+/// feature ([`StoreKind::feature`]) was off is refused by config validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StoreKind {
@@ -42,6 +43,42 @@ pub enum StoreKind {
     RedisCluster,
     /// MySQL or MariaDB (`--mysql-url`); durable, schema migrated at start-up.
     Mysql,
+}
+
+impl StoreKind {
+    /// The name `--store` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+            StoreKind::RedisCluster => "redis-cluster",
+            StoreKind::Mysql => "mysql",
+        }
+    }
+
+    /// The cargo feature of session-server that builds this store (`None`: always built).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            StoreKind::Memory => None,
+            StoreKind::Redis | StoreKind::RedisCluster => Some("redis-store"),
+            StoreKind::Mysql => Some("mysql-store"),
+        }
+    }
+
+    /// Whether this build has the store.
+    pub fn is_built(self) -> bool {
+        match self {
+            StoreKind::Memory => true,
+            StoreKind::Redis | StoreKind::RedisCluster => cfg!(feature = "redis-store"),
+            StoreKind::Mysql => cfg!(feature = "mysql-store"),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How log lines are written.
@@ -235,6 +272,13 @@ pub enum ConfigError {
     /// message never quotes it).
     #[error(transparent)]
     TokenFile(#[from] crate::auth::TokenFileError),
+    /// `--store` names a store this build left out (its cargo feature was off).
+    #[error(
+        "--store {0}: this session-server was built without the {feature} feature (rebuild \
+         with `--features {feature}`, or use another store)",
+        feature = .0.feature().unwrap_or("default")
+    )]
+    StoreNotBuilt(StoreKind),
     /// A non-loopback listen address with no authentication and no explicit opt-out.
     #[error(
         "refusing to serve on {listen} without authentication (not a loopback address): set \
@@ -432,6 +476,9 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if !self.store.is_built() {
+            return Err(ConfigError::StoreNotBuilt(self.store));
+        }
         if self.default_ttl.is_zero() || self.max_ttl.is_zero() {
             return invalid("default-ttl and max-ttl must be above zero".into());
         }
@@ -471,6 +518,14 @@ impl Settings {
         }
         if self.mysql_pool_size == 0 {
             return invalid("mysql-pool-size must be at least 1".into());
+        }
+        // Unknown parameters, an `ssl-ca` that would be ignored, unreadable TLS files: exit 2
+        // here rather than a failed start (or a cleartext connection) later.
+        #[cfg(feature = "mysql-store")]
+        if self.store == StoreKind::Mysql
+            && let Err(msg) = crate::store::mysql::check_url(&self.mysql_url)
+        {
+            return invalid(msg);
         }
         if let Some(ca) = &self.redis_ca
             && matches!(self.store, StoreKind::Redis | StoreKind::RedisCluster)
@@ -552,9 +607,16 @@ mod tests {
             cpus,
             "memory store: a serving thread per CPU"
         );
-        let redis = Settings::resolve(cli(&["--store", "redis"]), None).unwrap();
+        // (Built by hand: a build without a store's feature refuses `--store` of it.)
+        let redis = Settings {
+            store: StoreKind::Redis,
+            ..Settings::default()
+        };
         assert_eq!(redis.serve_threads(), 1, "Redis: the main runtime");
-        let mysql = Settings::resolve(cli(&["--store", "mysql"]), None).unwrap();
+        let mysql = Settings {
+            store: StoreKind::Mysql,
+            ..Settings::default()
+        };
         assert_eq!(mysql.serve_threads(), 1, "MySQL: the main runtime");
         let file = Settings::resolve(Cli::default(), Some("serve_threads = 4")).unwrap();
         assert_eq!(file.serve_threads(), 4);
@@ -562,9 +624,9 @@ mod tests {
 
     #[test]
     fn flags_win_over_file_and_file_over_defaults() {
-        let file = "store = \"redis\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n";
+        let file = "log_format = \"json\"\ndefault_ttl = \"10m\"\nmax_ttl = \"2h\"\n";
         let s = Settings::resolve(cli(&["--default-ttl", "5m"]), Some(file)).unwrap();
-        assert_eq!(s.store, StoreKind::Redis);
+        assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.default_ttl, Duration::from_secs(300));
         assert_eq!(s.max_ttl, Duration::from_secs(7200));
     }
@@ -599,6 +661,42 @@ mod tests {
         }
         assert!(Settings::resolve(Cli::default(), Some("default_ttl = \"soon\"")).is_err());
         assert!(Cli::try_parse_from(["session-server", "--store", "mongo"]).is_err());
+    }
+
+    #[test]
+    fn a_store_left_out_of_the_build_is_a_config_error_naming_its_feature() {
+        for kind in [StoreKind::Redis, StoreKind::RedisCluster, StoreKind::Mysql] {
+            let result = Settings::resolve(cli(&["--store", kind.name()]), None);
+            if kind.is_built() {
+                assert!(result.is_ok(), "{kind}: {result:?}");
+            } else {
+                let msg = result.unwrap_err().to_string();
+                let feature = kind.feature().unwrap();
+                assert!(
+                    msg.contains(&format!("built without the {feature} feature")),
+                    "{kind}: {msg}"
+                );
+            }
+        }
+    }
+
+    #[cfg(feature = "mysql-store")]
+    #[test]
+    fn a_mysql_url_with_unknown_or_contradicting_parameters_is_refused() {
+        for url in [
+            "mysql://root@127.0.0.1/test?ssl_mode=required",
+            "mysql://root@127.0.0.1/test?ssl-mode=required&ssl-ca=/etc/ca.pem",
+            "mysql://root@127.0.0.1/test?ssl-mode=verify_ca&ssl-ca=/nonexistent/ca.pem",
+        ] {
+            let err = Settings::resolve(cli(&["--store", "mysql", "--mysql-url", url]), None)
+                .expect_err(url);
+            assert!(matches!(err, ConfigError::Invalid(_)), "{url}: {err}");
+        }
+        let tls = "mysql://root@127.0.0.1/test?ssl-mode=required";
+        assert!(Settings::resolve(cli(&["--store", "mysql", "--mysql-url", tls]), None).is_ok());
+        // Only the store in use is checked.
+        let unused = cli(&["--mysql-url", "mysql://db/test?charset=latin1"]);
+        assert!(Settings::resolve(unused, None).is_ok());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! - [`config`]: flags, environment variables and the TOML file, resolved into [`config::Settings`].
 //! - [`id`]: server-made session ids (random, base64url) and their validation.
 //! - [`store`]: the [`store::SessionStore`] trait and its adapters, one file each
-//!   ([`store::memory`], [`store::redis`]).
+//!   ([`store::memory`], `store::redis`, `store::mysql`).
 //! - [`service`]: the tonic service: validation, TTL policy, error mapping to gRPC codes.
 //! - [`auth`]: the bearer-token interceptor (constant-time check).
 //! - [`metrics`]: Prometheus counters and histograms, and their `/metrics` listener.
@@ -16,6 +16,14 @@
 //!   serving, and TLS handshakes run side by side with a deadline.
 //! - [`server`]: builds the store and serves the API with health and reflection until shutdown,
 //!   in plaintext or over TLS.
+//!
+//! # Cargo features
+//! - `redis-store` (default): the Redis and Redis Cluster store, `--store redis|redis-cluster`.
+//! - `mysql-store` (default): the MySQL/MariaDB store, `--store mysql` (sqlx, TLS by rustls).
+//!
+//! Without them only the memory store is built, and neither the `redis` crate nor sqlx is
+//! compiled (the demo depends on this crate that way); `--store` naming a store left out is a
+//! configuration error that names its feature.
 
 pub mod auth;
 pub mod config;

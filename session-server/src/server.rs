@@ -17,13 +17,15 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
-use crate::config::{Settings, StoreKind};
+use crate::config::{ConfigError, Settings, StoreKind};
 use crate::dispatch::ApiFirst;
 use crate::metrics::Metrics;
 use crate::service::{Limits, SessionService};
 use crate::store::SessionStore;
 use crate::store::memory::MemoryStore;
+#[cfg(feature = "mysql-store")]
 use crate::store::mysql::{MysqlConfig, MysqlStore};
+#[cfg(feature = "redis-store")]
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::tls::{ServerTls, TlsError};
 
@@ -64,6 +66,10 @@ pub enum ServeError {
     /// The store could not be set up (for example a malformed Redis URL).
     #[error("cannot set up the session store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The settings cannot make a store: a file they name cannot be read, or the store they
+    /// ask for was left out of this build (its cargo feature is off).
+    #[error("cannot set up the session store: {0}")]
+    Config(#[from] ConfigError),
     /// The random source needed for auth failed.
     #[error("cannot set up authentication: the system random source failed")]
     Random,
@@ -88,41 +94,25 @@ pub enum ServeError {
     Unauthenticated(std::net::SocketAddr),
 }
 
-/// The store the settings ask for. Redis is not contacted here: a server whose Redis is down
+/// The store the settings ask for, its configuration built by `RedisConfig::from_settings` or
+/// `MysqlConfig::from_settings`. Redis is not contacted here: a server whose Redis is down
 /// starts, answers UNAVAILABLE, and recovers when Redis comes back. MySQL is: its schema is
 /// created or migrated before the server serves, so a MySQL that cannot be reached at start-up
-/// is an error.
+/// (or not over TLS, when its URL's `ssl-mode` asks for it) is an error. A store whose cargo
+/// feature is off in this build is [`ServeError::Config`].
 pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, ServeError> {
     Ok(match settings.store {
         StoreKind::Memory => Arc::new(MemoryStore::new(settings.max_session_bytes)),
+        #[cfg(feature = "redis-store")]
         StoreKind::Redis | StoreKind::RedisCluster => {
-            let mut config =
-                RedisConfig::new(settings.redis_url.clone(), settings.max_session_bytes);
-            config.cluster = settings.store == StoreKind::RedisCluster;
-            config.key_prefix = settings.redis_prefix.clone();
-            config.pool_size = settings.redis_pool_size;
-            config.timeout = settings.store_timeout;
-            if let Some(path) = &settings.redis_ca {
-                let pem = std::fs::read(path).map_err(|e| {
-                    crate::store::StoreError::Internal(format!(
-                        "cannot read redis-ca {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                config.tls_ca = Some(pem);
-            }
-            Arc::new(RedisStore::new(config)?)
+            Arc::new(RedisStore::new(RedisConfig::from_settings(settings)?)?)
         }
+        #[cfg(feature = "mysql-store")]
         StoreKind::Mysql => {
-            let mut config =
-                MysqlConfig::new(settings.mysql_url.clone(), settings.max_session_bytes);
-            config.table = settings.mysql_table.clone();
-            config.pool_size = settings.mysql_pool_size;
-            config.reap_interval = settings.mysql_reap_interval;
-            config.reap_batch = settings.mysql_reap_batch;
-            config.timeout = settings.store_timeout;
-            Arc::new(MysqlStore::connect(config).await?)
+            Arc::new(MysqlStore::connect(MysqlConfig::from_settings(settings)?).await?)
         }
+        #[cfg(not(all(feature = "redis-store", feature = "mysql-store")))]
+        left_out => return Err(ConfigError::StoreNotBuilt(left_out).into()),
     })
 }
 

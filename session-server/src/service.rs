@@ -5,7 +5,7 @@
 //! ttl, or a session over the size limit), ABORTED (compare-and-set conflict), UNAVAILABLE (store
 //! unreachable or too slow), RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug),
 //! PERMISSION_DENIED (the call's token may not reach the namespace, or is read-only and the
-//! method writes: see [`admit`]). UNAUTHENTICATED comes before the service, from the token check.
+//! method writes: see `admit`). UNAUTHENTICATED comes before the service, from the token check.
 
 use std::collections::HashMap;
 use std::future::Future;

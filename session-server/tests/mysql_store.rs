@@ -147,17 +147,20 @@ async fn migration_is_idempotent_and_recorded() {
 #[tokio::test]
 async fn invalid_table_names_and_urls_are_refused() {
     for table in ["", "a-b", "x`y", &"t".repeat(65), MIGRATIONS_TABLE] {
-        let mut config = MysqlConfig::new(mysql::MYSQL_URL, 1024);
-        config.table = table.to_owned();
+        let config = mysql::test_config(mysql::MYSQL_URL, table, &Settings::default());
         let refused = MysqlStore::connect(config).await;
         assert!(
             matches!(refused, Err(StoreError::Internal(_))),
             "table {table:?}: {refused:?}"
         );
     }
+    // Built by hand, past `MysqlConfig::from_settings`' own check of the URL.
     for url in [
         "postgres://root@127.0.0.1/test",
         "mysql://root@127.0.0.1:notaport/test",
+        // sqlx would ignore a parameter it does not know: a misspelt ssl-mode is refused.
+        "mysql://root@127.0.0.1/test?ssl_mode=required",
+        "mysql://root@127.0.0.1/test?ssl-mode=required&ssl-ca=/etc/ca.pem",
     ] {
         let refused = MysqlStore::connect(MysqlConfig::new(url, 1024)).await;
         assert!(

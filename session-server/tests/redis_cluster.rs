@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
-use session_server::config::Settings;
+use session_server::config::{Settings, StoreKind};
 use session_server::store::redis::{RedisConfig, RedisStore};
 use session_server::store::{
     EventKind, NewSession, Patch, SessionRecord, SessionStore, StoreError,
@@ -251,9 +251,13 @@ async fn dead_cluster_gives_unavailable_within_the_timeout() {
     let refused = [RefusedPort::new(), RefusedPort::new()];
     let url = format!("redis://{},{}", refused[0].addr(), refused[1].addr());
     let timeout = Duration::from_millis(500);
-    let mut config = RedisConfig::new(url, 1024);
-    config.cluster = true;
-    config.timeout = timeout;
+    let settings = Settings {
+        store: StoreKind::RedisCluster,
+        redis_url: url,
+        store_timeout: timeout,
+        ..Settings::default()
+    };
+    let config = RedisConfig::from_settings(&settings).expect("cluster store settings");
     let store = RedisStore::new(config).expect("starts without a cluster");
     fails_as_outage("get", timeout, store.get(NS, &new_id(), false)).await;
     let create = store.create(session("", Duration::from_secs(5)));

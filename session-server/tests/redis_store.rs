@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
+use session_server::config::Settings;
 use session_server::store::redis::{RedisConfig, RedisStore};
 use session_server::store::{EventKind, NewSession, Patch, SessionEvent, SessionStore, StoreError};
+use support::harness;
 use support::ids::new_id;
 use support::outage::fails_as_outage;
 use support::ports::RefusedPort;
@@ -46,10 +48,13 @@ impl Fixture {
         max_session_bytes: usize,
         timeout: Duration,
     ) -> Fixture {
-        let prefix = services::unique_prefix(test);
-        let mut config = RedisConfig::new(url, max_session_bytes);
-        config.key_prefix = prefix.clone();
-        config.timeout = timeout;
+        let settings = Settings {
+            max_session_bytes,
+            store_timeout: timeout,
+            ..Settings::default()
+        };
+        let config = harness::redis_config(url, test, &settings);
+        let prefix = config.key_prefix.clone();
         let store = RedisStore::new(config).expect("store");
         let raw = redis::Client::open(url)
             .expect("url")

@@ -11,8 +11,8 @@ use futures::StreamExt as _;
 use session_proto::v1::*;
 use session_server::config::Settings;
 use session_server::store::memory::MemoryStore;
-use session_server::store::redis::{RedisConfig, RedisStore};
-use support::harness::{TestServer, redis_store};
+use session_server::store::redis::RedisStore;
+use support::harness::{self, TestServer, redis_store};
 use support::outage::{fails_within, is_unavailable};
 use support::ports::RefusedPort;
 use support::services::{self, OwnRedis};
@@ -307,8 +307,7 @@ async fn redis_connections_outlive_the_serving_threads() {
         ..Settings::default()
     };
     // One lane, so that the connection the calls open is the one used after the shutdown.
-    let mut config = RedisConfig::new(&url, settings.max_session_bytes);
-    config.key_prefix = services::unique_prefix(test);
+    let mut config = harness::redis_config(&url, test, &settings);
     config.pool_size = 1;
     let store: Arc<dyn session_server::store::SessionStore> =
         Arc::new(RedisStore::new(config).unwrap());

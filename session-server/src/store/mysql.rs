@@ -6,6 +6,24 @@
 //! not returned), queries are checked at run time (building needs no database), it is actively
 //! maintained, and it is pure Rust (no libmysqlclient to install).
 //!
+//! Built only with the `mysql-store` feature of this crate (on by default).
+//!
+//! # TLS
+//! [`MysqlConfig::url`] takes MySQL's TLS parameters, as the `mysql` client names them:
+//! `mysql://user:pw@host:3306/db?ssl-mode=verify_ca&ssl-ca=/etc/stickless/mysql-ca.pem`.
+//! `ssl-mode` is `disabled`, `preferred` (the default: TLS when the server offers it, its
+//! certificate not verified), `required` (TLS or no connection, certificate not verified),
+//! `verify_ca` (TLS, certificate signed by `ssl-ca` or a system root) or `verify_identity`
+//! (`verify_ca`, and the certificate names the URL's host). sqlx trusts `ssl-ca` in addition
+//! to the system's roots, never instead of them, so with `verify_ca` any certificate from a
+//! public CA passes (the host is not checked): `verify_identity` is the mode that pins the
+//! server, and `verify_ca` is logged as a warning at start-up. `ssl-cert` and `ssl-key` present a
+//! client certificate. With `required`, `verify_ca` or `verify_identity` a server that does not
+//! offer TLS is refused, never talked to in cleartext. TLS is rustls (ring); the CA file is read
+//! at every new connection, so a replaced one applies without a restart. Any other parameter,
+//! one given twice, an `ssl-ca` with a mode that does not verify, or an unreadable file is an
+//! error (see [`check_url`]), never ignored.
+//!
 //! # Schema
 //! One table, named by [`MysqlConfig::table`], created or migrated by [`MysqlStore::connect`]
 //! (steps recorded in [`MIGRATIONS_TABLE`], see `schema`):
@@ -57,6 +75,7 @@
 //!
 //! # Layout
 //! - this file: [`MysqlConfig`], [`MysqlStore`] and its [`SessionStore`] methods;
+//! - `url`: the URL's parameters checked, TLS mode, connect options;
 //! - `sessions`: the statements each call runs; `restore`: Restore and tombstones;
 //! - `reaper`: the background deletes;
 //! - `schema`: migration at start-up; `statements`: SQL text; `codec`: row encoding;
@@ -70,25 +89,29 @@ mod restore;
 mod schema;
 mod sessions;
 mod statements;
+mod url;
 
 pub use self::reaper::REAP_BATCHES_PER_TICK;
 pub use self::schema::{MIGRATIONS_TABLE, SCHEMA_VERSION};
+pub use self::url::{PARAMETERS, check_url};
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sqlx::AssertSqlSafe;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use self::locks::WriteLocks;
 use self::statements::Statements;
+use self::url::MysqlUrl;
 use super::{
     EVENT_BUFFER, EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
     StoreError, StoreResult,
 };
+use crate::config::{ConfigError, Settings};
 
 /// How long an unused pooled connection is kept. Short enough that a pool sized for a burst
 /// shrinks back soon after it, long enough that steady traffic never reconnects.
@@ -100,7 +123,8 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Settings of the MySQL store.
 #[derive(Clone)]
 pub struct MysqlConfig {
-    /// `mysql://user[:password]@host:port/database`.
+    /// `mysql://user[:password]@host:port/database`, with TLS parameters when wanted
+    /// (`?ssl-mode=verify_ca&ssl-ca=/path/ca.pem`, see the module docs and [`PARAMETERS`]).
     pub url: String,
     /// Table of the sessions.
     pub table: String,
@@ -120,7 +144,7 @@ impl std::fmt::Debug for MysqlConfig {
     /// Like a derived Debug, with any password in the URL hidden.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MysqlConfig")
-            .field("url", &super::redact_url(&self.url))
+            .field("url", &super::redact_one_url(&self.url))
             .field("table", &self.table)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)
@@ -132,7 +156,7 @@ impl std::fmt::Debug for MysqlConfig {
 }
 
 impl MysqlConfig {
-    /// Settings with defaults.
+    /// Settings with defaults (those of [`Settings::default`]).
     pub fn new(url: impl Into<String>, max_session_bytes: usize) -> Self {
         MysqlConfig {
             url: url.into(),
@@ -143,6 +167,23 @@ impl MysqlConfig {
             reap_batch: 500,
             max_session_bytes,
         }
+    }
+
+    /// The settings of the MySQL store that `settings` describe: URL, table, pool size, reaper,
+    /// store timeout and session size limit. The one place they are read, for the server and
+    /// for every test harness (which then changes what it needs, such as the table). The URL
+    /// is checked as by [`check_url`] (its `ssl-ca` file read).
+    pub fn from_settings(settings: &Settings) -> Result<MysqlConfig, ConfigError> {
+        check_url(&settings.mysql_url).map_err(ConfigError::Invalid)?;
+        Ok(MysqlConfig {
+            url: settings.mysql_url.clone(),
+            table: settings.mysql_table.clone(),
+            pool_size: settings.mysql_pool_size,
+            timeout: settings.store_timeout,
+            reap_interval: settings.mysql_reap_interval,
+            reap_batch: settings.mysql_reap_batch,
+            max_session_bytes: settings.max_session_bytes,
+        })
     }
 }
 
@@ -181,8 +222,9 @@ impl std::fmt::Debug for MysqlStore {
 
 impl MysqlStore {
     /// Connects, migrates the schema, starts the reaper. A database that cannot be reached
-    /// within [`MysqlConfig::timeout`] is [`StoreError::Unavailable`]; a malformed URL or table
-    /// name is [`StoreError::Internal`]. Must be called inside a tokio runtime.
+    /// within [`MysqlConfig::timeout`], or with which TLS as the URL's `ssl-mode` asks fails,
+    /// is [`StoreError::Unavailable`]; a malformed URL (see [`check_url`]) or table name is
+    /// [`StoreError::Internal`]. Must be called inside a tokio runtime.
     pub async fn connect(config: MysqlConfig) -> StoreResult<Self> {
         tokio::runtime::Handle::try_current().map_err(|e| {
             StoreError::Internal(format!("the mysql store needs a tokio runtime: {e}"))
@@ -198,15 +240,19 @@ impl MysqlStore {
                  other than {MIGRATIONS_TABLE}"
             )));
         }
-        if !(config.url.starts_with("mysql://") || config.url.starts_with("mariadb://")) {
-            return Err(StoreError::Internal(
-                "invalid mysql url: it must start with mysql:// or mariadb://".into(),
-            ));
+        let url = MysqlUrl::parse(&config.url).map_err(StoreError::Internal)?;
+        tracing::debug!(
+            url = %super::redact_one_url(&config.url),
+            requires_tls = url.requires_tls(),
+            "connecting to mysql"
+        );
+        if matches!(url.ssl_mode, sqlx::mysql::MySqlSslMode::VerifyCa) {
+            tracing::warn!(
+                "mysql ssl-mode=verify_ca accepts a certificate from ssl-ca or any of the \
+                 system's root CAs, whatever host it names: use ssl-mode=verify_identity to \
+                 check the host too"
+            );
         }
-        let options: MySqlConnectOptions = config
-            .url
-            .parse()
-            .map_err(|e| StoreError::Internal(format!("invalid mysql url: {e}")))?;
         // A lock wait past the call's own timeout is of no use to the caller, and a cancelled
         // call's connection stays busy until its statement ends: keep lock waits short.
         let lock_wait: Arc<str> = format!(
@@ -229,8 +275,13 @@ impl MysqlStore {
                     Ok(())
                 })
             })
-            .connect_lazy_with(options);
-        tokio::time::timeout(MIGRATION_TIMEOUT, schema::migrate(&pool, table))
+            .connect_lazy_with(url.options.clone());
+        let migrated = async {
+            // The first connection: its error says whether TLS is what failed.
+            let conn = pool.acquire().await.map_err(|e| url.connect_error(e))?;
+            schema::migrate(conn, table).await
+        };
+        tokio::time::timeout(MIGRATION_TIMEOUT, migrated)
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(format!(

@@ -1,5 +1,6 @@
 //! The Redis store: one hash per session, its TTL kept by Redis, one Lua script per operation;
-//! on one server or on a Redis Cluster.
+//! on one server or on a Redis Cluster. Built only with the `redis-store` feature of this crate
+//! (on by default).
 //!
 //! # Key layout
 //! - `{prefix}:{ns}:s:{<id>}`: the session hash. Fields `fmt` (record format, `"1"`), `user`,

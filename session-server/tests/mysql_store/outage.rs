@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use session_proto::v1::{CreateRequest, GetRequest};
 use session_server::config::Settings;
-use session_server::store::mysql::{MysqlConfig, MysqlStore};
+use session_server::store::mysql::MysqlStore;
 use session_server::store::{SessionStore, StoreError};
 
 use super::{NS, RECOVERY_WITHIN, session, set};
@@ -41,8 +41,12 @@ async fn unreachable_or_silent_database_fails_connect_as_unavailable_within_the_
     let silent = silent.local_addr().expect("address");
     for addr in [refused.addr().to_string(), silent.to_string()] {
         let timeout = Duration::from_millis(500);
-        let mut config = MysqlConfig::new(format!("mysql://root@{addr}/test"), 1024);
-        config.timeout = timeout;
+        let settings = Settings {
+            store_timeout: timeout,
+            ..Settings::default()
+        };
+        let url = format!("mysql://root@{addr}/test");
+        let config = mysql::test_config(&url, "sessions", &settings);
         let unavailable = |e: &StoreError| matches!(e, StoreError::Unavailable(_));
         fails_within(&addr, timeout, MysqlStore::connect(config), unavailable).await;
     }

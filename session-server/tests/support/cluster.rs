@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use session_server::config::Settings;
+use session_server::config::{Settings, StoreKind};
 use session_server::store::SessionStore;
 use session_server::store::redis::{RedisConfig, RedisStore};
 
@@ -101,13 +101,17 @@ impl RedisCluster {
         RedisStore::new(self.config(test, settings)).expect("valid cluster URL")
     }
 
-    /// The settings of a cluster store on this cluster: `settings`' limits and timeout, and a
-    /// key prefix unique to this call.
+    /// The settings of a cluster store on this cluster: those of `settings` as
+    /// `--store redis-cluster --redis-url <this cluster's seeds>` (`RedisConfig::from_settings`),
+    /// with a key prefix unique to this call.
     pub fn config(&self, test: &str, settings: &Settings) -> RedisConfig {
-        let mut config = RedisConfig::new(self.url(), settings.max_session_bytes);
-        config.cluster = true;
+        let cluster = Settings {
+            store: StoreKind::RedisCluster,
+            redis_url: self.url(),
+            ..settings.clone()
+        };
+        let mut config = RedisConfig::from_settings(&cluster).expect("the test's store settings");
         config.key_prefix = services::unique_prefix(test);
-        config.timeout = settings.store_timeout;
         config
     }
 

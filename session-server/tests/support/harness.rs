@@ -11,6 +11,7 @@ use session_server::metrics::Metrics;
 use session_server::server::{self, ServeError};
 use session_server::store::SessionStore;
 use session_server::store::memory::MemoryStore;
+#[cfg(feature = "redis-store")]
 use session_server::store::redis::{RedisConfig, RedisStore};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -35,7 +36,8 @@ pub enum Backend {
 pub type Guard = Box<dyn std::any::Any + Send>;
 
 /// The store of `backend` for `test`, or `None` when its service is missing (skipped by the
-/// skip rule, which prints why or fails under `STICKLESS_REQUIRE_SERVICES=1`).
+/// skip rule, which prints why or fails under `STICKLESS_REQUIRE_SERVICES=1`), or its cargo
+/// feature is off in this build (skipped the same way).
 pub async fn store_for(
     backend: Backend,
     test: &str,
@@ -49,6 +51,7 @@ pub async fn store_for(
             );
             Some((Arc::new(store), Box::new(())))
         }
+        #[cfg(feature = "redis-store")]
         Backend::Redis => {
             let url = services::redis_url(test)?;
             let store = redis_store(&url, test, settings);
@@ -57,23 +60,32 @@ pub async fn store_for(
             super::wait::events_ready(&store).await;
             Some((Arc::new(store), Box::new(())))
         }
+        #[cfg(feature = "redis-store")]
         Backend::RedisCluster => super::cluster::store(test, settings).await,
+        #[cfg(feature = "mysql-store")]
         Backend::Mysql => super::mysql::store(test, settings).await,
+        #[cfg(not(all(feature = "redis-store", feature = "mysql-store")))]
+        left_out => services::skip_or_fail(
+            test,
+            &format!("session-server was built without the store of {left_out:?}"),
+        ),
     }
 }
 
 /// A Redis store at `url` with a key prefix unique to this test.
+#[cfg(feature = "redis-store")]
 pub fn redis_store(url: &str, test: &str, settings: &Settings) -> RedisStore {
     RedisStore::new(redis_config(url, test, settings)).expect("valid Redis URL")
 }
 
-/// The settings of a Redis store at `url`: `settings`' limits and timeout, and a key prefix
-/// unique to this call. Stores made from clones of it share their keys and events, as servers
-/// on one Redis do.
+/// The settings of a Redis store at `url`: those `settings` make (`RedisConfig::from_settings`:
+/// limits, timeout, pool), with `url` and a key prefix unique to this call. Stores made from
+/// clones of it share their keys and events, as servers on one Redis do.
+#[cfg(feature = "redis-store")]
 pub fn redis_config(url: &str, test: &str, settings: &Settings) -> RedisConfig {
-    let mut config = RedisConfig::new(url, settings.max_session_bytes);
+    let mut config = RedisConfig::from_settings(settings).expect("the test's store settings");
+    config.url = url.to_owned();
     config.key_prefix = services::unique_prefix(test);
-    config.timeout = settings.store_timeout;
     config
 }
 

@@ -1,6 +1,6 @@
 //! MySQL/MariaDB for tests: the shared MariaDB on 127.0.0.1:3306 (a table per test, dropped
-//! afterwards), and a private `mariadbd` a test can stop and restart. Both follow the skip rule
-//! of [`services`].
+//! afterwards), and a private `mariadbd` a test can stop and restart, or serve TLS with
+//! certificates of a test CA. Both follow the skip rule of [`services`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +15,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Executor as _};
 
 use super::harness::Guard;
 use super::services;
+use super::tls::TestCa;
 
 /// The MariaDB every MySQL test uses, as CI and developer machines run it.
 pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -81,14 +82,17 @@ pub fn unique_table(test: &str) -> String {
     format!("sltest{}", &name[tail..])
 }
 
-/// The store settings tests use: the test's timeout and size limit, a short reap interval.
+/// The store settings tests use: those `settings` make (`MysqlConfig::from_settings`: the
+/// test's timeout and size limit), with `url`, `table`, a short reap interval and a small pool.
 pub fn test_config(url: &str, table: &str, settings: &Settings) -> MysqlConfig {
-    let mut config = MysqlConfig::new(url, settings.max_session_bytes);
-    config.table = table.to_owned();
-    config.timeout = settings.store_timeout;
-    config.reap_interval = TEST_REAP_INTERVAL;
-    config.pool_size = 8;
-    config
+    let settings = Settings {
+        mysql_url: url.to_owned(),
+        mysql_table: table.to_owned(),
+        mysql_reap_interval: TEST_REAP_INTERVAL,
+        mysql_pool_size: 8,
+        ..settings.clone()
+    };
+    MysqlConfig::from_settings(&settings).expect("the test's store settings")
 }
 
 /// A MySQL store in a table of this test's own, or `None` (skipped).
@@ -207,6 +211,19 @@ fn all_threads_stopped(pid: u32) -> bool {
     })
 }
 
+/// How a private MariaDB serves TLS: its certificate files (in its own directory) and whether
+/// it refuses plaintext clients.
+struct MariadbTls {
+    /// Its certificate, for `localhost` and `127.0.0.1` (`--ssl-cert`).
+    cert: PathBuf,
+    /// The certificate's key (`--ssl-key`).
+    key: PathBuf,
+    /// The test CA that signed it (`--ssl-ca`), which is also what clients should trust.
+    ca: PathBuf,
+    /// `--require-secure-transport=ON`: a client that does not start TLS is refused.
+    require_secure_transport: bool,
+}
+
 /// A private MariaDB this test starts on its own port with its own data directory; killed and
 /// its data directory removed when dropped. Its `test` database survives stop/restart.
 pub struct OwnMariadb {
@@ -218,12 +235,35 @@ pub struct OwnMariadb {
     server: PathBuf,
     /// Its data directory (removed on drop).
     dir: PathBuf,
+    /// Its TLS, if it serves TLS.
+    tls: Option<MariadbTls>,
 }
 
 impl OwnMariadb {
-    /// Initializes a data directory and starts the server, or `None` (skipped) when MariaDB is
-    /// not installed.
+    /// Initializes a data directory and starts the server (plaintext only), or `None`
+    /// (skipped) when MariaDB is not installed.
     pub async fn start(test: &str) -> Option<OwnMariadb> {
+        Self::start_with(test, None, false).await
+    }
+
+    /// Like [`OwnMariadb::start`], serving TLS too with a server certificate of `ca` for
+    /// `localhost` and `127.0.0.1` (`--ssl-cert`, `--ssl-key`, `--ssl-ca`); with
+    /// `require_secure_transport`, a client that does not start TLS is refused. Such a server
+    /// checks its grant tables (`root@127.0.0.1`, no password), which
+    /// `require_secure_transport` needs to be enforced.
+    pub async fn start_with_tls(
+        test: &str,
+        ca: &TestCa,
+        require_secure_transport: bool,
+    ) -> Option<OwnMariadb> {
+        Self::start_with(test, Some(ca), require_secure_transport).await
+    }
+
+    async fn start_with(
+        test: &str,
+        ca: Option<&TestCa>,
+        require_secure_transport: bool,
+    ) -> Option<OwnMariadb> {
         let Some(server) = find_program(&["mariadbd", "mysqld"]) else {
             return services::skip_or_fail(test, "mariadbd is not installed");
         };
@@ -236,6 +276,7 @@ impl OwnMariadb {
             port: 0,
             server,
             dir,
+            tls: None,
         };
         // A temporary directory of its own: a starting mariadbd deletes every `#sql*` file in
         // its tmpdir, so with a shared /tmp one test's server start broke another's install.
@@ -273,6 +314,9 @@ impl OwnMariadb {
             }
             None => return services::skip_or_fail(test, "mariadb-install-db could not run"),
         }
+        if let Some(ca) = ca {
+            own.tls = Some(own.write_tls_files(ca, require_secure_transport));
+        }
         own.start_on_a_free_port().await;
         execute(
             &own.url_without_database(),
@@ -284,6 +328,28 @@ impl OwnMariadb {
 
     fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Writes a server certificate of `ca` and `ca`'s certificate into its directory.
+    fn write_tls_files(&self, ca: &TestCa, require_secure_transport: bool) -> MariadbTls {
+        let identity = ca.server();
+        let write = |name: &str, contents: &str| {
+            let path = self.dir.join(name);
+            std::fs::write(&path, contents)
+                .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path
+        };
+        MariadbTls {
+            cert: write("server-cert.pem", &identity.cert),
+            key: write("server-key.pem", &identity.key),
+            ca: write("ca.pem", &ca.cert),
+            require_secure_transport,
+        }
+    }
+
+    /// The CA certificate file that signed its certificate, when it serves TLS.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.ca.as_path())
     }
 
     /// Its temporary files' directory (`--tmpdir`), apart from every other server's.
@@ -302,14 +368,25 @@ impl OwnMariadb {
             .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mysqld.pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
-            .args([
-                "--bind-address=127.0.0.1",
-                "--skip-grant-tables",
-                "--skip-name-resolve",
-            ])
+            .args(["--bind-address=127.0.0.1", "--skip-name-resolve"])
             .args(["--innodb-buffer-pool-size=16M", "--skip-log-bin"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        match &self.tls {
+            // Without grant tables anyone is let in, whatever the transport.
+            None => {
+                command.arg("--skip-grant-tables");
+            }
+            Some(tls) => {
+                command
+                    .arg(format!("--ssl-cert={}", tls.cert.display()))
+                    .arg(format!("--ssl-key={}", tls.key.display()))
+                    .arg(format!("--ssl-ca={}", tls.ca.display()));
+                if tls.require_secure_transport {
+                    command.arg("--require-secure-transport=ON");
+                }
+            }
+        }
         if running_as_root() {
             command.arg("--user=root");
         }

@@ -65,7 +65,10 @@ fn is_retryable(e: &sqlx::Error) -> bool {
 /// `Unavailable` (the client may retry), everything else is `Internal`.
 pub(super) fn store_error(e: sqlx::Error) -> StoreError {
     let outage = match &e {
+        // A TLS negotiation that fails (a server restarted without TLS, a certificate that no
+        // longer verifies) is an outage too: the store recovers once it is fixed.
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,

@@ -7,7 +7,8 @@
 //! only makes the next start run that step again, harmlessly.
 
 use sqlx::AssertSqlSafe;
-use sqlx::mysql::{MySqlConnection, MySqlPool};
+use sqlx::mysql::{MySql, MySqlConnection};
+use sqlx::pool::PoolConnection;
 
 use super::codec::unix_ms;
 use super::error::store_error;
@@ -50,9 +51,9 @@ const STEPS: [(u32, &str); 1] = [(
     ) ENGINE=InnoDB",
 )];
 
-/// Brings `table` (unquoted, already validated) to [`SCHEMA_VERSION`], creating it if needed.
-pub(super) async fn migrate(pool: &MySqlPool, table: &str) -> StoreResult<()> {
-    let mut conn = pool.acquire().await.map_err(store_error)?;
+/// Brings `table` (unquoted, already validated) to [`SCHEMA_VERSION`] on `conn`, creating it
+/// if needed.
+pub(super) async fn migrate(mut conn: PoolConnection<MySql>, table: &str) -> StoreResult<()> {
     let lock = lock_name(table);
     let result = migrate_locked(&mut conn, table, &lock).await;
     let released = sqlx::query("SELECT RELEASE_LOCK(?)")

@@ -1,5 +1,6 @@
 //! The settings of the Redis store.
 
+use crate::config::{ConfigError, Settings, StoreKind};
 use crate::store::redact_url as redacted;
 use ::redis::{Client, IntoConnectionInfo, RedisResult, TlsCertificates};
 use std::time::Duration;
@@ -42,6 +43,29 @@ impl RedisConfig {
             max_session_bytes,
             tls_ca: None,
         }
+    }
+
+    /// The settings of the Redis store that `settings` describe: URL (seeds when
+    /// `settings.store` is `redis-cluster`, which sets [`RedisConfig::cluster`]), key prefix,
+    /// pool size, store timeout, session size limit and the `redis-ca` file's certificates.
+    /// The one place they are read, for the server and for every test harness (which then
+    /// changes what it needs, such as the key prefix). An unreadable CA file is an error.
+    pub fn from_settings(settings: &Settings) -> Result<RedisConfig, ConfigError> {
+        let tls_ca = match &settings.redis_ca {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                ConfigError::Invalid(format!("cannot read redis-ca {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(RedisConfig {
+            url: settings.redis_url.clone(),
+            cluster: settings.store == StoreKind::RedisCluster,
+            key_prefix: settings.redis_prefix.clone(),
+            pool_size: settings.redis_pool_size,
+            timeout: settings.store_timeout,
+            max_session_bytes: settings.max_session_bytes,
+            tls_ca,
+        })
     }
 
     /// A client of the server at `info` (a URL or a connection's settings): over TLS when the
