@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::tls::BackendTls;
+
 /// One upstream server.
 #[derive(Debug)]
 pub struct Backend {
@@ -18,6 +20,8 @@ pub struct Backend {
     pub name: String,
     /// `host:port` to connect to.
     pub authority: String,
+    /// How to dial it over TLS, for an `https://` backend; `None`: cleartext HTTP.
+    tls: Option<BackendTls>,
     /// Relative weight (0 takes no new traffic); changeable at run time.
     weight: AtomicU32,
     /// Requests in flight to it (least-conn reads it).
@@ -42,12 +46,25 @@ impl Backend {
             index,
             name: name.into(),
             authority: authority.into(),
+            tls: None,
             weight: AtomicU32::new(weight),
             active: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             up: AtomicBool::new(true),
             failures: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The same backend dialled over TLS (an `https://` backend): its connections and its
+    /// health checks.
+    pub fn with_tls(mut self, tls: BackendTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How to dial it over TLS; `None` for a cleartext backend.
+    pub fn tls(&self) -> Option<&BackendTls> {
+        self.tls.as_ref()
     }
 
     /// Current weight.

@@ -51,6 +51,13 @@ pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     nearest
 }
 
+/// Whether `peer` (the socket peer) is one of the `trusted` proxies, whose forwarding headers
+/// (`X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`) are believed.
+pub fn is_trusted(peer: IpAddr, trusted: &[IpNet]) -> bool {
+    let peer = peer.to_canonical();
+    trusted.iter().any(|net| net.contains(&peer))
+}
+
 /// One `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`,
 /// `[2001:db8::1]:80`, optionally quoted. `None` for anything else (`unknown`, obfuscated
 /// identifiers, garbage).

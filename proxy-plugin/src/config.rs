@@ -13,14 +13,20 @@
 //! ```toml
 //! listen = "0.0.0.0:8080"
 //! admin_listen = "127.0.0.1:8081"
+//! # admin_token_file = "/etc/stickless/admin-token"   # or admin_token; needed off loopback
 //! balance = "cookie-hash:sid"      # or round-robin, least-conn, ip-hash, sticky-cookie, ...
 //! hash_type = "consistent"         # map (default) or consistent
 //! trusted_proxies = ["10.0.0.0/8"]
+//! # backend_ca = "/etc/stickless/backend-ca.pem"   # for https:// backends; system roots otherwise
 //!
 //! [[backend]]
 //! url = "http://127.0.0.1:9001"
 //! weight = 2
 //! name = "s1"
+//!
+//! [tls]               # HTTPS on listen (ALPN h2, http/1.1); both files re-read on SIGHUP
+//! cert = "/etc/stickless/proxy.pem"
+//! key = "/etc/stickless/proxy.key"
 //!
 //! [health]            # check, interval, timeout, rise, fall, max_fails, fail_timeout
 //! check = "http:/healthz"
@@ -48,15 +54,21 @@ use ipnet::IpNet;
 
 use crate::balance::{BalanceMode, HashType, StickyConfig};
 
+mod admin;
 mod file;
 mod flags;
 mod lookup;
+mod tls;
 mod values;
 
+pub use admin::AdminToken;
 use file::FileConfig;
 pub use flags::Cli;
+pub use tls::TlsConfig;
 use values::Parsed;
-pub use values::{AttrName, CookieName, LookupUrl, Namespace, SnapshotKey, StickyKey, Token};
+pub use values::{
+    AttrName, CookieName, LookupUrl, Namespace, SecretArg, SnapshotKey, StickyKey, Token,
+};
 
 /// Default client-facing address: loopback only, so a fresh start exposes nothing.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -88,6 +100,9 @@ pub struct BackendConfig {
     pub authority: String,
     /// Relative weight.
     pub weight: u32,
+    /// An `https://` backend: always dialled over TLS, its certificate verified for the host
+    /// of `authority` (against `backend_ca`, else the system's roots).
+    pub tls: bool,
 }
 
 /// Active health checks.
@@ -146,8 +161,9 @@ pub enum LookupFailure {
     Closed,
 }
 
-/// The session-lookup plugin's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The session-lookup plugin's settings. Its `Debug` shows whether a token is set, never the
+/// token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct LookupConfig {
     /// Session server URL (`http://host:port`).
     pub session_server: String,
@@ -172,6 +188,23 @@ pub struct LookupConfig {
     /// `--session-client-cert` / `--session-client-key` files (`None`: the system's roots).
     /// Holds the files' contents, so a reload that reads changed files rebuilds the client.
     pub tls: Option<session_client::ClientTls>,
+}
+
+impl std::fmt::Debug for LookupConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LookupConfig")
+            .field("session_server", &self.session_server)
+            .field("namespace", &self.namespace)
+            .field("cookie", &self.cookie)
+            .field("attrs", &self.attrs)
+            .field("on_failure", &self.on_failure)
+            .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))
+            .field("timeout", &self.timeout)
+            .field("snapshot_keys", &self.snapshot_keys)
+            .field("snapshot_cookie", &self.snapshot_cookie)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// Limits and timeouts, each answered with its own status.
@@ -220,11 +253,15 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// Admin API address (JSON of backends, Prometheus metrics), if any.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token every admin API call must carry, if any (required when `admin_listen` is
+    /// not loopback).
+    pub admin_token: Option<AdminToken>,
     /// The backends.
     pub backends: Vec<BackendConfig>,
     /// The balancing algorithm.
     pub balance: BalanceMode,
-    /// Peers whose `X-Forwarded-For` is believed (empty: none, the default).
+    /// Peers whose `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto: https` are believed
+    /// (empty: none, the default).
     pub trusted_proxies: Vec<IpNet>,
     /// Health checking.
     pub health: HealthConfig,
@@ -232,6 +269,11 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// The session-lookup plugin, if on.
     pub lookup: Option<LookupConfig>,
+    /// HTTPS on `listen` (`--tls-cert`, `--tls-key`); `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// CA bundle (PEM) the certificates of `https://` backends must chain to (`--backend-ca`);
+    /// `None`: the system's roots. Read whenever the backends are (re)built.
+    pub backend_ca: Option<PathBuf>,
 }
 
 /// A balancing mode as written (`--balance`, `balance = ...`), before the hash type and the
@@ -343,6 +385,8 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
     };
     let invalid = |msg: String| ConfigError::Invalid(msg);
     let lookup = lookup::resolve(&cli, file.session_lookup)?;
+    let tls = tls::resolve(&cli, file.tls)?;
+    let backend_ca = cli.backend_ca.clone().or(file.backend_ca);
 
     let backends = if cli.backends.is_empty() {
         file.backends.into_iter().map(|b| b.0).collect()
@@ -374,6 +418,11 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
             "admin_listen and listen are the same address ({listen})"
         )));
     }
+    let admin_token = admin::resolve(
+        (cli.admin_token, cli.admin_token_file),
+        (file.admin_token, file.admin_token_file),
+        admin_listen,
+    )?;
 
     let spec = cli
         .balance
@@ -385,7 +434,12 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
             .sticky_cookie_name
             .or(file.sticky.cookie.map(|c| c.0))
             .map_or_else(|| DEFAULT_STICKY_COOKIE.to_owned(), |c| c.0),
-        key: match cli.sticky_key.or(file.sticky.key.map(|k| k.0)) {
+        key: match cli
+            .sticky_key
+            .map(|key| key.parse::<StickyKey>("--sticky-key (STICKLESS_PROXY_STICKY_KEY)"))
+            .transpose()?
+            .or(file.sticky.key.map(|k| k.0))
+        {
             Some(key) => key.0,
             None if spec == BalanceSpec::StickyCookie => generated_sticky_key(),
             None => Vec::new(),
@@ -457,6 +511,7 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
     Ok(ProxyConfig {
         listen,
         admin_listen,
+        admin_token,
         backends,
         balance,
         trusted_proxies: cli
@@ -468,6 +523,8 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
         health,
         limits,
         lookup,
+        tls,
+        backend_ca,
     })
 }
 

@@ -8,6 +8,10 @@
 //!   failures within `fail_timeout` ([`Backend::report_failure`]); this task brings it back
 //!   `fail_timeout` later so it is tried again (nginx `max_fails`/`fail_timeout`).
 //!
+//! An `https://` backend is probed over TLS, its certificate verified as for requests: the TCP
+//! check is a connect and a handshake, the HTTP check a `GET` over TLS. A backend whose
+//! certificate does not verify is down, as no request could reach it.
+//!
 //! The tasks stop when their [`HealthChecks`] is dropped (on reload, or with the proxy).
 
 use std::sync::Arc;
@@ -17,12 +21,14 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::backend::Backend;
 use crate::config::{HealthCheckKind, HealthConfig};
+use crate::tls::BackendTls;
 
 /// Shortest and longest pause between two looks at a passively marked backend: short enough
 /// that recovery happens close to `fail_timeout`, long enough not to spin.
@@ -37,6 +43,10 @@ pub enum ProbeError {
     /// The TCP connection failed.
     #[error("connect: {0}")]
     Connect(#[source] std::io::Error),
+    /// The TLS handshake with an `https://` backend failed (its certificate did not verify,
+    /// or it does not speak TLS).
+    #[error("tls: {0}")]
+    Tls(#[source] std::io::Error),
     /// The HTTP exchange failed.
     #[error("http: {0}")]
     Http(#[source] hyper::Error),
@@ -111,7 +121,13 @@ async fn active_checks(backend: Arc<Backend>, config: HealthConfig) {
     let mut seen_up = backend.is_up();
     loop {
         interval.tick().await;
-        let result = probe(&backend.authority, &config.kind, config.timeout).await;
+        let result = probe(
+            &backend.authority,
+            backend.tls(),
+            &config.kind,
+            config.timeout,
+        )
+        .await;
         if backend.is_up() != seen_up {
             // Someone else (passive marking) changed it: count afresh from here.
             (successes, failures) = (0, 0);
@@ -138,21 +154,31 @@ async fn active_checks(backend: Arc<Backend>, config: HealthConfig) {
     }
 }
 
-/// One check of the backend at `authority`: a TCP connect, or `GET path` expecting a 2xx, all
-/// within `timeout`. [`HealthCheckKind::Off`] always succeeds.
+/// One check of the backend at `authority` (over TLS when `tls` is given): a connect (and
+/// handshake), or `GET path` expecting a 2xx, all within `timeout`. [`HealthCheckKind::Off`]
+/// always succeeds.
 pub async fn probe(
     authority: &str,
+    tls: Option<&BackendTls>,
     kind: &HealthCheckKind,
     timeout: Duration,
 ) -> Result<(), ProbeError> {
     let check = async {
-        match kind {
-            HealthCheckKind::Off => Ok(()),
-            HealthCheckKind::Tcp => TcpStream::connect(authority)
-                .await
-                .map(drop)
-                .map_err(ProbeError::Connect),
-            HealthCheckKind::Http(path) => http_check(authority, path).await,
+        if *kind == HealthCheckKind::Off {
+            return Ok(());
+        }
+        let stream = TcpStream::connect(authority)
+            .await
+            .map_err(ProbeError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        match (kind, tls) {
+            (HealthCheckKind::Http(path), None) => http_check(stream, authority, path).await,
+            (HealthCheckKind::Http(path), Some(tls)) => {
+                let stream = tls.connect(stream).await.map_err(ProbeError::Tls)?;
+                http_check(stream, authority, path).await
+            }
+            (_, Some(tls)) => tls.connect(stream).await.map(drop).map_err(ProbeError::Tls),
+            (_, None) => Ok(()),
         }
     };
     tokio::time::timeout(timeout, check)
@@ -160,17 +186,17 @@ pub async fn probe(
         .map_err(|_| ProbeError::Timeout(timeout))?
 }
 
-/// `GET path` on a fresh connection (so a dead accept loop is noticed), expecting a 2xx.
-async fn http_check(authority: &str, path: &str) -> Result<(), ProbeError> {
+/// `GET path` on `stream`, a fresh connection (so a dead accept loop is noticed), expecting a
+/// 2xx.
+async fn http_check<S>(stream: S, authority: &str, path: &str) -> Result<(), ProbeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let request = Request::get(path)
         .header(header::HOST, authority)
         .header(header::USER_AGENT, "session-proxy-health-check")
         .body(Empty::<Bytes>::new())
         .map_err(ProbeError::Request)?;
-    let stream = TcpStream::connect(authority)
-        .await
-        .map_err(ProbeError::Connect)?;
-    let _ = stream.set_nodelay(true);
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(ProbeError::Http)?;
@@ -206,9 +232,15 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let timeout = Duration::from_secs(2);
-        probe(&addr, &HealthCheckKind::Tcp, timeout).await.unwrap();
+        probe(&addr, None, &HealthCheckKind::Tcp, timeout)
+            .await
+            .unwrap();
         drop(listener);
-        assert!(probe(&addr, &HealthCheckKind::Tcp, timeout).await.is_err());
+        assert!(
+            probe(&addr, None, &HealthCheckKind::Tcp, timeout)
+                .await
+                .is_err()
+        );
     }
 
     /// A one-shot HTTP server answering every connection with `status`.
@@ -254,9 +286,9 @@ mod tests {
         let kind = HealthCheckKind::Http("/healthz".into());
         let timeout = Duration::from_secs(2);
         let ok = http_server("204 No Content").await;
-        probe(&ok, &kind, timeout).await.unwrap();
+        probe(&ok, None, &kind, timeout).await.unwrap();
         let failing = http_server("500 Internal Server Error").await;
-        let error = probe(&failing, &kind, timeout).await.unwrap_err();
+        let error = probe(&failing, None, &kind, timeout).await.unwrap_err();
         assert!(
             matches!(error, ProbeError::Status(s) if s == 500),
             "{error}"

@@ -15,6 +15,8 @@
 //! - [`health`]: active (TCP, HTTP) and passive health checks, one task per backend.
 //! - [`lookup`]: the session-lookup plugin (a request filter adding `x-session-*` headers).
 //! - [`metrics`]: the proxy's Prometheus metrics.
+//! - [`tls`]: HTTPS on the client listener (certificates reloaded on `SIGHUP`) and TLS to
+//!   `https://` backends.
 
 pub mod admin;
 pub mod backend;
@@ -25,3 +27,4 @@ pub mod health;
 pub mod lookup;
 pub mod metrics;
 pub mod proxy;
+pub mod tls;

@@ -24,7 +24,8 @@
 //! snapshot of the session in a second cookie (`sid_snap` by default), in `session-client`'s
 //! format ([`session_client::cookie`]) and by the rule its layer follows in `OnOutage` mode:
 //! - **Store reachable, session found**: the plugin's response filter ([`ResponseFilter`]) sets
-//!   the snapshot cookie (`Path=/; HttpOnly; SameSite=Lax`) when the request's is missing,
+//!   the snapshot cookie (`Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came
+//!   over TLS, as the proxy's `X-Forwarded-Proto` says) when the request's is missing,
 //!   invalid, of another session or version, or past half its life; a fresh one is left alone,
 //!   so a user gets a new snapshot about twice a ttl, not on every response. It snapshots the
 //!   session as the lookup saw it: a change the backend makes in that request is taken up by
@@ -157,6 +158,8 @@ struct SnapshotUpdate {
     snapshot: Option<Snapshot>,
     /// Whether the request carried a snapshot cookie (expired when no new one can be made).
     sent: bool,
+    /// The request came over TLS: the cookie is `Secure`.
+    secure: bool,
 }
 
 impl SessionLookup {
@@ -195,6 +198,7 @@ impl SessionLookup {
             return Ok(None);
         }
         let id = id.to_owned();
+        let secure = crate::proxy::forwarded_https(headers);
         let result = tokio::time::timeout(plugin.config.timeout, plugin.client.get(&id, true))
             .await
             .unwrap_or_else(|_| {
@@ -210,7 +214,7 @@ impl SessionLookup {
                 plugin.set_headers(headers, &session.id, &session.user_id, |name| {
                     session.attrs.get(name)
                 });
-                Ok(snapshots.and_then(|s| s.refresh(headers, &session)))
+                Ok(snapshots.and_then(|s| s.refresh(headers, &session, secure)))
             }
             Err(ClientError::NotFound)
                 if let Some(restored) = self.restore(plugin, headers, &id).await =>
@@ -219,11 +223,11 @@ impl SessionLookup {
                 plugin.set_headers(headers, &restored.id, &restored.user_id, |name| {
                     restored.attrs.get(name)
                 });
-                Ok(snapshots.and_then(|s| s.refresh(headers, &restored)))
+                Ok(snapshots.and_then(|s| s.refresh(headers, &restored, secure)))
             }
             Err(ClientError::NotFound | ClientError::Invalid(_)) => {
                 self.metrics.lookup("missing");
-                Ok(snapshots.and_then(|s| s.expire(headers)))
+                Ok(snapshots.and_then(|s| s.expire(headers, secure)))
             }
             Err(error) => {
                 if error.is_unavailable()
@@ -236,7 +240,7 @@ impl SessionLookup {
                         snapshot.attrs.get(name)
                     });
                     headers.insert(DEGRADED_HEADER, HeaderValue::from_static("1"));
-                    return Ok(snapshots.slide(snapshot));
+                    return Ok(snapshots.slide(snapshot, secure));
                 }
                 match plugin.config.on_failure {
                     LookupFailure::Open => {
@@ -427,11 +431,13 @@ impl Snapshots {
     }
 
     /// Store reachable, session found: a new snapshot unless the request's is fresh (same
-    /// version, more than half its life left, signed with the current key).
+    /// version, more than half its life left, signed with the current key). `secure`: the
+    /// request came over TLS.
     fn refresh(
         self: &Arc<Self>,
         headers: &HeaderMap,
         session: &SessionData,
+        secure: bool,
     ) -> Option<Box<dyn ResponseFilter>> {
         let ttl_ms = u64::try_from(session.ttl.as_millis()).unwrap_or(u64::MAX);
         let sent = match self.sent(headers, &session.id) {
@@ -460,30 +466,44 @@ impl Snapshots {
             expires_at_ms: unix_ms(session.expires_at),
             ttl_ms,
         };
-        Some(self.update(Some(snapshot), sent))
+        Some(self.update(Some(snapshot), sent, secure))
     }
 
     /// Store unreachable, session served from `snapshot`: its expiry slides as the store's
     /// would, written out once past half its life.
-    fn slide(self: &Arc<Self>, mut snapshot: Snapshot) -> Option<Box<dyn ResponseFilter>> {
+    fn slide(
+        self: &Arc<Self>,
+        mut snapshot: Snapshot,
+        secure: bool,
+    ) -> Option<Box<dyn ResponseFilter>> {
         if fresh(&snapshot, snapshot.ttl_ms) {
             return None;
         }
         snapshot.expires_at_ms = unix_ms(SystemTime::now()).saturating_add(snapshot.ttl_ms);
-        Some(self.update(Some(snapshot), true))
+        Some(self.update(Some(snapshot), true, secure))
     }
 
     /// Store reachable, session missing: the client's snapshot cookie, if any, is expired.
-    fn expire(self: &Arc<Self>, headers: &HeaderMap) -> Option<Box<dyn ResponseFilter>> {
+    fn expire(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        secure: bool,
+    ) -> Option<Box<dyn ResponseFilter>> {
         session_cookie(headers, &self.cookie)?;
-        Some(self.update(None, true))
+        Some(self.update(None, true, secure))
     }
 
-    fn update(self: &Arc<Self>, snapshot: Option<Snapshot>, sent: bool) -> Box<dyn ResponseFilter> {
+    fn update(
+        self: &Arc<Self>,
+        snapshot: Option<Snapshot>,
+        sent: bool,
+        secure: bool,
+    ) -> Box<dyn ResponseFilter> {
         Box::new(SnapshotUpdate {
             snapshots: self.clone(),
             snapshot,
             sent,
+            secure,
         })
     }
 }
@@ -505,14 +525,15 @@ impl ResponseFilter for SnapshotUpdate {
             // The backend changed the session (login, logout) or keeps the snapshot itself.
             return;
         }
-        let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax");
+        let secure = if self.secure { "; Secure" } else { "" };
+        let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
         let cookie = match self.snapshot {
             None => expired(),
             Some(mut snapshot) => {
                 snapshot.issued_at_ms = unix_ms(SystemTime::now());
                 match snapshots.codec.encode(&snapshot) {
                     Ok(value) if name.len() + 1 + value.len() <= MAX_COOKIE_BYTES => {
-                        format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax")
+                        format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")
                     }
                     Ok(_) | Err(_) => {
                         tracing::info!("session too large for a snapshot cookie: none set");

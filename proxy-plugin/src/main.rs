@@ -7,6 +7,10 @@
 //! configuration kept. SIGINT or SIGTERM stops accepting, lets requests in flight finish (up
 //! to 30 s), and exits 0.
 //!
+//! With `--tls-cert` and `--tls-key` the listener serves HTTPS (ALPN `h2` and `http/1.1`); each
+//! SIGHUP also re-reads those two files: new connections get the new certificate, open ones
+//! keep theirs, and files that cannot be used are logged and the certificate in use kept.
+//!
 //! Right after each listener is bound, one line goes to stdout (flushed at once), so whoever
 //! started it with port 0 (`--listen 127.0.0.1:0`) learns the address: `listening proxy
 //! <ip:port>` and, with `--admin-listen`, `listening admin <ip:port>`. Nothing else is written to
@@ -21,8 +25,9 @@ use std::time::Duration;
 use clap::Parser as _;
 use proxy_plugin::admin::serve_admin;
 use proxy_plugin::balance::BalanceMode;
-use proxy_plugin::config::{self, Cli, ProxyConfig};
+use proxy_plugin::config::{self, Cli, ProxyConfig, TlsConfig};
 use proxy_plugin::proxy::Proxy;
+use proxy_plugin::tls::ListenerTls;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
@@ -60,6 +65,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match config.tls.as_ref().map(ListenerTls::load).transpose() {
+        Ok(tls) => tls,
+        Err(error) => {
+            eprintln!("session-proxy: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let proxy = match Proxy::new(config.clone()) {
         Ok(proxy) => proxy,
         Err(error) => {
@@ -67,7 +79,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli, config, proxy).await {
+    match run(cli, config, proxy, tls).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "session-proxy failed");
@@ -80,6 +92,7 @@ async fn run(
     cli: Cli,
     config: ProxyConfig,
     proxy: Arc<Proxy>,
+    tls: Option<ListenerTls>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Signal handlers first: a SIGHUP that arrives once we listen must not kill the process.
     let hangup = signal(SignalKind::hangup())?;
@@ -112,13 +125,23 @@ async fn run(
     }
     tracing::info!(
         address = %proxy_address,
+        tls = tls.is_some(),
         backends = config.backends.len(),
         balance = balance_name(&config.balance),
         "proxy listening"
     );
-    let reloads = tokio::spawn(reload_on_hangup(hangup, cli, config, proxy.clone()));
+    let reloads = tokio::spawn(reload_on_hangup(
+        hangup,
+        cli,
+        config,
+        proxy.clone(),
+        tls.clone(),
+    ));
 
-    let mut serving = tokio::spawn(proxy.serve(listener, stopped(stop_rx)));
+    let mut serving = match tls {
+        Some(tls) => tokio::spawn(proxy.serve_tls(listener, tls, stopped(stop_rx))),
+        None => tokio::spawn(proxy.serve(listener, stopped(stop_rx))),
+    };
     tokio::select! {
         result = &mut serving => {
             reloads.abort();
@@ -176,45 +199,81 @@ fn balance_name(mode: &BalanceMode) -> &'static str {
     }
 }
 
-/// On each SIGHUP: re-reads the file with the same flags and hands the result to the proxy. A
-/// configuration that is refused is logged and the running one kept; the process never exits
-/// over a reload.
-async fn reload_on_hangup(mut hangup: Signal, cli: Cli, running: ProxyConfig, proxy: Arc<Proxy>) {
+/// On each SIGHUP: re-reads the file with the same flags and hands the result to the proxy,
+/// then re-reads the listener's certificate and key (whether or not the configuration was
+/// taken). A configuration or certificate that is refused is logged and the running one kept;
+/// the process never exits over a reload.
+async fn reload_on_hangup(
+    mut hangup: Signal,
+    cli: Cli,
+    running: ProxyConfig,
+    proxy: Arc<Proxy>,
+    tls: Option<ListenerTls>,
+) {
     let mut running = running;
     while hangup.recv().await.is_some() {
         tracing::info!(file = ?cli.config, "SIGHUP received: reloading the configuration");
-        let flags = cli.clone();
-        let mut next = match tokio::task::spawn_blocking(move || config::load(flags)).await {
-            Ok(Ok(next)) => next,
-            Ok(Err(error)) => {
-                tracing::error!(%error, "reload refused; keeping the running configuration");
-                continue;
-            }
-            Err(error) => {
-                tracing::error!(%error, "reload failed; keeping the running configuration");
-                continue;
-            }
-        };
-        // The listeners stay bound where they are; moving them takes a restart.
-        if next.listen != running.listen || next.admin_listen != running.admin_listen {
-            tracing::warn!(
-                "listen and admin_listen changes take effect only after a restart; \
-                 keeping the bound addresses"
-            );
-            next.listen = running.listen;
-            next.admin_listen = running.admin_listen;
+        reload_configuration(&cli, &mut running, &proxy).await;
+        if let (Some(tls), Some(files)) = (&tls, &running.tls) {
+            reload_certificate(tls, files).await;
         }
-        if next == running {
-            tracing::info!("configuration unchanged");
+    }
+}
+
+/// Re-reads the certificate and key files of the listener; new handshakes use them, or, when
+/// they cannot be used, still the certificate in use (logged).
+async fn reload_certificate(tls: &ListenerTls, files: &TlsConfig) {
+    let (tls, files) = (tls.clone(), files.clone());
+    let cert = files.cert.clone();
+    match tokio::task::spawn_blocking(move || tls.reload(&files)).await {
+        Ok(Ok(())) => tracing::info!(cert = %cert.display(), "TLS certificate reloaded"),
+        Ok(Err(error)) => tracing::error!(%error,
+            "TLS certificate reload refused; keeping the certificate in use"),
+        Err(error) => tracing::error!(%error,
+            "TLS certificate reload failed; keeping the certificate in use"),
+    }
+}
+
+/// One configuration reload: `running` becomes the new configuration when the proxy takes it.
+async fn reload_configuration(cli: &Cli, running: &mut ProxyConfig, proxy: &Proxy) {
+    let flags = cli.clone();
+    let mut next = match tokio::task::spawn_blocking(move || config::load(flags)).await {
+        Ok(Ok(next)) => next,
+        Ok(Err(error)) => {
+            tracing::error!(%error, "reload refused; keeping the running configuration");
+            return;
         }
-        match proxy.reload(next.clone()) {
-            Ok(()) => {
-                tracing::info!(backends = next.backends.len(), "configuration reloaded");
-                running = next;
-            }
-            Err(error) => {
-                tracing::error!(%error, "reload refused; keeping the running configuration");
-            }
+        Err(error) => {
+            tracing::error!(%error, "reload failed; keeping the running configuration");
+            return;
+        }
+    };
+    // The listeners stay bound where they are; moving them takes a restart.
+    if next.listen != running.listen || next.admin_listen != running.admin_listen {
+        tracing::warn!(
+            "listen and admin_listen changes take effect only after a restart; \
+             keeping the bound addresses"
+        );
+        next.listen = running.listen;
+        next.admin_listen = running.admin_listen;
+    }
+    if next.tls.is_some() != running.tls.is_some() {
+        tracing::warn!(
+            "switching the listener between HTTP and HTTPS takes effect only after a \
+             restart; keeping it as it is"
+        );
+        next.tls = running.tls.clone();
+    }
+    if next == *running {
+        tracing::info!("configuration unchanged");
+    }
+    match proxy.reload(next.clone()) {
+        Ok(()) => {
+            tracing::info!(backends = next.backends.len(), "configuration reloaded");
+            *running = next;
+        }
+        Err(error) => {
+            tracing::error!(%error, "reload refused; keeping the running configuration");
         }
     }
 }

@@ -23,8 +23,9 @@
 //!
 //! # Decisions
 //! - **Host**: the client's `Host` is kept (nginx `proxy_set_header Host $host`), so backends
-//!   see the name the client used; `X-Forwarded-For` (appended), `X-Forwarded-Proto: http`,
-//!   `X-Forwarded-Host` and an RFC 7239 `Forwarded` element are added; hop-by-hop headers
+//!   see the name the client used; `X-Forwarded-For` (appended), `X-Forwarded-Proto` (`https`
+//!   on a TLS listener, else `http`), `X-Forwarded-Host` and an RFC 7239 `Forwarded` element
+//!   (`proto=` the same) are added before the request filters run; hop-by-hop headers
 //!   (`Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
 //!   `Transfer-Encoding`, `Upgrade`) are removed both ways, so upgrades (WebSocket) are not
 //!   proxied.
@@ -48,7 +49,11 @@
 //!   semaphore, so a reload can change the limit); no usable backend → 503. The head clock
 //!   also closes an idle HTTP/1 keep-alive connection `header_read_timeout` after its last
 //!   response.
-//! - **Reload**: each request takes the current [`Generation`] (backends, balancer, limits,
+//! - **TLS**: [`Proxy::serve_tls`] serves HTTPS (ALPN `h2` and `http/1.1`, see [`crate::tls`]);
+//!   the cookies the proxy sets itself (the sticky cookie, the lookup plugin's snapshot cookie)
+//!   are then `Secure`, as the proxy's own `X-Forwarded-Proto` tells them. `https://` backends are dialled over
+//!   TLS only, their certificates verified (`backend_ca`, else the system's roots).
+//! - **Reload**: each request takes the current `Generation` (backends, balancer, limits,
 //!   lookup, upstream pool) when it starts and keeps it to its end; a reload swaps the
 //!   generation for new requests and restarts the health checks. `listen`/`admin_listen`
 //!   changes need a restart.
@@ -74,6 +79,9 @@ use crate::config::{HealthCheckKind, ProxyConfig};
 use crate::health::{self, HealthChecks};
 use crate::lookup::{LookupError, SessionLookup};
 use crate::metrics::{BackendMetrics, ProxyMetrics, RejectReason};
+use crate::tls::{self, BackendTls, ListenerTls, TlsError};
+
+pub(crate) use headers::forwarded_https;
 
 /// A configuration the proxy cannot run with.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +106,9 @@ pub enum ProxyError {
     /// The session-lookup plugin's settings are unusable (endpoint, attribute names, cookie).
     #[error("session lookup: {0}")]
     Lookup(#[from] LookupError),
+    /// The TLS settings of `https://` backends are unusable (CA bundle, host name).
+    #[error("https backends: {0}")]
+    BackendTls(#[from] TlsError),
     /// The metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -164,6 +175,12 @@ impl Generation {
         }
         let mut backends = Vec::with_capacity(config.backends.len());
         let mut pools = Vec::with_capacity(config.backends.len());
+        // Read (CA bundle or system roots) only when some backend needs it, once for all.
+        let tls_config = if config.backends.iter().any(|b| b.tls) {
+            Some(tls::backend_client_config(config.backend_ca.as_deref())?)
+        } else {
+            None
+        };
         for (index, b) in config.backends.iter().enumerate() {
             let authority =
                 b.authority
@@ -173,16 +190,20 @@ impl Generation {
                         authority: b.authority.clone(),
                         source,
                     })?;
+            let tls = match &tls_config {
+                Some(client) if b.tls => Some(BackendTls::new(client.clone(), authority.host())?),
+                _ => None,
+            };
             pools.push(upstream::Pool::new(
                 authority,
+                tls.clone(),
                 config.limits.connect_timeout,
             ));
-            backends.push(Arc::new(Backend::new(
-                index,
-                &b.name,
-                &b.authority,
-                b.weight,
-            )));
+            let backend = Backend::new(index, &b.name, &b.authority, b.weight);
+            backends.push(Arc::new(match tls {
+                Some(tls) => backend.with_tls(tls),
+                None => backend,
+            }));
         }
         let balancer = balance::build(&config.balance, &backends);
         upstream::sweep_idle(&pools);
@@ -287,14 +308,38 @@ impl Proxy {
         self.metrics.render(&self.current().backends)
     }
 
-    /// Serves clients on `listener` until `shutdown` completes, then stops accepting and lets
-    /// in-flight requests finish.
+    /// Serves clients on `listener` in plaintext until `shutdown` completes, then stops
+    /// accepting and lets in-flight requests finish.
+    ///
+    /// A configuration with [`ProxyConfig::tls`] set is refused at once (an
+    /// [`InvalidInput`](std::io::ErrorKind::InvalidInput) error): its listener must serve
+    /// HTTPS, with [`Proxy::serve_tls`] and a [`ListenerTls`] loaded from those files, never
+    /// cleartext by mistake.
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        serve::run(self, listener, shutdown).await
+        if self.current().config.tls.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the configuration has TLS certificate files: serve it with Proxy::serve_tls",
+            ));
+        }
+        serve::run(self, listener, None, shutdown).await
+    }
+
+    /// [`Proxy::serve`] over TLS: every connection starts with a handshake under `tls`'s
+    /// current certificate (see [`crate::tls`]); the requests it carries go to backends with
+    /// `X-Forwarded-Proto: https`. Reloading `tls` (a clone of it) changes the certificate for
+    /// the connections that come next.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        tls: ListenerTls,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        serve::run(self, listener, Some(tls), shutdown).await
     }
 
     /// The generation new requests get.

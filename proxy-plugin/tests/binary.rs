@@ -129,7 +129,10 @@ fn a_bad_configuration_exits_2_naming_the_problem() {
             &["--backend", "http://127.0.0.1:1", "--balance", "fastest"],
             &["unknown balance mode", "--balance"],
         ),
-        (&["--backend", "https://127.0.0.1:1"], &["only http://"]),
+        (
+            &["--backend", "ftp://127.0.0.1:1"],
+            &["must look like http://host:port"],
+        ),
     ];
     for (args, expected) in cases {
         let out = run_bounded(args);
@@ -167,12 +170,19 @@ async fn serves_through_flag_backends_with_a_working_admin_api_and_exits_0_on_si
     })
     .await;
 
-    let put = |path: &str, body: &'static str| http.put(proxy.admin(path)).body(body).send();
+    // Admin writes are JSON (and refused cross-site: see tests/admin.rs).
+    let put = |path: &str, body: &'static str| {
+        http.put(proxy.admin(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
     let response = put("/backends/alpha/weight", "7\n").await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(backends(&proxy, &http).await[0]["weight"], 7);
     let response = http
         .post(proxy.admin("/backends/alpha/weight"))
+        .header("content-type", "application/json; charset=utf-8")
         .body("3")
         .send()
         .await
@@ -191,6 +201,7 @@ async fn serves_through_flag_backends_with_a_working_admin_api_and_exits_0_on_si
     assert_eq!(backends(&proxy, &http).await[0]["weight"], 3);
     let big = http
         .put(proxy.admin("/backends/alpha/weight"))
+        .header("content-type", "application/json")
         .body(vec![b'1'; 4096])
         .send()
         .await

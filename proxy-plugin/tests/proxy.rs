@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http::StatusCode;
+use proxy_plugin::balance::{BalanceMode, StickyConfig};
 use proxy_plugin::config::{LookupConfig, LookupFailure};
 use support::backend::{Behaviour, TestBackend};
 use support::eventually;
@@ -101,6 +102,56 @@ async fn forwarding_headers_are_added_and_hop_by_hop_headers_removed() {
     assert!(lower.contains("x-end-to-end: kept"), "{response}");
     for hop in ["x-resp-hop", "keep-alive:", "proxy-authenticate"] {
         assert!(!lower.contains(hop), "{hop} reached the client: {response}");
+    }
+}
+
+#[tokio::test]
+async fn forwarded_and_https_claims_are_believed_from_trusted_proxies_only() {
+    let backend = TestBackend::start("a", Behaviour::Echo).await;
+    let request = "GET /claims HTTP/1.1\r\nHost: shop.test\r\n\
+        Forwarded: for=203.0.113.9;proto=https;host=bank.example\r\n\
+        X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    let sticky = BalanceMode::StickyCookie(StickyConfig {
+        cookie: "stickless_backend".into(),
+        key: vec![7; 32],
+    });
+    // (trusted proxies, the Forwarded the backend sees, its X-Forwarded-Proto)
+    let cases = [
+        // Nobody trusted (the default): a client on the plaintext listener claims nothing.
+        (vec![], "for=127.0.0.1;proto=http;host=shop.test", "http"),
+        // A TLS-terminating load balancer the proxy trusts: its element and its https kept.
+        (
+            vec!["127.0.0.0/8".parse().unwrap()],
+            "for=203.0.113.9;proto=https;host=bank.example, \
+             for=127.0.0.1;proto=http;host=shop.test",
+            "https",
+        ),
+    ];
+    for (trusted, forwarded, proto) in cases {
+        let mut cfg = config(&[&backend]);
+        cfg.trusted_proxies = trusted;
+        cfg.balance = sticky.clone();
+        let proxy = TestProxy::start(cfg).await;
+        let response = raw_exchange(proxy.addr, request.as_bytes(), PATIENCE).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let seen = backend.last().expect("backend saw the request");
+        let lines: Vec<_> = seen.headers.get_all("forwarded").iter().collect();
+        assert_eq!(lines, [forwarded], "{proto}");
+        assert_eq!(seen.headers["x-forwarded-proto"], proto);
+        // The cookie the proxy sets is Secure exactly when the client used https.
+        let cookie = response
+            .lines()
+            .find(|line| {
+                line.to_ascii_lowercase()
+                    .starts_with("set-cookie: stickless_backend=")
+            })
+            .unwrap_or_else(|| panic!("a sticky cookie: {response}"));
+        assert_eq!(
+            cookie.split(';').any(|a| a.trim() == "Secure"),
+            proto == "https",
+            "{cookie}"
+        );
+        proxy.shutdown(PATIENCE).await.expect("proxy shutdown");
     }
 }
 

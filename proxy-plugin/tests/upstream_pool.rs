@@ -59,6 +59,7 @@ impl CountingBackend {
             name: "counting".into(),
             authority: self.addr.to_string(),
             weight: 1,
+            tls: false,
         }
     }
 

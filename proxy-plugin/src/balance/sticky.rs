@@ -5,6 +5,10 @@
 //! pins the backend it got. So a user whose backend died is re-pinned to the new one, and a
 //! client cannot choose (or spread an attack over) backends by writing the cookie itself.
 //!
+//! The cookie is `Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came over TLS
+//! (the proxy's own `X-Forwarded-Proto: https`), so a browser never sends the pin of an HTTPS
+//! site in cleartext.
+//!
 //! Backend names are written as they are when they are valid cookie characters; any other byte
 //! (and `%`) is percent-encoded. The name is split from the tag at the last `.`, which base64url
 //! never contains, so names like `10.0.0.1:8080` work.
@@ -139,8 +143,13 @@ impl Balancer for StickyCookie {
         {
             return;
         }
+        let secure = if crate::proxy::forwarded_https(request.headers) {
+            "; Secure"
+        } else {
+            ""
+        };
         let cookie = format!(
-            "{}={}; Path=/; HttpOnly; SameSite=Lax",
+            "{}={}; Path=/; HttpOnly; SameSite=Lax{secure}",
             self.cookie,
             self.cookie_value(&chosen.name)
         );
@@ -177,6 +186,29 @@ mod tests {
             let value = s.cookie_value(name);
             assert!(value.bytes().all(|b| is_plain(b) || b == b'%'), "{value}");
             assert_eq!(s.verify(&value).as_deref(), Some(name));
+        }
+    }
+
+    #[test]
+    fn the_cookie_is_secure_only_over_tls() {
+        let s = sticky();
+        let backend = Backend::new(0, "b1", "127.0.0.1:1", 1);
+        let uri = http::Uri::from_static("/");
+        for (proto, secure) in [(None, false), (Some("http"), false), (Some("https"), true)] {
+            let mut headers = HeaderMap::new();
+            if let Some(proto) = proto {
+                headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            }
+            let request = RequestInfo {
+                client_ip: [127, 0, 0, 1].into(),
+                uri: &uri,
+                headers: &headers,
+            };
+            let mut response = HeaderMap::new();
+            s.on_response(&request, &backend, &mut response);
+            let cookie = response[SET_COOKIE].to_str().unwrap();
+            assert!(cookie.starts_with("srv=b1."), "{cookie}");
+            assert_eq!(cookie.ends_with("; Secure"), secure, "{proto:?}: {cookie}");
         }
     }
 

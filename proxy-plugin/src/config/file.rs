@@ -8,6 +8,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use super::admin::AdminToken;
 use super::values::{
     AtLeastOne, AttrName, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed, SnapshotKey,
     StickyKey, Token, backend,
@@ -21,6 +22,9 @@ use crate::balance::HashType;
 pub(super) struct FileConfig {
     pub(super) listen: Option<SocketAddr>,
     pub(super) admin_listen: Option<SocketAddr>,
+    pub(super) admin_token: Option<Parsed<AdminToken>>,
+    /// The admin token's file (a path, relative to the working directory).
+    pub(super) admin_token_file: Option<PathBuf>,
     pub(super) balance: Option<Parsed<BalanceSpec>>,
     pub(super) hash_type: Option<Parsed<HashType>>,
     pub(super) trusted_proxies: Option<Vec<Parsed<IpNet>>>,
@@ -32,6 +36,10 @@ pub(super) struct FileConfig {
     pub(super) limits: FileLimits,
     #[serde(default)]
     pub(super) sticky: FileSticky,
+    #[serde(default)]
+    pub(super) tls: FileTls,
+    /// CA bundle of `https://` backends (a path, relative to the working directory).
+    pub(super) backend_ca: Option<PathBuf>,
     pub(super) session_lookup: Option<FileLookup>,
 }
 
@@ -88,6 +96,15 @@ pub(super) struct FileLimits {
 pub(super) struct FileSticky {
     pub(super) cookie: Option<Parsed<CookieName>>,
     pub(super) key: Option<Parsed<StickyKey>>,
+}
+
+/// `[tls]`: the client listener's certificate and key (paths, relative to the working
+/// directory).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileTls {
+    pub(super) cert: Option<PathBuf>,
+    pub(super) key: Option<PathBuf>,
 }
 
 /// `[session_lookup]`.

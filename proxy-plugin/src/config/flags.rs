@@ -10,8 +10,7 @@ use clap::builder::RangedU64ValueParser;
 use ipnet::IpNet;
 
 use super::values::{
-    AttrName, CookieName, LookupUrl, Namespace, SnapshotKey, StickyKey, Token, parse_setting,
-    positive,
+    AttrName, CookieName, LookupUrl, Namespace, SecretArg, parse_setting, positive, secret_arg,
 };
 use super::{BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure, MIN_HEADER_BYTES};
 use crate::balance::HashType;
@@ -32,13 +31,37 @@ pub struct Cli {
     /// Address clients connect to [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR", env = "STICKLESS_PROXY_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Certificate chain (PEM, the proxy's certificate first): with --tls-key, --listen
+    /// serves HTTPS only (ALPN h2 and http/1.1). Re-read on SIGHUP; a bad file is refused and
+    /// the running certificate kept.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert; both or neither. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Admin API address (`GET /backends`, `GET /metrics`, `PUT /backends/NAME/weight`); off
     /// when unset.
     #[arg(long, value_name = "ADDR", env = "STICKLESS_PROXY_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token every admin API call must carry (`Authorization: Bearer TOKEN`; 401
+    /// without it); required when --admin-listen is not a loopback address. Admin writes also
+    /// need `Content-Type: application/json` and no `Origin` header.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "STICKLESS_PROXY_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_parser = secret_arg,
+    )]
+    pub admin_token: Option<SecretArg>,
+    /// File holding the admin token (its first line that is not empty or a `#` comment),
+    /// instead of --admin-token. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// A backend, `http://host:port[,weight=N][,name=NAME]` (weight 1..=1000, default 1; name
-    /// defaults to host:port); repeat for more. Replaces the file's backends. The environment
-    /// variable takes several, separated by spaces.
+    /// defaults to host:port); repeat for more. `https://host[:port]` is always dialled over
+    /// TLS, its certificate verified for host (see --backend-ca). Replaces the file's
+    /// backends. The environment variable takes several, separated by spaces.
     #[arg(
         long = "backend",
         value_name = "URL[,weight=N][,name=NAME]",
@@ -47,6 +70,10 @@ pub struct Cli {
         value_parser = parse_setting::<BackendConfig>
     )]
     pub backends: Vec<BackendConfig>,
+    /// CA bundle (PEM) the certificates of `https://` backends must chain to [default: the
+    /// system's roots]. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_BACKEND_CA")]
+    pub backend_ca: Option<PathBuf>,
     /// Balancing mode: round-robin, static-rr, least-conn, random, ip-hash, source, uri,
     /// url-param:NAME, header:NAME, cookie-hash:NAME, rdp-cookie:NAME, sticky-cookie
     /// [default: round-robin].
@@ -81,11 +108,11 @@ pub struct Cli {
         value_name = "KEY",
         env = "STICKLESS_PROXY_STICKY_KEY",
         hide_env_values = true,
-        value_parser = parse_setting::<StickyKey>,
+        value_parser = secret_arg,
     )]
-    pub sticky_key: Option<StickyKey>,
-    /// Peers (CIDRs or addresses, comma-separated) whose X-Forwarded-For is believed
-    /// [default: none].
+    pub sticky_key: Option<SecretArg>,
+    /// Peers (CIDRs or addresses, comma-separated) whose X-Forwarded-For, Forwarded and
+    /// X-Forwarded-Proto: https are believed; from others Forwarded is dropped [default: none].
     #[arg(
         long,
         value_name = "CIDR,...",
@@ -262,9 +289,9 @@ pub struct Cli {
         value_name = "TOKEN",
         env = "STICKLESS_AUTH_TOKEN",
         hide_env_values = true,
-        value_parser = parse_setting::<Token>,
+        value_parser = secret_arg,
     )]
-    pub session_auth_token: Option<Token>,
+    pub session_auth_token: Option<SecretArg>,
     /// CA bundle (PEM) the session server's certificate must chain to, for an `https://`
     /// `--session-lookup` [default: the system's roots]. Re-read on SIGHUP.
     #[arg(long, value_name = "PATH", env = "STICKLESS_PROXY_SESSION_CA")]
@@ -286,9 +313,9 @@ pub struct Cli {
         env = "STICKLESS_PROXY_SESSION_SNAPSHOT_KEYS",
         value_delimiter = ',',
         hide_env_values = true,
-        value_parser = parse_setting::<SnapshotKey>,
+        value_parser = secret_arg,
     )]
-    pub session_snapshot_keys: Vec<SnapshotKey>,
+    pub session_snapshot_keys: Vec<SecretArg>,
     /// Cookie holding the signed session snapshot [default: sid_snap].
     #[arg(
         long,

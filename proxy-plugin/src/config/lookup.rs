@@ -13,7 +13,7 @@ use session_client::{ClientError, ClientTls};
 use super::file::FileLookup;
 use super::{
     Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_SESSION_COOKIE, DEFAULT_SESSION_NAMESPACE,
-    DEFAULT_SNAPSHOT_COOKIE, LookupConfig, LookupFailure, pick,
+    DEFAULT_SNAPSHOT_COOKIE, LookupConfig, LookupFailure, SnapshotKey, Token, pick,
 };
 
 /// The plugin is on when a session server URL is given (flag or file); its other settings
@@ -103,9 +103,12 @@ pub(super) fn resolve(
             .session_fail
             .or(file.on_failure.map(|f| f.0))
             .unwrap_or(LookupFailure::Open),
+        // The secrets are checked here, not by clap, so that no error quotes them.
         auth_token: cli
             .session_auth_token
-            .clone()
+            .as_ref()
+            .map(|t| t.parse::<Token>("--session-auth-token (STICKLESS_AUTH_TOKEN)"))
+            .transpose()?
             .map(|t| t.0)
             .or(file.auth_token.map(|t| t.0.0)),
         timeout: pick(cli.session_timeout, file.timeout, DEFAULT_LOOKUP_TIMEOUT),
@@ -116,7 +119,14 @@ pub(super) fn resolve(
                 .map(|k| k.0)
                 .collect()
         } else {
-            cli.session_snapshot_keys.clone()
+            cli.session_snapshot_keys
+                .iter()
+                .map(|key| {
+                    key.parse::<SnapshotKey>(
+                        "--session-snapshot-key (STICKLESS_PROXY_SESSION_SNAPSHOT_KEYS)",
+                    )
+                })
+                .collect::<Result<_, _>>()?
         },
         snapshot_cookie: cli
             .session_snapshot_cookie
@@ -187,6 +197,25 @@ mod tests {
             .chain(args);
         let cli = Cli::try_parse_from(args).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         resolve_all(cli, file).map(|config| config.lookup)
+    }
+
+    #[test]
+    fn debug_shows_that_a_session_token_is_set_but_never_the_token() {
+        let config = resolve(
+            &[
+                "--session-lookup",
+                "http://127.0.0.1:1",
+                "--session-auth-token",
+                "s3cret-lookup-token",
+            ],
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.auth_token.as_deref(), Some("s3cret-lookup-token"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<hidden>"), "{shown}");
     }
 
     #[test]

@@ -13,8 +13,8 @@ use serde::{Deserialize, Deserializer};
 use session_client::cookie::MIN_KEY_BYTES;
 
 use super::{
-    BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure, MAX_WEIGHT, MIN_HEADER_BYTES,
-    MIN_STICKY_KEY_BYTES,
+    BackendConfig, BalanceSpec, ConfigError, HealthCheckKind, LookupFailure, MAX_WEIGHT,
+    MIN_HEADER_BYTES, MIN_STICKY_KEY_BYTES,
 };
 use crate::balance::HashType;
 
@@ -27,6 +27,31 @@ pub(super) trait ParseSetting: Sized {
 /// [`ParseSetting::parse_setting`] as a function, for clap's `value_parser`.
 pub(super) fn parse_setting<T: ParseSetting>(text: &str) -> Result<T, String> {
     T::parse_setting(text.trim())
+}
+
+/// A secret flag value (a token, key material) as given, checked when the configuration is
+/// resolved (`SecretArg::parse`) rather than by clap, whose error would quote the value, even
+/// one taken from the environment with `hide_env_values`. Its `Debug` shows nothing of it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretArg(String);
+
+impl fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretArg(<hidden>)")
+    }
+}
+
+impl SecretArg {
+    /// The value, parsed like its file twin; the error names `flag` and says why, never the
+    /// value.
+    pub(super) fn parse<T: ParseSetting>(&self, flag: &str) -> Result<T, ConfigError> {
+        parse_setting(&self.0).map_err(|why| ConfigError::Invalid(format!("{flag}: {why}")))
+    }
+}
+
+/// Clap's parser of a [`SecretArg`]: any text, checked later.
+pub(super) fn secret_arg(text: &str) -> Result<SecretArg, std::convert::Infallible> {
+    Ok(SecretArg(text.to_owned()))
 }
 
 /// Clap's parser of a number that must be at least 1.
@@ -249,7 +274,7 @@ pub(super) fn backend(
     weight: Option<u32>,
     name: Option<String>,
 ) -> Result<BackendConfig, String> {
-    let authority = backend_authority(url)?;
+    let (authority, tls) = backend_authority(url)?;
     let name = name.unwrap_or_else(|| authority.clone());
     let name_ok = (1..=255).contains(&name.len())
         && name
@@ -271,22 +296,21 @@ pub(super) fn backend(
         name,
         authority,
         weight,
+        tls,
     })
 }
 
-/// `host:port` of an `http://host[:port]` URL (port 80 when absent).
-fn backend_authority(url: &str) -> Result<String, String> {
-    let shape = || format!("backend URL {url:?} must look like http://host:port");
+/// `host:port` of an `http://host[:port]` URL (port 80 when absent) or an
+/// `https://host[:port]` one (port 443 when absent), and whether it is `https`.
+fn backend_authority(url: &str) -> Result<(String, bool), String> {
+    let shape =
+        || format!("backend URL {url:?} must look like http://host:port or https://host:port");
     let uri: http::Uri = url.parse().map_err(|_| shape())?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "backend URL {url:?}: only http:// backends are supported (no TLS to backends)"
-            ));
-        }
+    let (tls, default_port) = match uri.scheme_str() {
+        Some("http") => (false, 80),
+        Some("https") => (true, 443),
         _ => return Err(shape()),
-    }
+    };
     let authority = uri.authority().ok_or_else(shape)?;
     if authority.as_str().contains('@') || authority.host().is_empty() {
         return Err(shape());
@@ -296,11 +320,12 @@ fn backend_authority(url: &str) -> Result<String, String> {
             "backend URL {url:?} must not have a path or query: requests keep their own"
         ));
     }
-    Ok(format!(
+    let authority = format!(
         "{}:{}",
         authority.host(),
-        authority.port_u16().unwrap_or(80)
-    ))
+        authority.port_u16().unwrap_or(default_port)
+    );
+    Ok((authority, tls))
 }
 
 /// A cookie name (an RFC 6265 token).
@@ -358,15 +383,8 @@ impl ParseSetting for SnapshotKey {
 /// Secret key material written as hex or base64 (standard or url-safe, padded or not), at
 /// least `min` bytes; `what` names the key in errors.
 fn key_material(text: &str, what: &str, min: usize) -> Result<Vec<u8>, String> {
-    let bytes = session_client::cookie::key_from_text(text)
-        .ok_or_else(|| format!("{what} must be hex or base64"))?;
-    if bytes.len() < min {
-        return Err(format!(
-            "{what} must be at least {min} bytes, got {} (e.g. `openssl rand -hex 32`)",
-            bytes.len()
-        ));
-    }
-    Ok(bytes)
+    session_client::cookie::key_material_from_text(text, min)
+        .map_err(|error| format!("{what} {error}"))
 }
 
 /// The session server's URL, `http(s)://host[:port]`.

@@ -9,6 +9,9 @@
 //! take it) and fails the read; when nothing arrived (an idle keep-alive connection) it just
 //! ends the connection, like nginx. hyper's own header timer is off: it would arm one more
 //! sleep per request for what this already does.
+//!
+//! On a TLS listener the wrapper sits on the TLS stream ([`ClientStream::Tls`]), after the
+//! handshake: the deadline, the 408 and the lingering close then speak TLS too.
 
 use std::io;
 use std::pin::Pin;
@@ -34,6 +37,73 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Drain buffer of a lingering close.
 const LINGER_BUFFER: usize = 16 * 1024;
 
+/// A client connection's byte stream: the socket itself, or the TLS session on it.
+#[derive(Debug)]
+pub(crate) enum ClientStream {
+    /// A plain HTTP listener's connection.
+    Plain(TcpStream),
+    /// An HTTPS listener's connection, its handshake done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            ClientStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            ClientStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(stream) => stream.is_write_vectored(),
+            ClientStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            ClientStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            ClientStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 /// State shared by a connection's socket wrapper, its service and its task.
 #[derive(Debug)]
 pub(crate) struct ConnState {
@@ -54,7 +124,7 @@ pub(crate) struct ConnState {
     /// A read parked while no deadline was armed; woken when one is armed.
     reader: AtomicWaker,
     /// The socket, handed back when hyper drops the connection.
-    returned: Mutex<Option<TcpStream>>,
+    returned: Mutex<Option<ClientStream>>,
 }
 
 impl ConnState {
@@ -106,7 +176,7 @@ impl ConnState {
     }
 
     /// The socket, once hyper is done with it.
-    pub(crate) fn take_stream(&self) -> Option<TcpStream> {
+    pub(crate) fn take_stream(&self) -> Option<ClientStream> {
         self.returned.lock().take()
     }
 
@@ -125,7 +195,7 @@ impl ConnState {
 #[derive(Debug)]
 pub(crate) struct ClientIo {
     /// The socket (taken on drop, to hand it back).
-    stream: Option<TcpStream>,
+    stream: Option<ClientStream>,
     /// Shared with the service and the connection task.
     state: Arc<ConnState>,
     /// Fires at the head deadline.
@@ -138,7 +208,7 @@ pub(crate) struct ClientIo {
 
 impl ClientIo {
     /// Wraps an accepted socket.
-    pub(crate) fn new(stream: TcpStream, state: Arc<ConnState>) -> Self {
+    pub(crate) fn new(stream: ClientStream, state: Arc<ConnState>) -> Self {
         let first = state.deadline().unwrap_or_else(Instant::now);
         ClientIo {
             stream: Some(stream),
@@ -149,7 +219,7 @@ impl ClientIo {
         }
     }
 
-    fn stream(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+    fn stream(&mut self) -> io::Result<Pin<&mut ClientStream>> {
         match self.stream.as_mut() {
             Some(stream) => Ok(Pin::new(stream)),
             None => Err(io::ErrorKind::NotConnected.into()),
@@ -204,6 +274,17 @@ impl ClientIo {
                     // The client takes nothing: close without the rest of the 408.
                     break;
                 }
+            }
+        }
+        // TLS keeps what it was given until flushed (a socket's flush does nothing).
+        let flushed = match self.stream() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(_) => Poll::Ready(Ok(())),
+        };
+        if flushed.is_pending() {
+            self.reply_written = Some(written);
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
         }
         self.reply_written = Some(REQUEST_TIMEOUT_REPLY.len());
@@ -284,11 +365,13 @@ impl Drop for ClientIo {
     }
 }
 
-/// Closes our side, then reads and discards what the client still sends (bounded by
-/// [`LINGER_TIME`]), so the answer already written reaches it instead of a reset.
-pub(crate) async fn linger(mut stream: TcpStream) {
-    let _ = stream.shutdown().await;
+/// Closes our side (after TLS's `close_notify` on a TLS connection), then reads and discards
+/// what the client still sends, so the answer already written reaches it instead of a reset.
+/// All of it, the shutdown included, within [`LINGER_TIME`]: on TLS the shutdown first writes
+/// out what is buffered, which never ends for a client that does not read.
+pub(crate) async fn linger(mut stream: ClientStream) {
     let deadline = Instant::now() + LINGER_TIME;
+    let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
     let mut buf = vec![0u8; LINGER_BUFFER];
     while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
         if n == 0 {

@@ -130,6 +130,16 @@ impl Proxy {
             return self.reject(RejectReason::HeaderTooLarge, &parts, detail, true);
         }
         headers::strip_hop_by_hop(&mut parts.headers);
+        // Before the filters, so that they see how the client connected (the snapshot
+        // cookie is `Secure` over TLS), as the balancer does.
+        let host = headers::request_host(&parts);
+        if !parts.headers.contains_key(header::HOST)
+            && let Some(value) = &host
+        {
+            parts.headers.insert(header::HOST, value.clone());
+        }
+        let trusted = client_ip::is_trusted(peer.ip(), &generation.config.trusted_proxies);
+        headers::add_forwarding(&mut parts.headers, peer, host, trusted);
         let mut hooks = Vec::new();
         for filter in &generation.filters {
             match filter.request_filter(&mut parts).await {
@@ -144,13 +154,6 @@ impl Proxy {
                 return self.reject(reason, &parts, "request body", true);
             }
         };
-        let host = headers::request_host(&parts);
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(value) = &host
-        {
-            parts.headers.insert(header::HOST, value.clone());
-        }
-        headers::add_forwarding(&mut parts.headers, peer, host);
         self.send(generation, parts, plan, client_ip, conn, hooks)
             .await
     }

@@ -1,5 +1,16 @@
 //! Header rewriting: hop-by-hop headers removed both ways, forwarding headers added.
 //!
+//! `X-Forwarded-Proto` and the `proto=` of the `Forwarded` element say how the client reached
+//! the proxy: `https` on a TLS listener, `http` otherwise, whatever the client sent. The cookies
+//! the proxy sets itself read it back ([`forwarded_https`]) to be `Secure` over TLS.
+//!
+//! What a client says about earlier hops is believed only from a peer in `trusted_proxies`
+//! (see [`crate::client_ip`]): from anyone else an incoming `Forwarded` is dropped, so the
+//! backend sees only the proxy's own element, and `X-Forwarded-Proto` is replaced. A trusted
+//! peer's `Forwarded` elements are kept (the proxy's appended), and its
+//! `X-Forwarded-Proto: https` too, so that behind a TLS-terminating load balancer backends
+//! still hear `https` and the proxy's cookies stay `Secure`.
+//!
 //! The client's `Host` is kept (like nginx `proxy_set_header Host $host`): backends build
 //! absolute URLs and cookies for the name the client used, not for `10.0.0.5:8080`. An HTTP/2
 //! client's `:authority` becomes the `Host` of the HTTP/1.1 request to the backend.
@@ -32,14 +43,16 @@ pub(crate) struct PeerHeaders {
     forwarded_for: HeaderValue,
     /// The address as an RFC 7239 node: `192.0.2.7`, `"[::1]"`.
     node: String,
+    /// How the client reached the proxy: `http`, or `https` over TLS.
+    proto: HeaderValue,
     /// The last `Forwarded` element made, with the host it names: an HTTP/1 client sends the
     /// same `Host` on every request of its connection.
     last_element: Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl PeerHeaders {
-    /// The forwarding values for a connection from `peer`.
-    pub(crate) fn new(peer: IpAddr) -> Self {
+    /// The forwarding values for a connection from `peer`, over TLS when `https`.
+    pub(crate) fn new(peer: IpAddr, https: bool) -> Self {
         let ip = peer.to_canonical();
         let text = ip.to_string();
         let node = match ip {
@@ -51,6 +64,7 @@ impl PeerHeaders {
             forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(text))
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             node,
+            proto: HeaderValue::from_static(if https { "https" } else { "http" }),
             last_element: Mutex::new(None),
         }
     }
@@ -60,7 +74,7 @@ impl PeerHeaders {
         self.ip
     }
 
-    /// `for=…;proto=http;host=…`, this peer's `Forwarded` element for a request for `host`.
+    /// `for=…;proto=http(s);host=…`, this peer's `Forwarded` element for a request for `host`.
     fn forwarded_element(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
         let host_text = host.and_then(|h| h.to_str().ok());
         if let Some(host) = host
@@ -69,12 +83,17 @@ impl PeerHeaders {
         {
             return Some(element.clone());
         }
+        let proto = self.proto.to_str().unwrap_or("http");
         let mut element = String::with_capacity(
-            "for=;proto=http;host=\"\"".len() + self.node.len() + host_text.map_or(0, str::len),
+            "for=;proto=;host=\"\"".len()
+                + self.node.len()
+                + proto.len()
+                + host_text.map_or(0, str::len),
         );
         element.push_str("for=");
         element.push_str(&self.node);
-        element.push_str(";proto=http");
+        element.push_str(";proto=");
+        element.push_str(proto);
         if let Some(host) = host_text {
             element.push_str(";host=");
             push_token_or_quoted(&mut element, host);
@@ -152,17 +171,28 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Adds the forwarding headers for a request from `peer` for `host`: appends the peer to
 /// `X-Forwarded-For` and a `for=…;proto=http;host=…` element to `Forwarded` (RFC 7239), and
-/// sets `X-Forwarded-Proto: http` and `X-Forwarded-Host`.
+/// sets `X-Forwarded-Proto: http` and `X-Forwarded-Host`; both protocols say `https` when the
+/// peer's connection is TLS. Unless the peer is `trusted` (in `trusted_proxies`), the
+/// `Forwarded` it sent is dropped first; a trusted peer's `X-Forwarded-Proto: https` is kept.
 pub(crate) fn add_forwarding(
     headers: &mut HeaderMap,
     peer: &PeerHeaders,
     host: Option<HeaderValue>,
+    trusted: bool,
 ) {
     append_to_list(headers, X_FORWARDED_FOR, &peer.forwarded_for);
+    if !trusted {
+        headers.remove(header::FORWARDED);
+    }
     if let Some(element) = peer.forwarded_element(host.as_ref()) {
         append_to_list(headers, header::FORWARDED, &element);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if trusted && says_https(headers) {
+        HeaderValue::from_static("https")
+    } else {
+        peer.proto.clone()
+    };
+    headers.insert(X_FORWARDED_PROTO, proto);
     match host {
         Some(value) => {
             headers.insert(X_FORWARDED_HOST, value);
@@ -171,6 +201,27 @@ pub(crate) fn add_forwarding(
             headers.remove(X_FORWARDED_HOST);
         }
     }
+}
+
+/// Whether the client reached the proxy (or the trusted proxy in front of it) over TLS, as
+/// the `X-Forwarded-Proto` that [`add_forwarding`] set says (it replaces whatever an untrusted
+/// client sent, before the request filters and the balancer see the request).
+pub(crate) fn forwarded_https(headers: &HeaderMap) -> bool {
+    headers
+        .get(X_FORWARDED_PROTO)
+        .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
+/// Whether the incoming `X-Forwarded-Proto` says `https`: its last item (the nearest proxy's,
+/// should one have appended rather than replaced), and only that protocol.
+fn says_https(headers: &HeaderMap) -> bool {
+    let Some(last) = headers.get_all(X_FORWARDED_PROTO).iter().next_back() else {
+        return false;
+    };
+    last.to_str()
+        .ok()
+        .and_then(|value| value.rsplit(',').next())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
 }
 
 /// Joins every existing line of list header `name` and `item` into one line (many backends
@@ -318,8 +369,9 @@ mod tests {
         let host = HeaderValue::from_static("example.com:8080");
         add_forwarding(
             &mut h,
-            &PeerHeaders::new("::1".parse().unwrap()),
+            &PeerHeaders::new("::1".parse().unwrap(), false),
             Some(host),
+            false,
         );
         assert_eq!(h[X_FORWARDED_FOR], "203.0.113.1, ::1");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
@@ -330,8 +382,13 @@ mod tests {
         );
 
         let mut h = HeaderMap::new();
-        let peer = PeerHeaders::new("::ffff:192.0.2.7".parse().unwrap());
-        add_forwarding(&mut h, &peer, Some(HeaderValue::from_static("example.com")));
+        let peer = PeerHeaders::new("::ffff:192.0.2.7".parse().unwrap(), false);
+        add_forwarding(
+            &mut h,
+            &peer,
+            Some(HeaderValue::from_static("example.com")),
+            false,
+        );
         assert_eq!(
             h[header::FORWARDED],
             "for=192.0.2.7;proto=http;host=example.com"
@@ -343,15 +400,99 @@ mod tests {
             &mut h,
             &peer,
             Some(HeaderValue::from_static("other.example")),
+            false,
         );
         assert_eq!(
             h[header::FORWARDED],
             "for=192.0.2.7;proto=http;host=other.example"
         );
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, &peer, None);
+        add_forwarding(&mut h, &peer, None, false);
         assert_eq!(h[header::FORWARDED], "for=192.0.2.7;proto=http");
         assert!(!h.contains_key(X_FORWARDED_HOST));
+        assert!(!forwarded_https(&h));
+    }
+
+    #[test]
+    fn a_tls_connection_forwards_https_whatever_the_client_said() {
+        let peer = PeerHeaders::new("192.0.2.7".parse().unwrap(), true);
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        add_forwarding(
+            &mut h,
+            &peer,
+            Some(HeaderValue::from_static("example.com")),
+            false,
+        );
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=192.0.2.7;proto=https;host=example.com"
+        );
+        assert!(forwarded_https(&h));
+
+        let plain = PeerHeaders::new("192.0.2.7".parse().unwrap(), false);
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        add_forwarding(&mut h, &plain, None, false);
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert!(!forwarded_https(&h));
+    }
+
+    #[test]
+    fn only_a_trusted_peers_forwarded_and_https_are_believed() {
+        let spoof = |h: &mut HeaderMap| {
+            h.insert(
+                header::FORWARDED,
+                HeaderValue::from_static("for=203.0.113.9;proto=https;host=bank.example"),
+            );
+            h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        };
+        let peer = PeerHeaders::new("192.0.2.7".parse().unwrap(), false);
+        let host = || Some(HeaderValue::from_static("example.com"));
+
+        let mut h = HeaderMap::new();
+        spoof(&mut h);
+        add_forwarding(&mut h, &peer, host(), false);
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=192.0.2.7;proto=http;host=example.com"
+        );
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert!(!forwarded_https(&h));
+
+        let mut h = HeaderMap::new();
+        spoof(&mut h);
+        add_forwarding(&mut h, &peer, host(), true);
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=203.0.113.9;proto=https;host=bank.example, \
+             for=192.0.2.7;proto=http;host=example.com"
+        );
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        assert!(forwarded_https(&h));
+
+        // A trusted peer's `http` (or nothing, or an appended list ending in http) is not https;
+        // the last item of an appended list is the nearest proxy's.
+        for (sent, https) in [
+            (None, false),
+            (Some("http"), false),
+            (Some("https, http"), false),
+            (Some("http, HTTPS"), true),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(sent) = sent {
+                h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(sent));
+            }
+            add_forwarding(&mut h, &peer, None, true);
+            assert_eq!(forwarded_https(&h), https, "{sent:?}: {h:?}");
+        }
+        // Over TLS it is https whatever a trusted peer says.
+        let tls = PeerHeaders::new("192.0.2.7".parse().unwrap(), true);
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        add_forwarding(&mut h, &tls, None, true);
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The accept loop: connection limit, per-connection protocol settings, graceful shutdown.
+//! The accept loop: connection limit, the TLS handshake on an HTTPS listener, per-connection
+//! protocol settings, graceful shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,9 +17,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::Proxy;
-use super::conn::{self, ClientIo, ConnState};
+use super::conn::{self, ClientIo, ClientStream, ConnState};
 use super::headers::PeerHeaders;
 use crate::metrics::RejectReason;
+use crate::tls::ListenerTls;
 
 /// Pause after a failed accept (out of file descriptors, most likely) so the loop does not spin
 /// while the process has none to give.
@@ -174,11 +176,12 @@ impl Graceful {
     }
 }
 
-/// Serves `listener` until `shutdown` completes; then stops accepting and waits for the
-/// connections in flight to finish their requests.
+/// Serves `listener` (HTTPS when `tls` is given) until `shutdown` completes; then stops
+/// accepting and waits for the connections in flight to finish their requests.
 pub(crate) async fn run(
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    tls: Option<ListenerTls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let graceful = Graceful::new();
@@ -186,7 +189,7 @@ pub(crate) async fn run(
     // semaphore so that a reload changing `max_connections` applies at the next accept.
     let open = Arc::new(AtomicUsize::new(0));
     let rejecting = Arc::new(AtomicUsize::new(0));
-    tracing::info!(address = ?listener.local_addr().ok(), "proxy serving");
+    tracing::info!(address = ?listener.local_addr().ok(), tls = tls.is_some(), "proxy serving");
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -212,6 +215,7 @@ pub(crate) async fn run(
             tokio::spawn(connection(
                 proxy.clone(),
                 stream,
+                tls.clone(),
                 peer,
                 watcher,
                 Some(counted),
@@ -224,9 +228,9 @@ pub(crate) async fn run(
         if rejecting.fetch_add(1, Ordering::AcqRel) < max.max(1) {
             let rejecting = rejecting.clone();
             let watcher = graceful.watcher();
-            let proxy = proxy.clone();
+            let (proxy, tls) = (proxy.clone(), tls.clone());
             tokio::spawn(async move {
-                connection(proxy, stream, peer, watcher, None).await;
+                connection(proxy, stream, tls, peer, watcher, None).await;
                 rejecting.fetch_sub(1, Ordering::AcqRel);
             });
         } else {
@@ -242,17 +246,36 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Serves one client connection; `counted` is `None` for a connection over the limit, which
-/// gets 503 to its first request and is closed.
+/// Serves one client connection, after its TLS handshake when `tls` is given; `counted` is
+/// `None` for a connection over the limit, which gets 503 to its first request and is closed.
 async fn connection(
     proxy: Arc<Proxy>,
     stream: TcpStream,
+    tls: Option<ListenerTls>,
     peer: SocketAddr,
-    watcher: Watcher,
+    mut watcher: Watcher,
     counted: Option<Counted>,
 ) {
-    let limits = proxy.current().config.limits.clone();
     let _ = stream.set_nodelay(true);
+    let https = tls.is_some();
+    let stream = match tls {
+        None => ClientStream::Plain(stream),
+        // Bounded like a request head: a client silent for `header_read_timeout` is dropped.
+        Some(tls) => tokio::select! {
+            accepted = tls.accept(
+                stream,
+                proxy.current().config.limits.header_read_timeout,
+            ) => match accepted {
+                Some(stream) => ClientStream::Tls(Box::new(stream)),
+                // Failed or timed out: logged, and closed by the drop.
+                None => return,
+            },
+            // Shutdown: a connection that has sent no request yet is simply closed.
+            () = &mut watcher.stopped => return,
+        },
+    };
+    // Read after the handshake, so a reload during it applies.
+    let limits = proxy.current().config.limits.clone();
     let state = ConnState::new(limits.header_read_timeout);
     let io = TokioIo::new(ClientIo::new(stream, state.clone()));
     let over_limit = counted.is_none();
@@ -274,7 +297,7 @@ async fn connection(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let service = {
         let (proxy, state) = (proxy.clone(), state.clone());
-        let peer = Arc::new(PeerHeaders::new(peer.ip()));
+        let peer = Arc::new(PeerHeaders::new(peer.ip(), https));
         service_fn(move |request| {
             proxy
                 .clone()

@@ -6,7 +6,9 @@
 //! watch its connection become idle, a hashed pool key, a connector service and URI rewriting.
 //!
 //! A request checks a connection out ([`Pool::send`]): the most recently parked one that is
-//! still open, else a new one (`connect_timeout`, `TCP_NODELAY`). A pooled connection the
+//! still open, else a new one (`connect_timeout`, `TCP_NODELAY`; for an `https://` backend a
+//! TLS handshake too, within the same `connect_timeout`, the certificate verified: a failed
+//! handshake is a failed connect, never a fallback to cleartext). A pooled connection the
 //! backend closed before our request went out is replaced by a new one and the request sent
 //! there (what the legacy client's `retry_canceled_requests` did), whatever the method, since
 //! nothing reached the backend. The connection is parked again ([`Pooled::park`]) once the
@@ -23,10 +25,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::body::UpstreamBody;
+use crate::tls::BackendTls;
 
 /// Idle upstream connections are closed after this: below the usual backend keep-alive
 /// timeouts (nginx 75 s, Node 5 s is the outlier), so we rarely reuse one the backend is
@@ -53,6 +57,8 @@ pub(crate) enum SendError {
 pub(crate) struct Pool {
     /// `host:port` to connect to.
     authority: Authority,
+    /// TLS for an `https://` backend; `None`: cleartext.
+    tls: Option<BackendTls>,
     /// The `Host` a request without one gets (an HTTP/1.0 client's), as the legacy client did.
     host: Option<HeaderValue>,
     /// Bound on establishing a connection.
@@ -80,11 +86,16 @@ pub(crate) struct Pooled {
 }
 
 impl Pool {
-    /// A pool of connections to `authority`.
-    pub(crate) fn new(authority: Authority, connect_timeout: Duration) -> Arc<Self> {
+    /// A pool of connections to `authority`, over TLS when `tls` is given.
+    pub(crate) fn new(
+        authority: Authority,
+        tls: Option<BackendTls>,
+        connect_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Pool {
             host: HeaderValue::from_str(authority.as_str()).ok(),
             authority,
+            tls,
             connect_timeout,
             idle: Mutex::new(Vec::new()),
         })
@@ -152,35 +163,38 @@ impl Pool {
         }
     }
 
-    /// A new connection, its I/O spawned.
+    /// A new connection (TCP, then TLS for an `https://` backend, both within
+    /// `connect_timeout`), its I/O spawned.
     async fn connect(self: &Arc<Self>) -> Result<Pooled, SendError> {
         let authority = self.authority.as_str();
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(error)) => {
-                    return Err(SendError::Connect(format!(
-                        "tcp connect to {authority}: {error}"
-                    )));
-                }
-                Err(_) => {
-                    return Err(SendError::Connect(format!(
-                        "tcp connect to {authority}: no connection within {:?}",
-                        self.connect_timeout
-                    )));
-                }
+        let connecting = async {
+            let stream = TcpStream::connect(authority)
+                .await
+                .map_err(|error| format!("tcp connect to {authority}: {error}"))?;
+            // Requests and responses are written whole: Nagle would only delay them.
+            let _ = stream.set_nodelay(true);
+            let Some(tls) = &self.tls else {
+                return Ok(Dialled::Plain(stream));
             };
-        // Requests and responses are written whole: Nagle would only delay them.
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| SendError::Connect(error_chain(&error)))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
+            match tls.connect(stream).await {
+                Ok(stream) => Ok(Dialled::Tls(Box::new(stream))),
+                Err(error) => Err(format!(
+                    "TLS handshake with {authority}: {}",
+                    error_chain(&error)
+                )),
             }
-        });
+        };
+        let sender = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(Dialled::Plain(stream))) => handshake(stream).await?,
+            Ok(Ok(Dialled::Tls(stream))) => handshake(stream).await?,
+            Ok(Err(error)) => return Err(SendError::Connect(error)),
+            Err(_) => {
+                return Err(SendError::Connect(format!(
+                    "connect to {authority}: no connection within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
         Ok(Pooled {
             sender,
             pool: self.clone(),
@@ -209,6 +223,31 @@ impl Pooled {
             });
         }
     }
+}
+
+/// A new connection to a backend, before HTTP/1.1 is spoken on it.
+enum Dialled {
+    /// An `http://` backend's.
+    Plain(TcpStream),
+    /// An `https://` backend's, its certificate verified.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// HTTP/1.1 on a new connection to a backend, its I/O spawned in a task of its own.
+async fn handshake<S>(stream: S) -> Result<SendRequest<UpstreamBody>, SendError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|error| SendError::Connect(error_chain(&error)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// Starts the task closing the idle connections of `pools`; it ends once they are all gone.

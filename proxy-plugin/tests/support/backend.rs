@@ -126,6 +126,7 @@ impl TestBackend {
             name: self.name.clone(),
             authority: self.addr.to_string(),
             weight: 1,
+            tls: false,
         }
     }
 }

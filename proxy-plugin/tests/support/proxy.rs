@@ -19,6 +19,7 @@ pub fn config(backends: &[&TestBackend]) -> ProxyConfig {
     ProxyConfig {
         listen: "127.0.0.1:0".parse().expect("address"),
         admin_listen: None,
+        admin_token: None,
         backends: backends.iter().map(|b| b.config()).collect(),
         balance: BalanceMode::RoundRobin,
         trusted_proxies: Vec::new(),
@@ -42,6 +43,8 @@ pub fn config(backends: &[&TestBackend]) -> ProxyConfig {
             retry_buffer_bytes: 64 * 1024,
         },
         lookup: None,
+        tls: None,
+        backend_ca: None,
     }
 }
 

@@ -37,8 +37,14 @@ pub fn run_bounded<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     if !names_listen {
         command.args(["--listen", "127.0.0.1:0"]);
     }
+    command.args(args);
+    run_command_bounded(command)
+}
+
+/// Runs `command` (see [`command`]; stdin closed, stdout and stderr collected) until it exits,
+/// or for [`RUN_WITHIN`] and then kills it.
+pub fn run_command_bounded(mut command: Command) -> Output {
     command
-        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -59,6 +65,8 @@ pub fn command() -> Command {
         "STICKLESS_PROXY_CONFIG",
         "STICKLESS_PROXY_LISTEN",
         "STICKLESS_PROXY_ADMIN_LISTEN",
+        "STICKLESS_PROXY_ADMIN_TOKEN",
+        "STICKLESS_PROXY_ADMIN_TOKEN_FILE",
         "STICKLESS_PROXY_BACKENDS",
         "STICKLESS_PROXY_BALANCE",
         "STICKLESS_PROXY_HEALTH_CHECK",
