@@ -23,6 +23,7 @@ pub mod backend;
 pub mod balance;
 pub mod client_ip;
 pub mod config;
+mod cookie;
 pub mod health;
 pub mod lookup;
 pub mod metrics;

@@ -56,18 +56,19 @@
 //! that user's next request, until the snapshot expires.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use futures::future::BoxFuture;
-use http::header::{COOKIE, HeaderName, SET_COOKIE};
+use http::header::{HeaderName, SET_COOKIE};
 use http::{HeaderMap, HeaderValue};
 use session_client::cookie::{
-    CookieCodec, CookieError, CookieKey, Encryption, KeyRing, MAX_COOKIE_BYTES, Snapshot, unix_ms,
+    CookieCodec, CookieError, CookieKey, Encryption, KeyRing, Snapshot, fits_in_cookie, unix_ms,
 };
 use session_client::{ClientConfig, ClientError, SessionClient, SessionData};
 
 use crate::config::{LookupConfig, LookupFailure};
+use crate::cookie::cookie_values;
 use crate::metrics::{ProxyMetrics, RejectReason};
 use crate::proxy::{RequestFilter, ResponseFilter};
 
@@ -188,7 +189,7 @@ impl SessionLookup {
         let Some(plugin) = &self.plugin else {
             return Ok(None);
         };
-        let Some(id) = session_cookie(headers, &plugin.config.cookie) else {
+        let Some(id) = cookie_values(headers, &plugin.config.cookie).next() else {
             self.metrics.lookup("no_cookie");
             return Ok(None);
         };
@@ -268,17 +269,7 @@ impl SessionLookup {
         let Sent::Valid(snapshot) = plugin.snapshots.as_ref()?.sent(headers, id) else {
             return None;
         };
-        let at = |ms: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-        let data = SessionData {
-            id: snapshot.id,
-            namespace: snapshot.namespace,
-            user_id: snapshot.user_id,
-            attrs: snapshot.attrs.into_iter().collect(),
-            version: snapshot.version,
-            created_at: at(snapshot.created_at_ms),
-            expires_at: at(snapshot.expires_at_ms),
-            ttl: std::time::Duration::from_millis(snapshot.ttl_ms),
-        };
+        let data = snapshot.into_session();
         match tokio::time::timeout(plugin.config.timeout, plugin.client.restore(data)).await {
             Ok(Ok(session)) => Some(session),
             Ok(Err(error)) => {
@@ -406,28 +397,21 @@ impl Snapshots {
 
     /// The request's snapshot cookie, checked against session `id`.
     fn sent(&self, headers: &HeaderMap, id: &str) -> Sent {
-        let Some(value) = session_cookie(headers, &self.cookie) else {
+        let Some(value) = cookie_values(headers, &self.cookie).next() else {
             return Sent::Absent;
         };
-        match self.codec.decode(value) {
-            Ok(snapshot) if snapshot.id == id && snapshot.namespace == self.namespace => {
-                Sent::Valid(snapshot)
-            }
-            Ok(_) => {
-                tracing::debug!("ignoring a snapshot cookie of another session");
-                Sent::Invalid
-            }
-            Err(error) => {
-                tracing::debug!(%error, "ignoring the session snapshot cookie");
-                Sent::Invalid
-            }
+        match self.codec.decode_for(value, id, &self.namespace) {
+            Some(snapshot) => Sent::Valid(snapshot),
+            None => Sent::Invalid,
         }
     }
 
     /// Whether the request's snapshot cookie is signed with the current signing key (so one
     /// signed by a key rotating out is re-issued at once, not only at half its life).
     fn sent_is_current(&self, headers: &HeaderMap) -> bool {
-        session_cookie(headers, &self.cookie).is_some_and(|value| self.codec.is_current(value))
+        cookie_values(headers, &self.cookie)
+            .next()
+            .is_some_and(|value| self.codec.is_current(value))
     }
 
     /// Store reachable, session found: a new snapshot unless the request's is fresh (same
@@ -439,33 +423,22 @@ impl Snapshots {
         session: &SessionData,
         secure: bool,
     ) -> Option<Box<dyn ResponseFilter>> {
-        let ttl_ms = u64::try_from(session.ttl.as_millis()).unwrap_or(u64::MAX);
         let sent = match self.sent(headers, &session.id) {
             Sent::Valid(old)
-                if old.version == session.version
-                    && fresh(&old, ttl_ms)
-                    && self.sent_is_current(headers) =>
+                if old.is_up_to_date(
+                    &session.id,
+                    session.version,
+                    session.ttl,
+                    SystemTime::now(),
+                ) && self.sent_is_current(headers) =>
             {
                 return None;
             }
             Sent::Absent => false,
             Sent::Invalid | Sent::Valid(_) => true,
         };
-        let snapshot = Snapshot {
-            id: session.id.clone(),
-            namespace: self.namespace.clone(),
-            user_id: session.user_id.clone(),
-            attrs: session
-                .attrs
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            version: session.version,
-            created_at_ms: unix_ms(session.created_at),
-            issued_at_ms: 0,
-            expires_at_ms: unix_ms(session.expires_at),
-            ttl_ms,
-        };
+        // Issued-at is set when the response filter encodes it.
+        let snapshot = Snapshot::from_session(session, &self.namespace, UNIX_EPOCH);
         Some(self.update(Some(snapshot), sent, secure))
     }
 
@@ -476,10 +449,11 @@ impl Snapshots {
         mut snapshot: Snapshot,
         secure: bool,
     ) -> Option<Box<dyn ResponseFilter>> {
-        if fresh(&snapshot, snapshot.ttl_ms) {
+        let now = SystemTime::now();
+        if snapshot.is_fresh(snapshot.ttl(), now) {
             return None;
         }
-        snapshot.expires_at_ms = unix_ms(SystemTime::now()).saturating_add(snapshot.ttl_ms);
+        snapshot.slide(now);
         Some(self.update(Some(snapshot), true, secure))
     }
 
@@ -489,7 +463,7 @@ impl Snapshots {
         headers: &HeaderMap,
         secure: bool,
     ) -> Option<Box<dyn ResponseFilter>> {
-        session_cookie(headers, &self.cookie)?;
+        cookie_values(headers, &self.cookie).next()?;
         Some(self.update(None, true, secure))
     }
 
@@ -508,14 +482,6 @@ impl Snapshots {
     }
 }
 
-/// Whether `snapshot` has more than half of `ttl_ms` left (`session-client`'s rule).
-fn fresh(snapshot: &Snapshot, ttl_ms: u64) -> bool {
-    snapshot
-        .expires_at_ms
-        .saturating_sub(unix_ms(SystemTime::now()))
-        > ttl_ms / 2
-}
-
 impl ResponseFilter for SnapshotUpdate {
     fn response_filter(self: Box<Self>, head: &mut http::response::Parts) {
         let snapshots = &self.snapshots;
@@ -532,7 +498,7 @@ impl ResponseFilter for SnapshotUpdate {
             Some(mut snapshot) => {
                 snapshot.issued_at_ms = unix_ms(SystemTime::now());
                 match snapshots.codec.encode(&snapshot) {
-                    Ok(value) if name.len() + 1 + value.len() <= MAX_COOKIE_BYTES => {
+                    Ok(value) if fits_in_cookie(name, &value) => {
                         format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")
                     }
                     Ok(_) | Err(_) => {
@@ -573,18 +539,6 @@ fn strip_session_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// The value of cookie `name` (the first one, as browsers send the most specific first).
-fn session_cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(key, _)| key.trim() == name)
-        .map(|(_, value)| value.trim().trim_matches('"'))
-}
-
 /// Whether a cookie value looks like a session id (base64url, bounded length).
 fn plausible_id(id: &str) -> bool {
     !id.is_empty()
@@ -596,6 +550,8 @@ fn plausible_id(id: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use http::header::COOKIE;
+
     use super::*;
 
     #[tokio::test]
@@ -616,9 +572,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(COOKIE, HeaderValue::from_static("a=1; sid=abc_DEF-123"));
         headers.append(COOKIE, HeaderValue::from_static("sid=second"));
-        assert_eq!(session_cookie(&headers, "sid"), Some("abc_DEF-123"));
-        assert_eq!(session_cookie(&headers, "a"), Some("1"));
-        assert_eq!(session_cookie(&headers, "missing"), None);
+        let first = |name| cookie_values(&headers, name).next();
+        assert_eq!(first("sid"), Some("abc_DEF-123"));
+        assert_eq!(first("a"), Some("1"));
+        assert_eq!(first("missing"), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! - `hash` (and its ring, `hash_ring`): [`KeyHash`], map-based or consistent hashing of a
 //!   [`HashKey`] (client address, path, query parameter, header, cookie).
 //! - `sticky`: [`StickyCookie`], a signed cookie naming the backend.
-//! - `cookie`: reading `Cookie` headers for the last two.
+//! - The last two read `Cookie` headers with the crate's one parser (`crate::cookie`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -21,8 +21,9 @@ use std::sync::Arc;
 use http::{HeaderMap, Uri};
 
 use crate::backend::Backend;
+// The crate's cookie parser, as `super::cookie` for the balancers reading cookies.
+use crate::cookie;
 
-mod cookie;
 mod hash;
 mod hash_ring;
 mod ip_hash;

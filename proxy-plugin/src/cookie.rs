@@ -1,4 +1,5 @@
-//! Reading cookies from request headers, for the cookie-hash and sticky-cookie balancers.
+//! Reading cookies from request headers: the one `Cookie` parser of the proxy, used by the
+//! cookie-hash and sticky-cookie balancers and by the session-lookup plugin.
 //!
 //! Handles several `Cookie` headers (HTTP/2 clients may split them) and `a=1; b=2` lists;
 //! header values that are not visible ASCII and pairs without `=` are skipped, never a panic.
@@ -6,8 +7,10 @@
 use http::HeaderMap;
 use http::header::COOKIE;
 
-/// The values of every cookie called `name` in the request, in header order; surrounding
-/// whitespace and double quotes are removed.
+/// The values of every cookie called `name` in the request, in header order (the first is the
+/// one browsers consider most specific); surrounding whitespace is removed, and one pair of
+/// double quotes around the value (an unbalanced quote is kept, so such a value is never
+/// mistaken for a valid id or snapshot).
 pub(crate) fn cookie_values<'a>(
     headers: &'a HeaderMap,
     name: &'a str,
@@ -47,6 +50,26 @@ mod tests {
         assert_eq!(cookie_values(&h, "b").collect::<Vec<_>>(), ["2", "4"]);
         assert_eq!(cookie_values(&h, "c").collect::<Vec<_>>(), ["3"]);
         assert_eq!(cookie_values(&h, "z").count(), 0);
+    }
+
+    #[test]
+    fn the_first_match_is_the_first_in_header_order() {
+        // What the session lookup takes: the first `sid`, even across headers.
+        let h = headers(&[b"a=1; sid=abc_DEF-123", b"sid=second"]);
+        assert_eq!(cookie_values(&h, "sid").next(), Some("abc_DEF-123"));
+        assert_eq!(cookie_values(&h, "a").next(), Some("1"));
+        assert_eq!(cookie_values(&h, "missing").next(), None);
+    }
+
+    #[test]
+    fn whitespace_quotes_and_empty_values() {
+        let h = headers(&[b" sid = \" abc \" ;e=;q=\"\";u=\"x;v=y\"\"\""]);
+        assert_eq!(cookie_values(&h, "sid").next(), Some(" abc "));
+        assert_eq!(cookie_values(&h, "e").next(), Some(""), "present, empty");
+        assert_eq!(cookie_values(&h, "q").next(), Some(""));
+        // Only a balanced pair of quotes is removed.
+        assert_eq!(cookie_values(&h, "u").next(), Some("\"x"));
+        assert_eq!(cookie_values(&h, "v").next(), Some("y\"\"\""));
     }
 
     #[test]
