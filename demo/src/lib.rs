@@ -15,6 +15,7 @@
 //! - this file: [`DemoConfig`], [`app`] (the router) and [`run`], the handlers of the
 //!   `local`/`store` modes.
 //! - [`proxy_mode`]: the handlers of `--sessions proxy` (session from the proxy's headers).
+//! - [`tls`]: HTTPS on the listener (`--tls-cert`, `--tls-key`).
 //! - `main.rs`: the `demo-app` binary's flags.
 
 use std::future::Future;
@@ -39,6 +40,9 @@ use session_server::store::memory::MemoryStore;
 use tokio::net::TcpListener;
 
 pub mod proxy_mode;
+pub mod tls;
+
+pub use tls::ListenerTls;
 
 /// Where the demo keeps sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +79,9 @@ pub struct DemoConfig {
     /// `None`: the system's roots for `https://`. Refused with an `http://` URL and with
     /// `local` sessions.
     pub session_tls: Option<ClientTls>,
+    /// HTTPS on the listener (`--tls-cert`, `--tls-key`): with it [`run`] serves HTTPS only;
+    /// `None`: plain HTTP.
+    pub listener_tls: Option<ListenerTls>,
 }
 
 impl DemoConfig {
@@ -90,6 +97,7 @@ impl DemoConfig {
             namespace: "demo".into(),
             auth_token: None,
             session_tls: None,
+            listener_tls: None,
         }
     }
 
@@ -223,7 +231,8 @@ async fn local_store() -> Result<String, DemoError> {
     Ok(format!("http://{addr}"))
 }
 
-/// Serves the demo on `listener` until `shutdown` completes.
+/// Serves the demo on `listener` (HTTPS only with [`DemoConfig::listener_tls`], else plain
+/// HTTP) until `shutdown` completes, then finishes the requests in flight.
 pub async fn run(
     listener: TcpListener,
     config: &DemoConfig,
@@ -231,10 +240,16 @@ pub async fn run(
 ) -> Result<(), DemoError> {
     let app = app(config).await?;
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(?addr, name = %config.name, sessions = ?config.sessions, "demo-app serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let https = config.listener_tls.is_some();
+    tracing::info!(?addr, name = %config.name, sessions = ?config.sessions, https, "demo-app serving");
+    match &config.listener_tls {
+        Some(tls) => tls::serve(listener, app, tls, shutdown).await?,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?;
+        }
+    }
     Ok(())
 }
 

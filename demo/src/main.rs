@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use demo::{DemoConfig, Sessions};
+use demo::{DemoConfig, ListenerTls, Sessions};
 use session_client::cookie::Encryption;
 use session_client::{ClientTls, FallbackMode};
 
@@ -44,6 +44,14 @@ struct Cli {
     /// as `listening http <ip:port>`).
     #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Certificate chain (PEM, this server's certificate first): with `--tls-key`, `--listen`
+    /// serves HTTPS only (ALPN h2 and http/1.1), e.g. as an `https://` backend of
+    /// session-proxy.
+    #[arg(long, value_name = "PATH", env = "DEMO_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`; both or neither.
+    #[arg(long, value_name = "PATH", env = "DEMO_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Instance name, sent in `x-served-by`.
     #[arg(long, env = "DEMO_NAME", default_value = "demo")]
     name: String,
@@ -115,8 +123,8 @@ fn report_listening(role: &str, addr: SocketAddr) -> std::io::Result<()> {
 }
 
 /// The demo's settings from its flags: what `main` refuses with exit status 2 (a fallback
-/// without a key, TLS files that cannot be read, TLS settings that do not fit the session
-/// server URL) is an `Err` with the reason.
+/// without a key, TLS files that cannot be read or used, TLS settings that do not fit the
+/// session server URL) is an `Err` with the reason.
 fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
     let fallback = match cli.fallback {
         Fallback::Off => FallbackMode::Off,
@@ -132,6 +140,13 @@ fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
         cli.session_client_key.as_deref(),
     )
     .map_err(|e| e.to_string())?;
+    let listener_tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(ListenerTls::from_files(cert, key).map_err(|e| e.to_string())?)
+        }
+        (None, None) => None,
+        _ => return Err("--tls-cert and --tls-key go together: give both or neither".into()),
+    };
     let config = DemoConfig {
         name: cli.name,
         sessions: match cli.sessions {
@@ -150,6 +165,7 @@ fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
         namespace: cli.namespace,
         auth_token: cli.auth_token,
         session_tls,
+        listener_tls,
     };
     match config.session_client_config() {
         Some(client_config) => client_config.validate().map_err(|e| e.to_string())?,
