@@ -30,6 +30,47 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Most gRPC serving threads (`--serve-threads`): far more than any machine has cores.
 pub const MAX_SERVE_THREADS: usize = 1024;
 
+/// A secret setting (a bearer token): its text for the code that uses it ([`std::ops::Deref`]
+/// to `str`), and a `Debug` that says a value is set without ever showing it, so settings can
+/// be logged or printed in a panic without leaking the token.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Secret(text.to_owned())
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Secret(text)
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(text.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
 /// Which store keeps the sessions. Every kind can be named in any build; one whose cargo
 /// feature ([`StoreKind::feature`]) was off is refused by config validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -152,7 +193,7 @@ pub struct Cli {
     /// Bearer token every SessionStore call must carry (`authorization: Bearer <token>`),
     /// allowed in every namespace, read-write; adds to `--auth-token-file`'s tokens.
     #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     /// File of scoped tokens, one a line: `TOKEN NAMESPACES RIGHTS`, e.g. `app-secret demo,shop
     /// rw` (`TOKEN` or `sha256:<hex>` of it; `NAMESPACES` a comma list or `*`; `RIGHTS` `rw` or
     /// `ro`: Get, ListByUser and Watch only); `#` starts a comment.
@@ -216,7 +257,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     max_ttl: Option<Duration>,
     max_session_bytes: Option<usize>,
-    auth_token: Option<String>,
+    auth_token: Option<Secret>,
     auth_token_file: Option<PathBuf>,
     allow_unauthenticated: Option<bool>,
     log_format: Option<LogFormat>,
@@ -325,7 +366,7 @@ pub struct Settings {
     /// Cap on a session's attributes in bytes.
     pub max_session_bytes: usize,
     /// Bearer token accepted on SessionStore calls in every namespace, read-write, if any.
-    pub auth_token: Option<String>,
+    pub auth_token: Option<Secret>,
     /// File of scoped tokens, if any (read when the settings are resolved).
     pub auth_token_file: Option<PathBuf>,
     /// The tokens of `auth_token_file`, as read when the settings were resolved.
@@ -592,6 +633,21 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("session-server").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn debug_of_the_settings_never_shows_the_auth_token() {
+        let parsed = cli(&["--auth-token", "s3cret-server-token"]);
+        assert!(!format!("{parsed:?}").contains("s3cret"), "{parsed:?}");
+        let file = "auth_token = \"s3cret-file-token\"\n";
+        let settings = Settings::resolve(parsed, Some(file)).unwrap();
+        assert_eq!(settings.auth_token.as_deref(), Some("s3cret-server-token"));
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<hidden>"), "{shown}");
+        let from_file = Settings::resolve(Cli::default(), Some(file)).unwrap();
+        assert_eq!(from_file.auth_token.as_deref(), Some("s3cret-file-token"));
+        assert!(!format!("{from_file:?}").contains("s3cret"));
     }
 
     #[test]
