@@ -4,7 +4,7 @@
 //! writes through `session-client` (login, cart changes, logout). Given cookie keys (the same
 //! material as the proxy's `--session-snapshot-key`), it also rewrites the signed snapshot
 //! cookie after each of its writes, so the snapshot the proxy falls back on during a store
-//! outage holds every change the app acknowledged.
+//! outage holds every change the app acknowledged. Logout expires both cookies.
 
 use std::time::SystemTime;
 
@@ -256,14 +256,16 @@ async fn logout(State(state): State<ProxyState>, headers: HeaderMap) -> Response
     {
         return store_error(error);
     }
+    // Every session cookie goes: the id and the snapshot (whether this app or the proxy wrote
+    // it), so no browser keeps a snapshot of a session its user ended.
     let secure = if state.secure { "; Secure" } else { "" };
-    let clear = format!(
-        "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
-        state.cookie
-    );
+    let snapshot = SessionConfig::default().snapshot_cookie_name;
     let mut response = Json(json!({ "logged_out": true })).into_response();
-    if let Ok(value) = clear.parse() {
-        response.headers_mut().append(header::SET_COOKIE, value);
+    for name in [state.cookie.as_str(), snapshot.as_str()] {
+        let clear = format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
+        if let Ok(value) = clear.parse() {
+            response.headers_mut().append(header::SET_COOKIE, value);
+        }
     }
     response
 }

@@ -30,9 +30,15 @@
 //!   so a user gets a new snapshot about twice a ttl, not on every response. It snapshots the
 //!   session as the lookup saw it: a change the backend makes in that request is taken up by
 //!   the next one (the version differs). Snapshots are sealed (AES-256-GCM): the client cannot
-//!   read the attributes. A response that sets the session cookie or the snapshot cookie itself
-//!   (login, logout, a backend keeping its own snapshot) is left alone. A session too large for
+//!   read the attributes. A response that sets the session cookie (login) or the snapshot
+//!   cookie itself (a backend keeping its own snapshot) is left alone. A session too large for
 //!   a 4096-byte cookie gets no snapshot (a stale one the client sent is expired).
+//! - **Logout**: a response that clears the session cookie (its `Set-Cookie` has an empty
+//!   value, `Max-Age=0` or an `Expires` in the past, see `lookup/set_cookie.rs`) also gets the
+//!   snapshot cookie expired (same attributes, `Max-Age=0`) unless the backend expires or sets
+//!   it itself, whatever the lookup found, and never a fresh snapshot: every session cookie
+//!   leaves the browser together. The sticky balancer's cookie is left alone: it pins a
+//!   backend, not a user, and holds nothing of the session.
 //! - **Store unreachable** (down, or no answer within `timeout`): a valid snapshot of the
 //!   session the session cookie names stands in for it: its id, user and configured attributes
 //!   become the headers, plus `x-session-degraded: 1`, and the request is forwarded whatever
@@ -49,11 +55,14 @@
 //! first, in `--session-snapshot-key` here and `demo-app --cookie-key` (a `session-client`
 //! [`KeyRing`]) there. Key ids derive from the material ([`CookieKey::new`]), so each side
 //! verifies what the other signed; with different keys each ignores (and overwrites) the
-//! other's snapshots. Limits: the proxy never pushes a snapshot back into the store (backends
-//! using `session-client` do, with `Restore`), so a session that expired in the store during a
-//! long outage ends when the store is back; a session deleted in the store behind its user's
-//! back (`DeleteByUser`) stays usable through its snapshot during an outage that begins before
-//! that user's next request, until the snapshot expires.
+//! other's snapshots. When the store answers NOT_FOUND for a session whose request carries a
+//! valid snapshot, the proxy pushes the snapshot back with `Restore` (as `session-client`'s
+//! layer does); the server refuses ids deleted less than one ttl ago (logout tombstones).
+//! Limits: nothing yet tells a session the store lost (a restart of a memory store) from one
+//! deleted or expired longer ago than that, so such a session's snapshot, replayed, is
+//! restored (issue 12's store epoch closes this); a session deleted in the store behind its
+//! user's back (`DeleteByUser`) stays usable through its snapshot during an outage that begins
+//! before that user's next request, until the snapshot expires.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -71,6 +80,9 @@ use crate::config::{LookupConfig, LookupFailure};
 use crate::cookie::cookie_values;
 use crate::metrics::{ProxyMetrics, RejectReason};
 use crate::proxy::{RequestFilter, ResponseFilter};
+
+mod set_cookie;
+use set_cookie::{clears_cookie, sets_cookie};
 
 /// Prefix of every header this plugin owns.
 const SESSION_HEADER_PREFIX: &str = "x-session-";
@@ -155,12 +167,24 @@ enum Sent {
 struct SnapshotUpdate {
     /// Codec and cookie names.
     snapshots: Arc<Snapshots>,
-    /// The session to snapshot (issued-at set when encoded); `None` expires the client's.
-    snapshot: Option<Snapshot>,
+    /// What to do with the snapshot cookie when the response leaves the session cookie alone.
+    action: SnapshotAction,
     /// Whether the request carried a snapshot cookie (expired when no new one can be made).
     sent: bool,
     /// The request came over TLS: the cookie is `Secure`.
     secure: bool,
+}
+
+/// What a [`SnapshotUpdate`] does when the response neither clears nor sets the session cookie
+/// (a response clearing it, a logout, always gets the snapshot cookie expired).
+#[derive(Debug)]
+enum SnapshotAction {
+    /// Nothing: the request's snapshot is fine.
+    Keep,
+    /// Sets a snapshot of this session (issued-at set when encoded).
+    Set(Snapshot),
+    /// Expires the client's.
+    Expire,
 }
 
 impl SessionLookup {
@@ -189,6 +213,24 @@ impl SessionLookup {
         let Some(plugin) = &self.plugin else {
             return Ok(None);
         };
+        let secure = crate::proxy::forwarded_https(headers);
+        let update = self.lookup(plugin, headers, secure).await?.or_else(|| {
+            // A request carrying a snapshot cookie always gets the filter, so that a logout
+            // response (clearing the session cookie) expires that cookie too.
+            let snapshots = plugin.snapshots.as_ref()?;
+            cookie_values(headers, &snapshots.cookie).next()?;
+            Some(snapshots.update(SnapshotAction::Keep, true, secure))
+        });
+        Ok(update.map(|update| Box::new(update) as Box<dyn ResponseFilter>))
+    }
+
+    /// Looks the session up and sets its headers; returns what to do with the snapshot cookie.
+    async fn lookup(
+        &self,
+        plugin: &Plugin,
+        headers: &mut HeaderMap,
+        secure: bool,
+    ) -> Result<Option<SnapshotUpdate>, RejectReason> {
         let Some(id) = cookie_values(headers, &plugin.config.cookie).next() else {
             self.metrics.lookup("no_cookie");
             return Ok(None);
@@ -199,7 +241,6 @@ impl SessionLookup {
             return Ok(None);
         }
         let id = id.to_owned();
-        let secure = crate::proxy::forwarded_https(headers);
         let result = tokio::time::timeout(plugin.config.timeout, plugin.client.get(&id, true))
             .await
             .unwrap_or_else(|_| {
@@ -422,7 +463,7 @@ impl Snapshots {
         headers: &HeaderMap,
         session: &SessionData,
         secure: bool,
-    ) -> Option<Box<dyn ResponseFilter>> {
+    ) -> Option<SnapshotUpdate> {
         let sent = match self.sent(headers, &session.id) {
             Sent::Valid(old)
                 if old.is_up_to_date(
@@ -439,46 +480,38 @@ impl Snapshots {
         };
         // Issued-at is set when the response filter encodes it.
         let snapshot = Snapshot::from_session(session, &self.namespace, UNIX_EPOCH);
-        Some(self.update(Some(snapshot), sent, secure))
+        Some(self.update(SnapshotAction::Set(snapshot), sent, secure))
     }
 
     /// Store unreachable, session served from `snapshot`: its expiry slides as the store's
     /// would, written out once past half its life.
-    fn slide(
-        self: &Arc<Self>,
-        mut snapshot: Snapshot,
-        secure: bool,
-    ) -> Option<Box<dyn ResponseFilter>> {
+    fn slide(self: &Arc<Self>, mut snapshot: Snapshot, secure: bool) -> Option<SnapshotUpdate> {
         let now = SystemTime::now();
         if snapshot.is_fresh(snapshot.ttl(), now) {
             return None;
         }
         snapshot.slide(now);
-        Some(self.update(Some(snapshot), true, secure))
+        Some(self.update(SnapshotAction::Set(snapshot), true, secure))
     }
 
     /// Store reachable, session missing: the client's snapshot cookie, if any, is expired.
-    fn expire(
-        self: &Arc<Self>,
-        headers: &HeaderMap,
-        secure: bool,
-    ) -> Option<Box<dyn ResponseFilter>> {
+    fn expire(self: &Arc<Self>, headers: &HeaderMap, secure: bool) -> Option<SnapshotUpdate> {
         cookie_values(headers, &self.cookie).next()?;
-        Some(self.update(None, true, secure))
+        Some(self.update(SnapshotAction::Expire, true, secure))
     }
 
     fn update(
         self: &Arc<Self>,
-        snapshot: Option<Snapshot>,
+        action: SnapshotAction,
         sent: bool,
         secure: bool,
-    ) -> Box<dyn ResponseFilter> {
-        Box::new(SnapshotUpdate {
+    ) -> SnapshotUpdate {
+        SnapshotUpdate {
             snapshots: self.clone(),
-            snapshot,
+            action,
             sent,
             secure,
-        })
+        }
     }
 }
 
@@ -486,27 +519,37 @@ impl ResponseFilter for SnapshotUpdate {
     fn response_filter(self: Box<Self>, head: &mut http::response::Parts) {
         let snapshots = &self.snapshots;
         let name = &snapshots.cookie;
-        if sets_cookie(&head.headers, &snapshots.session_cookie) || sets_cookie(&head.headers, name)
-        {
-            // The backend changed the session (login, logout) or keeps the snapshot itself.
+        if sets_cookie(&head.headers, name) {
+            // The backend keeps (or expires) the snapshot itself.
             return;
         }
         let secure = if self.secure { "; Secure" } else { "" };
         let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
-        let cookie = match self.snapshot {
-            None => expired(),
-            Some(mut snapshot) => {
-                snapshot.issued_at_ms = unix_ms(SystemTime::now());
-                match snapshots.codec.encode(&snapshot) {
-                    Ok(value) if fits_in_cookie(name, &value) => {
-                        format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")
-                    }
-                    Ok(_) | Err(_) => {
-                        tracing::info!("session too large for a snapshot cookie: none set");
-                        if !self.sent {
-                            return;
+        let session_cookie = &snapshots.session_cookie;
+        let cookie = if clears_cookie(&head.headers, session_cookie, SystemTime::now()) {
+            // A logout: the snapshot goes with the session cookie, so no browser keeps a
+            // snapshot of a session its user ended.
+            expired()
+        } else if sets_cookie(&head.headers, session_cookie) {
+            // A new session (login): its snapshot is left to the next request.
+            return;
+        } else {
+            match self.action {
+                SnapshotAction::Keep => return,
+                SnapshotAction::Expire => expired(),
+                SnapshotAction::Set(mut snapshot) => {
+                    snapshot.issued_at_ms = unix_ms(SystemTime::now());
+                    match snapshots.codec.encode(&snapshot) {
+                        Ok(value) if fits_in_cookie(name, &value) => {
+                            format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")
                         }
-                        expired()
+                        Ok(_) | Err(_) => {
+                            tracing::info!("session too large for a snapshot cookie: none set");
+                            if !self.sent {
+                                return;
+                            }
+                            expired()
+                        }
                     }
                 }
             }
@@ -515,16 +558,6 @@ impl ResponseFilter for SnapshotUpdate {
             head.headers.append(SET_COOKIE, value);
         }
     }
-}
-
-/// Whether a response sets (or deletes) cookie `name`.
-fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
-    headers
-        .get_all(SET_COOKIE)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .filter_map(|value| value.split_once('='))
-        .any(|(key, _)| key.trim() == name)
 }
 
 /// Removes every `x-session-*` header.
@@ -576,16 +609,6 @@ mod tests {
         assert_eq!(first("sid"), Some("abc_DEF-123"));
         assert_eq!(first("a"), Some("1"));
         assert_eq!(first("missing"), None);
-    }
-
-    #[test]
-    fn response_cookies_are_matched_by_exact_name() {
-        let mut headers = HeaderMap::new();
-        headers.append(SET_COOKIE, HeaderValue::from_static("sid_snap=x; Path=/"));
-        headers.append(SET_COOKIE, HeaderValue::from_static("theme=dark"));
-        assert!(sets_cookie(&headers, "sid_snap"));
-        assert!(sets_cookie(&headers, "theme"));
-        assert!(!sets_cookie(&headers, "sid"));
     }
 
     #[test]
