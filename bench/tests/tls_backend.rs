@@ -1,6 +1,6 @@
 //! Every hop encrypted, end to end with the real binaries: `demo-app --tls-cert --tls-key`
 //! behind `session-proxy --backend https://127.0.0.1:PORT --backend-ca ca.pem`, the
-//! certificates from a test CA made here (rcgen). The proxy reaches the backend over TLS only:
+//! certificates from a test CA made here (test-pki). The proxy reaches the backend over TLS only:
 //! the same backend given as `http://` gets no answer from it.
 //!
 //! (Here rather than in demo/tests because the bench crate locates, and builds when missing,
@@ -16,11 +16,8 @@ use std::time::{Duration, Instant};
 
 use bench::Binaries;
 use bench::binaries::Reported;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use support::{Reply, try_request};
+use test_pki::{Ca, PemDir};
 
 /// Bound on a process reporting its address, or the proxy answering through its backend.
 const WAIT: Duration = Duration::from_secs(60);
@@ -96,23 +93,6 @@ fn arg(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temporary path")
 }
 
-/// A test CA's certificate and a server certificate and key for 127.0.0.1 it signed, in PEM.
-fn test_pki() -> (String, String, String) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "stickless backend test CA");
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-        .expect("CA certificate");
-    let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let key = KeyPair::generate().expect("leaf key");
-    let cert = params.signed_by(&key, &ca).expect("leaf certificate");
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
 /// `GET /healthz` through `proxy` until it answers 200, within [`WAIT`]; the last reply.
 fn healthz_until_ok(proxy: SocketAddr) -> Option<Reply> {
     let deadline = Instant::now() + WAIT;
@@ -132,21 +112,10 @@ fn healthz_until_ok(proxy: SocketAddr) -> Option<Reply> {
 #[test]
 fn session_proxy_serves_a_tls_demo_app_through_an_https_backend() {
     let bins = Binaries::locate().unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::Builder::new()
-        .prefix("stickless-tls-backend-")
-        .tempdir()
-        .expect("temporary directory");
-    let (ca, cert, key) = test_pki();
-    let write = |name: &str, content: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, content).expect("write PEM");
-        path
-    };
-    let (ca, cert, key) = (
-        write("ca.pem", &ca),
-        write("server.pem", &cert),
-        write("server.key", &key),
-    );
+    let dir = PemDir::new("tls-backend");
+    let pki = Ca::new("stickless backend test CA");
+    let ca = dir.write_ca(&pki);
+    let (cert, key) = dir.write_leaf(&pki.server(&["127.0.0.1"]), "server");
 
     let mut app = Proc::start(
         &bins.demo_app,
@@ -162,7 +131,7 @@ fn session_proxy_serves_a_tls_demo_app_through_an_https_backend() {
             "--tls-key",
             arg(&key),
         ],
-        &dir.path().join("demo-app.log"),
+        &dir.file("demo-app.log"),
     );
     let backend = app.listening("http");
 
@@ -177,7 +146,7 @@ fn session_proxy_serves_a_tls_demo_app_through_an_https_backend() {
             "--backend-ca",
             arg(&ca),
         ],
-        &dir.path().join("session-proxy.log"),
+        &dir.file("session-proxy.log"),
     );
     let door = proxy.listening("proxy");
     let reply = healthz_until_ok(door);
@@ -195,7 +164,7 @@ fn session_proxy_serves_a_tls_demo_app_through_an_https_backend() {
     let mut cleartext = Proc::start(
         &bins.session_proxy,
         &["--listen", "127.0.0.1:0", "--backend", &http],
-        &dir.path().join("session-proxy-cleartext.log"),
+        &dir.file("session-proxy-cleartext.log"),
     );
     let door = cleartext.listening("proxy");
     let reply = try_request(door, "GET", "/healthz", &[], None).expect("the proxy answers");

@@ -236,22 +236,19 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
     use std::sync::Arc;
     use std::time::Duration;
 
     use base64::Engine as _;
     use clap::Parser as _;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose,
-    };
     use session_client::{ClientConfig, ClientTls, SessionClient};
     use session_proto::v1::session_store_server::SessionStoreServer;
     use session_server::config::Settings;
     use session_server::metrics::Metrics;
     use session_server::service::{Limits, SessionService};
     use session_server::store::memory::MemoryStore;
+    use test_pki::{Ca, PemDir};
     use tokio::net::TcpListener;
     use tokio::sync::watch;
     use tonic::transport::server::TcpIncoming;
@@ -271,81 +268,15 @@ mod tests {
         assert!(parse_key("not a key at all!").is_err());
     }
 
-    /// A test CA (rcgen) whose certificates and keys are written to a directory of their own,
-    /// removed on drop.
-    struct Pki {
-        /// The CA.
-        ca: CertifiedIssuer<'static, KeyPair>,
-        /// Where the PEM files go.
-        dir: PathBuf,
-    }
-
-    impl Pki {
-        fn new(label: &str) -> Pki {
-            let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.distinguished_name.push(DnType::CommonName, label);
-            let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-                .expect("CA certificate");
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let dir = std::env::temp_dir().join(format!(
-                "stickless-demo-{label}-{}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir).expect("temporary directory");
-            Pki { ca, dir }
-        }
-
-        /// Writes `content` to `name` in the directory.
-        fn write(&self, name: &str, content: &str) -> PathBuf {
-            let path = self.dir.join(name);
-            std::fs::write(&path, content).expect("write PEM");
-            path
-        }
-
-        /// The CA certificate's file.
-        fn ca_file(&self) -> PathBuf {
-            self.write("ca.pem", &self.ca.pem())
-        }
-
-        /// A certificate and key (PEM) for `names`, for `usage`.
-        fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
-            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-            let mut params = CertificateParams::new(names).expect("leaf params");
-            params.extended_key_usages = vec![usage];
-            let key = KeyPair::generate().expect("leaf key");
-            let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
-            (cert.pem(), key.serialize_pem())
-        }
-
-        /// A client certificate and key, written; their files.
-        fn client_files(&self) -> (PathBuf, PathBuf) {
-            let (cert, key) = self.leaf(&["demo.test"], ExtendedKeyUsagePurpose::ClientAuth);
-            (
-                self.write("client.pem", &cert),
-                self.write("client.key", &key),
-            )
-        }
-
-        /// TLS settings of a server for 127.0.0.1, requiring this CA's client certificates
-        /// when `mtls`.
-        fn server_tls(&self, mtls: bool) -> ServerTlsConfig {
-            let (cert, key) = self.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-            let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-            if mtls {
-                tls.client_ca_root(Certificate::from_pem(self.ca.pem()))
-            } else {
-                tls
-            }
-        }
-    }
-
-    impl Drop for Pki {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
+    /// TLS settings of a server for 127.0.0.1 with a certificate of `ca`, requiring client
+    /// certificates of `ca` when `mtls`.
+    fn server_tls(ca: &Ca, mtls: bool) -> ServerTlsConfig {
+        let leaf = ca.server(&["127.0.0.1"]);
+        let tls = ServerTlsConfig::new().identity(Identity::from_pem(leaf.cert, leaf.key));
+        if mtls {
+            tls.client_ca_root(Certificate::from_pem(ca.cert_pem()))
+        } else {
+            tls
         }
     }
 
@@ -391,11 +322,11 @@ mod tests {
 
     #[tokio::test]
     async fn session_server_ca_with_an_https_url_keeps_sessions_in_a_tls_session_server() {
-        let pki = Pki::new("session-ca");
-        let ca = pki.ca_file();
-        let (cert, key) = pki.client_files();
+        let (pki, dir) = (Ca::new("session-ca"), PemDir::new("demo-session-ca"));
+        let ca = dir.write_ca(&pki);
+        let (cert, key) = dir.write_leaf(&pki.client("demo.test"), "client");
         for mtls in [false, true] {
-            let addr = tls_session_server(pki.server_tls(mtls)).await;
+            let addr = tls_session_server(server_tls(&pki, mtls)).await;
             let url = format!("https://{addr}");
             let mut args = vec![
                 "--session-server",
@@ -465,9 +396,9 @@ mod tests {
 
     #[test]
     fn tls_settings_that_do_not_fit_are_refused_naming_the_reason() {
-        let pki = Pki::new("refusals");
-        let ca = pki.ca_file();
-        let missing = pki.dir.join("missing.pem");
+        let dir = PemDir::new("demo-refusals");
+        let ca = dir.write_ca(&Ca::new("refusals"));
+        let missing = dir.file("missing.pem");
         let refused = |args: &[&str]| match demo_config(cli(args)) {
             Ok(config) => panic!("accepted: {config:?}"),
             Err(reason) => reason,

@@ -1,5 +1,5 @@
 //! `demo-app --tls-cert --tls-key`: the real binary serves HTTPS only (HTTP/1.1 and HTTP/2 by
-//! ALPN) with a certificate from a test CA made here (rcgen), a silent client does not hold
+//! ALPN) with a certificate from a test CA made here (test-pki), a silent client does not hold
 //! up the others, shutdown still works, and half or bad TLS settings are refused with exit
 //! status 2 naming the flag or file. (session-proxy in front of it, over `https://`, is in
 //! bench/tests/tls_backend.rs, where the session-proxy binary is at hand.)
@@ -13,12 +13,8 @@ use std::time::Duration;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
+use test_pki::{Ca, PemDir};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -27,74 +23,10 @@ use tokio_rustls::TlsConnector;
 /// Bound on any wait: generous, a passing test never waits it out.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A test CA whose files go to a directory of their own, removed on drop.
-struct Pki {
-    /// The CA.
-    ca: CertifiedIssuer<'static, KeyPair>,
-    /// Where the PEM files go.
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(label: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(DnType::CommonName, label);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA certificate");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stickless-demo-tls-{label}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        Pki { ca, dir }
-    }
-
-    /// Writes `content` to `name` in the directory.
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, content).expect("write PEM");
-        path
-    }
-
-    /// A server certificate and key for 127.0.0.1, written; their files.
-    fn server_files(&self) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
-        (
-            self.write("server.pem", &cert.pem()),
-            self.write("server.key", &key.serialize_pem()),
-        )
-    }
-
-    /// A TLS client trusting this CA only, offering `alpn`.
-    fn connector(&self, alpn: &[&[u8]]) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.ca.pem().as_bytes()) {
-            roots.add(cert.expect("CA PEM")).expect("CA certificate");
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        TlsConnector::from(Arc::new(config))
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A server certificate and key of `ca` for 127.0.0.1, written to `dir` as `server.pem` and
+/// `server.key`; their files.
+fn server_files(ca: &Ca, dir: &PemDir) -> (PathBuf, PathBuf) {
+    dir.write_leaf(&ca.server(&["127.0.0.1"]), "server")
 }
 
 /// A path as a flag value.
@@ -167,10 +99,13 @@ fn drain(mut pipe: tokio::process::ChildStderr) -> JoinHandle<String> {
 
 /// `GET /healthz` over HTTPS on a connection of its own, offering `alpn`: the protocol agreed
 /// on, the status and the `x-served-by` header.
-async fn healthz(pki: &Pki, addr: SocketAddr, alpn: &[&[u8]]) -> (String, u16, String) {
+async fn healthz(ca: &Ca, addr: SocketAddr, alpn: &[&[u8]]) -> (String, u16, String) {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::IpAddress(addr.ip().into());
-    let tls = tokio::time::timeout(PATIENCE, pki.connector(alpn).connect(name, tcp))
+    let mut config = ca.rustls_client_config();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = TlsConnector::from(Arc::new(config));
+    let tls = tokio::time::timeout(PATIENCE, connector.connect(name, tcp))
         .await
         .expect("handshake in time")
         .expect("TLS handshake with the test CA");
@@ -208,8 +143,8 @@ async fn healthz(pki: &Pki, addr: SocketAddr, alpn: &[&[u8]]) -> (String, u16, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_cert_and_key_serve_https_only_with_h2_and_http1() {
-    let pki = Pki::new("serve");
-    let (cert, key) = pki.server_files();
+    let (ca, dir) = (Ca::new("serve"), PemDir::new("demo-tls-serve"));
+    let (cert, key) = server_files(&ca, &dir);
     let mut app = DemoProcess::start(&[
         "--insecure-cookies",
         "--tls-cert",
@@ -226,7 +161,7 @@ async fn tls_cert_and_key_serve_https_only_with_h2_and_http1() {
         (&[b"h2".as_slice(), b"http/1.1"][..], "h2"),
         (&[b"http/1.1".as_slice()][..], "http/1.1"),
     ] {
-        let (protocol, status, served_by) = healthz(&pki, app.addr, alpn).await;
+        let (protocol, status, served_by) = healthz(&ca, app.addr, alpn).await;
         assert_eq!(
             (protocol.as_str(), status, served_by.as_str()),
             (expected, 200, "tls")
@@ -291,8 +226,8 @@ async fn refused(args: &[&str]) -> (Option<i32>, String) {
 
 #[tokio::test]
 async fn half_or_bad_tls_settings_exit_with_status_2_naming_the_flag_or_file() {
-    let pki = Pki::new("refusals");
-    let (cert, key) = pki.server_files();
+    let (ca, dir) = (Ca::new("refusals"), PemDir::new("demo-tls-refusals"));
+    let (cert, key) = server_files(&ca, &dir);
     for (args, named) in [
         (["--tls-cert", arg(&cert)], "--tls-key"),
         (["--tls-key", arg(&key)], "--tls-cert"),
@@ -302,10 +237,9 @@ async fn half_or_bad_tls_settings_exit_with_status_2_naming_the_flag_or_file() {
         assert!(stderr.contains(named), "{args:?}: {stderr}");
     }
 
-    let missing = pki.dir.join("missing.pem");
-    let not_pem = pki.write("not-pem.txt", "not a PEM file\n");
-    let other = Pki::new("other");
-    let (_, other_key) = other.server_files();
+    let missing = dir.file("missing.pem");
+    let not_pem = dir.write("not-pem.txt", "not a PEM file\n");
+    let other_key = dir.write("other.key", Ca::new("other").server(&["127.0.0.1"]).key);
     for (cert, key, named) in [
         (&missing, &key, &missing),
         (&cert, &missing, &missing),

@@ -3,7 +3,7 @@
 //! binary as an operator runs it (port 0, flags, environment twins, a TOML file and SIGHUP),
 //! in front of a backend echoing the `x-session-*` headers it got, with the session server's
 //! service over a memory store served by tonic with rustls; certificates are made here with
-//! rcgen. Then the configuration itself: where the TLS files come from (flags, their
+//! test-pki. Then the configuration itself: where the TLS files come from (flags, their
 //! environment twins, `[session_lookup]` keys), that they are read at every resolve, and the
 //! messages a mistake gets.
 
@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 
 use clap::{CommandFactory as _, Parser as _};
 use proxy_plugin::config::{Cli, ConfigError, resolve};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use session_client::{ClientConfig, ClientIdentity, ClientTls, SessionClient};
 use session_proto::v1::session_store_server::SessionStoreServer;
 use session_server::config::Settings;
@@ -28,6 +24,7 @@ use session_server::service::{Limits, SessionService};
 use session_server::store::memory::MemoryStore;
 use support::backend::{Behaviour, TestBackend};
 use support::proxy_process::{ProxyProcess, command, run_bounded};
+use test_pki::{Ca, PemDir};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,68 +36,31 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// The session namespace of every session here.
 const NAMESPACE: &str = "shop";
 
-/// A test CA (rcgen) whose files go to a directory of their own, removed on drop.
+/// A test CA (test-pki) and a directory of its own for its files, removed on drop.
 struct Pki {
     /// The CA.
-    ca: CertifiedIssuer<'static, KeyPair>,
+    ca: Ca,
     /// Where its files go.
-    dir: PathBuf,
+    dir: PemDir,
 }
 
 impl Pki {
     fn new(label: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(DnType::CommonName, label);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA certificate");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stickless-proxy-tls-{label}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        Pki { ca, dir }
+        let dir = PemDir::new(&format!("proxy-tls-{label}"));
+        Pki {
+            ca: Ca::new(label),
+            dir,
+        }
     }
 
-    /// Writes `content` to `name` in the directory; its path.
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, content).expect("write PEM");
-        path
+    /// The CA certificate, written to `ca.pem`; its path.
+    fn ca_file(&self) -> PathBuf {
+        self.dir.write_ca(&self.ca)
     }
 
-    /// The CA certificate, PEM.
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// A certificate and key (PEM) for `names`, for `usage`.
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A client certificate and key, written; their paths.
+    /// A client certificate and key, written to `client.pem` and `client.key`; their paths.
     fn client_files(&self) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.leaf(&["proxy.test"], ExtendedKeyUsagePurpose::ClientAuth);
-        (
-            self.write("client.pem", &cert),
-            self.write("client.key", &key),
-        )
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.dir.write_leaf(&self.ca.client("proxy.test"), "client")
     }
 }
 
@@ -120,10 +80,10 @@ struct TlsSessionServer {
 impl TlsSessionServer {
     /// Starts it; with `mtls`, client certificates signed by `pki` are required.
     async fn start(pki: &Pki, mtls: bool) -> TlsSessionServer {
-        let (cert, key) = pki.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        let leaf = pki.ca.server(&["127.0.0.1"]);
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(leaf.cert, leaf.key));
         if mtls {
-            tls = tls.client_ca_root(Certificate::from_pem(pki.ca_pem()));
+            tls = tls.client_ca_root(Certificate::from_pem(pki.ca.cert_pem()));
         }
         let settings = Settings::default();
         let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
@@ -146,16 +106,16 @@ impl TlsSessionServer {
                 .await
                 .expect("TLS session server failed");
         });
-        let (cert_pem, key_pem) = pki.leaf(&["test.client"], ExtendedKeyUsagePurpose::ClientAuth);
+        let identity = pki.ca.client("test.client");
         let mut config = ClientConfig::new(format!("https://{addr}"));
         config.namespace = NAMESPACE.to_owned();
         config.timeout = PATIENCE;
         config.connect_timeout = PATIENCE;
         config.tls = Some(ClientTls {
-            ca_pem: Some(pki.ca_pem().into_bytes()),
+            ca_pem: Some(pki.ca.cert_pem().as_bytes().to_vec()),
             identity: Some(ClientIdentity {
-                cert_pem: cert_pem.into_bytes(),
-                key_pem: key_pem.into_bytes(),
+                cert_pem: identity.cert.into_bytes(),
+                key_pem: identity.key.into_bytes(),
             }),
         });
         let client = SessionClient::connect_lazy(config).expect("test client");
@@ -271,7 +231,7 @@ async fn https_session_lookup_with_session_ca_resolves_sessions_from_a_tls_sessi
     let sid = sessions.session_of("alice").await;
     let backend = TestBackend::start("echo", Behaviour::SessionEcho).await;
     let (backend_url, url) = (format!("http://{}", backend.addr), sessions.url());
-    let ca = pki.write("ca.pem", &pki.ca_pem());
+    let ca = pki.ca_file();
     let proxy = ProxyProcess::start(&lookup_args(
         &backend_url,
         &url,
@@ -292,7 +252,7 @@ async fn mtls_session_server_is_reached_with_the_identity_given_by_environment_t
     let sid = sessions.session_of("alice").await;
     let backend = TestBackend::start("echo", Behaviour::SessionEcho).await;
     let (backend_url, url) = (format!("http://{}", backend.addr), sessions.url());
-    let ca = pki.write("ca.pem", &pki.ca_pem());
+    let ca = pki.ca_file();
     let (cert, key) = pki.client_files();
     let http = http_client();
 
@@ -349,8 +309,8 @@ async fn https_session_lookup_without_the_ca_never_resolves_a_session() {
 #[test]
 fn unusable_session_tls_settings_exit_2_naming_the_problem() {
     let pki = Pki::new("exit");
-    let ca = pki.write("ca.pem", &pki.ca_pem());
-    let missing = pki.dir.join("missing.pem");
+    let ca = pki.ca_file();
+    let missing = pki.dir.file("missing.pem");
     let backend = "http://127.0.0.1:2";
     let cases = [
         (
@@ -385,8 +345,8 @@ async fn sighup_rereads_the_session_ca_and_keeps_the_running_one_when_unreadable
     let alice = first.session_of("alice").await;
     let bob = second.session_of("bob").await;
     let backend = TestBackend::start("echo", Behaviour::SessionEcho).await;
-    let ca = first_ca.write("ca.pem", &first_ca.ca_pem());
-    let file = first_ca.dir.join("proxy.toml");
+    let ca = first_ca.ca_file();
+    let file = first_ca.dir.file("proxy.toml");
     let table = |url: &str| {
         format!(
             "[[backend]]\nurl = \"http://{}\"\n\n[session_lookup]\nurl = \"{url}\"\n\
@@ -419,7 +379,7 @@ async fn sighup_rereads_the_session_ca_and_keeps_the_running_one_when_unreadable
     );
 
     // The second server, with the first CA in the file: its certificate is not trusted.
-    std::fs::write(&ca, first_ca.ca_pem()).expect("restore the CA bundle");
+    std::fs::write(&ca, first_ca.ca.cert_pem()).expect("restore the CA bundle");
     std::fs::write(&file, table(&second.url())).expect("write config");
     proxy.signal("HUP");
     eventually_seen(
@@ -432,7 +392,7 @@ async fn sighup_rereads_the_session_ca_and_keeps_the_running_one_when_unreadable
     .await;
 
     // Only the CA file changes: the reload reads it and the lookup trusts the second server.
-    std::fs::write(&ca, second_ca.ca_pem()).expect("rotate the CA bundle");
+    std::fs::write(&ca, second_ca.ca.cert_pem()).expect("rotate the CA bundle");
     proxy.signal("HUP");
     eventually_seen(
         "bob's session through the re-read CA",
@@ -476,10 +436,10 @@ fn toml_path(path: &Path) -> String {
 
 /// A CA bundle and a client certificate with its key, written; and the settings they hold.
 fn tls_files(pki: &Pki) -> ((PathBuf, PathBuf, PathBuf), ClientTls) {
-    let ca = pki.write("ca.pem", &pki.ca_pem());
+    let ca = pki.ca_file();
     let (cert, key) = pki.client_files();
     let settings = ClientTls {
-        ca_pem: Some(pki.ca_pem().into_bytes()),
+        ca_pem: Some(pki.ca.cert_pem().as_bytes().to_vec()),
         identity: Some(ClientIdentity {
             cert_pem: std::fs::read(&cert).expect("read"),
             key_pem: std::fs::read(&key).expect("read"),
@@ -526,9 +486,9 @@ fn session_tls_files_come_from_flags_or_the_file_and_are_read_at_every_resolve()
         toml_path(&ca)
     );
     let other = Pki::new("other");
-    let other_ca = other.write("ca.pem", &other.ca_pem());
+    let other_ca = other.ca_file();
     let other_settings = ClientTls {
-        ca_pem: Some(other.ca_pem().into_bytes()),
+        ca_pem: Some(other.ca.cert_pem().as_bytes().to_vec()),
         identity: None,
     };
     let overridden = flags(&["--session-ca", arg(&other_ca)]);
@@ -536,7 +496,7 @@ fn session_tls_files_come_from_flags_or_the_file_and_are_read_at_every_resolve()
         lookup_tls(overridden, Some(&only_ca)),
         Some(other_settings.clone())
     );
-    std::fs::write(&ca, other.ca_pem()).expect("rewrite the CA bundle");
+    std::fs::write(&ca, other.ca.cert_pem()).expect("rewrite the CA bundle");
     assert_eq!(lookup_tls(flags(&[]), Some(&only_ca)), Some(other_settings));
 }
 
@@ -544,7 +504,7 @@ fn session_tls_files_come_from_flags_or_the_file_and_are_read_at_every_resolve()
 fn session_tls_settings_that_do_not_fit_are_refused_naming_the_problem() {
     let pki = Pki::new("refusals");
     let ((ca, cert, key), _) = tls_files(&pki);
-    let missing = pki.dir.join("missing.pem");
+    let missing = pki.dir.file("missing.pem");
     let https = |extra: &[&str]| {
         let mut args = vec!["--session-lookup", "https://127.0.0.1:50051"];
         args.extend_from_slice(extra);

@@ -5,7 +5,7 @@
 //! otherwise), their certificates verified for the URL's host.
 //!
 //! The `session-proxy` binary as an operator runs it (port 0, flags, SIGHUP), clients and a TLS
-//! backend made here with tokio-rustls and hyper, certificates made here with rcgen; the cookie
+//! backend made here with tokio-rustls and hyper, certificates made here with test-pki; the cookie
 //! tests run the proxy in-process, one plain and one TLS listener side by side.
 
 mod support;
@@ -30,9 +30,6 @@ use proxy_plugin::balance::{BalanceMode, StickyConfig};
 use proxy_plugin::config::{Cli, LookupFailure, TlsConfig, resolve};
 use proxy_plugin::proxy::Proxy;
 use proxy_plugin::tls::ListenerTls;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::backend::{Behaviour, TestBackend};
@@ -41,6 +38,7 @@ use support::lookup::{NAMESPACE, lookup_config};
 use support::proxy::{client as http_client, config as proxy_config};
 use support::proxy_process::{ProxyProcess, RUN_WITHIN, command, run_bounded};
 use support::session::TestSessionServer;
+use test_pki::{Ca, Leaf, PemDir, Usage};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -57,89 +55,34 @@ const H2: &[u8] = b"h2";
 /// Snapshot cookie key material of the lookup plugin in the cookie test.
 const SNAPSHOT_KEY: [u8; 32] = [42; 32];
 
-/// A test CA (rcgen) whose files go to a directory of their own, removed on drop.
+/// A test CA (test-pki) and a directory of its own for its files, removed on drop.
 struct Pki {
     /// The CA.
-    ca: CertifiedIssuer<'static, KeyPair>,
+    ca: Ca,
     /// Where its files go.
-    dir: PathBuf,
-}
-
-/// A certificate made by a [`Pki`].
-struct Leaf {
-    /// The certificate, PEM.
-    cert: String,
-    /// Its private key, PEM.
-    key: String,
-    /// The certificate, DER: what a client sees as the peer's certificate.
-    der: Vec<u8>,
+    dir: PemDir,
 }
 
 impl Pki {
     fn new(label: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(DnType::CommonName, label);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
-            .expect("CA certificate");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir = std::env::temp_dir().join(format!(
-            "stickless-proxy-https-{label}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        Pki { ca, dir }
-    }
-
-    /// Writes `content` to `name` in the directory; its path.
-    fn write(&self, name: &str, content: &str) -> PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, content).expect("write PEM");
-        path
-    }
-
-    /// The CA certificate, PEM.
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// The CA certificate written to `ca.pem`; its path.
-    fn ca_file(&self) -> PathBuf {
-        self.write("ca.pem", &self.ca_pem())
+        let dir = PemDir::new(&format!("proxy-https-{label}"));
+        Pki {
+            ca: Ca::new(label),
+            dir,
+        }
     }
 
     /// A server certificate for `names`, its subject's common name `label`.
     fn server(&self, names: &[&str], label: &str) -> Leaf {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params.distinguished_name.push(DnType::CommonName, label);
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
+        self.ca.leaf(label, names, Usage::Server)
     }
 
     /// The proxy's certificate (for `localhost` and 127.0.0.1), written to `proxy.pem` and
     /// `proxy.key`.
     fn proxy_files(&self, label: &str) -> (Leaf, TlsConfig) {
         let leaf = self.server(&[PROXY_NAME, "127.0.0.1"], label);
-        let files = TlsConfig {
-            cert: self.write("proxy.pem", &leaf.cert),
-            key: self.write("proxy.key", &leaf.key),
-        };
-        (leaf, files)
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let (cert, key) = self.dir.write_leaf(&leaf, "proxy");
+        (leaf, TlsConfig { cert, key })
     }
 }
 
@@ -148,19 +91,9 @@ fn arg(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temporary path")
 }
 
-/// A TLS connection to `addr` trusting only `ca_pem`, for [`PROXY_NAME`], offering `alpn`.
-async fn tls_connect(addr: SocketAddr, ca_pem: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+/// A TLS connection to `addr` trusting only `ca`, for [`PROXY_NAME`], offering `alpn`.
+async fn tls_connect(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
+    let mut config = ca.rustls_client_config();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(addr)
         .await
@@ -240,8 +173,8 @@ enum Sender {
 
 impl Https {
     /// Connects offering `alpn`; speaks HTTP/2 when the proxy chose `h2`.
-    async fn connect(addr: SocketAddr, ca_pem: &str, alpn: &[&[u8]]) -> Https {
-        let stream = tls_connect(addr, ca_pem, alpn).await;
+    async fn connect(addr: SocketAddr, ca: &Ca, alpn: &[&[u8]]) -> Https {
+        let stream = tls_connect(addr, ca, alpn).await;
         let chosen = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let certificate = peer_certificate(&stream);
         let io = TokioIo::new(stream);
@@ -304,7 +237,7 @@ async fn https_listener_serves_http1_and_h2_and_tells_backends_https() {
         "--tls-key",
         arg(&files.key),
     ]);
-    let ca = pki.ca_pem();
+    let ca = &pki.ca;
 
     let cases = [
         (vec![H1], Some(H1), Version::HTTP_11),
@@ -313,7 +246,7 @@ async fn https_listener_serves_http1_and_h2_and_tells_backends_https() {
         (vec![], None, Version::HTTP_11),
     ];
     for (offered, chosen, version) in cases {
-        let mut client = Https::connect(proxy.addr, &ca, &offered).await;
+        let mut client = Https::connect(proxy.addr, ca, &offered).await;
         assert_eq!(client.alpn.as_deref(), chosen, "ALPN for {offered:?}");
         let path = format!("/over-{version:?}");
         let answer = client.get(&path, &[("x-forwarded-proto", "http")]).await;
@@ -379,7 +312,7 @@ async fn silent_clients_hold_up_nobody_and_are_dropped_after_the_header_read_tim
         silent.push(TcpStream::connect(proxy.addr).await.expect("connect"));
     }
     // Meanwhile another client's handshake and request go through.
-    let mut client = Https::connect(proxy.addr, &pki.ca_pem(), &[H1]).await;
+    let mut client = Https::connect(proxy.addr, &pki.ca, &[H1]).await;
     assert_eq!(client.get("/", &[]).await.status, StatusCode::OK);
     for mut stream in silent {
         let mut reply = Vec::new();
@@ -456,7 +389,7 @@ async fn the_proxys_cookies_are_secure_over_tls_only() {
         .map(|v| v.to_str().unwrap().to_owned())
         .collect();
 
-    let mut client = Https::connect(secure_addr, &pki.ca_pem(), &[H2]).await;
+    let mut client = Https::connect(secure_addr, &pki.ca, &[H2]).await;
     let answer = client.get("/", &[("cookie", &session_cookie)]).await;
     assert_eq!(answer.status, StatusCode::OK);
     let secure_cookies = answer.set_cookies();
@@ -490,8 +423,8 @@ async fn sighup_reloads_the_certificate_for_new_connections_only_and_keeps_it_on
         "--tls-key",
         arg(&files.key),
     ]);
-    let ca = pki.ca_pem();
-    let mut before = Https::connect(proxy.addr, &ca, &[H1]).await;
+    let ca = &pki.ca;
+    let mut before = Https::connect(proxy.addr, ca, &[H1]).await;
     assert!(before.certificate == first.der, "the first certificate");
     assert_eq!(before.get("/one", &[]).await.status, StatusCode::OK);
 
@@ -505,7 +438,7 @@ async fn sighup_reloads_the_certificate_for_new_connections_only_and_keeps_it_on
         "{}",
         proxy.logs()
     );
-    let after = Https::connect(proxy.addr, &ca, &[H2]).await;
+    let after = Https::connect(proxy.addr, ca, &[H2]).await;
     assert!(
         after.certificate == second.der,
         "a new connection gets the new certificate"
@@ -529,16 +462,16 @@ async fn sighup_reloads_the_certificate_for_new_connections_only_and_keeps_it_on
                 >= n
         }
     };
-    pki.write("proxy.pem", "not a certificate\n");
+    pki.dir.write("proxy.pem", "not a certificate\n");
     proxy.signal("HUP");
     assert!(eventually(PATIENCE, refusals(1)).await, "{}", proxy.logs());
     // A certificate with another certificate's key.
     let third = pki.server(&[PROXY_NAME], "proxy three");
-    pki.write("proxy.pem", &third.cert);
-    pki.write("proxy.key", &first.key);
+    pki.dir.write("proxy.pem", &third.cert);
+    pki.dir.write("proxy.key", &first.key);
     proxy.signal("HUP");
     assert!(eventually(PATIENCE, refusals(2)).await, "{}", proxy.logs());
-    let mut still = Https::connect(proxy.addr, &ca, &[H1]).await;
+    let mut still = Https::connect(proxy.addr, ca, &[H1]).await;
     assert!(
         still.certificate == second.der,
         "the certificate in use is kept"
@@ -667,7 +600,7 @@ async fn get_plain(proxy: &ProxyProcess, path: &str) -> (StatusCode, String) {
 async fn https_backends_are_reached_over_verified_tls_only() {
     let pki = Pki::new("backends");
     let rogue_ca = Pki::new("rogue");
-    let ca_file = pki.ca_file();
+    let ca_file = pki.dir.write_ca(&pki.ca);
     let good = TlsBackend::start(&pki.server(&["127.0.0.1"], "good")).await;
     let rogue = TlsBackend::start(&rogue_ca.server(&["127.0.0.1"], "rogue")).await;
     let misnamed = TlsBackend::start(&pki.server(&["other.test"], "misnamed")).await;
@@ -732,7 +665,7 @@ async fn https_backends_are_reached_over_verified_tls_only() {
     // No --backend-ca: the system's roots (here SSL_CERT_FILE, which rustls-native-certs
     // reads): the backend's CA is trusted only when it is among them.
     for (roots, expected) in [(&rogue_ca, false), (&pki, true)] {
-        let roots_file = roots.ca_file();
+        let roots_file = roots.dir.write_ca(&roots.ca);
         let mut command = command();
         command
             .args(["--listen", "127.0.0.1:0", "--health-check", "off"])
@@ -793,7 +726,7 @@ fn half_or_unusable_tls_settings_exit_2_naming_the_fix() {
         "--tls-key",
         arg(&files.key),
     ]);
-    let garbage = pki.write("garbage.pem", "not PEM\n");
+    let garbage = pki.dir.write("garbage.pem", "not PEM\n");
     let bad_ca = run_bounded(&[
         "--backend",
         "https://127.0.0.1:1",

@@ -1,6 +1,6 @@
 //! README: "an `https://` session-server URL always means TLS". Checked against real servers:
 //! the session server's service over a memory store, served by tonic with rustls (a CA, server
-//! and client certificates made here with rcgen), a plaintext one, and a raw TCP listener that
+//! and client certificates made here with test-pki), a plaintext one, and a raw TCP listener that
 //! records the first bytes a client sends. An `https://` client with the CA works; one trusting
 //! only the system's roots, or facing a certificate for another name, fails and reaches
 //! nothing; an mTLS server takes a client with its identity and refuses one without; an
@@ -8,14 +8,10 @@
 //! with an `http://` URL, and schemes other than http/https, are refused.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use session_client::{
     ClientConfig, ClientError, ClientIdentity, ClientTls, SessionClient, SessionData,
 };
@@ -24,6 +20,7 @@ use session_server::config::Settings;
 use session_server::metrics::Metrics;
 use session_server::service::{Limits, SessionService};
 use session_server::store::memory::MemoryStore;
+use test_pki::{Ca, PemDir};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -36,57 +33,12 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// The HTTP/2 connection preface: what a cleartext gRPC client sends first.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A test certificate authority.
-struct Pki {
-    /// The CA's certificate and key.
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Pki {
-    /// A fresh CA named `name`.
-    fn new(name: &str) -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(DnType::CommonName, name);
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key"))
-            .expect("CA certificate");
-        Pki { ca }
-    }
-
-    /// The CA certificate, PEM.
-    fn ca_pem(&self) -> String {
-        self.ca.pem()
-    }
-
-    /// A certificate (PEM) and key (PEM) for `names`, for `usage`.
-    fn leaf(&self, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let mut params = CertificateParams::new(names).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "stickless test");
-        params.extended_key_usages = vec![usage];
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.ca).expect("leaf certificate");
-        (cert.pem(), key.serialize_pem())
-    }
-
-    /// A server certificate for 127.0.0.1 and localhost.
-    fn server(&self) -> (String, String) {
-        self.leaf(
-            &["127.0.0.1", "localhost"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    /// A client certificate.
-    fn client(&self) -> ClientIdentity {
-        let (cert, key) = self.leaf(&["client.test"], ExtendedKeyUsagePurpose::ClientAuth);
-        ClientIdentity {
-            cert_pem: cert.into_bytes(),
-            key_pem: key.into_bytes(),
-        }
+/// A client identity (certificate and key, PEM) signed by `ca`.
+fn client_identity(ca: &Ca) -> ClientIdentity {
+    let leaf = ca.client("stickless test client");
+    ClientIdentity {
+        cert_pem: leaf.cert.into_bytes(),
+        key_pem: leaf.key.into_bytes(),
     }
 }
 
@@ -140,13 +92,13 @@ impl TestServer {
         }
     }
 
-    /// A TLS server with a certificate from `pki` for 127.0.0.1, requiring client
-    /// certificates signed by `client_ca` when given (mTLS).
-    async fn tls(pki: &Pki, client_ca: Option<&Pki>) -> TestServer {
-        let (cert, key) = pki.server();
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    /// A TLS server with a certificate from `pki` for 127.0.0.1 and localhost, requiring
+    /// client certificates signed by `client_ca` when given (mTLS).
+    async fn tls(pki: &Ca, client_ca: Option<&Ca>) -> TestServer {
+        let leaf = pki.localhost_server();
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(leaf.cert, leaf.key));
         if let Some(client_ca) = client_ca {
-            tls = tls.client_ca_root(Certificate::from_pem(client_ca.ca_pem()));
+            tls = tls.client_ca_root(Certificate::from_pem(client_ca.cert_pem()));
         }
         TestServer::start(Some(tls)).await
     }
@@ -184,9 +136,9 @@ fn config(url: &str, tls: Option<ClientTls>) -> ClientConfig {
 }
 
 /// Trusts `pki`'s CA only.
-fn trusting(pki: &Pki) -> ClientTls {
+fn trusting(pki: &Ca) -> ClientTls {
     ClientTls {
-        ca_pem: Some(pki.ca_pem().into_bytes()),
+        ca_pem: Some(pki.cert_pem().as_bytes().to_vec()),
         identity: None,
     }
 }
@@ -210,7 +162,7 @@ async fn nothing_reached(good: &SessionClient, user: &str) {
 
 #[tokio::test]
 async fn https_with_the_ca_bundle_reaches_a_tls_server() {
-    let pki = Pki::new("stickless test CA");
+    let pki = Ca::new("stickless test CA");
     let server = TestServer::tls(&pki, None).await;
     let client = client(&server.https(), Some(trusting(&pki)));
     let created = create(&client, "alice").await.expect("create over TLS");
@@ -221,7 +173,7 @@ async fn https_with_the_ca_bundle_reaches_a_tls_server() {
 
 #[tokio::test]
 async fn https_without_a_ca_bundle_trusts_only_the_system_roots_and_fails() {
-    let pki = Pki::new("private CA unknown to the system");
+    let pki = Ca::new("private CA unknown to the system");
     let server = TestServer::tls(&pki, None).await;
     let good = client(&server.https(), Some(trusting(&pki)));
     match SessionClient::connect_lazy(config(&server.https(), None)) {
@@ -240,12 +192,9 @@ async fn https_without_a_ca_bundle_trusts_only_the_system_roots_and_fails() {
 
 #[tokio::test]
 async fn a_server_certificate_for_another_name_is_refused() {
-    let pki = Pki::new("stickless test CA");
-    let (cert, key) = pki.leaf(
-        &["sessions.elsewhere.test"],
-        ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    let pki = Ca::new("stickless test CA");
+    let leaf = pki.server(&["sessions.elsewhere.test"]);
+    let tls = ServerTlsConfig::new().identity(Identity::from_pem(leaf.cert, leaf.key));
     let server = TestServer::start(Some(tls)).await;
     let error = create(&client(&server.https(), Some(trusting(&pki))), "mallory")
         .await
@@ -256,10 +205,10 @@ async fn a_server_certificate_for_another_name_is_refused() {
 
 #[tokio::test]
 async fn mtls_server_takes_a_client_with_its_identity_and_refuses_one_without() {
-    let pki = Pki::new("stickless test CA");
+    let pki = Ca::new("stickless test CA");
     let server = TestServer::tls(&pki, Some(&pki)).await;
     let with_identity = ClientTls {
-        identity: Some(pki.client()),
+        identity: Some(client_identity(&pki)),
         ..trusting(&pki)
     };
     let good = client(&server.https(), Some(with_identity));
@@ -272,9 +221,9 @@ async fn mtls_server_takes_a_client_with_its_identity_and_refuses_one_without() 
         .expect_err("no client certificate");
     assert!(error.is_unavailable(), "{error:?}");
 
-    let stranger = Pki::new("another CA");
+    let stranger = Ca::new("another CA");
     let foreign = ClientTls {
-        identity: Some(stranger.client()),
+        identity: Some(client_identity(&stranger)),
         ..trusting(&pki)
     };
     let error = create(&client(&server.https(), Some(foreign)), "mallory")
@@ -325,7 +274,7 @@ async fn first_bytes_sent(scheme: &str, tls: Option<ClientTls>) -> Vec<u8> {
 
 #[tokio::test]
 async fn https_url_sends_a_tls_client_hello_never_the_http2_preface() {
-    let pki = Pki::new("stickless test CA");
+    let pki = Ca::new("stickless test CA");
     for tls in [None, Some(trusting(&pki))] {
         let seen = first_bytes_sent("https", tls).await;
         assert!(
@@ -346,7 +295,7 @@ async fn https_url_sends_a_tls_client_hello_never_the_http2_preface() {
 #[tokio::test]
 async fn https_url_against_a_plaintext_server_fails_and_reaches_nothing() {
     let server = TestServer::start(None).await;
-    let pki = Pki::new("stickless test CA");
+    let pki = Ca::new("stickless test CA");
     let error = create(&client(&server.https(), Some(trusting(&pki))), "mallory")
         .await
         .expect_err("a plaintext server cannot complete a TLS handshake");
@@ -357,13 +306,13 @@ async fn https_url_against_a_plaintext_server_fails_and_reaches_nothing() {
 
 #[tokio::test]
 async fn tls_settings_with_an_http_url_are_refused() {
-    let pki = Pki::new("stickless test CA");
+    let pki = Ca::new("stickless test CA");
     for tls in [
         trusting(&pki),
         ClientTls::default(),
         ClientTls {
             ca_pem: None,
-            identity: Some(pki.client()),
+            identity: Some(client_identity(&pki)),
         },
     ] {
         let error = SessionClient::connect_lazy(config("http://127.0.0.1:50051", Some(tls)))
@@ -394,34 +343,6 @@ async fn schemes_other_than_http_and_https_are_refused() {
     }
 }
 
-/// A directory of its own under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(label: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("stickless-{label}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        TempDir(dir)
-    }
-
-    /// Writes `name` with `content`; returns its path.
-    fn file(&self, name: &str, content: impl AsRef<[u8]>) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, content).expect("write test file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The configuration error `from_files` gives.
 fn from_files_error(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> String {
     match ClientTls::from_files(ca, cert, key) {
@@ -433,20 +354,20 @@ fn from_files_error(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) 
 
 #[tokio::test]
 async fn tls_files_are_read_and_bad_ones_are_refused_naming_the_file() {
-    let pki = Pki::new("stickless test CA");
-    let identity = pki.client();
-    let dir = TempDir::new("client-tls");
-    let ca = dir.file("ca.pem", pki.ca_pem());
-    let cert = dir.file("client.pem", &identity.cert_pem);
-    let key = dir.file("client.key", &identity.key_pem);
-    let garbage = dir.file("garbage.pem", "not a certificate\n");
-    let missing = dir.0.join("missing.pem");
+    let pki = Ca::new("stickless test CA");
+    let identity = client_identity(&pki);
+    let dir = PemDir::new("client-tls");
+    let ca = dir.write_ca(&pki);
+    let cert = dir.write("client.pem", &identity.cert_pem);
+    let key = dir.write("client.key", &identity.key_pem);
+    let garbage = dir.write("garbage.pem", "not a certificate\n");
+    let missing = dir.file("missing.pem");
 
     assert_eq!(ClientTls::from_files(None, None, None).unwrap(), None);
     let read = ClientTls::from_files(Some(&ca), Some(&cert), Some(&key))
         .unwrap()
         .expect("settings");
-    assert_eq!(read.ca_pem.as_deref(), Some(pki.ca_pem().as_bytes()));
+    assert_eq!(read.ca_pem.as_deref(), Some(pki.cert_pem().as_bytes()));
     assert_eq!(read.identity.as_ref(), Some(&identity));
     let shown = format!("{read:?}");
     assert!(
@@ -484,7 +405,7 @@ async fn tls_files_are_read_and_bad_ones_are_refused_naming_the_file() {
     assert!(m.contains("without its certificate"), "{m}");
 
     // A key that is not the certificate's: refused before any connection.
-    let other = pki.client();
+    let other = client_identity(&pki);
     let mismatched = ClientTls {
         ca_pem: None,
         identity: Some(ClientIdentity {

@@ -14,7 +14,8 @@ use session_server::config::Settings;
 use session_server::store::memory::MemoryStore;
 use support::harness::TestServer;
 use support::services::{self, skip_or_fail};
-use support::tls::{TestCa, TlsDir};
+use support::tls;
+use test_pki::{Ca, PemDir};
 
 fn grpc_tools_available() -> bool {
     Command::new("python3")
@@ -108,10 +109,10 @@ async fn python_client_works_over_tls_and_its_plaintext_channel_is_refused() {
     let Some(generated) = generate(test) else {
         return;
     };
-    let dir = TlsDir::new(test);
-    let ca = TestCa::new("python ca");
-    let server = start(dir.settings(&ca, None)).await;
-    let ca_file = dir.write("ca.pem", &ca.cert);
+    let dir = PemDir::new(test);
+    let ca = Ca::new("python ca");
+    let server = start(tls::settings(&dir, &ca, None)).await;
+    let ca_file = dir.write_ca(&ca);
     let args = vec![
         server.addr.to_string(),
         "--ca".to_owned(),

@@ -21,7 +21,7 @@ use sqlx::mysql::MySqlConnection;
 use support::ids::new_id;
 use support::mysql::{self as mysql, OwnMariadb};
 use support::process::{ServerProcess, run_bounded};
-use support::tls::{TestCa, TlsDir};
+use test_pki::{Ca, PemDir};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_session-server");
 
@@ -97,7 +97,7 @@ async fn refused(config: MysqlConfig) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_ca_with_the_signing_ca_serves_calls_encrypted() {
     let test = "mysql_verify_ca_serves";
-    let ca = TestCa::new("stickless test MariaDB CA");
+    let ca = Ca::new("stickless test MariaDB CA");
     // The server refuses clients that do not start TLS: nothing works in cleartext.
     let Some(db) = OwnMariadb::start_with_tls(test, &ca, true).await else {
         return;
@@ -123,12 +123,12 @@ async fn verify_ca_with_the_signing_ca_serves_calls_encrypted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_ca_with_a_ca_that_did_not_sign_the_server_is_refused() {
     let test = "mysql_verify_ca_foreign_ca";
-    let ca = TestCa::new("stickless test MariaDB CA");
+    let ca = Ca::new("stickless test MariaDB CA");
     let Some(db) = OwnMariadb::start_with_tls(test, &ca, false).await else {
         return;
     };
-    let dir = TlsDir::new(test);
-    let foreign = dir.write("foreign-ca.pem", &TestCa::new("another CA").cert);
+    let dir = PemDir::new(test);
+    let foreign = dir.write("foreign-ca.pem", Ca::new("another CA").cert_pem());
     for mode in ["verify_ca", "verify_identity"] {
         let config = config(&url_with(&db, &verify_query(mode, &foreign)), test);
         let table = config.table.clone();
@@ -148,8 +148,8 @@ async fn ssl_modes_that_ask_for_tls_refuse_a_server_without_it() {
     let Some(db) = OwnMariadb::start(test).await else {
         return;
     };
-    let dir = TlsDir::new(test);
-    let ca = dir.write("ca.pem", &TestCa::new("stickless test MariaDB CA").cert);
+    let dir = PemDir::new(test);
+    let ca = dir.write_ca(&Ca::new("stickless test MariaDB CA"));
     for query in [
         "ssl-mode=required".to_owned(),
         verify_query("verify_ca", &ca),
@@ -188,7 +188,7 @@ async fn ssl_modes_that_ask_for_tls_refuse_a_server_without_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_mode_disabled_is_refused_by_a_server_that_requires_tls() {
     let test = "mysql_disabled_vs_require_secure";
-    let ca = TestCa::new("stickless test MariaDB CA");
+    let ca = Ca::new("stickless test MariaDB CA");
     let Some(db) = OwnMariadb::start_with_tls(test, &ca, true).await else {
         return;
     };
@@ -203,7 +203,7 @@ async fn ssl_mode_disabled_is_refused_by_a_server_that_requires_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_create_and_get_over_mysql_with_verify_ca() {
     let test = "mysql_tls_binary";
-    let ca = TestCa::new("stickless test MariaDB CA");
+    let ca = Ca::new("stickless test MariaDB CA");
     let Some(db) = OwnMariadb::start_with_tls(test, &ca, true).await else {
         return;
     };

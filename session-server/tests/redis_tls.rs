@@ -20,8 +20,8 @@ use support::harness::TestServer;
 use support::process::ServerProcess;
 use support::redis_tls::OwnTlsRedis;
 use support::services;
-use support::tls::TlsDir;
 use support::wait::events_ready;
+use test_pki::{Ca, PemDir};
 use tonic::Code;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_session-server");
@@ -263,8 +263,8 @@ fn assert_refused(args: &[&str], expected: &[&str]) {
 
 #[test]
 fn redis_ca_with_a_cleartext_redis_url_is_refused_with_status_2() {
-    let dir = TlsDir::new("redis_ca_cleartext");
-    let ca = dir.write("ca.pem", &support::tls::TestCa::new("refused").cert);
+    let dir = PemDir::new("redis_ca_cleartext");
+    let ca = dir.write_ca(&Ca::new("refused"));
     let ca = ca.display().to_string();
     for store in ["redis", "redis-cluster"] {
         let args = [
@@ -280,7 +280,7 @@ fn redis_ca_with_a_cleartext_redis_url_is_refused_with_status_2() {
     // The TOML key is the same setting.
     let file = dir.write(
         "config.toml",
-        &format!(
+        format!(
             "store = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_ca = {:?}\n",
             ca
         ),
@@ -293,7 +293,7 @@ fn redis_ca_with_a_cleartext_redis_url_is_refused_with_status_2() {
 
 #[test]
 fn unreadable_or_empty_redis_ca_is_refused_with_status_2_naming_the_file() {
-    let dir = TlsDir::new("redis_ca_unreadable");
+    let dir = PemDir::new("redis_ca_unreadable");
     let missing = dir.file("no-such-ca.pem").display().to_string();
     let empty = dir.write("empty-ca.pem", "").display().to_string();
     for ca in [&missing, &empty] {

@@ -3,7 +3,7 @@
 //! certificates signed by that CA, one silent client never holds up another's handshake, SIGHUP
 //! swaps the certificate for new connections while open ones stay up (and refuses broken files,
 //! keeping the old ones), and unusable files at start-up are a configuration error naming the
-//! file. Certificates are made by `support::tls` for each run. In-process servers run both on
+//! file. Certificates are made by the `test-pki` crate for each run. In-process servers run both on
 //! the caller's runtime (1 thread) and on serving threads (2), the two accept paths.
 
 mod support;
@@ -19,10 +19,10 @@ use session_server::tls::HANDSHAKE_TIMEOUT;
 use support::harness::TestServer;
 use support::process::ServerProcess;
 use support::tls::{
-    TestCa, TlsDir, create_in_plaintext, create_on, create_over_tls, send_sighup, tls_channel,
-    with_stderr_to,
+    self, create_in_plaintext, create_on, create_over_tls, send_sighup, tls_channel, with_stderr_to,
 };
 use support::wait::eventually_ok;
+use test_pki::{Ca, PemDir};
 use tokio::io::AsyncReadExt as _;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_session-server");
@@ -52,11 +52,11 @@ async fn tls_client_trusting_the_ca_is_served_api_health_and_reflection() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let dir = TlsDir::new("tls_api_health_reflection");
-    let ca = TestCa::new("api ca");
+    let dir = PemDir::new("tls_api_health_reflection");
+    let ca = Ca::new("api ca");
     for threads in THREADS {
-        let server = start(dir.settings(&ca, None), threads).await;
-        let channel = tls_channel(server.addr, &ca.cert, None)
+        let server = start(tls::settings(&dir, &ca, None), threads).await;
+        let channel = tls_channel(server.addr, ca.cert_pem(), None)
             .await
             .unwrap_or_else(|e| panic!("{threads} thread(s): TLS connect: {e:?}"));
         let id = create_on(channel.clone()).await.unwrap();
@@ -105,22 +105,22 @@ async fn tls_client_trusting_the_ca_is_served_api_health_and_reflection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_clients_and_clients_trusting_another_ca_are_refused() {
-    let dir = TlsDir::new("tls_refusals");
-    let (ca, other) = (TestCa::new("server ca"), TestCa::new("other ca"));
+    let dir = PemDir::new("tls_refusals");
+    let (ca, other) = (Ca::new("server ca"), Ca::new("other ca"));
     for threads in THREADS {
-        let server = start(dir.settings(&ca, None), threads).await;
+        let server = start(tls::settings(&dir, &ca, None), threads).await;
         let plaintext = create_in_plaintext(server.addr).await;
         assert!(
             plaintext.is_err(),
             "{threads}: plaintext served: {plaintext:?}"
         );
-        let untrusted = create_over_tls(server.addr, &other.cert, None).await;
+        let untrusted = create_over_tls(server.addr, other.cert_pem(), None).await;
         assert!(
             untrusted.is_err(),
             "{threads}: wrong CA served: {untrusted:?}"
         );
         // The refusals cost only those connections.
-        create_over_tls(server.addr, &ca.cert, None)
+        create_over_tls(server.addr, ca.cert_pem(), None)
             .await
             .unwrap_or_else(|e| panic!("{threads} thread(s), after the refusals: {e}"));
     }
@@ -128,26 +128,26 @@ async fn plaintext_clients_and_clients_trusting_another_ca_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_ca_requires_a_client_certificate_it_signed() {
-    let dir = TlsDir::new("tls_mtls");
+    let dir = PemDir::new("tls_mtls");
     let (ca, clients, strangers) = (
-        TestCa::new("server ca"),
-        TestCa::new("client ca"),
-        TestCa::new("stranger ca"),
+        Ca::new("server ca"),
+        Ca::new("client ca"),
+        Ca::new("stranger ca"),
     );
     let (known, unknown) = (clients.client("app"), strangers.client("intruder"));
     for threads in THREADS {
-        let server = start(dir.settings(&ca, Some(&clients)), threads).await;
-        let anonymous = create_over_tls(server.addr, &ca.cert, None).await;
+        let server = start(tls::settings(&dir, &ca, Some(&clients)), threads).await;
+        let anonymous = create_over_tls(server.addr, ca.cert_pem(), None).await;
         assert!(
             anonymous.is_err(),
             "{threads}: no client cert served: {anonymous:?}"
         );
-        let stranger = create_over_tls(server.addr, &ca.cert, Some(&unknown)).await;
+        let stranger = create_over_tls(server.addr, ca.cert_pem(), Some(&unknown)).await;
         assert!(
             stranger.is_err(),
             "{threads}: other CA's cert served: {stranger:?}"
         );
-        create_over_tls(server.addr, &ca.cert, Some(&known))
+        create_over_tls(server.addr, ca.cert_pem(), Some(&known))
             .await
             .unwrap_or_else(|e| panic!("{threads} thread(s), client CA's cert: {e}"));
     }
@@ -155,16 +155,16 @@ async fn client_ca_requires_a_client_certificate_it_signed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_do_not_hold_up_another_clients_handshake() {
-    let dir = TlsDir::new("tls_silent");
-    let ca = TestCa::new("server ca");
+    let dir = PemDir::new("tls_silent");
+    let ca = Ca::new("server ca");
     for threads in THREADS {
-        let server = start(dir.settings(&ca, None), threads).await;
+        let server = start(tls::settings(&dir, &ca, None), threads).await;
         // One per serving thread (connections are handed out round robin), never a ClientHello.
         let mut silent = Vec::new();
         for _ in 0..threads {
             silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
         }
-        create_over_tls(server.addr, &ca.cert, None)
+        create_over_tls(server.addr, ca.cert_pem(), None)
             .await
             .unwrap_or_else(|e| panic!("{threads} thread(s), beside silent clients: {e}"));
         // Served while the silent ones still wait in their handshakes: had their handshakes
@@ -181,9 +181,9 @@ async fn silent_clients_do_not_hold_up_another_clients_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_client_is_dropped_after_the_handshake_timeout() {
-    let dir = TlsDir::new("tls_timeout");
-    let ca = TestCa::new("server ca");
-    let server = start(dir.settings(&ca, None), 1).await;
+    let dir = PemDir::new("tls_timeout");
+    let ca = Ca::new("server ca");
+    let server = start(tls::settings(&dir, &ca, None), 1).await;
     let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let connected = Instant::now();
     let mut byte = [0u8; 1];
@@ -199,9 +199,9 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     );
 }
 
-/// The binary with TLS files in `dir` (see [`TlsDir::write_server_identity`]), its stderr
+/// The binary with TLS files in `dir` (`server.pem` and `server.key`, see [`tls::settings`]), its stderr
 /// written to `log` so the test can read the reload messages while it runs.
-fn start_binary(dir: &TlsDir, log: &Path, extra: &[&str]) -> ServerProcess {
+fn start_binary(dir: &PemDir, log: &Path, extra: &[&str]) -> ServerProcess {
     let (cert, key) = (dir.file("server.pem"), dir.file("server.key"));
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let mut args = vec![
@@ -233,25 +233,25 @@ async fn log_holds(log: &Path, text: &str, count: usize, within: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() {
-    let dir = TlsDir::new("tls_sighup_swap");
-    let (old_ca, new_ca) = (TestCa::new("old ca"), TestCa::new("new ca"));
-    dir.write_server_identity(&old_ca.server());
+    let dir = PemDir::new("tls_sighup_swap");
+    let (old_ca, new_ca) = (Ca::new("old ca"), Ca::new("new ca"));
+    dir.write_leaf(&old_ca.localhost_server(), "server");
     let log = dir.file("stderr.log");
     let server = start_binary(&dir, &log, &[]);
     let addr = server.address("grpc");
 
-    let open = tls_channel(addr, &old_ca.cert, None).await.unwrap();
+    let open = tls_channel(addr, old_ca.cert_pem(), None).await.unwrap();
     create_on(open.clone()).await.unwrap();
-    let before = create_over_tls(addr, &new_ca.cert, None).await;
+    let before = create_over_tls(addr, new_ca.cert_pem(), None).await;
     assert!(before.is_err(), "the new CA was trusted early: {before:?}");
 
-    dir.write_server_identity(&new_ca.server());
+    dir.write_leaf(&new_ca.localhost_server(), "server");
     send_sighup(server.pid());
     eventually_ok("a client trusting only the new CA", RELOAD_WITHIN, || {
-        create_over_tls(addr, &new_ca.cert, None)
+        create_over_tls(addr, new_ca.cert_pem(), None)
     })
     .await;
-    let old = create_over_tls(addr, &old_ca.cert, None).await;
+    let old = create_over_tls(addr, old_ca.cert_pem(), None).await;
     assert!(
         old.is_err(),
         "new connections still get the old cert: {old:?}"
@@ -266,9 +266,9 @@ async fn sighup_swaps_the_certificate_for_new_connections_and_keeps_open_ones() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_broken_files_keeps_the_old_certificate_and_logs_why() {
-    let dir = TlsDir::new("tls_sighup_broken");
-    let (ca, new_ca) = (TestCa::new("ca"), TestCa::new("new ca"));
-    let (cert, _) = dir.write_server_identity(&ca.server());
+    let dir = PemDir::new("tls_sighup_broken");
+    let (ca, new_ca) = (Ca::new("ca"), Ca::new("new ca"));
+    let (cert, _) = dir.write_leaf(&ca.localhost_server(), "server");
     let log = dir.file("stderr.log");
     let server = start_binary(&dir, &log, &[]);
     let addr = server.address("grpc");
@@ -280,36 +280,36 @@ async fn sighup_with_broken_files_keeps_the_old_certificate_and_logs_why() {
     log_holds(&log, refused, 1, RELOAD_WITHIN).await;
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains(&cert.display().to_string()), "{logged}");
-    create_over_tls(addr, &ca.cert, None)
+    create_over_tls(addr, ca.cert_pem(), None)
         .await
         .unwrap_or_else(|e| panic!("after an unparsable certificate: {e}"));
 
     // A valid certificate whose key is still the old one.
-    dir.write("server.pem", &new_ca.server().cert);
+    dir.write("server.pem", &new_ca.localhost_server().cert);
     send_sighup(server.pid());
     log_holds(&log, refused, 2, RELOAD_WITHIN).await;
-    create_over_tls(addr, &ca.cert, None)
+    create_over_tls(addr, ca.cert_pem(), None)
         .await
         .unwrap_or_else(|e| panic!("after a certificate without its key: {e}"));
 
     // Repaired files are taken on the next SIGHUP.
-    dir.write_server_identity(&new_ca.server());
+    dir.write_leaf(&new_ca.localhost_server(), "server");
     send_sighup(server.pid());
     eventually_ok("the repaired certificate", RELOAD_WITHIN, || {
-        create_over_tls(addr, &new_ca.cert, None)
+        create_over_tls(addr, new_ca.cert_pem(), None)
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_files_come_from_the_config_file() {
-    let dir = TlsDir::new("tls_config_file");
-    let (ca, clients) = (TestCa::new("ca"), TestCa::new("client ca"));
-    let (cert, key) = dir.write_server_identity(&ca.server());
-    let client_ca = dir.write("client-ca.pem", &clients.cert);
+    let dir = PemDir::new("tls_config_file");
+    let (ca, clients) = (Ca::new("ca"), Ca::new("client ca"));
+    let (cert, key) = dir.write_leaf(&ca.localhost_server(), "server");
+    let client_ca = dir.write("client-ca.pem", clients.cert_pem());
     let config = dir.write(
         "server.toml",
-        &format!(
+        format!(
             "listen = \"127.0.0.1:0\"\ntls_cert = {:?}\ntls_key = {:?}\ntls_client_ca = {:?}\n",
             cert.display().to_string(),
             key.display().to_string(),
@@ -322,9 +322,9 @@ async fn tls_files_come_from_the_config_file() {
         &["grpc"],
     );
     let addr = server.address("grpc");
-    let anonymous = create_over_tls(addr, &ca.cert, None).await;
+    let anonymous = create_over_tls(addr, ca.cert_pem(), None).await;
     assert!(anonymous.is_err(), "tls_client_ca ignored: {anonymous:?}");
-    create_over_tls(addr, &ca.cert, Some(&clients.client("app")))
+    create_over_tls(addr, ca.cert_pem(), Some(&clients.client("app")))
         .await
         .unwrap();
 }
@@ -353,11 +353,11 @@ fn assert_refused(case: &str, out: &Output, expected: &[&str]) {
 
 #[test]
 fn unusable_tls_files_at_start_up_exit_2_naming_the_file() {
-    let dir = TlsDir::new("tls_start_up_errors");
-    let (ca, other) = (TestCa::new("ca"), TestCa::new("other"));
-    let (cert, key) = dir.write_server_identity(&ca.server());
+    let dir = PemDir::new("tls_start_up_errors");
+    let (ca, other) = (Ca::new("ca"), Ca::new("other"));
+    let (cert, key) = dir.write_leaf(&ca.localhost_server(), "server");
     let garbage = dir.write("garbage.pem", "this is not PEM\n");
-    let other_key = dir.write("other.key", &other.server().key);
+    let other_key = dir.write("other.key", &other.localhost_server().key);
     let missing = dir.file("missing.pem");
     let text = |p: &Path| p.to_str().unwrap().to_owned();
     let (cert, key, garbage, other_key, missing) = (
@@ -417,9 +417,9 @@ fn unusable_tls_files_at_start_up_exit_2_naming_the_file() {
 
 #[test]
 fn tls_settings_have_environment_twins() {
-    let dir = TlsDir::new("tls_env");
-    let ca = TestCa::new("ca");
-    let (cert, key) = dir.write_server_identity(&ca.server());
+    let dir = PemDir::new("tls_env");
+    let ca = Ca::new("ca");
+    let (cert, key) = dir.write_leaf(&ca.localhost_server(), "server");
     let missing = dir.file("missing.pem");
     let listen = ["--listen", "127.0.0.1:0"];
     let named = missing.to_str().unwrap();
@@ -454,10 +454,10 @@ fn tls_settings_have_environment_twins() {
 async fn hand_built_settings_naming_part_of_a_tls_setup_never_serve_plaintext() {
     // `server::run` is public and `Settings` has public fields: a caller that leaves the key
     // (or the certificate) out must get an error, not a cleartext server or one without mTLS.
-    let dir = TlsDir::new("partial-settings");
-    let ca = TestCa::new("partial");
-    let (cert, key) = dir.write_server_identity(&ca.server());
-    let client_ca = dir.write("client-ca.pem", &ca.cert);
+    let dir = PemDir::new("partial-settings");
+    let ca = Ca::new("partial");
+    let (cert, key) = dir.write_leaf(&ca.localhost_server(), "server");
+    let client_ca = dir.write("client-ca.pem", ca.cert_pem());
     let partial = [
         (Some(cert.clone()), None, None),
         (None, Some(key.clone()), None),

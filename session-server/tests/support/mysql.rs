@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Executor as _};
 
 use super::harness::Guard;
 use super::services;
-use super::tls::TestCa;
+use test_pki::Ca;
 
 /// The MariaDB every MySQL test uses, as CI and developer machines run it.
 pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -253,7 +253,7 @@ impl OwnMariadb {
     /// `require_secure_transport` needs to be enforced.
     pub async fn start_with_tls(
         test: &str,
-        ca: &TestCa,
+        ca: &Ca,
         require_secure_transport: bool,
     ) -> Option<OwnMariadb> {
         Self::start_with(test, Some(ca), require_secure_transport).await
@@ -261,7 +261,7 @@ impl OwnMariadb {
 
     async fn start_with(
         test: &str,
-        ca: Option<&TestCa>,
+        ca: Option<&Ca>,
         require_secure_transport: bool,
     ) -> Option<OwnMariadb> {
         let Some(server) = find_program(&["mariadbd", "mysqld"]) else {
@@ -331,8 +331,8 @@ impl OwnMariadb {
     }
 
     /// Writes a server certificate of `ca` and `ca`'s certificate into its directory.
-    fn write_tls_files(&self, ca: &TestCa, require_secure_transport: bool) -> MariadbTls {
-        let identity = ca.server();
+    fn write_tls_files(&self, ca: &Ca, require_secure_transport: bool) -> MariadbTls {
+        let identity = ca.localhost_server();
         let write = |name: &str, contents: &str| {
             let path = self.dir.join(name);
             std::fs::write(&path, contents)
@@ -342,7 +342,7 @@ impl OwnMariadb {
         MariadbTls {
             cert: write("server-cert.pem", &identity.cert),
             key: write("server-key.pem", &identity.key),
-            ca: write("ca.pem", &ca.cert),
+            ca: write("ca.pem", ca.cert_pem()),
             require_secure_transport,
         }
     }

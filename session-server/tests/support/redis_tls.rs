@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::services::{self, PORT_ATTEMPTS};
-use super::tls::{TestCa, TlsDir};
+use test_pki::{Ca, PemDir};
 
 /// How long one `redis-server` gets to answer, over TLS, as itself: generous, for a loaded
 /// machine.
@@ -23,7 +23,7 @@ pub struct OwnTlsRedis {
     /// The PEM file of the CA that signed its certificate.
     pub ca_file: PathBuf,
     /// Holds the PEM files; removed with the server.
-    _dir: TlsDir,
+    _dir: PemDir,
 }
 
 impl OwnTlsRedis {
@@ -54,10 +54,10 @@ impl OwnTlsRedis {
     }
 
     fn launch(binary: PathBuf, test: &str, cluster: bool) -> OwnTlsRedis {
-        let ca = TestCa::new("stickless test Redis CA");
-        let dir = TlsDir::new(test);
-        let (cert, key) = dir.write_server_identity(&ca.server());
-        let ca_file = dir.write("redis-ca.pem", &ca.cert);
+        let ca = Ca::new("stickless test Redis CA");
+        let dir = PemDir::new(test);
+        let (cert, key) = dir.write_leaf(&ca.localhost_server(), "server");
+        let ca_file = dir.write("redis-ca.pem", ca.cert_pem());
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = services::free_port();
@@ -92,7 +92,7 @@ impl OwnTlsRedis {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("spawn redis-server");
-            match answers_as(&mut child, port, &ca.cert) {
+            match answers_as(&mut child, port, ca.cert_pem()) {
                 Ok(()) => {
                     return OwnTlsRedis {
                         child,
