@@ -37,7 +37,9 @@ struct Proc {
 impl Proc {
     /// Starts `program` with `args`, its stdout recorded and its stderr written to `log`.
     fn start(program: &Path, args: &[&str], log: &Path) -> Proc {
+        // No environment: a developer's DEMO_* or STICKLESS_* variables must not change it.
         let mut child = Command::new(program)
+            .env_clear()
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -48,7 +48,9 @@ impl DemoProcess {
     /// Starts `demo-app` with `args` (`--sessions local` and port 0 added) and reads its
     /// `listening http <addr>` line, failing with its stderr if it exits first.
     async fn start(args: &[&str]) -> DemoProcess {
+        // No environment: a developer's DEMO_* or STICKLESS_* variables must not change it.
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo-app"))
+            .env_clear()
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -207,6 +209,7 @@ async fn tls_cert_and_key_serve_https_only_with_h2_and_http1() {
 /// Runs `demo-app` with `args` to its exit: its exit code and stderr.
 async fn refused(args: &[&str]) -> (Option<i32>, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo-app"))
+        .env_clear()
         .args(["--listen", "127.0.0.1:0", "--sessions", "local"])
         .args(args)
         .stdin(Stdio::null())

@@ -286,8 +286,15 @@ async fn https_listener_serves_http1_and_h2_and_tells_backends_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_hold_up_nobody_and_are_dropped_after_the_header_read_timeout() {
     // More than 1024 (a cap on pending handshakes once locked every TLS client out), fewer than
-    // `--max-connections`, the only bound; the fd limits of this test and the proxy allow them.
+    // `--max-connections`, the only bound. The test and the proxy (which inherits the limit)
+    // each hold one descriptor per silent client, plus their own.
     const SILENT: usize = 1100;
+    let limit = open_files_soft_limit();
+    assert!(
+        limit >= SILENT as u64 + 512,
+        "this test holds {SILENT} sockets (and so does the proxy), but the soft limit on open \
+         files is {limit}: raise it (`ulimit -n 4096`) to run it"
+    );
     // Above the 10 s the handshake timeout once was, so that only the flag can explain it.
     const TIMEOUT: Duration = Duration::from_secs(12);
     let pki = Pki::new("silent");
@@ -325,6 +332,18 @@ async fn silent_clients_hold_up_nobody_and_are_dropped_after_the_header_read_tim
         connected.elapsed()
     );
     proxy.terminate().await;
+}
+
+/// This process's soft limit on open files, from `/proc/self/limits` (`u64::MAX` when
+/// unlimited or unknown: then nothing is checked).
+fn open_files_soft_limit() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|soft| soft.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 #[tokio::test]

@@ -57,22 +57,14 @@ pub fn run_command_bounded(mut command: Command) -> Output {
     child.wait_with_output().expect("the child's output")
 }
 
-/// The binary with none of the environment twins a developer's shell might set, logging at
-/// `info`.
+/// The binary with none of the environment twins a developer's shell might set (every
+/// `STICKLESS_*` variable), logging at `info`.
 pub fn command() -> Command {
     let mut command = Command::new(BINARY);
-    for var in [
-        "STICKLESS_PROXY_CONFIG",
-        "STICKLESS_PROXY_LISTEN",
-        "STICKLESS_PROXY_ADMIN_LISTEN",
-        "STICKLESS_PROXY_ADMIN_TOKEN",
-        "STICKLESS_PROXY_ADMIN_TOKEN_FILE",
-        "STICKLESS_PROXY_BACKENDS",
-        "STICKLESS_PROXY_BALANCE",
-        "STICKLESS_PROXY_HEALTH_CHECK",
-        "STICKLESS_PROXY_SESSION_LOOKUP",
-    ] {
-        command.env_remove(var);
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("STICKLESS_") {
+            command.env_remove(var);
+        }
     }
     command.env("RUST_LOG", "info");
     command
