@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +18,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -31,44 +29,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The application protocols offered, preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-/// Why the listener's TLS configuration could not be built. Each message is one line and names
-/// the file at fault.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read.
-    #[error("cannot read TLS {what} {path}: {source}")]
-    Read {
-        /// Which file: `certificate` or `private key`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file was read but holds no usable PEM item of the kind expected.
-    #[error("cannot parse TLS {what} {path}: {reason}")]
-    Parse {
-        /// Which file: `certificate` or `private key`.
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The certificate and key were parsed but rustls refused them (a key that does not match
-    /// the certificate, an unsupported key type).
-    #[error("cannot use TLS certificate {cert} with private key {key}: {source}")]
-    Identity {
-        /// The certificate file.
-        cert: PathBuf,
-        /// The key file.
-        key: PathBuf,
-        /// rustls' reason.
-        #[source]
-        source: rustls::Error,
-    },
-}
+/// Why the listener's TLS configuration could not be built (the session server's error: one
+/// line naming the file at fault).
+pub use session_server::tls::TlsError;
 
 /// The listener's TLS settings, read from the certificate and key files. Clones share them.
 #[derive(Debug, Clone)]
@@ -82,65 +45,11 @@ impl ListenerTls {
     /// (PEM: PKCS#8, PKCS#1 or SEC1) and builds the configuration, or says which file is at
     /// fault.
     pub fn from_files(cert: &Path, key: &Path) -> Result<ListenerTls, TlsError> {
-        let chain = certificates(cert)?;
-        let private_key = private_key(key)?;
-        let mut config =
-            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports TLS 1.2 and 1.3")
-                .with_no_client_auth()
-                .with_single_cert(chain, private_key)
-                .map_err(|source| TlsError::Identity {
-                    cert: cert.to_owned(),
-                    key: key.to_owned(),
-                    source,
-                })?;
-        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        let config = session_server::tls::listener_config(cert, key, None, &ALPN)?;
         Ok(ListenerTls {
             config: Arc::new(config),
         })
     }
-}
-
-/// The contents of `path`, or an error naming it as the TLS `what`.
-fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Every PEM certificate in `path`; an error when there is none or one is malformed.
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    const WHAT: &str = "certificate";
-    let pem = read(path, WHAT)?;
-    let parse_error = |reason: String| TlsError::Parse {
-        what: WHAT,
-        path: path.to_owned(),
-        reason,
-    };
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| parse_error(error.to_string()))?;
-    if chain.is_empty() {
-        return Err(parse_error("no PEM certificate in it".into()));
-    }
-    Ok(chain)
-}
-
-/// The PEM private key in `path`.
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    const WHAT: &str = "private key";
-    let pem = read(path, WHAT)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| TlsError::Parse {
-        what: WHAT,
-        path: path.to_owned(),
-        reason: match error {
-            rustls::pki_types::pem::Error::NoItemsFound => "no PEM private key in it".into(),
-            other => other.to_string(),
-        },
-    })
 }
 
 /// Serves `app` over HTTPS on `listener` until `shutdown` completes; then stops accepting and

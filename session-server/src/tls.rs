@@ -259,45 +259,59 @@ async fn handshake(
     }
 }
 
-/// The rustls configuration `files` describe: ring as the crypto provider, TLS 1.2 and 1.3,
-/// ALPN `h2`, and client certificates required and verified against the client CA when one is
-/// given.
+/// The rustls configuration `files` describe, for gRPC: [`listener_config`] with ALPN `h2`.
 fn server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
-    let chain = certificates(&files.cert, "certificate")?;
-    let key = private_key(&files.key)?;
+    listener_config(
+        &files.cert,
+        &files.key,
+        files.client_ca.as_deref(),
+        &[ALPN_H2],
+    )
+}
+
+/// A TLS listener's rustls configuration from PEM files: ring as the crypto provider, TLS 1.2
+/// and 1.3, the certificate chain in `cert` (the server's certificate first) with its private
+/// key in `key` (PKCS#8, PKCS#1 or SEC1), client certificates required and verified against
+/// `client_ca` when given, and `alpn` offered, preferred first. Each error names the file at
+/// fault. Also what `demo-app --tls-cert/--tls-key` serves with.
+pub fn listener_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsError> {
+    let chain = certificates(cert, "certificate")?;
+    let private_key = private_key(key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3");
-    let builder = match &files.client_ca {
+    let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(path) => {
+            let ca_error = |reason: String| TlsError::Parse {
+                what: "client CA",
+                path: path.to_owned(),
+                reason,
+            };
             let mut roots = RootCertStore::empty();
             for ca in certificates(path, "client CA")? {
-                roots.add(ca).map_err(|error| TlsError::Parse {
-                    what: "client CA",
-                    path: path.clone(),
-                    reason: error.to_string(),
-                })?;
+                roots.add(ca).map_err(|error| ca_error(error.to_string()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|error| TlsError::Parse {
-                    what: "client CA",
-                    path: path.clone(),
-                    reason: error.to_string(),
-                })?;
+                .map_err(|error| ca_error(error.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut config = builder
-        .with_single_cert(chain, key)
+        .with_single_cert(chain, private_key)
         .map_err(|source| TlsError::Identity {
-            cert: files.cert.clone(),
-            key: files.key.clone(),
+            cert: cert.to_owned(),
+            key: key.to_owned(),
             source,
         })?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
     Ok(config)
 }
 
