@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // A snapshot cookie's body encodes the same way on every issue.
+        .btree_map(".session.v1.Snapshot.attrs")
         .compile_fds(fds)?;
     Ok(())
 }

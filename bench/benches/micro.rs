@@ -52,6 +52,11 @@ fn snapshot_1kb() -> Snapshot {
         issued_at_ms: now,
         expires_at_ms: now + 3_600_000,
         ttl_ms: 1_800_000,
+        // As the store confirmed it: its epoch, no offline changes.
+        epoch: "0123456789abcdef".to_owned(),
+        base_version: 7,
+        confirmed_at_ms: now,
+        ..Default::default()
     }
 }
 

@@ -21,6 +21,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -29,7 +30,9 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing};
+use session_client::cookie::{
+    CookieCodec, CookieKey, DEFAULT_SNAPSHOT_MAX_AGE, Encryption, KeyRing,
+};
 use session_client::{
     ClientConfig, ClientError, ClientTls, FallbackMode, Session, SessionClient, SessionConfig,
     SessionError, SessionLayer,
@@ -82,7 +85,17 @@ pub struct DemoConfig {
     /// HTTPS on the listener (`--tls-cert`, `--tls-key`): with it [`run`] serves HTTPS only;
     /// `None`: plain HTTP.
     pub listener_tls: Option<ListenerTls>,
+    /// How long past the store's last confirmation a snapshot may stand in for the session
+    /// (`--snapshot-max-age`; `store` and `proxy` modes): the proxy's `--snapshot-max-age`
+    /// should say the same.
+    pub snapshot_max_age: Duration,
+    /// A store call that times out while the store answered less than this long ago is a 503
+    /// with `Retry-After`, not an outage the snapshot stands in for (`--outage-grace`).
+    pub outage_grace: Duration,
 }
+
+/// The outage grace unless configured otherwise (`session-client`'s layer default too).
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5);
 
 impl DemoConfig {
     /// A store-backed instance named `name` with defaults (fallback off, secure cookies).
@@ -98,6 +111,8 @@ impl DemoConfig {
             auth_token: None,
             session_tls: None,
             listener_tls: None,
+            snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
+            outage_grace: DEFAULT_OUTAGE_GRACE,
         }
     }
 
@@ -158,6 +173,13 @@ pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
             client_config
         }
     };
+    // Proxy mode bounds each call itself, so that running out of time is always a timeout
+    // (see `proxy_mode`): the client's own deadline is a backstop past it.
+    let call_timeout = client_config.timeout;
+    let mut client_config = client_config;
+    if let Sessions::Proxy(_) = config.sessions {
+        client_config.timeout = call_timeout.saturating_mul(2);
+    }
     let client = SessionClient::connect_lazy(client_config)?;
     let instance = Instance {
         name: Arc::from(config.name.as_str()),
@@ -173,8 +195,15 @@ pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
         Some(CookieCodec::new(KeyRing::new(keys)?, config.encryption))
     };
     if let Sessions::Proxy(_) = config.sessions {
-        let cookie = SessionConfig::default().cookie_name;
-        let routes = proxy_mode::router(instance, client, cookie, config.secure_cookies, codec);
+        let mode = proxy_mode::ProxyModeConfig {
+            cookie: SessionConfig::default().cookie_name,
+            secure: config.secure_cookies,
+            codec,
+            snapshot_max_age: config.snapshot_max_age,
+            outage_grace: config.outage_grace,
+            timeout: call_timeout,
+        };
+        let routes = proxy_mode::router(instance, client, mode);
         return Ok(finish(routes, &config.name));
     }
     let session_config = SessionConfig {
@@ -184,6 +213,8 @@ pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
         } else {
             config.fallback
         },
+        snapshot_max_age: config.snapshot_max_age,
+        outage_grace: config.outage_grace,
         ..SessionConfig::default()
     };
     let layer = SessionLayer::with_config(client, codec, session_config);

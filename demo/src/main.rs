@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use demo::{DemoConfig, ListenerTls, Sessions};
@@ -105,6 +106,35 @@ struct Cli {
     /// Bearer token for the session server.
     #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// How long past the session server's last confirmation a snapshot cookie may stand in
+    /// for the session (and be pushed back with Restore); give session-proxy's
+    /// `--snapshot-max-age` the same value [default: 1h].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "DEMO_SNAPSHOT_MAX_AGE",
+        value_parser = parse_duration
+    )]
+    snapshot_max_age: Option<Duration>,
+    /// A session server call that times out while the server answered less than this long
+    /// ago is a 503 with Retry-After, not an outage the snapshot stands in for [default: 5s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "DEMO_OUTAGE_GRACE",
+        value_parser = parse_duration
+    )]
+    outage_grace: Option<Duration>,
+}
+
+/// A duration in humantime syntax ("500ms", "5s", "1h"), above zero.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("bad duration {text:?} ({e}); write e.g. \"5s\" or \"1h\""))?;
+    if duration.is_zero() {
+        return Err(format!("duration {text:?} must be above zero"));
+    }
+    Ok(duration)
 }
 
 /// A key given as hex or base64, at least 32 bytes.
@@ -166,6 +196,10 @@ fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
         auth_token: cli.auth_token,
         session_tls,
         listener_tls,
+        snapshot_max_age: cli
+            .snapshot_max_age
+            .unwrap_or(session_client::cookie::DEFAULT_SNAPSHOT_MAX_AGE),
+        outage_grace: cli.outage_grace.unwrap_or(demo::DEFAULT_OUTAGE_GRACE),
     };
     match config.session_client_config() {
         Some(client_config) => client_config.validate().map_err(|e| e.to_string())?,
@@ -254,7 +288,7 @@ mod tests {
     use tonic::transport::server::TcpIncoming;
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-    use super::{Cli, demo_config, parse_key};
+    use super::{Cli, demo_config, parse_duration, parse_key};
 
     /// Bound on any wait: generous, a passing test never waits it out.
     const PATIENCE: Duration = Duration::from_secs(30);
@@ -266,6 +300,30 @@ mod tests {
         assert_eq!(parse_key(&b64).unwrap(), vec![7u8; 40]);
         assert!(parse_key("abcd").is_err());
         assert!(parse_key("not a key at all!").is_err());
+    }
+
+    #[test]
+    fn snapshot_max_age_and_outage_grace_default_and_parse_as_durations() {
+        let config = demo_config(cli(&["--sessions", "local"])).expect("defaults");
+        assert_eq!(config.snapshot_max_age, Duration::from_secs(3600));
+        assert_eq!(config.outage_grace, Duration::from_secs(5));
+        let config = demo_config(cli(&[
+            "--sessions",
+            "proxy",
+            "--snapshot-max-age",
+            "2m",
+            "--outage-grace",
+            "750ms",
+        ]))
+        .expect("durations");
+        assert_eq!(config.snapshot_max_age, Duration::from_secs(120));
+        assert_eq!(config.outage_grace, Duration::from_millis(750));
+        assert!(parse_duration("0s").unwrap_err().contains("above zero"));
+        assert!(parse_duration("soon").unwrap_err().contains("bad duration"));
+        for flag in ["--snapshot-max-age", "--outage-grace"] {
+            let error = Cli::try_parse_from(["demo-app", flag, "0s"]).expect_err(flag);
+            assert_eq!(error.exit_code(), 2, "{error}");
+        }
     }
 
     /// TLS settings of a server for 127.0.0.1 with a certificate of `ca`, requiring client

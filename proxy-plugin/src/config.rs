@@ -42,6 +42,8 @@
 //! url = "http://127.0.0.1:50051"
 //! attrs = ["cart"]    # also namespace, cookie, on_failure, timeout, auth_token
 //! snapshot_keys = ["<hex or base64 of 32+ bytes>"]  # outage fallback; also snapshot_cookie
+//! snapshot_max_age = "1h"   # how long past the store's last word a snapshot may stand in
+//! outage_grace = "5s"       # a timeout within this of the store's last answer is no outage
 //! # ca = "/etc/stickless/ca.pem"   # for an https:// url; also client_cert, client_key (mTLS)
 //! ```
 
@@ -90,6 +92,11 @@ pub const DEFAULT_SESSION_NAMESPACE: &str = "default";
 pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default name of the signed session snapshot cookie (`session-client`'s default too).
 pub const DEFAULT_SNAPSHOT_COOKIE: &str = "sid_snap";
+/// Default limit of a snapshot past the store's last confirmation (`session-client`'s default
+/// too): see [`LookupConfig::snapshot_max_age`].
+pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = session_client::cookie::DEFAULT_SNAPSHOT_MAX_AGE;
+/// Default outage grace (`session-client`'s default too): see [`LookupConfig::outage_grace`].
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5);
 
 /// One backend as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +191,16 @@ pub struct LookupConfig {
     pub snapshot_keys: Vec<SnapshotKey>,
     /// Name of the snapshot cookie.
     pub snapshot_cookie: String,
+    /// How long past the store's last confirmation a snapshot may stand in for the session or
+    /// be pushed back with `Restore` (`--snapshot-max-age`): snapshots the plugin writes expire
+    /// by then, and older ones are refused whoever wrote them. The bound on a logged-out
+    /// session coming back from cookies copied before the logout into a store that lost its
+    /// data.
+    pub snapshot_max_age: Duration,
+    /// A lookup that timed out while the store answered less than this long ago is an error
+    /// (503 with `Retry-After` when failing closed), not an outage: the snapshot stands in only
+    /// for an unreachable store, or one silent for longer than this (`--session-outage-grace`).
+    pub outage_grace: Duration,
     /// TLS settings of an `https://` session server, read from the `--session-ca` /
     /// `--session-client-cert` / `--session-client-key` files (`None`: the system's roots).
     /// Holds the files' contents, so a reload that reads changed files rebuilds the client.
@@ -202,6 +219,8 @@ impl std::fmt::Debug for LookupConfig {
             .field("timeout", &self.timeout)
             .field("snapshot_keys", &self.snapshot_keys)
             .field("snapshot_cookie", &self.snapshot_cookie)
+            .field("snapshot_max_age", &self.snapshot_max_age)
+            .field("outage_grace", &self.outage_grace)
             .field("tls", &self.tls)
             .finish()
     }

@@ -4,77 +4,115 @@
 //! On every request, plugin on or off, it first strips each `x-session-*` header the client
 //! sent: those headers are the proxy's word, and a client must never be able to claim a user.
 //! With the plugin on ([`LookupConfig`]), it then reads the session cookie, fetches the session
-//! through one shared [`SessionClient`] (`get(id, touch = true)`, so a request slides the expiry
-//! like a backend would) and sets:
+//! through one shared [`SessionClient`](session_client::SessionClient) (`get(id, touch =
+//! true)`, so a request slides the expiry like a backend would) and sets:
 //!
 //! | header | value |
 //! |---|---|
 //! | `x-session-id` | the session id |
 //! | `x-session-user` | the user id (absent for anonymous sessions) |
 //! | `x-session-attr-<name>` | each configured attribute present, base64 (standard alphabet, padded), since attributes are bytes |
-//! | `x-session-degraded` | `1` when the session comes from its snapshot cookie (store unreachable, see below) |
+//! | `x-session-degraded` | `1` when the session comes from its snapshot cookie (store down, see below) |
 //!
 //! No cookie, a malformed id or an unknown session: the request goes on without session
-//! headers. Store unreachable (or not answering within `timeout`), and no snapshot to stand in:
-//! [`LookupFailure::Open`] forwards without session headers, [`LookupFailure::Closed`] answers
-//! 503. Nothing is cached: a logout is seen by the very next request.
+//! headers. Nothing is cached: a logout is seen by the very next request.
+//!
+//! # When the store fails
+//! Two failures are told apart, as `session-client`'s layer tells them apart:
+//! - **Unreachable** (connection refused or broken, UNAVAILABLE): an outage.
+//! - **Timed out** (no answer within `timeout`, or DEADLINE_EXCEEDED): a slow store, not a lost
+//!   one, while the store answered anything (NOT_FOUND included) within the last
+//!   `outage_grace` (`--session-outage-grace`, 5 s by default). Then [`LookupFailure::Closed`]
+//!   answers 503 with `Retry-After: 1` and [`LookupFailure::Open`] forwards without session
+//!   headers; the snapshot is never used. A store silent for longer than the grace (or not
+//!   heard from since the plugin was made) is down: an outage.
+//!
+//! In an outage without a snapshot to stand in, `on_failure` applies: `Open` forwards without
+//! session headers, `Closed` answers 503.
 //!
 //! # Outage fallback: the snapshot cookie
 //! With snapshot keys configured ([`LookupConfig::snapshot_keys`]) the plugin keeps a signed
-//! snapshot of the session in a second cookie (`sid_snap` by default), in `session-client`'s
-//! format ([`session_client::cookie`]) and by the rule its layer follows in `OnOutage` mode:
-//! - **Store reachable, session found**: the plugin's response filter ([`ResponseFilter`]) sets
-//!   the snapshot cookie (`Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came
-//!   over TLS, as the proxy's `X-Forwarded-Proto` says) when the request's is missing,
-//!   invalid, of another session or version, or past half its life; a fresh one is left alone,
-//!   so a user gets a new snapshot about twice a ttl, not on every response. It snapshots the
-//!   session as the lookup saw it: a change the backend makes in that request is taken up by
-//!   the next one (the version differs). Snapshots are sealed (AES-256-GCM): the client cannot
-//!   read the attributes. A response that sets the session cookie (login) or the snapshot
-//!   cookie itself (a backend keeping its own snapshot) is left alone. A session too large for
-//!   a 4096-byte cookie gets no snapshot (a stale one the client sent is expired).
+//! snapshot of the session in a second cookie (`sid_snap` by default): a `session.v1.Snapshot`
+//! in `session-client`'s cookie format ([`session_client::cookie`], docs/snapshot-cookie.md),
+//! read and written by `session-client`'s one snapshot policy, as its layer and `demo-app
+//! --sessions proxy` do. A snapshot records the store epoch and the version the store last
+//! confirmed (its base), when it confirmed them, and the changes made while the store was
+//! unreachable (its offline changes).
+//! - **Store answers, session found**: the plugin's response filter sets a snapshot confirmed
+//!   by that answer (`Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came over
+//!   TLS, as the proxy's `X-Forwarded-Proto` says) unless the request's is up to date: the same
+//!   session, epoch and version, no offline changes, more than half its life left, signed with
+//!   the current key. So a user gets a new snapshot about twice a ttl, not on every response.
+//!   It snapshots the session as the lookup saw it: a change the backend makes in that request
+//!   is taken up by the next one (the version differs). Snapshots are sealed (AES-256-GCM): the
+//!   client cannot read the attributes. A response that sets the session cookie (login) or the
+//!   snapshot cookie itself (a backend keeping its own snapshot) is left alone. A session too
+//!   large for a 4096-byte cookie gets no snapshot (a stale one the client sent is expired).
+//! - **Store answers, and the request's snapshot holds offline changes** (a backend wrote them
+//!   during an outage: `demo-app --sessions proxy`, or `session-client`'s layer): they are
+//!   pushed with `Restore` before the headers are set. The store applies them when it still
+//!   holds the snapshot's base version (lookup outcome `restored`); when it changed the session
+//!   meanwhile, **the store wins**: nothing is applied, the stored session is served and
+//!   snapshotted, and the offline changes are dropped (logged at info level with the first
+//!   characters of the id, outcome `conflict`). A change made in the store during a partition
+//!   (an administrator removing a role) is never undone by a snapshot. A `Restore` that does
+//!   not answer leaves the snapshot as it is, for a later request.
+//! - **Store answers NOT_FOUND**: the answer carries the store's epoch. A snapshot of that same
+//!   epoch stands for a session that was deleted (logout, `DeleteByUser`) or expired in this
+//!   store: it is never pushed back, the request goes on without session and the snapshot
+//!   cookie is expired. This is what makes a logout stick against replayed cookies. A snapshot
+//!   of another epoch (the store lost its data: a memory store restarted, a Redis flushed), or
+//!   of none (a session made during an outage), is pushed back with `Restore`, which recreates
+//!   it unless the id was deleted less than one ttl ago (outcome `restored`); refused, it is
+//!   missing.
 //! - **Logout**: a response that clears the session cookie (its `Set-Cookie` has an empty
 //!   value, `Max-Age=0` or an `Expires` in the past, see `lookup/set_cookie.rs`) also gets the
 //!   snapshot cookie expired (same attributes, `Max-Age=0`) unless the backend expires or sets
 //!   it itself, whatever the lookup found, and never a fresh snapshot: every session cookie
 //!   leaves the browser together. The sticky balancer's cookie is left alone: it pins a
 //!   backend, not a user, and holds nothing of the session.
-//! - **Store unreachable** (down, or no answer within `timeout`): a valid snapshot of the
-//!   session the session cookie names stands in for it: its id, user and configured attributes
-//!   become the headers, plus `x-session-degraded: 1`, and the request is forwarded whatever
-//!   `on_failure` says (a valid snapshot is a session). Its expiry slides as the store's would
-//!   (rewritten once past half its life). Without a valid snapshot, `on_failure` applies.
-//! - **Store reachable, session missing** (logged out, expired): the snapshot is never trusted,
-//!   whatever it says, and the client's is expired: this is what makes a logout stick.
+//! - **Outage** (see above): a valid snapshot of the session the session cookie names stands in
+//!   for it: its id, user and configured attributes (offline changes included) become the
+//!   headers, plus `x-session-degraded: 1`, and the request is forwarded whatever `on_failure`
+//!   says (a valid snapshot is a session). Its expiry slides by the ttl as the store's would
+//!   (rewritten once past half its life), but never past `snapshot_max_age` after the store
+//!   last confirmed it: degraded mode cannot keep a session alive forever.
 //!
-//! A snapshot counts only when its HMAC verifies (constant time), it has not expired, and its
-//! session id and namespace are those of the request's session cookie and this plugin: a
-//! forged, altered, expired or foreign one is ignored.
+//! A snapshot counts only when its MAC verifies (constant time), it has not expired, it is
+//! within `snapshot_max_age` (`--snapshot-max-age`, 1 h by default) of the store's last
+//! confirmation (the reader's max age counts, so shortening it takes effect on cookies already
+//! issued), and its session id and namespace are those of the request's session cookie and
+//! this plugin: a forged, altered, expired, too old or foreign one is ignored.
 //!
 //! **The proxy and the backends must share the key material**: the same bytes, signing key
 //! first, in `--session-snapshot-key` here and `demo-app --cookie-key` (a `session-client`
-//! [`KeyRing`]) there. Key ids derive from the material ([`CookieKey::new`]), so each side
-//! verifies what the other signed; with different keys each ignores (and overwrites) the
-//! other's snapshots. When the store answers NOT_FOUND for a session whose request carries a
-//! valid snapshot, the proxy pushes the snapshot back with `Restore` (as `session-client`'s
-//! layer does); the server refuses ids deleted less than one ttl ago (logout tombstones).
-//! Limits: nothing yet tells a session the store lost (a restart of a memory store) from one
-//! deleted or expired longer ago than that, so such a session's snapshot, replayed, is
-//! restored (issue 12's store epoch closes this); a session deleted in the store behind its
-//! user's back (`DeleteByUser`) stays usable through its snapshot during an outage that begins
-//! before that user's next request, until the snapshot expires.
+//! [`KeyRing`](session_client::cookie::KeyRing)) there. Key ids derive from the material
+//! ([`CookieKey::new`](session_client::cookie::CookieKey::new)), so each side verifies what
+//! the other signed; with different keys each ignores (and overwrites) the other's snapshots.
+//!
+//! What remains: cookies copied before a logout and replayed after the store **lost its data**
+//! (another epoch, its tombstones gone with it) bring the session back, until
+//! `snapshot_max_age` after the store last confirmed that snapshot: nothing is left in such a
+//! store to tell that session from one it lost. Shorten `--snapshot-max-age` to shorten that
+//! window (it also bounds how long an outage can be ridden out). A session deleted in the
+//! store behind its user's back (`DeleteByUser`) stays usable through its snapshot during an
+//! outage that begins before that user's next request, within the same bound.
+//!
+//! # Layout
+//! - this file: the request filter, the lookup and the headers.
+//! - `store`: the calls to the store, the outage rule and `Restore`.
+//! - `snapshots`: the snapshot cookie read from the request and the response filter writing it.
+//! - `set_cookie`: reading a backend's `Set-Cookie` lines (login, logout).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use futures::future::BoxFuture;
-use http::header::{HeaderName, SET_COOKIE};
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
-use session_client::cookie::{
-    CookieCodec, CookieError, CookieKey, Encryption, KeyRing, Snapshot, fits_in_cookie, unix_ms,
-};
-use session_client::{ClientConfig, ClientError, SessionClient, SessionData};
+use session_client::ClientError;
+use session_client::cookie::{CookieError, SnapshotPolicy};
 
 use crate::config::{LookupConfig, LookupFailure};
 use crate::cookie::cookie_values;
@@ -82,11 +120,15 @@ use crate::metrics::{ProxyMetrics, RejectReason};
 use crate::proxy::{RequestFilter, ResponseFilter};
 
 mod set_cookie;
-use set_cookie::{clears_cookie, sets_cookie};
+mod snapshots;
+mod store;
+
+use snapshots::{Sent, SnapshotAction, SnapshotUpdate, Snapshots};
+use store::{Store, Stored};
 
 /// Prefix of every header this plugin owns.
 const SESSION_HEADER_PREFIX: &str = "x-session-";
-/// Set (to `1`) when the session comes from its snapshot because the store is unreachable.
+/// Set (to `1`) when the session comes from its snapshot because the store is down.
 const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-session-degraded");
 /// Longest cookie value sent to the store as an id: real ids are 32 characters; anything much
 /// longer is garbage not worth a round trip.
@@ -112,6 +154,9 @@ pub enum LookupError {
         "the session snapshot cookie name must be non-empty and differ from the session cookie"
     )]
     SnapshotCookie,
+    /// A snapshot max age of zero: no snapshot would ever be valid.
+    #[error("the snapshot max age must be above zero")]
+    SnapshotMaxAge,
 }
 
 /// The plugin; with no config it only strips client-sent `x-session-*` headers.
@@ -128,63 +173,13 @@ pub struct SessionLookup {
 struct Plugin {
     /// Its settings (kept to compare on reload).
     config: LookupConfig,
-    /// The one client every request shares (one HTTP/2 connection).
-    client: SessionClient,
+    /// The session store: its client, and when it last answered.
+    store: Store,
     /// Configured attribute names with their header names, built once.
     attrs: Vec<(String, HeaderName)>,
     /// The snapshot cookie, when keys are configured; shared with the response filters of
     /// requests in flight.
     snapshots: Option<Arc<Snapshots>>,
-}
-
-/// The snapshot-cookie side of the plugin.
-#[derive(Debug)]
-struct Snapshots {
-    /// Signs (and seals) with the first key, verifies with every key.
-    codec: CookieCodec,
-    /// Name of the snapshot cookie.
-    cookie: String,
-    /// Name of the session cookie: a response setting it changed the session, so its snapshot
-    /// is left to the next request.
-    session_cookie: String,
-    /// Namespace written into snapshots and required of them.
-    namespace: String,
-}
-
-/// A request's snapshot cookie, as far as the session it names is concerned.
-enum Sent {
-    /// No snapshot cookie.
-    Absent,
-    /// One that is not a valid snapshot of this session (forged, altered, expired, another
-    /// session or namespace, an unknown key).
-    Invalid,
-    /// A valid snapshot of this session.
-    Valid(Snapshot),
-}
-
-/// The plugin's response filter for one request: the snapshot cookie to set, or to expire.
-#[derive(Debug)]
-struct SnapshotUpdate {
-    /// Codec and cookie names.
-    snapshots: Arc<Snapshots>,
-    /// What to do with the snapshot cookie when the response leaves the session cookie alone.
-    action: SnapshotAction,
-    /// Whether the request carried a snapshot cookie (expired when no new one can be made).
-    sent: bool,
-    /// The request came over TLS: the cookie is `Secure`.
-    secure: bool,
-}
-
-/// What a [`SnapshotUpdate`] does when the response neither clears nor sets the session cookie
-/// (a response clearing it, a logout, always gets the snapshot cookie expired).
-#[derive(Debug)]
-enum SnapshotAction {
-    /// Nothing: the request's snapshot is fine.
-    Keep,
-    /// Sets a snapshot of this session (issued-at set when encoded).
-    Set(Snapshot),
-    /// Expires the client's.
-    Expire,
 }
 
 impl SessionLookup {
@@ -241,85 +236,104 @@ impl SessionLookup {
             return Ok(None);
         }
         let id = id.to_owned();
-        let result = tokio::time::timeout(plugin.config.timeout, plugin.client.get(&id, true))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ClientError::Unavailable(format!(
-                    "no answer within {:?}",
-                    plugin.config.timeout
-                )))
-            });
         let snapshots = plugin.snapshots.as_ref();
-        match result {
-            Ok(session) => {
-                self.metrics.lookup("found");
+        let sent = snapshots.map_or(Sent::Absent, |s| s.sent(headers, &id, SystemTime::now()));
+        let resolved = match plugin.store.get(&id).await {
+            Ok(stored) => match &sent {
+                // Changes a backend made during an outage: pushed back under the store's rules.
+                Sent::Valid(snapshot) if snapshot.has_offline_changes() => {
+                    plugin.store.resync(snapshot, Some(stored)).await
+                }
+                _ => Ok(Some(Stored {
+                    session: stored,
+                    outcome: "found",
+                    keep_snapshot: false,
+                })),
+            },
+            Err(ClientError::NotFound { epoch }) => match &sent {
+                // Deleted or expired in this very store: never pushed back (a logout sticks).
+                Sent::Valid(snapshot)
+                    if !snapshot.epoch.is_empty()
+                        && epoch.as_deref() == Some(snapshot.epoch.as_str()) =>
+                {
+                    tracing::debug!("session gone from the store (same epoch): snapshot dropped");
+                    Ok(None)
+                }
+                // The store lost it (another epoch), or it was made during an outage.
+                Sent::Valid(snapshot) => plugin.store.resync(snapshot, None).await,
+                Sent::Absent | Sent::Invalid => Ok(None),
+            },
+            Err(ClientError::Invalid(_)) => Ok(None),
+            Err(error) => Err(error),
+        };
+        match resolved {
+            Ok(Some(Stored {
+                session,
+                outcome,
+                keep_snapshot,
+            })) => {
+                self.metrics.lookup(outcome);
                 plugin.set_headers(headers, &session.id, &session.user_id, |name| {
                     session.attrs.get(name)
                 });
-                Ok(snapshots.and_then(|s| s.refresh(headers, &session, secure)))
+                if keep_snapshot {
+                    return Ok(None);
+                }
+                Ok(snapshots.and_then(|s| s.refresh(&sent, headers, &session, secure)))
             }
-            Err(ClientError::NotFound)
-                if let Some(restored) = self.restore(plugin, headers, &id).await =>
-            {
-                self.metrics.lookup("restored");
-                plugin.set_headers(headers, &restored.id, &restored.user_id, |name| {
-                    restored.attrs.get(name)
-                });
-                Ok(snapshots.and_then(|s| s.refresh(headers, &restored, secure)))
-            }
-            Err(ClientError::NotFound | ClientError::Invalid(_)) => {
+            Ok(None) => {
                 self.metrics.lookup("missing");
                 Ok(snapshots.and_then(|s| s.expire(headers, secure)))
             }
-            Err(error) => {
-                if error.is_unavailable()
-                    && let Some(snapshots) = snapshots
-                    && let Sent::Valid(snapshot) = snapshots.sent(headers, &id)
-                {
-                    self.metrics.lookup("snapshot");
-                    tracing::warn!(%error, "session lookup failed; session served from its snapshot cookie");
-                    plugin.set_headers(headers, &snapshot.id, &snapshot.user_id, |name| {
-                        snapshot.attrs.get(name)
-                    });
-                    headers.insert(DEGRADED_HEADER, HeaderValue::from_static("1"));
-                    return Ok(snapshots.slide(snapshot, secure));
-                }
-                match plugin.config.on_failure {
-                    LookupFailure::Open => {
-                        self.metrics.lookup("failed_open");
-                        tracing::warn!(%error, "session lookup failed; forwarding without session (fail-open)");
-                        Ok(None)
-                    }
-                    LookupFailure::Closed => {
-                        self.metrics.lookup("failed_closed");
-                        tracing::warn!(%error, "session lookup failed; answering 503 (fail-closed)");
-                        Err(RejectReason::LookupFailed)
-                    }
-                }
-            }
+            Err(error) => self.failed(plugin, headers, sent, error, secure),
         }
     }
-}
 
-impl SessionLookup {
-    /// The store does not have the session (it restarted empty, or lost it): pushes the
-    /// request's valid snapshot back with `Restore`, as session-client's layer does. The server
-    /// refuses ids deleted less than one ttl ago (logout tombstones), so a logged-out session
-    /// never comes back; `None` then, or when there is no valid snapshot or the call fails.
-    async fn restore(&self, plugin: &Plugin, headers: &HeaderMap, id: &str) -> Option<SessionData> {
-        let Sent::Valid(snapshot) = plugin.snapshots.as_ref()?.sent(headers, id) else {
-            return None;
-        };
-        let data = snapshot.into_session();
-        match tokio::time::timeout(plugin.config.timeout, plugin.client.restore(data)).await {
-            Ok(Ok(session)) => Some(session),
-            Ok(Err(error)) => {
-                tracing::info!(%error, "session snapshot not restored");
-                None
+    /// The store did not answer, or failed: the snapshot stands in during an outage,
+    /// `on_failure` applies otherwise.
+    fn failed(
+        &self,
+        plugin: &Plugin,
+        headers: &mut HeaderMap,
+        sent: Sent,
+        error: ClientError,
+        secure: bool,
+    ) -> Result<Option<SnapshotUpdate>, RejectReason> {
+        let outage = plugin.store.is_outage(&error);
+        if outage
+            && let Some(snapshots) = &plugin.snapshots
+            && let Sent::Valid(snapshot) = sent
+        {
+            self.metrics.lookup("snapshot");
+            tracing::warn!(%error, "session store down; session served from its snapshot cookie");
+            plugin.set_headers(headers, &snapshot.id, &snapshot.user_id, |name| {
+                snapshot.attrs.get(name)
+            });
+            headers.insert(DEGRADED_HEADER, HeaderValue::from_static("1"));
+            return Ok(snapshots.slide(snapshot, secure));
+        }
+        // A slow store that answered within the grace: an error, never the snapshot.
+        let slow = error.is_timeout() && !outage;
+        match (plugin.config.on_failure, slow) {
+            (LookupFailure::Open, false) => {
+                self.metrics.lookup("failed_open");
+                tracing::warn!(%error, "session lookup failed; forwarding without session (fail-open)");
+                Ok(None)
             }
-            Err(_) => {
-                tracing::warn!("session restore did not answer in time");
-                None
+            (LookupFailure::Open, true) => {
+                self.metrics.lookup("timeout_open");
+                tracing::warn!(%error, "session lookup timed out; forwarding without session (fail-open)");
+                Ok(None)
+            }
+            (LookupFailure::Closed, false) => {
+                self.metrics.lookup("failed_closed");
+                tracing::warn!(%error, "session lookup failed; answering 503 (fail-closed)");
+                Err(RejectReason::LookupFailed)
+            }
+            (LookupFailure::Closed, true) => {
+                self.metrics.lookup("timeout_closed");
+                tracing::warn!(%error, "session lookup timed out; answering 503 with Retry-After (fail-closed)");
+                Err(RejectReason::LookupTimedOut)
             }
         }
     }
@@ -361,22 +375,9 @@ impl Plugin {
         } else {
             Some(Arc::new(Snapshots::new(config)?))
         };
-        let client = SessionClient::connect_lazy(ClientConfig {
-            endpoint: config.session_server.clone(),
-            tls: config.tls.clone(),
-            namespace: config.namespace.clone(),
-            auth_token: config.auth_token.clone(),
-            timeout: config.timeout,
-            connect_timeout: config.timeout,
-            // A request waits for the lookup: one bounded try, no backoff. The lazy channel
-            // reconnects by itself for the next request.
-            retries: 0,
-            backoff: std::time::Duration::ZERO,
-        })
-        .map_err(LookupError::Client)?;
         Ok(Plugin {
             config: config.clone(),
-            client,
+            store: Store::new(config)?,
             attrs,
             snapshots,
         })
@@ -411,151 +412,6 @@ impl Plugin {
                     headers.insert(header.clone(), value);
                 }
             }
-        }
-    }
-}
-
-impl Snapshots {
-    fn new(config: &LookupConfig) -> Result<Self, LookupError> {
-        let cookie = config.snapshot_cookie.trim();
-        if cookie.is_empty() || cookie == config.cookie.trim() {
-            return Err(LookupError::SnapshotCookie);
-        }
-        let keys = config
-            .snapshot_keys
-            .iter()
-            .map(|key| CookieKey::new(&key.0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(LookupError::SnapshotKeys)?;
-        let ring = KeyRing::new(keys).map_err(LookupError::SnapshotKeys)?;
-        Ok(Snapshots {
-            codec: CookieCodec::new(ring, Encryption::Aes256Gcm),
-            cookie: cookie.to_owned(),
-            session_cookie: config.cookie.clone(),
-            namespace: config.namespace.clone(),
-        })
-    }
-
-    /// The request's snapshot cookie, checked against session `id`.
-    fn sent(&self, headers: &HeaderMap, id: &str) -> Sent {
-        let Some(value) = cookie_values(headers, &self.cookie).next() else {
-            return Sent::Absent;
-        };
-        match self.codec.decode_for(value, id, &self.namespace) {
-            Some(snapshot) => Sent::Valid(snapshot),
-            None => Sent::Invalid,
-        }
-    }
-
-    /// Whether the request's snapshot cookie is signed with the current signing key (so one
-    /// signed by a key rotating out is re-issued at once, not only at half its life).
-    fn sent_is_current(&self, headers: &HeaderMap) -> bool {
-        cookie_values(headers, &self.cookie)
-            .next()
-            .is_some_and(|value| self.codec.is_current(value))
-    }
-
-    /// Store reachable, session found: a new snapshot unless the request's is fresh (same
-    /// version, more than half its life left, signed with the current key). `secure`: the
-    /// request came over TLS.
-    fn refresh(
-        self: &Arc<Self>,
-        headers: &HeaderMap,
-        session: &SessionData,
-        secure: bool,
-    ) -> Option<SnapshotUpdate> {
-        let sent = match self.sent(headers, &session.id) {
-            Sent::Valid(old)
-                if old.is_up_to_date(
-                    &session.id,
-                    session.version,
-                    session.ttl,
-                    SystemTime::now(),
-                ) && self.sent_is_current(headers) =>
-            {
-                return None;
-            }
-            Sent::Absent => false,
-            Sent::Invalid | Sent::Valid(_) => true,
-        };
-        // Issued-at is set when the response filter encodes it.
-        let snapshot = Snapshot::from_session(session, &self.namespace, UNIX_EPOCH);
-        Some(self.update(SnapshotAction::Set(snapshot), sent, secure))
-    }
-
-    /// Store unreachable, session served from `snapshot`: its expiry slides as the store's
-    /// would, written out once past half its life.
-    fn slide(self: &Arc<Self>, mut snapshot: Snapshot, secure: bool) -> Option<SnapshotUpdate> {
-        let now = SystemTime::now();
-        if snapshot.is_fresh(snapshot.ttl(), now) {
-            return None;
-        }
-        snapshot.slide(now);
-        Some(self.update(SnapshotAction::Set(snapshot), true, secure))
-    }
-
-    /// Store reachable, session missing: the client's snapshot cookie, if any, is expired.
-    fn expire(self: &Arc<Self>, headers: &HeaderMap, secure: bool) -> Option<SnapshotUpdate> {
-        cookie_values(headers, &self.cookie).next()?;
-        Some(self.update(SnapshotAction::Expire, true, secure))
-    }
-
-    fn update(
-        self: &Arc<Self>,
-        action: SnapshotAction,
-        sent: bool,
-        secure: bool,
-    ) -> SnapshotUpdate {
-        SnapshotUpdate {
-            snapshots: self.clone(),
-            action,
-            sent,
-            secure,
-        }
-    }
-}
-
-impl ResponseFilter for SnapshotUpdate {
-    fn response_filter(self: Box<Self>, head: &mut http::response::Parts) {
-        let snapshots = &self.snapshots;
-        let name = &snapshots.cookie;
-        if sets_cookie(&head.headers, name) {
-            // The backend keeps (or expires) the snapshot itself.
-            return;
-        }
-        let secure = if self.secure { "; Secure" } else { "" };
-        let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
-        let session_cookie = &snapshots.session_cookie;
-        let cookie = if clears_cookie(&head.headers, session_cookie, SystemTime::now()) {
-            // A logout: the snapshot goes with the session cookie, so no browser keeps a
-            // snapshot of a session its user ended.
-            expired()
-        } else if sets_cookie(&head.headers, session_cookie) {
-            // A new session (login): its snapshot is left to the next request.
-            return;
-        } else {
-            match self.action {
-                SnapshotAction::Keep => return,
-                SnapshotAction::Expire => expired(),
-                SnapshotAction::Set(mut snapshot) => {
-                    snapshot.issued_at_ms = unix_ms(SystemTime::now());
-                    match snapshots.codec.encode(&snapshot) {
-                        Ok(value) if fits_in_cookie(name, &value) => {
-                            format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax{secure}")
-                        }
-                        Ok(_) | Err(_) => {
-                            tracing::info!("session too large for a snapshot cookie: none set");
-                            if !self.sent {
-                                return;
-                            }
-                            expired()
-                        }
-                    }
-                }
-            }
-        };
-        if let Ok(value) = HeaderValue::from_str(&cookie) {
-            head.headers.append(SET_COOKIE, value);
         }
     }
 }

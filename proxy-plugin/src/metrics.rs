@@ -22,15 +22,18 @@ const LATENCY_BUCKETS: &[f64] = &[
 const CACHED_STATUSES: [u16; 12] = [200, 201, 204, 206, 301, 302, 304, 400, 401, 403, 404, 500];
 
 /// The session lookup outcomes the plugin counts, whose counters are kept at hand.
-const LOOKUP_OUTCOMES: [&str; 8] = [
+const LOOKUP_OUTCOMES: [&str; 11] = [
     "found",
     "no_cookie",
     "malformed",
     "missing",
     "restored",
+    "conflict",
     "snapshot",
     "failed_open",
     "failed_closed",
+    "timeout_open",
+    "timeout_closed",
 ];
 
 /// Why the proxy answered a request itself instead of a backend.
@@ -50,6 +53,10 @@ pub enum RejectReason {
     TooManyConnections,
     /// 503: the session store was unreachable and the lookup plugin fails closed.
     LookupFailed,
+    /// 503 with `Retry-After: 1`: the session store did not answer in time although it
+    /// answered within the outage grace (a slow store, not a lost one), and the lookup plugin
+    /// fails closed.
+    LookupTimedOut,
     /// 504: the backend did not send its response head within `response_timeout`.
     GatewayTimeout,
     /// 400: the client broke off while sending its body.
@@ -67,9 +74,18 @@ impl RejectReason {
             RejectReason::BadGateway => S::BAD_GATEWAY,
             RejectReason::NoBackend
             | RejectReason::TooManyConnections
-            | RejectReason::LookupFailed => S::SERVICE_UNAVAILABLE,
+            | RejectReason::LookupFailed
+            | RejectReason::LookupTimedOut => S::SERVICE_UNAVAILABLE,
             RejectReason::GatewayTimeout => S::GATEWAY_TIMEOUT,
             RejectReason::ClientAborted => S::BAD_REQUEST,
+        }
+    }
+
+    /// Seconds sent in `Retry-After`, for a refusal the client should simply try again soon.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            RejectReason::LookupTimedOut => Some(1),
+            _ => None,
         }
     }
 
@@ -83,6 +99,7 @@ impl RejectReason {
             RejectReason::NoBackend => "no_backend",
             RejectReason::TooManyConnections => "max_connections",
             RejectReason::LookupFailed => "lookup_failed",
+            RejectReason::LookupTimedOut => "lookup_timeout",
             RejectReason::GatewayTimeout => "gateway_timeout",
             RejectReason::ClientAborted => "client_aborted",
         }
@@ -104,7 +121,7 @@ pub struct ProxyMetrics {
     rejects: IntCounterVec,
     /// Client connections open now.
     active_connections: IntGauge,
-    /// Session lookups by outcome (found, missing, failed_open, failed_closed).
+    /// Session lookups by outcome ([`LOOKUP_OUTCOMES`]).
     lookups: IntCounterVec,
     /// `lookups` of each of [`LOOKUP_OUTCOMES`], resolved on first use (shared by clones).
     lookup_outcomes: Arc<[OnceLock<IntCounter>; LOOKUP_OUTCOMES.len()]>,

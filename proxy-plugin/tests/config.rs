@@ -159,6 +159,8 @@ attrs = ["cart", "role"]
 on_failure = "closed"
 timeout = "250ms"
 auth_token = "s3cret"
+snapshot_max_age = "10m"
+outage_grace = "2s"
 "#;
 
 #[test]
@@ -205,6 +207,8 @@ fn a_file_alone_configures_everything() {
                 timeout: Duration::from_millis(250),
                 snapshot_keys: vec![],
                 snapshot_cookie: "sid_snap".into(),
+                snapshot_max_age: Duration::from_secs(600),
+                outage_grace: Duration::from_secs(2),
                 tls: None,
             }),
             tls: None,
@@ -364,6 +368,8 @@ fn session_lookup_is_on_with_a_url_and_has_defaults() {
             timeout: Duration::from_millis(500),
             snapshot_keys: vec![],
             snapshot_cookie: "sid_snap".into(),
+            snapshot_max_age: Duration::from_secs(60 * 60),
+            outage_grace: Duration::from_secs(5),
             tls: None,
         })
     );

@@ -171,7 +171,7 @@ async fn a_logout_clearing_only_the_session_cookie_gets_the_snapshot_expired_too
         );
         assert!(matches!(
             store.get(&session.id, false).await,
-            Err(ClientError::NotFound)
+            Err(ClientError::NotFound { .. })
         ));
 
         // The cookies copied before the logout bring nobody back while the store is up.

@@ -4,15 +4,17 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::StatusCode;
 use proxy_plugin::config::LookupFailure;
-use session_client::Patch;
-use session_client::cookie::{CookieError, Snapshot, unix_ms};
+use session_client::cookie::{
+    CookieError, DEFAULT_SNAPSHOT_MAX_AGE, Snapshot, SnapshotPolicy, unix_ms,
+};
+use session_client::{Patch, SessionData};
 use support::lookup::{NAMESPACE, Reply, Stack, attrs, codec, lookup_config};
 
 /// The key material the proxy and the "backends" share.
@@ -21,26 +23,27 @@ const KEY: [u8; 32] = [0x5a; 32];
 const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
 
 /// A snapshot of `stack`'s session (alice, cart `[1,2]`, the default ttl) with `left` of its
-/// life left, signed with [`KEY`] as a backend, or the proxy on an earlier response, made it.
-/// Aging a snapshot this way instead of waiting for it puts the test far from the half-life
-/// boundary whatever the machine's load.
+/// life left, signed with [`KEY`] as a backend, or the proxy on an earlier response, made it:
+/// confirmed by the store a ttl minus `left` ago. Aging a snapshot this way instead of waiting
+/// for it puts the test far from the half-life boundary whatever the machine's load.
 fn snapshot_with(stack: &Stack, left: Duration) -> (Snapshot, String) {
-    let now = unix_ms(SystemTime::now());
-    let ttl_ms = DEFAULT_TTL.as_millis() as u64;
-    let left_ms = left.as_millis() as u64;
-    let snapshot = Snapshot {
-        id: stack.session.id.clone(),
-        namespace: NAMESPACE.to_owned(),
-        user_id: "alice".to_owned(),
-        attrs: BTreeMap::from([("cart".to_owned(), b"[1,2]".to_vec())]),
-        version: stack.session.version,
-        created_at_ms: now - (ttl_ms - left_ms),
-        issued_at_ms: now - (ttl_ms - left_ms),
-        expires_at_ms: now + left_ms,
-        ttl_ms,
-    };
+    let confirmed_at = SystemTime::now() - (DEFAULT_TTL - left);
+    let mut session = stack.session.clone();
+    session.expires_at = confirmed_at + DEFAULT_TTL;
+    let snapshot = Snapshot::confirmed(&session, NAMESPACE, confirmed_at, DEFAULT_SNAPSHOT_MAX_AGE);
     let value = codec(&KEY).encode(&snapshot).expect("encode");
     (snapshot, value)
+}
+
+/// A snapshot of `session` confirmed now, signed with `key` as a backend signs it.
+fn signed(session: &SessionData, key: &[u8]) -> String {
+    let snapshot = Snapshot::confirmed(
+        session,
+        NAMESPACE,
+        SystemTime::now(),
+        DEFAULT_SNAPSHOT_MAX_AGE,
+    );
+    codec(key).encode(&snapshot).expect("encode")
 }
 
 #[tokio::test]
@@ -66,6 +69,13 @@ async fn first_request_gets_a_snapshot_and_a_fresh_one_gets_none() {
     assert_eq!(snapshot.version, stack.session.version);
     assert_eq!(snapshot.ttl_ms, 30 * 60 * 1000, "the server's default ttl");
     assert!(snapshot.expires_at_ms > unix_ms(SystemTime::now()) + 29 * 60 * 1000);
+    // Confirmed by the store: its epoch, the version as the base, nothing offline.
+    assert!(!snapshot.epoch.is_empty(), "{snapshot:?}");
+    assert_eq!(snapshot.epoch, stack.session.epoch);
+    assert_eq!(snapshot.base_version, snapshot.version);
+    assert!(!snapshot.has_offline_changes());
+    let now = unix_ms(SystemTime::now());
+    assert!(snapshot.confirmed_at_ms <= now && snapshot.confirmed_at_ms + 60_000 > now);
 
     let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
     assert_eq!(reply.header("x-session-user"), Some("alice"));
@@ -140,6 +150,8 @@ async fn store_down_a_valid_snapshot_keeps_the_user_logged_in_even_fail_closed()
         None
     );
 
+    // Stopped right after it answered: connections are refused, an outage at once, well
+    // within the outage grace (which only holds timeouts back).
     stack.store_down().await;
     let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
     assert_eq!(
@@ -163,20 +175,10 @@ async fn store_down_a_valid_snapshot_keeps_the_user_logged_in_even_fail_closed()
 #[tokio::test]
 async fn a_snapshot_made_by_a_backend_with_the_same_key_is_honoured() {
     let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
-    let now = unix_ms(SystemTime::now());
-    let snapshot = Snapshot {
-        id: stack.session.id.clone(),
-        namespace: NAMESPACE.to_owned(),
-        user_id: "alice".to_owned(),
-        attrs: BTreeMap::new(),
-        version: stack.session.version,
-        created_at_ms: now,
-        issued_at_ms: now,
-        expires_at_ms: now + 30 * 60 * 1000,
-        ttl_ms: 30 * 60 * 1000,
-    };
+    let mut session = stack.session.clone();
+    session.attrs.clear();
     // Signed only, as `demo-app --cookie-key` does without `--encrypt-cookies`.
-    let value = codec(&KEY).encode(&snapshot).unwrap();
+    let value = signed(&session, &KEY);
     let id = stack.session.id.clone();
     stack.store_down().await;
     let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
@@ -256,20 +258,9 @@ async fn a_forged_or_altered_snapshot_is_ignored() {
         "the flip is in the authenticated part"
     );
     // Forged: a well-formed snapshot claiming admin, signed with a key the proxy lacks.
-    let now = unix_ms(SystemTime::now());
-    let forged = codec(&[0x11; 32])
-        .encode(&Snapshot {
-            id: id.clone(),
-            namespace: NAMESPACE.to_owned(),
-            user_id: "admin".to_owned(),
-            attrs: BTreeMap::new(),
-            version: 1,
-            created_at_ms: now,
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
-            ttl_ms: 60_000,
-        })
-        .unwrap();
+    let mut admin = stack.session.clone();
+    admin.user_id = "admin".to_owned();
+    let forged = signed(&admin, &[0x11; 32]);
 
     // Store up: replaced by a genuine one.
     let reply = stack
@@ -334,6 +325,12 @@ async fn a_deleted_session_is_not_brought_back_by_its_snapshot() {
         "the user came back: {:?}",
         reply.seen
     );
+    let sessions = stack.sessions.as_ref().expect("store up");
+    assert_eq!(
+        sessions.restore_calls(),
+        0,
+        "NOT_FOUND in the snapshot's own epoch: never pushed back"
+    );
     let line = reply
         .snapshot_line()
         .expect("the stale snapshot is expired");
@@ -361,21 +358,78 @@ async fn without_snapshot_keys_nothing_changes() {
     assert_eq!(reply.header("x-session-user"), Some("alice"));
     assert!(reply.set_cookies.is_empty(), "{:?}", reply.set_cookies);
 
-    let now = unix_ms(SystemTime::now());
-    let value = codec(&KEY)
-        .encode(&Snapshot {
-            id: id.clone(),
-            namespace: NAMESPACE.to_owned(),
-            user_id: "alice".to_owned(),
-            attrs: BTreeMap::new(),
-            version: 1,
-            created_at_ms: now,
-            issued_at_ms: now,
-            expires_at_ms: now + 60_000,
-            ttl_ms: 60_000,
-        })
-        .unwrap();
+    let value = signed(&stack.session, &KEY);
     stack.store_down().await;
     let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn store_down_the_snapshot_never_slides_past_its_max_age() {
+    let mut stack = Stack::start(LookupFailure::Closed, None, &[&KEY]).await;
+    let id = stack.session.id.clone();
+    // Confirmed 50 minutes ago and slid offline since, 5 minutes left: the next slide would
+    // reach a ttl past now, but the limit is an hour past the confirmation.
+    let now = SystemTime::now();
+    let confirmed_at = now - Duration::from_secs(50 * 60);
+    let mut snapshot = Snapshot::confirmed(
+        &stack.session,
+        NAMESPACE,
+        confirmed_at,
+        DEFAULT_SNAPSHOT_MAX_AGE,
+    );
+    snapshot.expires_at_ms = unix_ms(now) + 5 * 60 * 1000;
+    let value = codec(&KEY).encode(&snapshot).unwrap();
+    stack.store_down().await;
+
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
+    assert_eq!(reply.header("x-session-degraded"), Some("1"));
+    let slid = codec(&KEY)
+        .decode(&reply.snapshot().expect("5 minutes of 30 left: slid"))
+        .unwrap();
+    assert_eq!(
+        slid.expires_at_ms,
+        snapshot.confirmed_at_ms + DEFAULT_SNAPSHOT_MAX_AGE.as_millis() as u64,
+        "degraded mode stops at the max age"
+    );
+    assert_eq!(slid.confirmed_at_ms, snapshot.confirmed_at_ms);
+
+    // At its limit it is not rewritten again.
+    let value = reply.snapshot().unwrap();
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={value}")).await;
+    assert_eq!(reply.header("x-session-degraded"), Some("1"));
+    assert!(reply.set_cookies.is_empty(), "{:?}", reply.set_cookies);
+}
+
+#[tokio::test]
+async fn a_snapshot_past_the_proxys_max_age_is_ignored_whoever_wrote_it() {
+    let mut stack = Stack::start_with(None, false, |url| {
+        let mut lookup = lookup_config(url, LookupFailure::Closed, &[&KEY]);
+        lookup.snapshot_max_age = Duration::from_secs(10 * 60);
+        lookup
+    })
+    .await;
+    let id = stack.session.id.clone();
+    // A backend with the default hour of max age confirmed it 20 minutes ago: valid for it,
+    // too old for this proxy.
+    let confirmed_at = SystemTime::now() - Duration::from_secs(20 * 60);
+    let mut session = stack.session.clone();
+    session.expires_at = SystemTime::now() + Duration::from_secs(10 * 60);
+    let old = Snapshot::confirmed(&session, NAMESPACE, confirmed_at, DEFAULT_SNAPSHOT_MAX_AGE);
+    let old = codec(&KEY).encode(&old).unwrap();
+    // One confirmed a minute ago is fine.
+    let young = Snapshot::confirmed(
+        &session,
+        NAMESPACE,
+        SystemTime::now() - Duration::from_secs(60),
+        DEFAULT_SNAPSHOT_MAX_AGE,
+    );
+    let young = codec(&KEY).encode(&young).unwrap();
+    stack.store_down().await;
+
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={old}")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "too old");
+    let reply = stack.get("/", &format!("sid={id}; sid_snap={young}")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-session-degraded"), Some("1"));
 }

@@ -113,9 +113,10 @@ impl ClientConfig {
                     ))
                 })?;
         }
+        // No channel-wide `timeout`: tonic fails a call past it as CANCELLED, which would read as
+        // an outage; every call is bounded by the client's own timer instead (`TimedOut`).
         let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
-            .timeout(self.timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
@@ -179,9 +180,15 @@ enum Transport {
 /// Why a call failed, told apart the way callers decide on it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
-    /// No such live session.
+    /// No such live session. `epoch` is the store's current epoch as the server read it with
+    /// this answer (metadata `stickless-epoch`; `None` from a server that does not send it): a
+    /// snapshot of the same epoch stands for a session that was deleted or expired, one of
+    /// another epoch for a session the store lost (see `Restore` in `session.proto`).
     #[error("session not found")]
-    NotFound,
+    NotFound {
+        /// The store's epoch, when the server said it.
+        epoch: Option<String>,
+    },
     /// Compare-and-set lost: the stored version moved on.
     #[error("version conflict: {0}")]
     Conflict(String),
@@ -189,9 +196,15 @@ pub enum ClientError {
     /// restorable.
     #[error("session cannot be restored: {0}")]
     Refused(String),
-    /// The server or its store cannot be reached, or did not answer in time. Retryable.
+    /// The server or its store cannot be reached (connection refused or broken, UNAVAILABLE).
+    /// Retryable, and what the cookie fallback stands in for.
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    /// The server or its store did not answer in time (the client's timeout, or
+    /// DEADLINE_EXCEEDED). Retryable; a slow store is not a lost one, so the fallback treats it
+    /// as an outage only once the store has been silent for its outage grace.
+    #[error("session store timed out: {0}")]
+    TimedOut(String),
     /// The request was malformed (bad id, too large, bad ttl).
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -220,6 +233,16 @@ impl ClientError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, ClientError::Unavailable(_))
     }
+
+    /// Whether the call timed out.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ClientError::TimedOut(_))
+    }
+
+    /// Whether trying again may succeed: unreachable or timed out.
+    pub fn is_retryable(&self) -> bool {
+        self.is_unavailable() || self.is_timeout()
+    }
 }
 
 impl From<Status> for ClientError {
@@ -231,14 +254,26 @@ impl From<Status> for ClientError {
             std::error::Error::source(&status),
         );
         match status.code() {
-            Code::NotFound => ClientError::NotFound,
+            Code::NotFound => ClientError::NotFound {
+                epoch: status
+                    .metadata()
+                    .get(EPOCH_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            },
             Code::Aborted => ClientError::Conflict(message),
             Code::FailedPrecondition | Code::AlreadyExists => ClientError::Refused(message),
             // tonic reports a connection that broke mid-call (the server died, a reset) as
             // UNKNOWN "transport error"; the session server itself never answers UNKNOWN.
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            // tonic's own deadline (a channel `timeout`) ends a call as CANCELLED "Timeout
+            // expired": slow, not unreachable.
+            Code::Cancelled if message.contains("Timeout expired") => {
+                ClientError::TimedOut(message)
+            }
+            Code::Unavailable | Code::Cancelled | Code::Unknown => {
                 ClientError::Unavailable(message)
             }
+            Code::DeadlineExceeded => ClientError::TimedOut(message),
             Code::InvalidArgument | Code::OutOfRange => ClientError::Invalid(message),
             Code::Unauthenticated => ClientError::Unauthenticated(message),
             Code::PermissionDenied => ClientError::PermissionDenied(message),
@@ -266,6 +301,9 @@ pub struct SessionData {
     pub expires_at: SystemTime,
     /// Sliding ttl.
     pub ttl: Duration,
+    /// The epoch of the store that holds it (see `Restore` in `session.proto`); empty for a
+    /// session made during an outage, or from a server without epochs.
+    pub epoch: String,
 }
 
 impl From<v1::Session> for SessionData {
@@ -286,7 +324,37 @@ impl From<v1::Session> for SessionData {
                 .ttl
                 .and_then(|d| Duration::try_from(d).ok())
                 .unwrap_or_default(),
+            epoch: s.epoch,
         }
+    }
+}
+
+/// The response metadata key of a NOT_FOUND answer that carries the store's epoch.
+pub const EPOCH_METADATA: &str = "stickless-epoch";
+
+/// What [`SessionClient::restore`] sends: a snapshot's session and what changed offline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRequest {
+    /// The session as the snapshot holds it now (offline changes included): a store of
+    /// another epoch recreates it from its id, user, attributes, creation time and ttl.
+    pub session: SessionData,
+    /// The epoch of the store the snapshot last agreed with; empty for a session made during
+    /// an outage.
+    pub epoch: String,
+    /// The last version that store confirmed.
+    pub base_version: u64,
+    /// Attributes written offline (values as the snapshot holds them).
+    pub set: HashMap<String, Vec<u8>>,
+    /// Attribute keys removed offline.
+    pub remove: Vec<String>,
+    /// The user set offline, if it changed.
+    pub user_id: Option<String>,
+}
+
+impl RestoreRequest {
+    /// Whether the snapshot holds changes the store has not seen.
+    pub fn has_changes(&self) -> bool {
+        !self.set.is_empty() || !self.remove.is_empty() || self.user_id.is_some()
     }
 }
 
@@ -414,13 +482,11 @@ impl SessionClient {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) => last = ClientError::from(status),
                 Err(_) => {
-                    last = ClientError::Unavailable(format!(
-                        "no answer within {:?}",
-                        self.config.timeout
-                    ))
+                    last =
+                        ClientError::TimedOut(format!("no answer within {:?}", self.config.timeout))
                 }
             }
-            if !last.is_unavailable() {
+            if !last.is_retryable() {
                 break;
             }
             tracing::debug!(try_ = n + 1, error = %last, "session call failed");
@@ -522,10 +588,13 @@ impl SessionClient {
         Ok(reply.deleted)
     }
 
-    /// Makes the store hold `session` (a snapshot kept while the store was unreachable):
-    /// [`ClientError::Refused`] when the id was deleted (logout), the stored session when the
-    /// store has the same or a newer version, else the restored one.
-    pub async fn restore(&self, session: SessionData) -> Result<SessionData, ClientError> {
+    /// Brings the store in step with a snapshot (see `Restore` in `session.proto`): the
+    /// stored session after the offline changes were applied (or it was recreated in a store
+    /// that lost its data); [`ClientError::Refused`] when the session was deleted or expired;
+    /// [`ClientError::Conflict`] when the store holds another version (the store wins: adopt
+    /// it with [`SessionClient::get`]).
+    pub async fn restore(&self, request: RestoreRequest) -> Result<SessionData, ClientError> {
+        let session = request.session;
         let message = v1::RestoreRequest {
             namespace: self.config.namespace.clone(),
             session: Some(v1::Session {
@@ -537,7 +606,13 @@ impl SessionClient {
                 created_at: Some(session.created_at.into()),
                 expires_at: Some(session.expires_at.into()),
                 ttl: duration(session.ttl),
+                epoch: session.epoch,
             }),
+            epoch: request.epoch,
+            base_version: request.base_version,
+            set: request.set,
+            remove: request.remove,
+            user_id: request.user_id,
         };
         let session = rpc!(self, true, restore, message)?;
         Ok(session.into())
@@ -551,7 +626,9 @@ mod tests {
     #[test]
     fn statuses_map_to_the_errors_callers_decide_on() {
         let cases = [
-            (Code::NotFound, ClientError::NotFound),
+            (Code::NotFound, ClientError::NotFound { epoch: None }),
+            (Code::DeadlineExceeded, ClientError::TimedOut("m".into())),
+            (Code::Cancelled, ClientError::Unavailable("m".into())),
             (Code::Aborted, ClientError::Conflict("m".into())),
             (Code::FailedPrecondition, ClientError::Refused("m".into())),
             (Code::Unavailable, ClientError::Unavailable("m".into())),
@@ -574,6 +651,22 @@ mod tests {
             );
         }
         assert!(!ClientError::PermissionDenied("m".into()).is_unavailable());
+        assert!(ClientError::TimedOut("m".into()).is_retryable());
+        assert!(!ClientError::TimedOut("m".into()).is_unavailable());
+        assert_eq!(
+            ClientError::from(Status::cancelled("Timeout expired")),
+            ClientError::TimedOut("Timeout expired".into())
+        );
+        let mut status = Status::new(Code::NotFound, "gone");
+        status
+            .metadata_mut()
+            .insert(EPOCH_METADATA, "e1".parse().unwrap());
+        assert_eq!(
+            ClientError::from(status),
+            ClientError::NotFound {
+                epoch: Some("e1".into())
+            }
+        );
     }
 
     #[test]

@@ -66,7 +66,7 @@ const MODE_CHACHA20_POLY1305: u8 = 2;
 
 mod snapshot;
 
-pub use snapshot::{Snapshot, fits_in_cookie, unix_ms};
+pub use snapshot::{DEFAULT_SNAPSHOT_MAX_AGE, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
 
 /// Key material written as text: hex (an even number of hex digits) or base64 (standard or
 /// url-safe, padded or not). `None` when it is neither. The length is the caller's to check

@@ -49,6 +49,10 @@ pub mod cookie;
 pub mod layer;
 pub mod tls;
 
-pub use client::{ClientConfig, ClientError, Patch, SessionClient, SessionData};
-pub use layer::{FallbackMode, Session, SessionConfig, SessionError, SessionLayer};
+pub use client::{
+    ClientConfig, ClientError, EPOCH_METADATA, Patch, RestoreRequest, SessionClient, SessionData,
+};
+pub use layer::{
+    DEFAULT_OUTAGE_GRACE, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,
+};
 pub use tls::{ClientIdentity, ClientTls};

@@ -8,7 +8,9 @@ mod support;
 
 use std::collections::HashMap;
 
-use session_client::{ClientConfig, ClientError, Patch, SessionClient, SessionData};
+use session_client::{
+    ClientConfig, ClientError, Patch, RestoreRequest, SessionClient, SessionData,
+};
 use support::counting_server::{CountingServer, Method};
 
 /// Extra tries of an idempotent call in the default configuration.
@@ -56,7 +58,18 @@ async fn call(
             assert_eq!(deleted, 1, "DeleteByUser deleted the session");
         }
         Method::Restore => {
-            let restored = client.restore(session.clone()).await?;
+            // Same epoch, the stored version as the base, no offline changes: the stored
+            // session comes back unchanged.
+            let restored = client
+                .restore(RestoreRequest {
+                    session: session.clone(),
+                    epoch: session.epoch.clone(),
+                    base_version: session.version,
+                    set: Default::default(),
+                    remove: Vec::new(),
+                    user_id: None,
+                })
+                .await?;
             assert_eq!(restored.id, session.id, "Restore answered with the session");
         }
         other => panic!("{other:?} is not an idempotent call of the client"),
@@ -185,9 +198,10 @@ async fn answers_other_than_unavailable_are_not_retried() {
     let server = CountingServer::start().await;
     let client = server.client();
     let unknown = "A".repeat(32);
-    assert_eq!(
-        client.get(&unknown, false).await.map(|s| s.id),
-        Err(ClientError::NotFound)
+    let missing = client.get(&unknown, false).await.map(|s| s.id);
+    assert!(
+        matches!(missing, Err(ClientError::NotFound { epoch: Some(_) })),
+        "NOT_FOUND with the store's epoch: {missing:?}"
     );
     let empty_user = client.list_by_user("").await;
     assert!(

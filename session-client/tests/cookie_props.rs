@@ -87,6 +87,10 @@ fn valid_cookie(codec: &CookieCodec, attrs: BTreeMap<String, Vec<u8>>) -> String
         issued_at_ms: now,
         expires_at_ms: now + 3_600_000,
         ttl_ms: 3_600_000,
+        epoch: "prop-epoch".into(),
+        base_version: 1,
+        confirmed_at_ms: now,
+        ..Default::default()
     };
     codec.encode(&snapshot).unwrap()
 }

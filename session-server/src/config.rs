@@ -178,7 +178,7 @@ pub struct Cli {
     /// Redis connections shared by all calls, each multiplexed [default: 32].
     #[arg(long, env = "STICKLESS_REDIS_POOL_SIZE")]
     pub redis_pool_size: Option<usize>,
-    /// Bound on one store call; past it the call fails with UNAVAILABLE [default: 2s].
+    /// Bound on one store call; past it the call fails with DEADLINE_EXCEEDED [default: 2s].
     #[arg(long, env = "STICKLESS_STORE_TIMEOUT", value_parser = parse_duration)]
     pub store_timeout: Option<Duration>,
     /// Sliding ttl of sessions created without one [default: 30m].

@@ -1,4 +1,5 @@
 //! Session ids: 192 random bits from `ring::rand::SystemRandom`, base64url without padding.
+//! Store epochs ([`new_epoch`]) come from the same source.
 //!
 //! 192 bits (not the 128 minimum) make the id exactly 32 characters with no padding, and put
 //! guessing a live id far beyond reach even with billions of sessions.
@@ -11,6 +12,20 @@ use ring::rand::{SecureRandom, SystemRandom};
 const ID_BYTES: usize = 24;
 /// Characters in an encoded id: 24 bytes in base64 without padding.
 pub const ID_LEN: usize = 32;
+
+/// Random bytes in a store epoch.
+const EPOCH_BYTES: usize = 16;
+/// Characters in an encoded store epoch: 16 bytes in base64 without padding.
+pub const EPOCH_LEN: usize = 22;
+
+/// A fresh store epoch (see [`crate::store::SessionStore::epoch`]): 128 random bits,
+/// base64url without padding (22 characters of `[A-Za-z0-9_-]`). An error if the operating
+/// system's random source failed: an epoch must never repeat one a store had before.
+pub fn new_epoch() -> Result<String, ring::error::Unspecified> {
+    let mut bytes = [0u8; EPOCH_BYTES];
+    SystemRandom::new().fill(&mut bytes)?;
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
+}
 
 /// Makes new session ids from the operating system's secure random source.
 #[derive(Debug, Clone)]
@@ -65,6 +80,17 @@ mod tests {
         let b = generator.generate().unwrap();
         assert!(is_valid(&a), "{a}");
         assert_eq!(a.len(), ID_LEN);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn epochs_are_22_base64url_characters_and_distinct() {
+        let (a, b) = (new_epoch().unwrap(), new_epoch().unwrap());
+        assert_eq!(a.len(), EPOCH_LEN);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
         assert_ne!(a, b);
     }
 

@@ -1,4 +1,5 @@
-//! Prometheus metrics: calls by method and code, call latency, store errors, live sessions.
+//! Prometheus metrics: calls by method and code, call latency, store errors, Restore outcomes,
+//! live sessions.
 //!
 //! Served as text on `GET /metrics` of their own listener (`--metrics-listen`, off by default),
 //! so scraping never competes with gRPC traffic for the same port or auth.
@@ -34,6 +35,13 @@ const METHODS: [&str; 10] = [
     "Watch",
 ];
 
+/// What a Restore can do, as `stickless_restores_total` labels it: the offline changes
+/// `applied`, the session returned `unchanged`, `recreated` in a store of another epoch,
+/// `refused` (FAILED_PRECONDITION: deleted or expired) or a `conflict` (ABORTED: the store
+/// wins). A Restore that failed otherwise (store down, bad input) is in the call counts only.
+pub const RESTORE_OUTCOMES: [&str; 5] =
+    ["applied", "unchanged", "recreated", "refused", "conflict"];
+
 /// A method's series resolved once: the label lookup (hashing the label values under a lock)
 /// is then off the path of every successful call.
 #[derive(Debug, Clone)]
@@ -57,6 +65,8 @@ pub struct Metrics {
     latency: HistogramVec,
     /// `stickless_store_errors_total{store, kind}`: failures of the backing store.
     store_errors: IntCounterVec,
+    /// `stickless_restores_total{outcome}`: what Restore calls did (see [`RESTORE_OUTCOMES`]).
+    restores: IntCounterVec,
     /// `stickless_sessions_live`: sessions held (memory store; absent elsewhere).
     sessions_live: IntGauge,
     /// The series of every method in [`METHODS`].
@@ -99,6 +109,18 @@ impl Metrics {
             &["store", "kind"],
         )
         .expect("valid metric");
+        let restores = IntCounterVec::new(
+            Opts::new(
+                "stickless_restores_total",
+                "Restore calls by outcome (applied, unchanged, recreated, refused, conflict)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in RESTORE_OUTCOMES {
+            // Every outcome shows from the start, at zero.
+            restores.with_label_values(&[outcome]);
+        }
         let sessions_live = IntGauge::new(
             "stickless_sessions_live",
             "Sessions held by the memory store",
@@ -108,6 +130,7 @@ impl Metrics {
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(store_errors.clone()),
+            Box::new(restores.clone()),
             Box::new(sessions_live.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
@@ -126,6 +149,7 @@ impl Metrics {
             calls,
             latency,
             store_errors,
+            restores,
             sessions_live,
         }
     }
@@ -150,6 +174,16 @@ impl Metrics {
     /// Records one store failure of the given kind ("unavailable", "timeout", "internal").
     pub fn store_error(&self, store: &str, kind: &str) {
         self.store_errors.with_label_values(&[store, kind]).inc();
+    }
+
+    /// Records one Restore's outcome (one of [`RESTORE_OUTCOMES`]).
+    pub fn restore(&self, outcome: &str) {
+        self.restores.with_label_values(&[outcome]).inc();
+    }
+
+    /// How many Restore calls had `outcome` so far.
+    pub fn restores(&self, outcome: &str) -> u64 {
+        self.restores.with_label_values(&[outcome]).get()
     }
 
     /// How many calls of `method` ended with `code` so far.

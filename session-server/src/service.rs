@@ -2,10 +2,24 @@
 //! mapping to gRPC codes, metrics and logs. Storage itself is the [`SessionStore`]'s job.
 //!
 //! Codes: NOT_FOUND (missing or expired), INVALID_ARGUMENT (malformed id, namespace, user, key,
-//! ttl, or a session over the size limit), ABORTED (compare-and-set conflict), UNAVAILABLE (store
-//! unreachable or too slow), RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug),
-//! PERMISSION_DENIED (the call's token may not reach the namespace, or is read-only and the
-//! method writes: see `admit`). UNAUTHENTICATED comes before the service, from the token check.
+//! ttl, or a session over the size limit), ABORTED (compare-and-set conflict; a Restore the
+//! store wins), FAILED_PRECONDITION (a Restore of a session deleted or expired in the store's
+//! epoch), UNAVAILABLE (store unreachable), DEADLINE_EXCEEDED (store silent past its timeout),
+//! RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug), PERMISSION_DENIED (the call's
+//! token may not reach the namespace, or is read-only and the method writes: see `admit`).
+//! UNAUTHENTICATED comes before the service, from the token check.
+//!
+//! # Epochs
+//! Every session returned carries the store's epoch ([`SessionStore::epoch`]). A NOT_FOUND
+//! from a session lookup (Get, Update, Touch, Regenerate) carries the epoch read fresh from the
+//! store ([`SessionStore::current_epoch`]) in the response metadata [`EPOCH_METADATA`], or no
+//! epoch if that read fails. Restore reads it fresh too and applies the rules of
+//! `session.proto` (see `restore`): the same epoch patches the stored session at the base
+//! version through [`SessionStore::update`] (absent or deleted: FAILED_PRECONDITION; another
+//! version: ABORTED), another or no epoch recreates it at version 1 through
+//! [`SessionStore::restore`] (present: ABORTED; a tombstone: FAILED_PRECONDITION).
+
+mod restore;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,14 +33,20 @@ use session_proto::v1::session_store_server::SessionStore as SessionStoreApi;
 use tokio::sync::watch;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::{Access, Scope};
 use crate::id::{self, IdGenerator};
 use crate::metrics::Metrics;
 use crate::store::{
-    EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError, attrs_size,
+    EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
+    StoreResult, attrs_size,
 };
+
+/// The response metadata of a NOT_FOUND answer that carries the store's current epoch (the same
+/// name as session-client's `EPOCH_METADATA`).
+pub const EPOCH_METADATA: &str = "stickless-epoch";
 
 /// Namespace used when a request leaves it empty.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -84,7 +104,8 @@ impl SessionService {
     }
 
     /// Runs one call, recording its code and latency, and logging failures that are the
-    /// server's (UNAVAILABLE, INTERNAL) at warn level and the client's at debug level.
+    /// server's (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL) at warn level and the client's at
+    /// debug level.
     async fn observed<T>(
         &self,
         method: &'static str,
@@ -95,7 +116,10 @@ impl SessionService {
         let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.observe_call(method, code, start.elapsed());
         if let Err(status) = &result {
-            if matches!(code, Code::Unavailable | Code::Internal) {
+            if matches!(
+                code,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Internal
+            ) {
                 tracing::warn!(method, code = ?code, message = status.message(), "call failed");
             } else {
                 tracing::debug!(method, code = ?code, message = status.message(), "call refused");
@@ -117,11 +141,71 @@ impl SessionService {
         };
         self.metrics.store_error(self.store.kind(), kind);
         match error {
-            StoreError::Unavailable(_) | StoreError::Timeout(_) => {
-                Status::unavailable(error.to_string())
-            }
+            StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+            StoreError::Timeout(_) => Status::deadline_exceeded(error.to_string()),
             _ => Status::internal(error.to_string()),
         }
+    }
+
+    /// Like [`Self::status`], and a NOT_FOUND carries the store's current epoch, read fresh, in
+    /// [`EPOCH_METADATA`] (none when that read fails: the client then cannot tell a lost
+    /// session from a deleted one, and does not restore).
+    async fn failure(&self, error: StoreError) -> Status {
+        if !matches!(error, StoreError::NotFound) {
+            return self.status(error);
+        }
+        let mut status = Status::not_found(error.to_string());
+        match self.store.current_epoch().await {
+            Ok(epoch) => match MetadataValue::try_from(&*epoch) {
+                Ok(value) => {
+                    status.metadata_mut().insert(EPOCH_METADATA, value);
+                }
+                Err(_) => tracing::warn!(%epoch, "the store's epoch is not valid metadata"),
+            },
+            Err(error) => {
+                tracing::debug!(%error, "NOT_FOUND sent without the store's epoch");
+            }
+        }
+        status
+    }
+
+    /// The wire form of a stored session, with the store's epoch.
+    fn session(&self, record: SessionRecord) -> v1::Session {
+        to_proto(record, &self.store.epoch())
+    }
+
+    /// The answer of a call that returns one session.
+    async fn answer(
+        &self,
+        result: StoreResult<SessionRecord>,
+    ) -> Result<Response<v1::Session>, Status> {
+        match result {
+            Ok(record) => Ok(Response::new(self.session(record))),
+            Err(error) => Err(self.failure(error).await),
+        }
+    }
+
+    /// Checks the parts of a patch (Update, and a Restore's offline changes): keys and size of
+    /// `set`, keys of `remove` and none in both, the new user.
+    fn check_patch(
+        &self,
+        set: &HashMap<String, Vec<u8>>,
+        remove: &[String],
+        user_id: Option<&str>,
+    ) -> Result<(), Status> {
+        self.check_size(set)?;
+        for key in remove {
+            check_attr_key(key)?;
+            if set.contains_key(key) {
+                return Err(Status::invalid_argument(format!(
+                    "attribute {key:?} is both set and removed"
+                )));
+            }
+        }
+        if let Some(user) = user_id {
+            check_user(user)?;
+        }
+        Ok(())
     }
 
     fn new_id(&self) -> Result<String, Status> {
@@ -235,8 +319,8 @@ fn check_attr_key(key: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The wire form of a stored session.
-pub fn to_proto(record: SessionRecord) -> v1::Session {
+/// The wire form of a stored session, in a store of epoch `epoch`.
+pub fn to_proto(record: SessionRecord, epoch: &str) -> v1::Session {
     v1::Session {
         id: record.id,
         namespace: record.namespace,
@@ -246,6 +330,7 @@ pub fn to_proto(record: SessionRecord) -> v1::Session {
         created_at: Some(record.created_at.into()),
         expires_at: Some(record.expires_at.into()),
         ttl: prost_types::Duration::try_from(record.ttl).ok(),
+        epoch: epoch.to_owned(),
     }
 }
 
@@ -293,11 +378,7 @@ impl SessionStoreApi for SessionService {
                 new.id = self.new_id()?;
                 match self.store.create(new.clone()).await {
                     Err(StoreError::IdTaken) => continue,
-                    result => {
-                        return result
-                            .map(|r| Response::new(to_proto(r)))
-                            .map_err(|e| self.status(e));
-                    }
+                    result => return self.answer(result).await,
                 }
             }
             Err(self.status(StoreError::IdTaken))
@@ -309,12 +390,8 @@ impl SessionStoreApi for SessionService {
         self.observed("Get", async {
             let (req, namespace) = admit(request, "Get", Access::Read, |r| &r.namespace)?;
             check_id(&req.id)?;
-            let record = self
-                .store
-                .get(&namespace, &req.id, req.touch)
+            self.answer(self.store.get(&namespace, &req.id, req.touch).await)
                 .await
-                .map_err(|e| self.status(e))?;
-            Ok(Response::new(to_proto(record)))
         })
         .await
     }
@@ -326,18 +403,7 @@ impl SessionStoreApi for SessionService {
         self.observed("Update", async {
             let (req, namespace) = admit(request, "Update", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
-            self.check_size(&req.set)?;
-            for key in &req.remove {
-                check_attr_key(key)?;
-                if req.set.contains_key(key) {
-                    return Err(Status::invalid_argument(format!(
-                        "attribute {key:?} is both set and removed"
-                    )));
-                }
-            }
-            if let Some(user) = &req.user_id {
-                check_user(user)?;
-            }
+            self.check_patch(&req.set, &req.remove, req.user_id.as_deref())?;
             let patch = Patch {
                 set: req.set,
                 remove: req.remove,
@@ -345,12 +411,8 @@ impl SessionStoreApi for SessionService {
                 user_id: req.user_id,
                 ttl: self.ttl(req.ttl)?,
             };
-            let record = self
-                .store
-                .update(&namespace, &req.id, patch)
+            self.answer(self.store.update(&namespace, &req.id, patch).await)
                 .await
-                .map_err(|e| self.status(e))?;
-            Ok(Response::new(to_proto(record)))
         })
         .await
     }
@@ -363,12 +425,8 @@ impl SessionStoreApi for SessionService {
             let (req, namespace) = admit(request, "Touch", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             let ttl = self.ttl(req.ttl)?;
-            let record = self
-                .store
-                .touch(&namespace, &req.id, ttl)
+            self.answer(self.store.touch(&namespace, &req.id, ttl).await)
                 .await
-                .map_err(|e| self.status(e))?;
-            Ok(Response::new(to_proto(record)))
         })
         .await
     }
@@ -384,11 +442,7 @@ impl SessionStoreApi for SessionService {
                 let new_id = self.new_id()?;
                 match self.store.regenerate(&namespace, &req.id, &new_id).await {
                     Err(StoreError::IdTaken) => continue,
-                    result => {
-                        return result
-                            .map(|r| Response::new(to_proto(r)))
-                            .map_err(|e| self.status(e));
-                    }
+                    result => return self.answer(result).await,
                 }
             }
             Err(self.status(StoreError::IdTaken))
@@ -426,7 +480,7 @@ impl SessionStoreApi for SessionService {
                 .await
                 .map_err(|e| self.status(e))?;
             Ok(Response::new(v1::ListByUserResponse {
-                sessions: records.into_iter().map(to_proto).collect(),
+                sessions: records.into_iter().map(|r| self.session(r)).collect(),
             }))
         })
         .await
@@ -455,40 +509,7 @@ impl SessionStoreApi for SessionService {
     ) -> Result<Response<v1::Session>, Status> {
         self.observed("Restore", async {
             let (req, namespace) = admit(request, "Restore", Access::Write, |r| &r.namespace)?;
-            let session = req
-                .session
-                .ok_or_else(|| Status::invalid_argument("session is required"))?;
-            check_id(&session.id)?;
-            check_user(&session.user_id)?;
-            self.check_size(&session.attrs)?;
-            if session.version == 0 {
-                return Err(Status::invalid_argument("version must be at least 1"));
-            }
-            let ttl = self
-                .ttl(session.ttl)?
-                .unwrap_or(self.limits.default_ttl.min(self.limits.max_ttl));
-            let now = std::time::SystemTime::now();
-            let created_at = session
-                .created_at
-                .and_then(|t| std::time::SystemTime::try_from(t).ok())
-                .filter(|t| *t <= now)
-                .unwrap_or(now);
-            let record = SessionRecord {
-                id: session.id,
-                namespace,
-                user_id: session.user_id,
-                attrs: session.attrs,
-                version: session.version,
-                created_at,
-                expires_at: now + ttl,
-                ttl,
-            };
-            let stored = self
-                .store
-                .restore(record)
-                .await
-                .map_err(|e| self.status(e))?;
-            Ok(Response::new(to_proto(stored)))
+            self.restore_call(req, namespace).await
         })
         .await
     }

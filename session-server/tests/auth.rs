@@ -278,6 +278,7 @@ async fn send(
                         version: 1,
                         ..Default::default()
                     }),
+                    ..Default::default()
                 },
             ))
             .await

@@ -9,6 +9,8 @@ mod support;
 
 #[path = "conformance/calls.rs"]
 mod calls;
+#[path = "conformance/epochs.rs"]
+mod epochs;
 #[path = "conformance/expiry.rs"]
 mod expiry;
 #[path = "conformance/lifecycle.rs"]
@@ -80,6 +82,12 @@ conformance!(
     limits::oversized_session_is_refused_and_nothing_stored,
     limits::malformed_input_is_invalid_argument,
     writes::cas_counter_reaches_exactly_1000,
-    restore::restore_brings_back_a_lost_session_and_respects_newer_versions,
-    restore::restore_of_a_deleted_session_is_refused,
+    restore::restore_in_the_same_epoch_applies_offline_changes_once,
+    restore::restore_never_undoes_a_change_the_store_made_since_the_base,
+    restore::restore_in_the_same_epoch_never_brings_back_a_missing_session,
+    restore::restore_input_is_checked,
+    epochs::every_answer_carries_the_store_epoch,
+    epochs::restore_of_another_epoch_recreates_an_absent_session_at_version_1,
+    epochs::restore_of_a_deleted_session_is_refused_in_every_epoch,
+    epochs::a_store_that_lost_its_data_has_a_new_epoch,
 );

@@ -1,5 +1,6 @@
-//! The MySQL store beyond the conformance suite: schema migration, expiry before and by the
-//! reaper, tombstones, rows it cannot decode, writers in two servers on one table, and (in
+//! The MySQL store beyond the conformance suite: schema migration, the epoch row, expiry before
+//! and by the reaper, tombstones, rows it cannot decode, writers in two servers on one table,
+//! and (in
 //! `mysql_store/outage.rs`) a database that cannot be reached, goes away and comes back.
 
 mod support;
@@ -10,13 +11,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use session_server::config::Settings;
 use session_server::store::mysql::{
-    MIGRATIONS_TABLE, MysqlConfig, MysqlStore, REAP_BATCHES_PER_TICK, SCHEMA_VERSION,
+    EPOCHS_TABLE, MIGRATIONS_TABLE, MysqlConfig, MysqlStore, REAP_BATCHES_PER_TICK, SCHEMA_VERSION,
 };
-use session_server::store::{EventKind, NewSession, Patch, SessionEvent, SessionStore, StoreError};
+use session_server::store::{
+    EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
+};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{AssertSqlSafe, Connection as _};
 use support::ids::new_id;
 use support::mysql::{self as mysql, DropTables};
+use support::wait::eventually;
 use tokio::sync::broadcast;
 
 const NS: &str = "mysqltest";
@@ -144,9 +148,56 @@ async fn migration_is_idempotent_and_recorded() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_epoch_row_is_shared_and_made_again_when_deleted() {
+    let Some((store, _guard, table)) = fixture("epoch_row", |_| {}).await else {
+        return;
+    };
+    let url = mysql::MYSQL_URL;
+    let epoch = store.epoch();
+    assert_eq!(epoch.len(), 22, "read at start-up");
+    let config = mysql::test_config(url, &table, &Settings::default());
+    let second = MysqlStore::connect(config).await.expect("second connect");
+    assert_eq!(second.epoch(), epoch, "one epoch per table");
+    let mut conn = MySqlConnection::connect(url).await.expect("connect");
+    let select = format!("SELECT epoch FROM `{EPOCHS_TABLE}` WHERE table_name = ?");
+    let stored: String = sqlx::query_scalar(AssertSqlSafe(select.clone()))
+        .bind(&table)
+        .fetch_one(&mut conn)
+        .await
+        .expect("the epoch row");
+    assert_eq!(stored, *epoch);
+
+    // The row is gone (the database recreated, or deleted by hand): a fresh read makes a new
+    // one, and the other server learns it within its refresh interval.
+    mysql::execute(url, &[mysql::forget_epoch(&table)]).await;
+    let new = store.current_epoch().await.expect("epoch");
+    assert_ne!(new, epoch);
+    let stored: String = sqlx::query_scalar(AssertSqlSafe(select))
+        .bind(&table)
+        .fetch_one(&mut conn)
+        .await
+        .expect("the epoch row");
+    assert_eq!(stored, *new);
+    let (second, new) = (&second, &new);
+    eventually(
+        "the other store's cached epoch",
+        RECOVERY_WITHIN,
+        || async move { (second.epoch() == *new).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn invalid_table_names_and_urls_are_refused() {
-    for table in ["", "a-b", "x`y", &"t".repeat(65), MIGRATIONS_TABLE] {
+    for table in [
+        "",
+        "a-b",
+        "x`y",
+        &"t".repeat(65),
+        MIGRATIONS_TABLE,
+        EPOCHS_TABLE,
+    ] {
         let config = mysql::test_config(mysql::MYSQL_URL, table, &Settings::default());
         let refused = MysqlStore::connect(config).await;
         assert!(
@@ -407,6 +458,15 @@ async fn undecodable_attributes_are_not_found_not_internal() {
             store.regenerate(NS, id, &new_id()).await.map(drop)
         ));
     }
+    // Nor does a Restore overwrite them: a row is there, so the store wins.
+    let snapshot = SessionRecord {
+        id: other_format.clone(),
+        ..good.clone()
+    };
+    assert!(matches!(
+        store.restore(snapshot).await,
+        Err(StoreError::Conflict { .. })
+    ));
     let listed = store.list_by_user(NS, "rita").await.unwrap();
     assert_eq!(
         listed,

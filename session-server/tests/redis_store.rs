@@ -1,5 +1,5 @@
 //! Behaviour only the Redis store has: its key layout, undecodable records, the user index,
-//! expiry notifications, and surviving a Redis that is down or restarts. What every store must
+//! expiry notifications, its epoch key, and surviving a Redis that is down or restarts. What every store must
 //! do is in the conformance suite.
 
 mod support;
@@ -17,7 +17,7 @@ use support::ids::new_id;
 use support::outage::fails_as_outage;
 use support::ports::RefusedPort;
 use support::services;
-use support::wait::{events_ready, eventually_ok, next_event, update_until_heard};
+use support::wait::{events_ready, eventually, eventually_ok, next_event, update_until_heard};
 
 const NS: &str = "shop";
 
@@ -513,6 +513,54 @@ async fn expiry_becomes_an_expired_event_when_notifications_are_on() {
     drop(server);
 }
 
+#[tokio::test]
+async fn the_epoch_key_is_shared_and_made_again_when_lost() {
+    let Some(url) = services::redis_url("the_epoch_key_is_shared_and_made_again_when_lost") else {
+        return;
+    };
+    let mut fx = Fixture::new("epoch", &url, 1024).await;
+    let config = harness::redis_config(&url, "epoch", &Settings::default());
+    let other = RedisStore::new(RedisConfig {
+        key_prefix: fx.prefix.clone(),
+        ..config
+    })
+    .expect("store");
+    let epoch = fx.store.current_epoch().await.expect("epoch");
+    assert_eq!(epoch.len(), 22);
+    assert_eq!(
+        other.current_epoch().await.expect("epoch"),
+        epoch,
+        "one per prefix"
+    );
+    assert_eq!(fx.store.epoch(), epoch, "remembered");
+    let key = format!("{}:epoch", fx.prefix);
+    let stored: String = fx.raw.get(&key).await.expect("GET");
+    assert_eq!(stored, *epoch);
+    assert_eq!(fx.pttl(&key).await, -1, "no expiry");
+
+    // Lost (a flush, an eviction): the next fresh read makes a new one...
+    let _: () = fx.raw.del(&key).await.expect("DEL");
+    let new = fx.store.current_epoch().await.expect("epoch");
+    assert_ne!(new, epoch);
+    let stored: String = fx.raw.get(&key).await.expect("GET");
+    assert_eq!(stored, *new);
+    // ...and a store that does not ask still learns it within its refresh interval.
+    let (other, new) = (&other, &new);
+    eventually("the other store's cached epoch", WITHIN, || async move {
+        (other.epoch() == *new).then_some(())
+    })
+    .await;
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_store_that_never_reached_redis_has_no_epoch_and_answers_nothing() {
+    let refused = RefusedPort::new();
+    let store = store_on(&refused.addr().to_string());
+    fails_as_outage("current_epoch", TIMEOUT, store.current_epoch()).await;
+    assert_eq!(&*store.epoch(), "", "never a made-up epoch");
+}
+
 fn store_on(addr: &str) -> RedisStore {
     let mut config = RedisConfig::new(format!("redis://{addr}"), 1024);
     config.timeout = TIMEOUT;
@@ -553,6 +601,7 @@ async fn calls_and_events_recover_after_redis_restarts() {
     let mut server = services::OwnRedis::start(binary);
     let fx = Fixture::new("restart", &server.url(), 1024).await;
     events_ready(&fx.store).await;
+    let old_epoch = fx.store.current_epoch().await.expect("epoch");
     let mut events = fx.store.subscribe();
     let before = fx
         .store
@@ -577,6 +626,13 @@ async fn calls_and_events_recover_after_redis_restarts() {
         store.get(NS, &after.id, false).await.expect("get").version,
         1
     );
+    // An empty Redis is a new epoch.
+    let new_epoch = store.current_epoch().await.expect("epoch");
+    assert_ne!(
+        new_epoch, old_epoch,
+        "a restarted empty Redis kept its epoch"
+    );
+    assert_eq!(store.epoch(), new_epoch);
 
     // The subscriber reconnects on its own backoff: write until one of its events comes back.
     let when = "of the restart";

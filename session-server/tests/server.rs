@@ -1,5 +1,6 @@
 //! The server as a whole, beyond any one store: auth, health and reflection for stock gRPC tools,
-//! metrics, serving threads, message limits, and a Redis that is unreachable or goes away.
+//! metrics, serving threads, message limits, and a Redis that is unreachable, silent or goes
+//! away.
 //! Graceful shutdown and Watch's lag rule have their own file, `shutdown.rs`.
 
 mod support;
@@ -380,6 +381,33 @@ async fn redis_at_a_dead_port_is_unavailable_within_the_timeout() {
         Code::Unavailable
     );
     assert!(server.metrics.calls("Create", Code::Unavailable) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_redis_gives_deadline_exceeded_within_the_timeout() {
+    let settings = Settings {
+        store_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    // Accepts connections (the kernel does) and never answers: a store too slow, not gone.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("redis://{}", silent.local_addr().expect("address"));
+    let store = Arc::new(redis_store(&url, "silent", &settings));
+    let server = TestServer::start(settings.clone(), store).await;
+    let mut client = server.client().await;
+    let deadline = |status: &tonic::Status| status.code() == Code::DeadlineExceeded;
+    for _ in 0..2 {
+        let create = client.create(CreateRequest::default());
+        fails_within("create", settings.store_timeout, create, deadline).await;
+    }
+    let missing = GetRequest {
+        namespace: "".into(),
+        id: "A".repeat(32),
+        touch: false,
+    };
+    let get = client.get(missing);
+    fails_within("get", settings.store_timeout, get, deadline).await;
+    assert!(server.metrics.calls("Create", Code::DeadlineExceeded) >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

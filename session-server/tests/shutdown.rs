@@ -95,6 +95,12 @@ impl SessionStore for GatedStore {
     fn kind(&self) -> &'static str {
         "gated-memory"
     }
+    fn epoch(&self) -> Arc<str> {
+        self.inner.epoch()
+    }
+    async fn current_epoch(&self) -> StoreResult<Arc<str>> {
+        self.inner.current_epoch().await
+    }
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
         self.pass(&new.namespace).await;
         self.inner.create(new).await

@@ -120,6 +120,10 @@ pub(super) struct FileLookup {
     pub(super) auth_token: Option<Parsed<Token>>,
     pub(super) snapshot_keys: Option<Vec<Parsed<SnapshotKey>>>,
     pub(super) snapshot_cookie: Option<Parsed<CookieName>>,
+    /// `--snapshot-max-age`.
+    pub(super) snapshot_max_age: Option<Parsed<Duration>>,
+    /// `--session-outage-grace`.
+    pub(super) outage_grace: Option<Parsed<Duration>>,
     /// CA bundle of an `https://` url (a path, relative to the working directory).
     pub(super) ca: Option<PathBuf>,
     /// Client certificate for mTLS (a path).

@@ -324,4 +324,25 @@ pub struct Cli {
         value_parser = parse_setting::<CookieName>,
     )]
     pub session_snapshot_cookie: Option<CookieName>,
+    /// How long past the session server's last confirmation a snapshot may stand in (or be
+    /// pushed back with Restore); older ones are refused, whoever wrote them. Bounds how long
+    /// cookies copied before a logout can bring the session back into a store that lost its
+    /// data. Give the backends the same value [default: 1h].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_SNAPSHOT_MAX_AGE",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub snapshot_max_age: Option<Duration>,
+    /// A lookup that times out while the session server answered less than this long ago is
+    /// an error (503 with Retry-After under --session-fail closed), not an outage: the snapshot
+    /// stands in only for an unreachable server, or one silent for longer [default: 5s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_SESSION_OUTAGE_GRACE",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub session_outage_grace: Option<Duration>,
 }

@@ -12,8 +12,9 @@ use session_client::{ClientError, ClientTls};
 
 use super::file::FileLookup;
 use super::{
-    Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_SESSION_COOKIE, DEFAULT_SESSION_NAMESPACE,
-    DEFAULT_SNAPSHOT_COOKIE, LookupConfig, LookupFailure, SnapshotKey, Token, pick,
+    Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_OUTAGE_GRACE, DEFAULT_SESSION_COOKIE,
+    DEFAULT_SESSION_NAMESPACE, DEFAULT_SNAPSHOT_COOKIE, DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig,
+    LookupFailure, SnapshotKey, Token, pick,
 };
 
 /// The plugin is on when a session server URL is given (flag or file); its other settings
@@ -43,6 +44,8 @@ pub(super) fn resolve(
                 "--session-snapshot-cookie",
                 cli.session_snapshot_cookie.is_some(),
             ),
+            ("--snapshot-max-age", cli.snapshot_max_age.is_some()),
+            ("--session-outage-grace", cli.session_outage_grace.is_some()),
             ("--session-ca", cli.session_ca.is_some()),
             ("--session-client-cert", cli.session_client_cert.is_some()),
             ("--session-client-key", cli.session_client_key.is_some()),
@@ -56,6 +59,8 @@ pub(super) fn resolve(
                     || file.auth_token.is_some()
                     || file.snapshot_keys.is_some()
                     || file.snapshot_cookie.is_some()
+                    || file.snapshot_max_age.is_some()
+                    || file.outage_grace.is_some()
                     || file.ca.is_some()
                     || file.client_cert.is_some()
                     || file.client_key.is_some(),
@@ -134,6 +139,16 @@ pub(super) fn resolve(
             .map(|c| c.0)
             .or(file.snapshot_cookie.map(|c| c.0.0))
             .unwrap_or_else(|| DEFAULT_SNAPSHOT_COOKIE.to_owned()),
+        snapshot_max_age: pick(
+            cli.snapshot_max_age,
+            file.snapshot_max_age,
+            DEFAULT_SNAPSHOT_MAX_AGE,
+        ),
+        outage_grace: pick(
+            cli.session_outage_grace,
+            file.outage_grace,
+            DEFAULT_OUTAGE_GRACE,
+        ),
     };
     if config.snapshot_cookie == config.cookie {
         return Err(ConfigError::Invalid(format!(
@@ -266,6 +281,56 @@ mod tests {
             !format!("{overridden:?}").contains("205"),
             "keys never printed"
         );
+    }
+
+    #[test]
+    fn snapshot_max_age_and_outage_grace_come_from_flags_or_file_with_defaults() {
+        use std::time::Duration;
+        let url = ["--session-lookup", "http://127.0.0.1:1"];
+        let plain = resolve(&url, None).unwrap().unwrap();
+        assert_eq!(plain.snapshot_max_age, Duration::from_secs(3600));
+        assert_eq!(plain.outage_grace, Duration::from_secs(5));
+
+        let file = "[session_lookup]\nurl = \"http://127.0.0.1:1\"\nsnapshot_max_age = \"10m\"\n\
+                    outage_grace = \"2s\"\n";
+        let from_file = resolve(&[], Some(file)).unwrap().unwrap();
+        assert_eq!(from_file.snapshot_max_age, Duration::from_secs(600));
+        assert_eq!(from_file.outage_grace, Duration::from_secs(2));
+        let flags = resolve(
+            &[
+                "--snapshot-max-age",
+                "90s",
+                "--session-outage-grace",
+                "250ms",
+            ],
+            Some(file),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(flags.snapshot_max_age, Duration::from_secs(90));
+        assert_eq!(flags.outage_grace, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn a_zero_or_stray_snapshot_max_age_or_outage_grace_is_refused() {
+        let message = |args: &[&str], file: Option<&str>| match resolve(args, file) {
+            Ok(config) => panic!("accepted: {config:?}"),
+            Err(error) => error.to_string(),
+        };
+        let url = ["--session-lookup", "http://127.0.0.1:1"];
+        for flag in ["--snapshot-max-age", "--session-outage-grace"] {
+            let m = message(&[url[0], url[1], flag, "0s"], None);
+            assert!(m.contains("above zero"), "{flag}: {m}");
+            let m = message(&[flag, "1m"], None);
+            assert!(m.contains(flag) && m.contains("--session-lookup"), "{m}");
+        }
+        let m = message(
+            &[],
+            Some("[session_lookup]\nurl = \"http://h:1\"\nsnapshot_max_age = \"0s\"\n"),
+        );
+        assert!(m.contains("line 3") && m.contains("above zero"), "{m}");
+        let m = message(&[], Some("[session_lookup]\noutage_grace = \"1s\"\n"));
+        assert!(m.contains("session_lookup"), "{m}");
     }
 
     #[test]

@@ -278,7 +278,13 @@ impl Proxy {
         tracing::warn!(status = status.as_u16(), reason = reason.label(), method = %parts.method,
             path = parts.uri.path(), detail, "request answered by the proxy");
         self.metrics.reject(reason);
-        local_response(status, close)
+        let mut response = local_response(status, close);
+        if let Some(seconds) = reason.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 

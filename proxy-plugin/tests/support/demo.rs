@@ -21,7 +21,12 @@ impl DemoBackend {
     pub async fn proxy_mode(name: &str, session_server: &str) -> DemoBackend {
         let mut config = DemoConfig::new(name, Sessions::Proxy(session_server.to_owned()));
         config.secure_cookies = false;
-        let app = demo::app(&config).await.expect("demo app");
+        DemoBackend::start(&config).await
+    }
+
+    /// A `demo-app` instance as `config` says.
+    pub async fn start(config: &DemoConfig) -> DemoBackend {
+        let app = demo::app(config).await.expect("demo app");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");

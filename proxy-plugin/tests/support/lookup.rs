@@ -6,12 +6,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use http::StatusCode;
-use proxy_plugin::config::{LookupConfig, LookupFailure, SnapshotKey};
+use proxy_plugin::config::{
+    DEFAULT_OUTAGE_GRACE, DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig, LookupFailure, SnapshotKey,
+};
 use session_client::cookie::{CookieCodec, CookieKey, Encryption, KeyRing};
 use session_client::{SessionClient, SessionData};
 
 use super::backend::{Behaviour, TestBackend};
 use super::proxy::{TestProxy, client, config};
+use super::relay::Relay;
 use super::session::TestSessionServer;
 
 /// Namespace of every session here.
@@ -30,6 +33,8 @@ pub fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) ->
         timeout: Duration::from_millis(500),
         snapshot_keys: keys.iter().map(|k| SnapshotKey(k.to_vec())).collect(),
         snapshot_cookie: "sid_snap".to_owned(),
+        snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
+        outage_grace: DEFAULT_OUTAGE_GRACE,
         tls: None,
     }
 }
@@ -53,6 +58,15 @@ pub fn attrs(pairs: &[(&str, &[u8])]) -> HashMap<String, Vec<u8>> {
         .collect()
 }
 
+/// How many lookups of `proxy` had `outcome` so far.
+pub fn lookups(proxy: &TestProxy, outcome: &str) -> u64 {
+    let text = proxy.proxy.render_metrics();
+    let series = format!("proxy_session_lookups_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&series))
+        .map_or(0, |n| n.trim().parse().expect("a counter"))
+}
+
 /// A session server, a session of alice (cart `[1,2]`), an echoing backend and a proxy with
 /// the plugin on.
 pub struct Stack {
@@ -70,31 +84,63 @@ pub struct Stack {
     pub proxy: TestProxy,
     /// A client of the proxy.
     pub http: reqwest::Client,
+    /// The relay between the plugin and the session server, when started with one.
+    pub relay: Option<Relay>,
 }
 
 impl Stack {
     /// Starts it all; alice's session gets `ttl` (the server's default when `None`) and the
     /// plugin `on_failure` and snapshot `keys`.
     pub async fn start(on_failure: LookupFailure, ttl: Option<Duration>, keys: &[&[u8]]) -> Stack {
+        Stack::start_with(ttl, false, |sessions| {
+            lookup_config(sessions, on_failure, keys)
+        })
+        .await
+    }
+
+    /// Starts it all with the plugin settings `lookup` makes for the session server's URL,
+    /// the plugin reaching the server through a [`Relay`] when `relayed` (the test's own
+    /// client, [`Stack::store`], always reaches it directly).
+    pub async fn start_with(
+        ttl: Option<Duration>,
+        relayed: bool,
+        lookup: impl FnOnce(&str) -> LookupConfig,
+    ) -> Stack {
         let sessions = TestSessionServer::start().await;
         let store = sessions.client(NAMESPACE);
         let session = store
             .create("alice", attrs(&[("cart", b"[1,2]")]), ttl)
             .await
             .expect("create");
+        let relay = match relayed {
+            true => Some(Relay::start(sessions.addr).await),
+            false => None,
+        };
+        let url = relay.as_ref().map_or_else(|| sessions.url(), Relay::url);
         let backend = TestBackend::start("echo", Behaviour::SessionEcho).await;
         let mut cfg = config(&[&backend]);
-        cfg.lookup = Some(lookup_config(&sessions.url(), on_failure, keys));
+        cfg.lookup = Some(lookup(&url));
         let proxy = TestProxy::start(cfg).await;
         Stack {
-            session_url: sessions.url(),
+            session_url: url,
             sessions: Some(sessions),
             store,
             session,
             backend,
             proxy,
             http: client(),
+            relay,
         }
+    }
+
+    /// The relay in front of the session server (started with one).
+    pub fn relay(&self) -> &Relay {
+        self.relay.as_ref().expect("a stack started behind a relay")
+    }
+
+    /// The lookup outcome `outcome` as counted so far.
+    pub fn lookups(&self, outcome: &str) -> u64 {
+        lookups(&self.proxy, outcome)
     }
 
     /// Reloads the proxy with `lookup` in place of its plugin settings.
@@ -141,6 +187,8 @@ pub struct Reply {
     pub seen: HashMap<String, String>,
     /// Every `Set-Cookie` line.
     pub set_cookies: Vec<String>,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
 }
 
 impl Reply {
@@ -153,6 +201,10 @@ impl Reply {
             .iter()
             .map(|v| v.to_str().expect("ascii").to_owned())
             .collect();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().expect("ascii").to_owned());
         let seen = if status == StatusCode::OK {
             response.json().await.expect("the backend's JSON")
         } else {
@@ -162,6 +214,7 @@ impl Reply {
             status,
             seen,
             set_cookies,
+            retry_after,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Shared support of the proxy tests: test backends, a proxy on a loopback port, the
 //! `session-proxy` binary as a child process, a session server in-process, the session-lookup
-//! plugin over it, and waiting for a condition.
+//! plugin over it, a relay that makes that server slow or unreachable, and waiting for a
+//! condition.
 
 // Each test file uses a subset of the helpers.
 #![allow(dead_code)]
@@ -11,6 +12,7 @@ pub mod lookup;
 pub mod proxy;
 pub mod proxy_process;
 pub mod raw;
+pub mod relay;
 pub mod session;
 
 use std::time::Duration;

@@ -29,6 +29,12 @@ fn snapshot(value_len: usize) -> Snapshot {
         issued_at_ms: now,
         expires_at_ms: now + 60_000,
         ttl_ms: 60_000,
+        epoch: "e1".into(),
+        base_version: 2,
+        offline_set: vec!["cart".into()],
+        offline_removed: vec!["gone".into()],
+        offline_user: true,
+        confirmed_at_ms: now - 500,
     }
 }
 
@@ -84,7 +90,8 @@ fn v2_carries_one_tag_over_the_binary() {
     assert!(plain.len() < v1.len(), "{} vs {}", plain.len(), v1.len());
 }
 
-/// The snapshot the reference cookies below carry (valid 1_700_000_000_000 to +1 h).
+/// The snapshot the reference cookies below carry (valid 1_700_000_000_000 to +1 h). The first
+/// release had fields 1 to 9 only: the later ones read as their defaults.
 fn reference_snapshot() -> Snapshot {
     Snapshot {
         id: "A".repeat(32),
@@ -99,6 +106,7 @@ fn reference_snapshot() -> Snapshot {
         issued_at_ms: 1_700_000_000_000,
         expires_at_ms: 1_700_003_600_000,
         ttl_ms: 1_800_000,
+        ..Default::default()
     }
 }
 
@@ -188,6 +196,96 @@ fn plain_cookies_are_byte_identical_to_the_references_in_both_formats() {
         REFERENCE_COOKIES[0].1,
         "v1, as the first release wrote it"
     );
+}
+
+/// The worked example of docs/snapshot-cookie.md, section 8.
+const SPEC: &str = include_str!("../../../docs/snapshot-cookie.md");
+/// Its key material: the bytes 0 to 31.
+const SPEC_MATERIAL: [u8; 32] = {
+    let mut material = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        material[i] = i as u8;
+        i += 1;
+    }
+    material
+};
+/// Its snapshot's canonical protobuf encoding, in hex.
+const SPEC_BODY_HEX: &str = "0a203031323334353637383961626364656630313233343536373839616263646566\
+    120473686f701a03616e6e220a0a04636172741202010222060a04666c616728053080d095ffbc3138e0a499ffbc31\
+    40a0938780bd3148c0ee6d5202653158046204636172746a036f6c647880d095ffbc31";
+/// Its plain cookie: deterministic, so every correct writer produces it.
+const SPEC_PLAIN: &str = "v2.Yw3NKWbE.AAogMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWYSBHNob3AaA2F\
+    ubiIKCgRjYXJ0EgIBAiIGCgRmbGFnKAUwgNCV_7wxOOCkmf-8MUCgk4eAvTFIwO5tUgJlMVgEYgRjYXJ0agNvbGR4gNCV_\
+    7wxpRW3HhhcfPDdo9L0Gq2CB4CNe3GdGOH_6y96MnZa_Ys";
+/// Its sealed cookies, made with the nonce a0..ab (by the spec's Python implementation).
+const SPEC_SEALED: [&str; 2] = [
+    "v2.Yw3NKWbE.AaChoqOkpaanqKmqq8VeS5Ff9abHjBe1G9rlLhvfWHEO_Jd4iVSVxKf9xIpta1VfVXnqSlItvR72IVlx-X\
+     E93b5Ge8aU_KVT5vdLnyU33xMaru3L7Xtq_Wm7Y18nwC2kWtJBIVDOuv0qG72XA9b_Blu0NJVpceudSmvGKpy1dW3j-1X2\
+     l4xdBe7ZR5iL-tBd-w",
+    "v2.Yw3NKWbE.AqChoqOkpaanqKmqq-2NCL2dRBZLwx7Lk2Pgc4_SBh6GQGw8IZCo5fKkwQ8bPxgl3FN7QPO37lRfLSQLSHPr\
+     Rze8VCoQNtbyLhEqz9BFo_YZu6H7DtTmj9yo9_1v6xBzIIl90XkLRlPnn34TzsdIratYBEqTT6Z3UP52QnPaPMAtgtaTOc\
+     oU_MOn_q_7aKr3Vw",
+];
+
+/// The spec's snapshot: confirmed at version 4, then changed once during an outage.
+fn spec_snapshot() -> Snapshot {
+    Snapshot {
+        id: "0123456789abcdef0123456789abcdef".into(),
+        namespace: "shop".into(),
+        user_id: "ann".into(),
+        attrs: BTreeMap::from([("cart".into(), vec![1, 2]), ("flag".into(), vec![])]),
+        version: 5,
+        created_at_ms: 1_700_000_000_000,
+        issued_at_ms: 1_700_000_060_000,
+        expires_at_ms: 1_700_001_860_000,
+        ttl_ms: 1_800_000,
+        epoch: "e1".into(),
+        base_version: 4,
+        offline_set: vec!["cart".into()],
+        offline_removed: vec!["old".into()],
+        offline_user: false,
+        confirmed_at_ms: 1_700_000_000_000,
+    }
+}
+
+#[test]
+fn the_spec_test_vector_is_what_the_codec_writes() {
+    let key = CookieKey::new(&SPEC_MATERIAL).unwrap();
+    assert_eq!(key.id(), "Yw3NKWbE");
+    let snap = spec_snapshot();
+    let hex: String = snap
+        .encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(hex, SPEC_BODY_HEX);
+    let plain = CookieCodec::new(KeyRing::new(vec![key]).unwrap(), Encryption::None);
+    assert_eq!(plain.encode(&snap).unwrap(), SPEC_PLAIN);
+    // Valid from 60 s before issued-at to 1 ms before expires-at, as the spec says.
+    for now_ms in [1_700_000_000_000, 1_700_001_859_999] {
+        let now = UNIX_EPOCH + Duration::from_millis(now_ms);
+        for value in [SPEC_PLAIN, SPEC_SEALED[0], SPEC_SEALED[1]] {
+            assert_eq!(plain.decode_at(value, now), Ok(snap.clone()), "{value}");
+        }
+    }
+    for now_ms in [1_699_999_999_999, 1_700_001_860_000] {
+        let now = UNIX_EPOCH + Duration::from_millis(now_ms);
+        assert_eq!(plain.decode_at(SPEC_PLAIN, now), Err(CookieError::Expired));
+    }
+    // The page shows exactly these values (each on one line).
+    for pinned in [
+        SPEC_BODY_HEX,
+        SPEC_PLAIN,
+        SPEC_SEALED[0],
+        SPEC_SEALED[1],
+        "kid              Yw3NKWbE",
+    ] {
+        assert!(
+            SPEC.contains(pinned),
+            "docs/snapshot-cookie.md lacks {pinned}"
+        );
+    }
 }
 
 #[test]

@@ -1,15 +1,15 @@
 //! The calls the layer makes to the session store, as a trait: [`SessionClient`] in production,
 //! an in-memory fake in the unit tests of the fallback state machine.
 //!
-//! Crate-private on purpose: issue 12's store epochs will change what `restore` takes and
-//! answers, and a public trait would freeze today's shape.
+//! Crate-private on purpose: a public trait would freeze the shape of calls (such as `restore`)
+//! that follow the store's protocol as it evolves.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::client::{ClientError, Patch, SessionClient, SessionData};
+use crate::client::{ClientError, Patch, RestoreRequest, SessionClient, SessionData};
 
 /// A store call in flight (boxed, so the layer can hold any backend behind one pointer).
 pub(crate) type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, ClientError>> + Send + 'a>>;
@@ -41,8 +41,8 @@ pub(crate) trait SessionBackend: Send + Sync + 'static {
     /// Deletes a session; false when there was none ([`SessionClient::delete`]).
     fn delete<'a>(&'a self, id: &'a str) -> Call<'a, bool>;
 
-    /// Pushes a snapshot back into the store ([`SessionClient::restore`]).
-    fn restore(&self, session: SessionData) -> Call<'_, SessionData>;
+    /// Brings the store in step with a snapshot ([`SessionClient::restore`]).
+    fn restore(&self, request: RestoreRequest) -> Call<'_, SessionData>;
 }
 
 impl SessionBackend for SessionClient {
@@ -75,7 +75,7 @@ impl SessionBackend for SessionClient {
         Box::pin(SessionClient::delete(self, id))
     }
 
-    fn restore(&self, session: SessionData) -> Call<'_, SessionData> {
-        Box::pin(SessionClient::restore(self, session))
+    fn restore(&self, request: RestoreRequest) -> Call<'_, SessionData> {
+        Box::pin(SessionClient::restore(self, request))
     }
 }

@@ -1,28 +1,44 @@
 //! The state machine behind every [`Session`](super::Session): the store is the truth while it
-//! answers; when it does not, the signed snapshot stands in, takes the request's changes, and
-//! is pushed back with `Restore` once the store answers again. Logout deletes the session and
-//! clears both cookies, outage or not.
+//! answers; when it cannot be reached, the signed snapshot stands in and records the request's
+//! changes as offline changes against the version the store last confirmed, and once the store
+//! answers again they are pushed back with `Restore`, under the store's rules (see `Restore` in
+//! `session.proto`): applied when the store still holds the base version, dropped when the
+//! store moved on (the store wins), refused when the session was deleted or expired. Logout
+//! deletes the session and clears both cookies, outage or not; a delete the store could not
+//! take is retried once it answers again.
+//!
+//! A slow store is not a lost one: a call that timed out against a store that answered within
+//! the outage grace is a 503 with a retry hint, not a switch to the snapshot.
 //!
 //! Nothing here knows about tower: a request's [`State`] goes in, store calls go out through a
 //! [`SessionBackend`], and the cookies the response must carry come back as a
 //! [`CookieUpdate`] for the service to apply.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use parking_lot::Mutex;
 use ring::rand::{SecureRandom as _, SystemRandom};
 
 use super::backend::SessionBackend;
 use super::session::{Source, State};
 use super::{FallbackMode, SessionConfig, SessionError};
 use crate::client::{ClientError, SessionData};
-use crate::cookie::{CookieCodec, Snapshot, fits_in_cookie, unix_ms};
+use crate::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
 
 /// Only before the server has answered once and with no ttl configured, a session made during
 /// an outage gets this ttl: session-server's default (`--default-ttl`), the best guess left.
 /// Any answer of the server replaces it (see [`LearnedTtl`]).
 const ASSUMED_SERVER_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Most logouts made during an outage that are remembered for a delete once the store is back
+/// (beyond it the oldest are forgotten: those sessions expire on their own).
+const MAX_PENDING_DELETES: usize = 10_000;
+
+/// Most remembered deletes retried on one request, once the store answers again.
+const DELETES_PER_REQUEST: usize = 16;
 
 /// What the response's session cookies become; the tower side applies it to the cookie jar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +116,14 @@ pub(super) struct Fallback {
     rng: SystemRandom,
     /// The ttl sessions made during an outage get.
     ttl: LearnedTtl,
+    /// When the store last answered (unix ms; the layer's start before its first answer, so a
+    /// store slow at start-up is not taken for a lost one): a timeout within the outage grace
+    /// of it is not an outage.
+    last_answer_ms: AtomicU64,
+    /// Sessions logged out while the store was unreachable: deleted once it answers again.
+    pending_deletes: Mutex<HashSet<String>>,
+    /// Offline changes dropped because the store had moved on (the store wins).
+    dropped: AtomicU64,
 }
 
 impl Fallback {
@@ -120,12 +144,20 @@ impl Fallback {
             config,
             rng: SystemRandom::new(),
             ttl: LearnedTtl::default(),
+            last_answer_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+            pending_deletes: Mutex::new(HashSet::new()),
+            dropped: AtomicU64::new(0),
         }
     }
 
     /// The settings it runs with.
     pub(super) fn config(&self) -> &SessionConfig {
         &self.config
+    }
+
+    /// How many requests' offline changes were dropped because the store had moved on.
+    pub(super) fn dropped_offline_changes(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     fn namespace(&self) -> &str {
@@ -136,67 +168,196 @@ impl Fallback {
         self.config.fallback != FallbackMode::Off
     }
 
+    /// The store answered (anything, NOT_FOUND included).
+    fn answered(&self) {
+        self.last_answer_ms
+            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+    }
+
+    /// Whether `error` means the store is down, so the snapshot may stand in: unreachable, or
+    /// timed out after the store has not answered for the outage grace.
+    fn is_outage(&self, error: &ClientError) -> bool {
+        if error.is_unavailable() {
+            return true;
+        }
+        if !error.is_timeout() {
+            return false;
+        }
+        let last = self.last_answer_ms.load(Ordering::Relaxed);
+        let grace = u64::try_from(self.config.outage_grace.as_millis()).unwrap_or(u64::MAX);
+        unix_ms(SystemTime::now()).saturating_sub(last) > grace
+    }
+
+    /// The error a failed store call becomes when the snapshot does not stand in.
+    fn failure(&self, error: ClientError) -> SessionError {
+        if error.is_unavailable() || self.is_outage(&error) {
+            SessionError::Unavailable(error)
+        } else if error.is_timeout() {
+            SessionError::TimedOut(error)
+        } else {
+            SessionError::Store(error)
+        }
+    }
+
     /// The snapshot from the request, if valid and about the session its id cookie names.
     fn request_snapshot(&self, state: &State) -> Option<Snapshot> {
         let codec = self.codec.as_ref()?;
         let raw = state.cookie_snapshot.as_deref()?;
         let id = state.cookie_id.as_deref()?;
-        codec.decode_for(raw, id, self.namespace())
+        codec.decode_for(
+            raw,
+            id,
+            self.namespace(),
+            self.config.snapshot_max_age,
+            SystemTime::now(),
+        )
     }
 
-    /// Loads the session the request's id cookie names: from the store, restoring the request's
-    /// snapshot when the store lacks the session or holds an older version, or from the
-    /// snapshot alone when the store is unreachable.
+    /// Loads the session the request's id cookie names: from the store, pushing the request's
+    /// offline changes back first; from the snapshot alone when the store is unreachable.
     pub(super) async fn load(&self, state: &mut State) -> Result<(), SessionError> {
         let Some(id) = state.cookie_id.clone() else {
             return Ok(());
         };
+        if self.pending_deletes.lock().contains(&id) {
+            // Logged out while the store was unreachable and not deleted yet: it stays logged
+            // out, from the store and from its snapshot alike (the cookies are cleared).
+            self.retry_deletes().await;
+            return Ok(());
+        }
         let snapshot = self.request_snapshot(state);
         let found = match self.backend.get(&id, true).await {
-            Ok(stored) => match snapshot {
-                // The store missed writes made during an outage: push them back.
-                Some(snap) if snap.version > stored.version => self.restore(snap).await,
-                _ => Ok(Some(stored)),
-            },
-            Err(ClientError::NotFound) => match snapshot {
-                Some(snap) => self.restore(snap).await,
-                None => Ok(None),
-            },
+            Ok(stored) => {
+                self.answered();
+                match snapshot {
+                    // Changes made during an outage: push them back, under the store's rules.
+                    Some(snap) if snap.has_offline_changes() => {
+                        self.resync(snap, Some(stored)).await
+                    }
+                    _ => Ok(Some(stored)),
+                }
+            }
+            Err(ClientError::NotFound { epoch }) => {
+                self.answered();
+                match snapshot {
+                    // Deleted or expired in this very store: a logout sticks.
+                    Some(snap)
+                        if !snap.epoch.is_empty() && epoch.as_deref() == Some(&snap.epoch) =>
+                    {
+                        tracing::info!(
+                            "session gone from the store (same epoch): snapshot dropped"
+                        );
+                        Ok(None)
+                    }
+                    // The store lost it (another epoch), or it was made during an outage.
+                    Some(snap) => self.resync(snap, None).await,
+                    None => Ok(None),
+                }
+            }
             Err(error) => Err(error),
         };
         match found {
-            Ok(Some(stored)) => self.adopt(state, stored),
-            Ok(None) => {}
-            Err(error) if error.is_unavailable() => {
+            Ok(Some(stored)) => {
+                self.adopt(state, stored);
+                self.retry_deletes().await;
+            }
+            Ok(None) => self.retry_deletes().await,
+            Err(error) if self.fallback_on() && self.is_outage(&error) => {
                 let Some(snap) = self.request_snapshot(state) else {
                     return Err(SessionError::Unavailable(error));
                 };
                 tracing::info!(%error, "session store unavailable: serving the session from its snapshot");
-                state.current = snap.into_session();
+                state.current = snap.to_session();
+                state.snapshot = Some(snap);
                 state.source = Source::Snapshot;
             }
-            Err(error) => return Err(SessionError::Store(error)),
+            Err(error) => return Err(self.failure(error)),
         }
         Ok(())
     }
 
-    /// The store's answer becomes the request's session.
+    /// The store's answer becomes the request's session, and the base of any offline change.
     fn adopt(&self, state: &mut State, stored: SessionData) {
         LearnedTtl::remember(&self.ttl.seen_ms, &stored);
+        state.snapshot = self.fallback_on().then(|| {
+            Snapshot::confirmed(
+                &stored,
+                self.namespace(),
+                SystemTime::now(),
+                self.config.snapshot_max_age,
+            )
+        });
         state.current = stored;
         state.source = Source::Store;
     }
 
-    /// Pushes a snapshot back into the store; `None` when the server refuses it (deleted).
-    async fn restore(&self, snap: Snapshot) -> Result<Option<SessionData>, ClientError> {
-        match self.backend.restore(snap.into_session()).await {
-            Ok(stored) => Ok(Some(stored)),
+    /// Brings the store in step with a snapshot (`Restore`): the session to serve, `None` when
+    /// the store refuses it (deleted or expired). When the store moved on (ABORTED), the
+    /// store's session wins and the offline changes are dropped.
+    async fn resync(
+        &self,
+        snap: Snapshot,
+        stored: Option<SessionData>,
+    ) -> Result<Option<SessionData>, ClientError> {
+        match self.backend.restore(snap.to_restore()).await {
+            Ok(restored) => Ok(Some(restored)),
             Err(ClientError::Refused(reason)) => {
                 tracing::info!(%reason, "session snapshot not restored");
                 Ok(None)
             }
+            Err(ClientError::Conflict(reason)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    %reason,
+                    base_version = snap.base_version,
+                    keys_set = snap.offline_set.len(),
+                    keys_removed = snap.offline_removed.len(),
+                    "the store changed the session during the outage: offline changes dropped, the store wins"
+                );
+                match stored {
+                    Some(stored) => Ok(Some(stored)),
+                    None => match self.backend.get(&snap.id, true).await {
+                        Ok(stored) => Ok(Some(stored)),
+                        Err(ClientError::NotFound { .. }) => Ok(None),
+                        Err(error) => Err(error),
+                    },
+                }
+            }
             Err(error) => Err(error),
         }
+    }
+
+    /// Deletes a few sessions logged out during an outage, now that the store answers.
+    async fn retry_deletes(&self) {
+        let batch: Vec<String> = {
+            let pending = self.pending_deletes.lock();
+            if pending.is_empty() {
+                return;
+            }
+            pending.iter().take(DELETES_PER_REQUEST).cloned().collect()
+        };
+        for id in batch {
+            match self.backend.delete(&id).await {
+                Ok(_) | Err(ClientError::NotFound { .. } | ClientError::Invalid(_)) => {
+                    self.pending_deletes.lock().remove(&id);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "deferred logout not yet deleted");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Remembers a logout the store could not take.
+    fn defer_delete(&self, id: String) {
+        let mut pending = self.pending_deletes.lock();
+        if pending.len() >= MAX_PENDING_DELETES
+            && let Some(any) = pending.iter().next().cloned()
+        {
+            pending.remove(&any);
+        }
+        pending.insert(id);
     }
 
     /// Writes the request's changes; called once after the handler. Returns the cookies the
@@ -214,20 +375,23 @@ impl Fallback {
         Ok(self.cookies(state))
     }
 
-    /// Logout: deletes the session and clears both cookies, also when the store is unreachable.
+    /// Logout: deletes the session and clears both cookies, also when the store is unreachable
+    /// (the delete is then retried once the store answers again).
     async fn destroy(&self, state: &State) -> Result<CookieUpdate, SessionError> {
-        let id = state
-            .cookie_id
-            .clone()
-            .or_else(|| Some(state.current.id.clone()))
-            .filter(|i| !i.is_empty());
-        if let Some(id) = id {
+        let ids: HashSet<String> = [state.cookie_id.clone(), Some(state.current.id.clone())]
+            .into_iter()
+            .flatten()
+            .filter(|i| !i.is_empty())
+            .collect();
+        for id in ids {
             match self.backend.delete(&id).await {
-                Ok(_) => {}
-                // The cookies still go: the user is logged out in this browser. The store's copy
-                // expires on its own (see the README on logouts during an outage).
-                Err(error) if error.is_unavailable() => {
-                    tracing::warn!(%error, "logout during a store outage: session left to expire");
+                Ok(_) => self.answered(),
+                Err(ClientError::NotFound { .. } | ClientError::Invalid(_)) => {}
+                // The cookies still go: the user is logged out in this browser, and the
+                // store's copy is deleted once the store answers again.
+                Err(error) if error.is_retryable() => {
+                    tracing::warn!(%error, "logout during a store outage: delete deferred");
+                    self.defer_delete(id);
                 }
                 Err(error) => return Err(SessionError::Store(error)),
             }
@@ -256,15 +420,16 @@ impl Fallback {
         };
         match outcome {
             Ok(Some(stored)) => {
+                self.answered();
                 self.adopt(state, stored);
+                self.retry_deletes().await;
                 Ok(())
             }
             Ok(None) => Ok(()),
-            Err(error) if error.is_unavailable() && self.codec.is_some() && self.fallback_on() => {
+            Err(error) if self.codec.is_some() && self.fallback_on() && self.is_outage(&error) => {
                 self.apply_locally(state)
             }
-            Err(error) if error.is_unavailable() => Err(SessionError::Unavailable(error)),
-            Err(error) => Err(SessionError::Store(error)),
+            Err(error) => Err(self.failure(error)),
         }
     }
 
@@ -284,24 +449,41 @@ impl Fallback {
         self.backend.update(&id, patch).await.map(Some)
     }
 
-    /// During an outage: the changes live in the snapshot only, under a bumped version; a new
-    /// session (or a regenerated one) gets an id made here, in the server's format, and the
-    /// ttl the server gives this layer's sessions.
+    /// During an outage: the changes go into the snapshot as offline changes against the
+    /// version the store last confirmed. A new session (or a regenerated one) gets an id made
+    /// here, in the server's format, and the ttl the server gives this layer's sessions; it is
+    /// a session made offline, which a store may create once it answers again.
     fn apply_locally(&self, state: &mut State) -> Result<(), SessionError> {
-        if state.current.id.is_empty() || state.changes.regenerate {
+        let now = SystemTime::now();
+        let max_age = self.config.snapshot_max_age;
+        let fresh_id = state.current.id.is_empty() || state.changes.regenerate;
+        if fresh_id {
+            if state.changes.regenerate && !state.current.id.is_empty() {
+                // The old id must not outlive the outage.
+                self.defer_delete(state.current.id.clone());
+            }
             let mut bytes = [0u8; 24];
             self.rng.fill(&mut bytes).map_err(|_| {
                 SessionError::Store(ClientError::Config("random source failed".into()))
             })?;
             state.current.id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
             if unix_ms(state.current.created_at) == 0 {
-                state.current.created_at = SystemTime::now();
+                state.current.created_at = now;
             }
         }
         if state.current.ttl.is_zero() {
             state.current.ttl = self.ttl.for_new_session(self.config.ttl);
         }
-        state.current.version += 1;
+        let snapshot = match state.snapshot.take() {
+            Some(mut snapshot) if !fresh_id => {
+                let patch = state.patch();
+                snapshot.record_offline(&patch.set, &patch.remove, patch.user_id.as_deref());
+                snapshot
+            }
+            _ => Snapshot::made_offline(&state.current, self.namespace(), now, max_age),
+        };
+        state.current = snapshot.to_session();
+        state.snapshot = Some(snapshot);
         state.source = Source::Snapshot;
         tracing::info!(
             version = state.current.version,
@@ -330,11 +512,15 @@ impl Fallback {
     }
 
     /// A new snapshot when the fallback is on and the request's is not up to date (another
-    /// session or version, past half its life, an old key or format), when the session changed
-    /// or lives in its snapshot only (its expiry then slides as a store touch would), or on
-    /// every response in `Always` mode.
+    /// session or version, offline changes the store has now taken, past half its life, an old
+    /// key or format), when the session changed or lives in its snapshot only (its expiry then
+    /// slides as a store touch would, up to the snapshot max age past the store's last word),
+    /// or on every response in `Always` mode.
     fn snapshot_cookie(&self, state: &State) -> SnapshotCookie {
         let Some(codec) = self.codec.as_ref().filter(|_| self.fallback_on()) else {
+            return SnapshotCookie::Keep;
+        };
+        let Some(snapshot) = &state.snapshot else {
             return SnapshotCookie::Keep;
         };
         let now = SystemTime::now();
@@ -343,9 +529,9 @@ impl Fallback {
             .cookie_snapshot
             .as_deref()
             .is_some_and(|raw| codec.is_current(raw))
-            && self.request_snapshot(state).is_some_and(|old| {
-                old.is_up_to_date(&current.id, current.version, current.ttl, now)
-            });
+            && self
+                .request_snapshot(state)
+                .is_some_and(|old| old.is_up_to_date(current, now));
         let rewrite = self.config.fallback == FallbackMode::Always
             || state.source == Source::Snapshot
             || state.changes.any()
@@ -353,10 +539,11 @@ impl Fallback {
         if !rewrite {
             return SnapshotCookie::Keep;
         }
-        let mut snapshot = Snapshot::from_session(current, self.namespace(), now);
+        let mut snapshot = snapshot.clone();
+        snapshot.issued_at_ms = unix_ms(now);
         if state.source == Source::Snapshot {
             // The snapshot is the only copy: slide its expiry as a store touch would.
-            snapshot.slide(now);
+            snapshot.slide_offline(now, self.config.snapshot_max_age);
         }
         match codec.encode(&snapshot) {
             Ok(value) if fits_in_cookie(&self.config.snapshot_cookie_name, &value) => {

@@ -11,14 +11,24 @@
 //! snapshot of the session in a second cookie (`sid_snap`, see [`crate::cookie`]):
 //! - store reachable: the store is the truth; the snapshot is rewritten when the session changes
 //!   or half its life has passed (`on-outage`), or on every response (`always`);
-//! - store unreachable: the session is served from the snapshot, changes are written into it
-//!   (version bumped), and its expiry slides like the store's would; a login during the outage
-//!   makes a session that lives only in the snapshot, under an id made here, with the ttl the
-//!   server gave this layer's sessions (learned from its answers);
-//! - store back but missing the session (it restarted empty, or the session was made during the
-//!   outage), or holding an older version: the snapshot is pushed back with `Restore`, which the
-//!   server refuses when the id was deleted (logout leaves a tombstone) and ignores when it holds
-//!   a newer version.
+//! - store unreachable (connection refused, UNAVAILABLE; or timing out after it has not
+//!   answered for [`SessionConfig::outage_grace`]): the session is served from the snapshot,
+//!   changes are recorded in it as offline changes against the version the store last confirmed
+//!   (its epoch and base version), and its expiry slides like the store's would, but never past
+//!   [`SessionConfig::snapshot_max_age`] after the store's last confirmation; a login during the
+//!   outage makes a session that lives only in the snapshot, under an id made here, with the
+//!   ttl the server gave this layer's sessions (learned from its answers);
+//! - a timeout while the store answered within the outage grace is a 503 with `Retry-After`
+//!   ([`SessionError::TimedOut`]): a slow store is not a lost one;
+//! - store back: offline changes are pushed with `Restore`. The store applies them as one patch
+//!   when it still holds the base version; when it moved on (an administrator's change, another
+//!   backend's), **the store wins**: the changes are dropped (logged, and counted by
+//!   [`SessionLayer::dropped_offline_changes`]) and the stored session served. A session the
+//!   store answers NOT_FOUND for in the snapshot's own epoch was deleted or expired: the
+//!   snapshot is dropped, never restored, so a logout sticks. Only a store of another epoch
+//!   (it lost its data) recreates a session from its snapshot.
+//! - logout deletes the session and clears both cookies; during an outage the delete is
+//!   remembered and made once the store answers again.
 //!
 //! With [`FallbackMode::Off`] an unreachable store makes session calls fail with
 //! [`SessionError::Unavailable`], which answers 503: never a silent logout.
@@ -89,7 +99,18 @@ pub struct SessionConfig {
     pub ttl: Option<Duration>,
     /// Fallback mode.
     pub fallback: FallbackMode,
+    /// How long past the store's last confirmation a snapshot may stand in
+    /// (`--snapshot-max-age`): it bounds both how long an outage can last without logging
+    /// anyone out and how long a snapshot copied before a logout could bring the session back
+    /// into a store that lost its data. Also enforced on snapshots already issued.
+    pub snapshot_max_age: Duration,
+    /// A call that timed out counts as an outage (the snapshot stands in) only once the store
+    /// has not answered for this long; before that it is a 503 with `Retry-After`.
+    pub outage_grace: Duration,
 }
+
+/// How long the store may be silent before timeouts count as an outage, unless configured.
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5);
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -103,6 +124,8 @@ impl Default for SessionConfig {
             domain: None,
             ttl: None,
             fallback: FallbackMode::Off,
+            snapshot_max_age: crate::cookie::DEFAULT_SNAPSHOT_MAX_AGE,
+            outage_grace: DEFAULT_OUTAGE_GRACE,
         }
     }
 }
@@ -113,6 +136,10 @@ pub enum SessionError {
     /// The store is unreachable and no snapshot can stand in (503).
     #[error("session store unavailable")]
     Unavailable(#[source] ClientError),
+    /// The store did not answer in time, though it answered within the outage grace: a slow
+    /// store, not a lost one (503 with `Retry-After: 1`; the snapshot is not trusted).
+    #[error("session store timed out")]
+    TimedOut(#[source] ClientError),
     /// A value could not be (de)serialized as JSON (500).
     #[error("session value is not valid JSON for this type: {0}")]
     Value(#[from] serde_json::Error),
@@ -127,10 +154,20 @@ pub enum SessionError {
 impl IntoResponse for SessionError {
     fn into_response(self) -> Response {
         let status = match self {
-            SessionError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SessionError::Unavailable(_) | SessionError::TimedOut(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         tracing::warn!(error = %self, "session error");
-        (status, self.to_string()).into_response()
+        let retry = matches!(self, SessionError::TimedOut(_));
+        let mut response = (status, self.to_string()).into_response();
+        if retry {
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }

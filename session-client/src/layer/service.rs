@@ -58,6 +58,12 @@ impl SessionLayer {
             fallback: Arc::new(Fallback::new(Box::new(backend), codec, config)),
         }
     }
+    /// How many requests' offline changes (made while the store was unreachable) were dropped
+    /// because the store had changed the session meanwhile: the store wins (see the module
+    /// docs). Export it as a metric; each drop is also logged at warn level.
+    pub fn dropped_offline_changes(&self) -> u64 {
+        self.fallback.dropped_offline_changes()
+    }
 }
 
 impl<S> Layer<S> for SessionLayer {

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use super::SessionError;
 use super::fallback::{CookieUpdate, Fallback};
 use crate::client::{Patch, SessionData};
+use crate::cookie::Snapshot;
 
 /// Where the loaded session came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,10 @@ pub(super) struct State {
     pub(super) current: SessionData,
     /// Where it came from.
     pub(super) source: Source,
+    /// The snapshot of the session as loaded: the store's confirmation of it (the base of any
+    /// offline change), or the request's snapshot while the store is unreachable. `None` with
+    /// the fallback off, or before anything is loaded.
+    pub(super) snapshot: Option<Snapshot>,
     /// What the handler changed.
     pub(super) changes: Changes,
 }
@@ -85,8 +90,10 @@ impl State {
                 created_at: SystemTime::UNIX_EPOCH,
                 expires_at: SystemTime::UNIX_EPOCH,
                 ttl: Duration::ZERO,
+                epoch: String::new(),
             },
             source: Source::New,
+            snapshot: None,
             changes: Changes::default(),
         }
     }

@@ -1,12 +1,10 @@
-//! Unit tests of the fallback state machine against an in-memory fake store: outage, restore
-//! after recovery, the store winning over a stale snapshot, logout, the ttl of sessions made
-//! during an outage. The end-to-end tests against real servers are in `tests/` and `demo/`.
-//!
-//! They pin today's behaviour. Left out on purpose, because issue 12 changes them: a NOT_FOUND
-//! from a reachable store with a valid snapshot calls `Restore` today (issue 12: never within
-//! the same store epoch), a snapshot of a higher version overwrites the store (issue 12: only
-//! when the store still holds the snapshot's base version), and a `Restore` answered ABORTED
-//! is a 500 today (issue 12: the stored session is adopted).
+//! Unit tests of the fallback state machine against an in-memory fake store that follows the
+//! session server's rules (store epoch, tombstones, `Restore` as `session.proto` states it):
+//! outage, offline changes and their restore after recovery, the store winning over offline
+//! changes made against a version it has moved past, logout (also during an outage, and
+//! replayed cookies after it), timeouts that are not outages, the snapshot's absolute limit in
+//! degraded mode, the ttl of sessions made during an outage. The end-to-end tests against real
+//! servers are in `tests/` and `demo/`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
+use axum::response::IntoResponse as _;
 use axum::routing::post;
 use parking_lot::Mutex;
 use tower::ServiceExt as _;
@@ -22,11 +21,17 @@ use super::backend::{Call, SessionBackend};
 use super::fallback::{CookieUpdate, Fallback, SnapshotCookie};
 use super::session::{Source, State};
 use super::{FallbackMode, Session, SessionConfig, SessionError, SessionLayer};
-use crate::client::{ClientError, Patch, SessionData};
-use crate::cookie::{CookieCodec, CookieKey, Encryption, KeyRing, Snapshot, unix_ms};
+use crate::client::{ClientError, Patch, RestoreRequest, SessionData};
+use crate::cookie::{
+    CookieCodec, CookieKey, DEFAULT_SNAPSHOT_MAX_AGE, Encryption, KeyRing, Snapshot,
+    SnapshotPolicy as _, unix_ms,
+};
 
 /// The ttl the fake gives a session created without one.
 const FAKE_DEFAULT_TTL: Duration = Duration::from_secs(600);
+
+/// The fake store's epoch when it starts.
+const FIRST_EPOCH: &str = "epoch-1";
 
 /// A store call the fake saw.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,31 +41,100 @@ enum Called {
     Update(String),
     Regenerate(String),
     Delete(String),
-    Restore(SessionData),
+    Restore(Box<RestoreRequest>),
+}
+
+/// Which call, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Create,
+    Update,
+    Regenerate,
+    Delete,
+    Restore,
+}
+
+impl Called {
+    fn method(&self) -> Method {
+        match self {
+            Called::Get(_) => Method::Get,
+            Called::Create(_) => Method::Create,
+            Called::Update(_) => Method::Update,
+            Called::Regenerate(_) => Method::Regenerate,
+            Called::Delete(_) => Method::Delete,
+            Called::Restore(_) => Method::Restore,
+        }
+    }
+}
+
+/// How the fake fails every call while it is told to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Unreachable (connection refused, UNAVAILABLE).
+    Unavailable,
+    /// No answer in time (DEADLINE_EXCEEDED, the client's timeout).
+    TimedOut,
 }
 
 /// The fake's data, behind one lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FakeData {
+    /// The store's epoch: changes when the store loses its data.
+    epoch: String,
+    /// Epochs made so far.
+    epochs: u64,
     /// Live sessions by id.
     sessions: HashMap<String, SessionData>,
     /// Deleted ids (a restore of one is refused, as the server's tombstones do).
     tombstones: HashSet<String>,
-    /// Unreachable: every call fails with UNAVAILABLE.
-    down: bool,
+    /// While set, every call fails so.
+    failing: Option<Failure>,
     /// Ids made so far.
     made: u64,
     /// Every call, in order.
     calls: Vec<Called>,
+    /// How many of `calls` `take_calls` returned already.
+    taken: usize,
 }
 
 /// An in-memory store with the session server's rules for the calls the layer makes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct FakeStore(Arc<Mutex<FakeData>>);
 
 impl FakeStore {
+    fn new() -> Self {
+        FakeStore(Arc::new(Mutex::new(FakeData {
+            epoch: FIRST_EPOCH.into(),
+            epochs: 1,
+            sessions: HashMap::new(),
+            tombstones: HashSet::new(),
+            failing: None,
+            made: 0,
+            calls: Vec::new(),
+            taken: 0,
+        })))
+    }
+
+    /// Every call fails with UNAVAILABLE while `down`.
     fn set_down(&self, down: bool) {
-        self.0.lock().down = down;
+        self.fail(down.then_some(Failure::Unavailable));
+    }
+
+    /// Every call fails so (`None`: answers again).
+    fn fail(&self, failure: Option<Failure>) {
+        self.0.lock().failing = failure;
+    }
+
+    /// The store loses its data (a memory store restarted, a Redis flushed): no sessions, no
+    /// tombstones, a new epoch.
+    fn lose_data(&self) -> String {
+        let mut data = self.0.lock();
+        data.sessions.clear();
+        data.tombstones.clear();
+        data.epochs += 1;
+        data.epoch = format!("epoch-{}", data.epochs);
+        data.epoch.clone()
     }
 
     /// Puts `session` into the store as is.
@@ -68,16 +142,47 @@ impl FakeStore {
         self.0.lock().sessions.insert(session.id.clone(), session);
     }
 
+    /// An administrator's change made in the store directly (not through the layer): `change`
+    /// applied, version bumped.
+    fn admin_change(&self, id: &str, change: impl FnOnce(&mut SessionData)) -> SessionData {
+        let mut data = self.0.lock();
+        let session = data.sessions.get_mut(id).expect("a live session");
+        change(session);
+        session.version += 1;
+        session.clone()
+    }
+
     fn stored(&self, id: &str) -> Option<SessionData> {
         self.0.lock().sessions.get(id).cloned()
     }
 
-    /// The calls since the last `take_calls`.
-    fn take_calls(&self) -> Vec<Called> {
-        std::mem::take(&mut self.0.lock().calls)
+    fn has_tombstone(&self, id: &str) -> bool {
+        self.0.lock().tombstones.contains(id)
     }
 
-    /// Records `call`, then answers with `answer` unless the store is down.
+    fn epoch(&self) -> String {
+        self.0.lock().epoch.clone()
+    }
+
+    /// The calls since the last `take_calls`.
+    fn take_calls(&self) -> Vec<Called> {
+        let mut data = self.0.lock();
+        let calls = data.calls[data.taken..].to_vec();
+        data.taken = data.calls.len();
+        calls
+    }
+
+    /// How many calls of `method` the store saw since it started (failed ones included).
+    fn count(&self, method: Method) -> usize {
+        self.0
+            .lock()
+            .calls
+            .iter()
+            .filter(|c| c.method() == method)
+            .count()
+    }
+
+    /// Records `call`, then answers with `answer` unless the store is told to fail.
     fn call<T: Send + 'static>(
         &self,
         call: Called,
@@ -85,17 +190,50 @@ impl FakeStore {
     ) -> Call<'static, T> {
         let mut data = self.0.lock();
         data.calls.push(call);
-        let result = if data.down {
-            Err(ClientError::Unavailable("fake store is down".into()))
-        } else {
-            answer(&mut data)
+        let result = match data.failing {
+            Some(Failure::Unavailable) => {
+                Err(ClientError::Unavailable("fake store is down".into()))
+            }
+            Some(Failure::TimedOut) => Err(ClientError::TimedOut("fake store is slow".into())),
+            None => answer(&mut data),
         };
         Box::pin(std::future::ready(result))
     }
 }
 
+impl FakeData {
+    /// NOT_FOUND, with the store's epoch as the server sends it.
+    fn not_found(&self) -> ClientError {
+        ClientError::NotFound {
+            epoch: Some(self.epoch.clone()),
+        }
+    }
+
+    /// The live session `id`, or NOT_FOUND.
+    fn live(&mut self, id: &str) -> Result<&mut SessionData, ClientError> {
+        let not_found = self.not_found();
+        self.sessions.get_mut(id).ok_or(not_found)
+    }
+}
+
 fn slide(session: &mut SessionData) {
     session.expires_at = SystemTime::now() + session.ttl;
+}
+
+/// Applies a patch's attribute and user changes to `session`.
+fn apply(
+    session: &mut SessionData,
+    set: HashMap<String, Vec<u8>>,
+    remove: &[String],
+    user: Option<String>,
+) {
+    session.attrs.extend(set);
+    for key in remove {
+        session.attrs.remove(key);
+    }
+    if let Some(user) = user {
+        session.user_id = user;
+    }
 }
 
 impl SessionBackend for FakeStore {
@@ -105,7 +243,7 @@ impl SessionBackend for FakeStore {
 
     fn get<'a>(&'a self, id: &'a str, touch: bool) -> Call<'a, SessionData> {
         self.call(Called::Get(id.into()), |data| {
-            let session = data.sessions.get_mut(id).ok_or(ClientError::NotFound)?;
+            let session = data.live(id)?;
             if touch {
                 slide(session);
             }
@@ -132,6 +270,7 @@ impl SessionBackend for FakeStore {
                 created_at: now,
                 expires_at: now + ttl,
                 ttl,
+                epoch: data.epoch.clone(),
             };
             data.sessions.insert(session.id.clone(), session.clone());
             Ok(session)
@@ -140,17 +279,11 @@ impl SessionBackend for FakeStore {
 
     fn update<'a>(&'a self, id: &'a str, patch: Patch) -> Call<'a, SessionData> {
         self.call(Called::Update(id.into()), |data| {
-            let session = data.sessions.get_mut(id).ok_or(ClientError::NotFound)?;
+            let session = data.live(id)?;
             if patch.expected_version.is_some_and(|v| v != session.version) {
                 return Err(ClientError::Conflict("version moved on".into()));
             }
-            session.attrs.extend(patch.set);
-            for key in &patch.remove {
-                session.attrs.remove(key);
-            }
-            if let Some(user) = patch.user_id {
-                session.user_id = user;
-            }
+            apply(session, patch.set, &patch.remove, patch.user_id);
             session.version += 1;
             slide(session);
             Ok(session.clone())
@@ -159,7 +292,8 @@ impl SessionBackend for FakeStore {
 
     fn regenerate<'a>(&'a self, id: &'a str) -> Call<'a, SessionData> {
         self.call(Called::Regenerate(id.into()), |data| {
-            let mut session = data.sessions.remove(id).ok_or(ClientError::NotFound)?;
+            let mut session = data.live(id)?.clone();
+            data.sessions.remove(id);
             data.tombstones.insert(id.into());
             data.made += 1;
             session.id = format!("{:R>32}", data.made);
@@ -171,28 +305,49 @@ impl SessionBackend for FakeStore {
 
     fn delete<'a>(&'a self, id: &'a str) -> Call<'a, bool> {
         self.call(Called::Delete(id.into()), |data| {
-            data.tombstones.insert(id.into());
-            Ok(data.sessions.remove(id).is_some())
+            let deleted = data.sessions.remove(id).is_some();
+            if deleted {
+                data.tombstones.insert(id.into());
+            }
+            Ok(deleted)
         })
     }
 
-    fn restore(&self, session: SessionData) -> Call<'_, SessionData> {
-        self.call(Called::Restore(session.clone()), |data| {
-            if data.tombstones.contains(&session.id) {
-                return Err(ClientError::Refused("deleted".into()));
+    /// The rules of `Restore` in `session.proto`.
+    fn restore(&self, request: RestoreRequest) -> Call<'_, SessionData> {
+        self.call(Called::Restore(Box::new(request.clone())), |data| {
+            let id = request.session.id.clone();
+            if data.tombstones.contains(&id) {
+                return Err(ClientError::Refused("deleted less than one ttl ago".into()));
             }
-            if let Some(stored) = data.sessions.get(&session.id)
-                && stored.version >= session.version
-            {
-                return Ok(stored.clone());
+            let same_epoch = !request.epoch.is_empty() && request.epoch == data.epoch;
+            let epoch = data.epoch.clone();
+            match (same_epoch, data.sessions.get_mut(&id)) {
+                (true, None) => Err(ClientError::Refused("deleted or expired".into())),
+                (true, Some(stored)) if stored.version != request.base_version => Err(
+                    ClientError::Conflict("the store holds another version".into()),
+                ),
+                (true, Some(stored)) => {
+                    if request.has_changes() {
+                        apply(stored, request.set, &request.remove, request.user_id);
+                        stored.version += 1;
+                        slide(stored);
+                    }
+                    Ok(stored.clone())
+                }
+                (false, Some(_)) => Err(ClientError::Conflict("restored already".into())),
+                (false, None) => {
+                    let mut restored = SessionData {
+                        namespace: "shop".into(),
+                        version: 1,
+                        epoch,
+                        ..request.session
+                    };
+                    slide(&mut restored);
+                    data.sessions.insert(id, restored.clone());
+                    Ok(restored)
+                }
             }
-            let mut restored = SessionData {
-                namespace: "shop".into(),
-                ..session
-            };
-            slide(&mut restored);
-            data.sessions.insert(restored.id.clone(), restored.clone());
-            Ok(restored)
         })
     }
 }
@@ -212,34 +367,54 @@ fn config(fallback: FallbackMode) -> SessionConfig {
 
 /// The state machine over `store`, with the snapshot fallback on outage.
 fn machine(store: &FakeStore) -> Fallback {
-    Fallback::new(
-        Box::new(store.clone()),
-        Some(codec()),
-        config(FallbackMode::OnOutage),
-    )
+    machine_with(store, config(FallbackMode::OnOutage))
 }
 
-/// A session in the store: ann's, version `version`, with `role=admin`.
-fn stored_session(store: &FakeStore, version: u64) -> SessionData {
+/// The state machine over `store` with `config`.
+fn machine_with(store: &FakeStore, config: SessionConfig) -> Fallback {
+    Fallback::new(Box::new(store.clone()), Some(codec()), config)
+}
+
+/// A session in the store: `user`'s, version `version`, with `role=admin` and `theme=dark`.
+fn session_of(store: &FakeStore, id: &str, user: &str, version: u64) -> SessionData {
     let now = SystemTime::now();
     let session = SessionData {
-        id: "S".repeat(32),
+        id: id.into(),
         namespace: "shop".into(),
-        user_id: "ann".into(),
-        attrs: HashMap::from([("role".into(), b"\"admin\"".to_vec())]),
+        user_id: user.into(),
+        attrs: HashMap::from([
+            ("role".into(), json("admin")),
+            ("theme".into(), json("dark")),
+        ]),
         version,
         created_at: now,
         expires_at: now + FAKE_DEFAULT_TTL,
         ttl: FAKE_DEFAULT_TTL,
+        epoch: store.epoch(),
     };
     store.put(session.clone());
     session
 }
 
-/// The snapshot cookie a response of the layer would carry for `session`.
+/// Ann's session in the store (see [`session_of`]).
+fn stored_session(store: &FakeStore, version: u64) -> SessionData {
+    session_of(store, &"S".repeat(32), "ann", version)
+}
+
+fn json(value: &str) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap()
+}
+
+/// The snapshot cookie a response of the layer would carry for `session` as the store
+/// returned it.
 fn snapshot_cookie(session: &SessionData) -> String {
     codec()
-        .encode(&Snapshot::from_session(session, "shop", SystemTime::now()))
+        .encode(&Snapshot::confirmed(
+            session,
+            "shop",
+            SystemTime::now(),
+            DEFAULT_SNAPSHOT_MAX_AGE,
+        ))
         .unwrap()
 }
 
@@ -257,9 +432,22 @@ async fn load(fallback: &Fallback, state: &mut State) -> Result<(), SessionError
 
 /// Writes `key` as `Session::insert` does.
 fn insert(state: &mut State, key: &str, value: &str) {
-    let bytes = serde_json::to_vec(value).unwrap();
-    state.current.attrs.insert(key.into(), bytes);
+    state.current.attrs.insert(key.into(), json(value));
+    state.changes.remove.remove(key);
     state.changes.set.insert(key.into());
+}
+
+/// Removes `key` as `Session::remove` does.
+fn remove(state: &mut State, key: &str) {
+    state.current.attrs.remove(key);
+    state.changes.set.remove(key);
+    state.changes.remove.insert(key.into());
+}
+
+/// Sets the user as `Session::set_user` does.
+fn set_user(state: &mut State, user: &str) {
+    state.current.user_id = user.into();
+    state.changes.user = true;
 }
 
 /// The snapshot a saved response sets.
@@ -273,9 +461,80 @@ fn set_snapshot(update: &CookieUpdate) -> Snapshot {
     }
 }
 
+fn attr<'a>(session: &'a SessionData, key: &str) -> Option<&'a [u8]> {
+    session.attrs.get(key).map(Vec::as_slice)
+}
+
+/// The session cookies a browser holds, as the responses left them.
+#[derive(Debug, Clone, Default)]
+struct Browser {
+    id: Option<String>,
+    snapshot: Option<String>,
+}
+
+impl Browser {
+    /// A browser that holds `session`'s cookies as a response of the layer set them.
+    fn holding(session: &SessionData) -> Self {
+        Browser {
+            id: Some(session.id.clone()),
+            snapshot: Some(snapshot_cookie(session)),
+        }
+    }
+
+    /// The snapshot cookie it holds, decoded.
+    fn snapshot(&self) -> Snapshot {
+        codec()
+            .decode(self.snapshot.as_deref().expect("a snapshot cookie"))
+            .unwrap()
+    }
+
+    /// One request: load, `handler`, save, and the response's cookies kept. Returns the
+    /// request's state after the save, and the cookie update.
+    async fn send(
+        &mut self,
+        fallback: &Fallback,
+        handler: impl FnOnce(&mut State),
+    ) -> Result<(State, CookieUpdate), SessionError> {
+        let mut state = request(self.id.as_deref(), self.snapshot.as_deref());
+        load(fallback, &mut state).await?;
+        handler(&mut state);
+        let update = fallback.save(&mut state).await?;
+        match &update {
+            CookieUpdate::Keep => {}
+            CookieUpdate::Clear => *self = Browser::default(),
+            CookieUpdate::Write { id, snapshot } => {
+                if let Some(id) = id {
+                    self.id = Some(id.clone());
+                }
+                match snapshot {
+                    SnapshotCookie::Keep => {}
+                    SnapshotCookie::Set(value) => self.snapshot = Some(value.clone()),
+                    SnapshotCookie::Remove => self.snapshot = None,
+                }
+            }
+        }
+        Ok((state, update))
+    }
+
+    /// A request that only reads the session.
+    async fn read(&mut self, fallback: &Fallback) -> Result<(State, CookieUpdate), SessionError> {
+        self.send(fallback, |_| {}).await
+    }
+
+    /// A logout request (the handler calls `destroy`, nothing loaded).
+    async fn logout(&mut self, fallback: &Fallback) -> CookieUpdate {
+        let mut state = request(self.id.as_deref(), self.snapshot.as_deref());
+        state.changes.destroy = true;
+        let update = fallback.save(&mut state).await.unwrap();
+        assert_eq!(update, CookieUpdate::Clear, "logout clears both cookies");
+        *self = Browser::default();
+        update
+    }
+}
+
 #[tokio::test]
 async fn a_store_outage_serves_the_session_from_its_snapshot() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
     store.set_down(true);
@@ -298,8 +557,8 @@ async fn a_store_outage_serves_the_session_from_its_snapshot() {
 }
 
 #[tokio::test]
-async fn changes_during_an_outage_go_into_the_snapshot_with_a_bumped_version() {
-    let store = FakeStore::default();
+async fn changes_during_an_outage_go_into_the_snapshot_as_offline_changes() {
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
     store.set_down(true);
@@ -310,9 +569,16 @@ async fn changes_during_an_outage_go_into_the_snapshot_with_a_bumped_version() {
     let update = fallback.save(&mut state).await.unwrap();
     let snapshot = set_snapshot(&update);
     assert_eq!(
-        (snapshot.id.as_str(), snapshot.version),
-        (session.id.as_str(), 2)
+        (
+            snapshot.id.as_str(),
+            snapshot.version,
+            snapshot.base_version
+        ),
+        (session.id.as_str(), 2, 1)
     );
+    assert_eq!(snapshot.epoch, FIRST_EPOCH, "the epoch it last agreed with");
+    assert_eq!(snapshot.offline_set, ["cart"]);
+    assert!(snapshot.offline_removed.is_empty() && !snapshot.offline_user);
     assert!(snapshot.attrs.contains_key("cart"));
     assert!(
         snapshot.expires_at_ms + 1_000 >= unix_ms(SystemTime::now()) + snapshot.ttl_ms,
@@ -331,15 +597,43 @@ async fn changes_during_an_outage_go_into_the_snapshot_with_a_bumped_version() {
 }
 
 #[tokio::test]
-async fn after_recovery_the_snapshot_is_restored() {
-    let store = FakeStore::default();
+async fn a_write_that_finds_the_store_gone_is_an_offline_change_against_the_loaded_version() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 4);
+    let fallback = machine(&store);
+
+    let mut state = request(Some(&session.id), None);
+    load(&fallback, &mut state).await.unwrap();
+    store.set_down(true);
+    insert(&mut state, "cart", "book");
+    let snapshot = set_snapshot(&fallback.save(&mut state).await.unwrap());
+    assert_eq!(
+        (
+            snapshot.version,
+            snapshot.base_version,
+            snapshot.epoch.as_str()
+        ),
+        (5, 4, FIRST_EPOCH)
+    );
+    assert_eq!(snapshot.offline_set, ["cart"]);
+    assert_eq!(store.count(Method::Update), 1, "tried once");
+    assert_eq!(store.stored(&session.id).unwrap().version, 4);
+}
+
+#[tokio::test]
+async fn after_recovery_the_offline_changes_are_restored() {
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
-    // During the outage the cart went into the snapshot, at version 2.
-    let mut offline = session.clone();
-    offline.attrs.insert("cart".into(), b"\"book\"".to_vec());
-    offline.version = 2;
-    let cookie = snapshot_cookie(&offline);
+    // During the outage the cart went into the snapshot, against base version 1.
+    let mut snapshot = Snapshot::confirmed(
+        &session,
+        "shop",
+        SystemTime::now(),
+        DEFAULT_SNAPSHOT_MAX_AGE,
+    );
+    snapshot.record_offline(&HashMap::from([("cart".into(), json("book"))]), &[], None);
+    let cookie = codec().encode(&snapshot).unwrap();
 
     let mut state = request(Some(&session.id), Some(&cookie));
     load(&fallback, &mut state).await.unwrap();
@@ -349,31 +643,44 @@ async fn after_recovery_the_snapshot_is_restored() {
         panic!("one get, then one restore: {calls:?}");
     };
     assert_eq!(
-        (&pushed.id, &pushed.user_id, &pushed.attrs, pushed.version),
-        (&offline.id, &offline.user_id, &offline.attrs, 2),
-        "the snapshot as it was"
+        (
+            pushed.epoch.as_str(),
+            pushed.base_version,
+            &pushed.set,
+            pushed.remove.is_empty(),
+            &pushed.user_id
+        ),
+        (
+            FIRST_EPOCH,
+            1,
+            &HashMap::from([("cart".into(), json("book"))]),
+            true,
+            &None
+        ),
+        "the offline changes against the confirmed version"
     );
     assert_eq!(state.source, Source::Store);
     assert_eq!(state.current.version, 2);
-    assert!(
-        store
-            .stored(&session.id)
-            .unwrap()
-            .attrs
-            .contains_key("cart")
+    let stored = store.stored(&session.id).unwrap();
+    assert_eq!(
+        (stored.version, attr(&stored, "cart")),
+        (2, Some(json("book").as_slice()))
     );
+    // The new snapshot is the store's confirmation, without offline changes.
+    let reissued = set_snapshot(&fallback.save(&mut state).await.unwrap());
+    assert_eq!((reissued.version, reissued.base_version), (2, 2));
+    assert!(!reissued.has_offline_changes());
 }
 
 #[tokio::test]
-async fn the_store_wins_over_a_snapshot_that_is_not_newer() {
-    let store = FakeStore::default();
+async fn the_store_wins_over_a_snapshot_without_offline_changes_whatever_its_version() {
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let cookie = snapshot_cookie(&session);
     // An administrator demotes ann in the store (version 2); her browser still holds version 1.
-    let mut demoted = session.clone();
-    demoted.attrs.remove("role");
-    demoted.version = 2;
-    store.put(demoted);
+    store.admin_change(&session.id, |s| {
+        s.attrs.remove("role");
+    });
     let fallback = machine(&store);
 
     let mut state = request(Some(&session.id), Some(&cookie));
@@ -389,11 +696,24 @@ async fn the_store_wins_over_a_snapshot_that_is_not_newer() {
     let snapshot = set_snapshot(&fallback.save(&mut state).await.unwrap());
     assert_eq!(snapshot.version, 2);
     assert!(!snapshot.attrs.contains_key("role"));
+
+    // A snapshot of a higher version (with the role) does not overwrite the store either: the
+    // version is no causal order, only offline changes are pushed back.
+    let mut higher = session.clone();
+    higher.version = 9;
+    let mut state = request(Some(&session.id), Some(&snapshot_cookie(&higher)));
+    load(&fallback, &mut state).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 0);
+    assert_eq!(state.current.version, 2);
+    assert!(!state.current.attrs.contains_key("role"));
+    let stored = store.stored(&session.id).unwrap();
+    assert_eq!(stored.version, 2);
+    assert!(!stored.attrs.contains_key("role"));
 }
 
 #[tokio::test]
 async fn not_found_without_a_snapshot_restores_nothing_and_clears_the_cookie() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let fallback = machine(&store);
     let id = "G".repeat(32);
 
@@ -409,7 +729,7 @@ async fn not_found_without_a_snapshot_restores_nothing_and_clears_the_cookie() {
 
 #[tokio::test]
 async fn a_logged_out_session_does_not_come_back_from_its_snapshot() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let cookie = snapshot_cookie(&session);
     let fallback = machine(&store);
@@ -417,10 +737,11 @@ async fn a_logged_out_session_does_not_come_back_from_its_snapshot() {
     state.changes.destroy = true;
     fallback.save(&mut state).await.unwrap();
 
-    // The old cookies, replayed: the server refuses the deleted id.
+    // The old cookies, replayed: the store answers NOT_FOUND in the snapshot's epoch.
     let mut state = request(Some(&session.id), Some(&cookie));
     load(&fallback, &mut state).await.unwrap();
     assert_eq!(state.current.id, "", "no session");
+    assert_eq!(store.count(Method::Restore), 0, "never pushed back");
     assert!(store.stored(&session.id).is_none());
     assert_eq!(
         fallback.save(&mut state).await.unwrap(),
@@ -430,7 +751,7 @@ async fn a_logged_out_session_does_not_come_back_from_its_snapshot() {
 
 #[tokio::test]
 async fn logout_deletes_the_session_and_clears_both_cookies() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
 
@@ -442,11 +763,12 @@ async fn logout_deletes_the_session_and_clears_both_cookies() {
     );
     assert_eq!(store.take_calls(), [Called::Delete(session.id.clone())]);
     assert!(store.stored(&session.id).is_none());
+    assert!(store.has_tombstone(&session.id));
 }
 
 #[tokio::test]
 async fn logout_during_an_outage_still_clears_both_cookies() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
     store.set_down(true);
@@ -462,7 +784,7 @@ async fn logout_during_an_outage_still_clears_both_cookies() {
 
 #[tokio::test]
 async fn a_new_session_is_created_in_the_store_with_its_snapshot() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let fallback = machine(&store);
 
     let mut state = request(None, None);
@@ -473,13 +795,19 @@ async fn a_new_session_is_created_in_the_store_with_its_snapshot() {
     let CookieUpdate::Write { id: Some(id), .. } = &update else {
         panic!("the new id is set: {update:?}");
     };
-    assert_eq!(set_snapshot(&update).id, *id);
+    let snapshot = set_snapshot(&update);
+    assert_eq!(snapshot.id, *id);
+    assert_eq!(
+        (snapshot.epoch.as_str(), snapshot.base_version),
+        (FIRST_EPOCH, 1)
+    );
+    assert!(!snapshot.has_offline_changes());
     assert_eq!(store.stored(id).unwrap().version, 1);
 }
 
 #[tokio::test]
 async fn an_up_to_date_snapshot_is_left_alone_on_a_read() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let fallback = machine(&store);
 
@@ -499,13 +827,441 @@ async fn an_up_to_date_snapshot_is_left_alone_on_a_read() {
     );
 }
 
+/// Issue 12, scenario 1: cookies copied before a logout and replayed are refused while the
+/// store keeps its data; only a store that lost its data (another epoch) recreates a session
+/// from its snapshot.
+#[tokio::test]
+async fn a_replayed_logout_is_not_restored_but_a_store_that_lost_its_data_is() {
+    let store = FakeStore::new();
+    let ann = session_of(&store, &"A".repeat(32), "ann", 3);
+    let bob = session_of(&store, &"B".repeat(32), "bob", 5);
+    let fallback = machine(&store);
+    let mut ann_browser = Browser::holding(&ann);
+    let copied = ann_browser.clone();
+    let bob_copy = Browser::holding(&bob);
+
+    ann_browser.logout(&fallback).await;
+    assert!(store.stored(&ann.id).is_none() && store.has_tombstone(&ann.id));
+
+    // The copied cookies, replayed against the same store: no Restore, no session, cleared.
+    let mut replay = copied.clone();
+    let (state, update) = replay.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "", "no session");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert_eq!(store.count(Method::Restore), 0);
+    assert!(store.stored(&ann.id).is_none());
+
+    // The store loses its data: bob's snapshot (a live session) brings his session back.
+    let epoch = store.lose_data();
+    let mut bob_browser = bob_copy.clone();
+    let (state, _) = bob_browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 1);
+    assert_eq!(state.source, Source::Store);
+    assert_eq!(
+        (state.current.user_id.as_str(), state.current.version),
+        ("bob", 1)
+    );
+    let restored = store.stored(&bob.id).expect("recreated in the store");
+    assert_eq!(
+        (restored.version, restored.epoch.as_str()),
+        (1, epoch.as_str())
+    );
+    assert_eq!(restored.attrs, bob.attrs, "attributes kept");
+    assert_eq!(restored.user_id, "bob");
+    // The browser now holds the new store's confirmation.
+    let snapshot = bob_browser.snapshot();
+    assert_eq!(
+        (
+            snapshot.epoch.as_str(),
+            snapshot.version,
+            snapshot.base_version
+        ),
+        (epoch.as_str(), 1, 1)
+    );
+}
+
+/// Issue 12, scenario 2: the store's change made during a partition (a demotion) wins over the
+/// offline changes made on the other side, whatever their count.
+#[tokio::test]
+async fn a_demotion_during_a_partition_stays_and_the_offline_changes_are_dropped() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 3);
+    let fallback = machine(&store);
+    let mut browser = Browser {
+        id: Some(session.id.clone()),
+        snapshot: None,
+    };
+    // Confirmed at version 3 with role=admin.
+    browser.read(&fallback).await.unwrap();
+    let confirmed = browser.snapshot();
+    assert_eq!((confirmed.version, confirmed.base_version), (3, 3));
+    assert!(confirmed.attrs.contains_key("role"));
+
+    // The backend cannot reach the store: two requests change other keys offline.
+    store.set_down(true);
+    let (state, _) = browser
+        .send(&fallback, |s| insert(s, "cart", "book"))
+        .await
+        .unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+    browser
+        .send(&fallback, |s| {
+            insert(s, "lang", "fr");
+            remove(s, "theme");
+        })
+        .await
+        .unwrap();
+    let offline = browser.snapshot();
+    assert_eq!((offline.version, offline.base_version), (5, 3));
+    // Meanwhile the administrator removes the role in the store (version 4).
+    let demoted = store.admin_change(&session.id, |s| {
+        s.attrs.remove("role");
+    });
+    assert_eq!(demoted.version, 4);
+
+    store.set_down(false);
+    let (state, update) = browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 1);
+    assert_eq!(state.source, Source::Store);
+    let stored = store.stored(&session.id).unwrap();
+    assert_eq!(
+        state.current, stored,
+        "the stored session is served as it is"
+    );
+    assert!(!state.current.attrs.contains_key("role"), "still demoted");
+    assert!(
+        !state.current.attrs.contains_key("cart") && !state.current.attrs.contains_key("lang"),
+        "offline changes dropped"
+    );
+    assert!(state.current.attrs.contains_key("theme"), "removal dropped");
+    assert_eq!(fallback.dropped_offline_changes(), 1);
+    assert_eq!(
+        (stored.version, &stored.attrs, &stored.user_id),
+        (4, &demoted.attrs, &demoted.user_id),
+        "store untouched"
+    );
+    assert_eq!(store.count(Method::Update), 0);
+    // The new snapshot is the store's confirmation of version 4, with no offline changes.
+    let snapshot = set_snapshot(&update);
+    assert_eq!(
+        (
+            snapshot.version,
+            snapshot.base_version,
+            snapshot.epoch.as_str()
+        ),
+        (4, 4, FIRST_EPOCH)
+    );
+    assert!(!snapshot.has_offline_changes());
+    assert!(!snapshot.attrs.contains_key("role"));
+
+    // The next request does not push anything back.
+    browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 1);
+    assert_eq!(fallback.dropped_offline_changes(), 1);
+}
+
+#[tokio::test]
+async fn offline_changes_apply_as_one_patch_when_the_store_did_not_move() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 3);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&session);
+
+    store.set_down(true);
+    browser
+        .send(&fallback, |s| insert(s, "cart", "book"))
+        .await
+        .unwrap();
+    browser
+        .send(&fallback, |s| {
+            insert(s, "lang", "fr");
+            remove(s, "theme");
+            set_user(s, "ann2");
+        })
+        .await
+        .unwrap();
+    assert_eq!(browser.snapshot().version, 5);
+
+    store.set_down(false);
+    let (state, update) = browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 1);
+    assert_eq!(store.count(Method::Update), 0, "no separate write");
+    let stored = store.stored(&session.id).unwrap();
+    assert_eq!(stored.version, 4, "one patch: base + 1");
+    assert_eq!(attr(&stored, "cart"), Some(json("book").as_slice()));
+    assert_eq!(attr(&stored, "lang"), Some(json("fr").as_slice()));
+    assert_eq!(attr(&stored, "role"), Some(json("admin").as_slice()));
+    assert!(!stored.attrs.contains_key("theme"));
+    assert_eq!(stored.user_id, "ann2");
+    assert_eq!(state.current, stored, "the store's answer is served");
+    assert_eq!(fallback.dropped_offline_changes(), 0);
+    let snapshot = set_snapshot(&update);
+    assert_eq!((snapshot.version, snapshot.base_version), (4, 4));
+    assert!(!snapshot.has_offline_changes());
+}
+
+#[tokio::test]
+async fn a_timeout_right_after_an_answer_is_a_503_with_retry_after_not_the_snapshot() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&session);
+    browser.read(&fallback).await.unwrap();
+
+    store.fail(Some(Failure::TimedOut));
+    let mut state = request(browser.id.as_deref(), browser.snapshot.as_deref());
+    let error = load(&fallback, &mut state).await.unwrap_err();
+    assert!(matches!(error, SessionError::TimedOut(_)), "{error:?}");
+    assert_ne!(state.source, Source::Snapshot, "snapshot not used");
+    let response = error.into_response();
+    assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()[http::header::RETRY_AFTER], "1");
+
+    // A write that times out is no offline change either.
+    store.fail(None);
+    let mut state = request(browser.id.as_deref(), browser.snapshot.as_deref());
+    load(&fallback, &mut state).await.unwrap();
+    store.fail(Some(Failure::TimedOut));
+    insert(&mut state, "cart", "book");
+    assert!(matches!(
+        fallback.save(&mut state).await,
+        Err(SessionError::TimedOut(_))
+    ));
+    assert_ne!(state.source, Source::Snapshot);
+}
+
+#[tokio::test]
+async fn a_timeout_after_the_store_was_silent_past_the_grace_uses_the_snapshot() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let grace = Duration::from_millis(50);
+    let fallback = machine_with(
+        &store,
+        SessionConfig {
+            outage_grace: grace,
+            ..config(FallbackMode::OnOutage)
+        },
+    );
+    let mut browser = Browser::holding(&session);
+    browser.read(&fallback).await.unwrap();
+
+    store.fail(Some(Failure::TimedOut));
+    // A lower bound: the store's last answer is older than the grace once this returns.
+    tokio::time::sleep(grace * 2).await;
+    let (state, update) = browser
+        .send(&fallback, |s| insert(s, "cart", "book"))
+        .await
+        .unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+    let snapshot = set_snapshot(&update);
+    assert_eq!(snapshot.offline_set, ["cart"]);
+}
+
+#[tokio::test]
+async fn unavailable_right_after_an_answer_uses_the_snapshot_at_once() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&session);
+    browser.read(&fallback).await.unwrap();
+
+    store.fail(Some(Failure::Unavailable));
+    let (state, _) = browser.read(&fallback).await.unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+    assert_eq!(state.current.user_id, "ann");
+}
+
+#[tokio::test]
+async fn in_degraded_mode_the_snapshot_never_outlives_its_confirmation_by_the_max_age() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let max_age = Duration::from_secs(20);
+    assert!(
+        max_age < FAKE_DEFAULT_TTL,
+        "the limit, not the ttl, must bind"
+    );
+    let fallback = machine_with(
+        &store,
+        SessionConfig {
+            snapshot_max_age: max_age,
+            ..config(FallbackMode::OnOutage)
+        },
+    );
+    let mut browser = Browser {
+        id: Some(session.id.clone()),
+        snapshot: None,
+    };
+    browser.read(&fallback).await.unwrap();
+    let confirmed = browser.snapshot();
+    let limit = confirmed.confirmed_at_ms + 20_000;
+    assert!(confirmed.expires_at_ms <= limit);
+
+    store.set_down(true);
+    for n in 0..3 {
+        let (state, update) = browser
+            .send(&fallback, |s| insert(s, "n", &n.to_string()))
+            .await
+            .unwrap();
+        assert_eq!(state.source, Source::Snapshot);
+        let snapshot = set_snapshot(&update);
+        assert_eq!(snapshot.confirmed_at_ms, confirmed.confirmed_at_ms);
+        assert!(
+            snapshot.expires_at_ms <= limit,
+            "{} past the limit {limit}",
+            snapshot.expires_at_ms
+        );
+        // A read re-issues it too (its expiry slides), within the same limit.
+        let (_, update) = browser.read(&fallback).await.unwrap();
+        assert!(set_snapshot(&update).expires_at_ms <= limit);
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_confirmed_longer_ago_than_the_max_age_is_not_used() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let fallback = machine(&store);
+    store.set_down(true);
+    let now = SystemTime::now();
+    let cookie_confirmed_ago = |ago: Duration| {
+        let mut snapshot = Snapshot::confirmed(&session, "shop", now, DEFAULT_SNAPSHOT_MAX_AGE);
+        snapshot.confirmed_at_ms = unix_ms(now - ago);
+        // Still valid by its own expiry: only the confirmation's age refuses it.
+        snapshot.expires_at_ms = unix_ms(now + Duration::from_secs(600));
+        codec().encode(&snapshot).unwrap()
+    };
+
+    let old = cookie_confirmed_ago(DEFAULT_SNAPSHOT_MAX_AGE + Duration::from_secs(1));
+    let mut state = request(Some(&session.id), Some(&old));
+    assert!(matches!(
+        load(&fallback, &mut state).await,
+        Err(SessionError::Unavailable(_))
+    ));
+    assert_ne!(state.source, Source::Snapshot);
+
+    let recent = cookie_confirmed_ago(DEFAULT_SNAPSHOT_MAX_AGE - Duration::from_secs(60));
+    let mut state = request(Some(&session.id), Some(&recent));
+    load(&fallback, &mut state).await.unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+}
+
+#[tokio::test]
+async fn a_logout_during_an_outage_is_deleted_once_the_store_answers_and_not_replayed() {
+    let store = FakeStore::new();
+    let ann = session_of(&store, &"A".repeat(32), "ann", 2);
+    let bob = session_of(&store, &"B".repeat(32), "bob", 2);
+    let fallback = machine(&store);
+    let mut ann_browser = Browser::holding(&ann);
+    let copied = ann_browser.clone();
+    let mut bob_browser = Browser::holding(&bob);
+
+    store.set_down(true);
+    ann_browser.logout(&fallback).await;
+    assert_eq!(store.count(Method::Delete), 1, "tried");
+    assert!(store.stored(&ann.id).is_some(), "not yet deleted");
+
+    // The store answers again: the next request of any session runs the deferred delete.
+    store.set_down(false);
+    bob_browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Delete), 2);
+    assert!(store.stored(&ann.id).is_none());
+    assert!(store.has_tombstone(&ann.id));
+
+    // Ann's copied cookies, replayed: not restored, cleared.
+    let mut replay = copied;
+    let (state, update) = replay.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert_eq!(store.count(Method::Restore), 0);
+    assert!(store.stored(&ann.id).is_none());
+    // Done once: later requests delete nothing more.
+    bob_browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Delete), 2);
+}
+
+#[tokio::test]
+async fn cookies_of_a_logout_during_an_outage_replayed_first_after_recovery_are_refused() {
+    let store = FakeStore::new();
+    let ann = session_of(&store, &"A".repeat(32), "ann", 2);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&ann);
+    let copied = browser.clone();
+
+    store.set_down(true);
+    browser.logout(&fallback).await;
+    store.set_down(false);
+
+    // The very first request after recovery is the replay of the copied cookies.
+    let mut replay = copied;
+    let (state, update) = replay.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "", "the logged-out session is not served");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert!(store.stored(&ann.id).is_none());
+    assert!(store.has_tombstone(&ann.id));
+}
+
+#[tokio::test]
+async fn a_login_during_an_outage_is_recreated_in_the_store_once_it_is_back() {
+    let store = FakeStore::new();
+    let fallback = machine(&store);
+    let mut browser = Browser::default();
+
+    store.set_down(true);
+    let (state, update) = browser
+        .send(&fallback, |s| {
+            set_user(s, "bob");
+            insert(s, "cart", "book");
+        })
+        .await
+        .unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+    let CookieUpdate::Write { id: Some(id), .. } = &update else {
+        panic!("an id made here: {update:?}");
+    };
+    let offline = browser.snapshot();
+    assert_eq!(
+        (
+            offline.epoch.as_str(),
+            offline.base_version,
+            offline.version
+        ),
+        ("", 0, 1),
+        "made offline"
+    );
+    assert!(store.stored(id).is_none());
+
+    store.set_down(false);
+    let (state, update) = browser.read(&fallback).await.unwrap();
+    assert_eq!(store.count(Method::Restore), 1);
+    let stored = store.stored(id).expect("recreated by Restore");
+    assert_eq!(
+        (
+            stored.version,
+            stored.user_id.as_str(),
+            stored.epoch.as_str()
+        ),
+        (1, "bob", FIRST_EPOCH)
+    );
+    assert_eq!(attr(&stored, "cart"), Some(json("book").as_slice()));
+    assert_eq!(state.current, stored);
+    let snapshot = set_snapshot(&update);
+    assert_eq!(
+        (
+            snapshot.epoch.as_str(),
+            snapshot.version,
+            snapshot.base_version
+        ),
+        (FIRST_EPOCH, 1, 1)
+    );
+    assert!(!snapshot.has_offline_changes());
+}
+
 /// A login of a guest (no cookies) while the store is down, through `fallback`: the snapshot
 /// it sets.
 async fn login_during_outage(fallback: &Fallback) -> Snapshot {
     let mut state = request(None, None);
     load(fallback, &mut state).await.unwrap();
-    state.current.user_id = "bob".into();
-    state.changes.user = true;
+    set_user(&mut state, "bob");
     let snapshot = set_snapshot(&fallback.save(&mut state).await.unwrap());
     assert_eq!((snapshot.user_id.as_str(), snapshot.version), ("bob", 1));
     snapshot
@@ -513,7 +1269,7 @@ async fn login_during_outage(fallback: &Fallback) -> Snapshot {
 
 #[tokio::test]
 async fn a_session_made_during_an_outage_gets_the_ttl_the_server_gave() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let fallback = machine(&store);
     // A first session, made while the store answers: its ttl is the server's default.
     let mut state = request(None, None);
@@ -532,12 +1288,11 @@ async fn a_session_made_during_an_outage_gets_the_ttl_the_server_gave() {
 
 #[tokio::test]
 async fn before_any_server_answer_the_configured_ttl_applies() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     store.set_down(true);
     let configured = Duration::from_secs(120);
-    let fallback = Fallback::new(
-        Box::new(store.clone()),
-        Some(codec()),
+    let fallback = machine_with(
+        &store,
         SessionConfig {
             ttl: Some(configured),
             ..config(FallbackMode::OnOutage)
@@ -548,7 +1303,7 @@ async fn before_any_server_answer_the_configured_ttl_applies() {
 
 #[tokio::test]
 async fn without_a_create_the_ttl_of_any_stored_session_is_learned() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let mut session = stored_session(&store, 1);
     session.ttl = Duration::from_secs(240);
     store.put(session.clone());
@@ -570,7 +1325,7 @@ async fn logout(session: Session) -> Result<(), SessionError> {
 
 #[tokio::test]
 async fn through_the_layer_logout_expires_both_cookies() {
-    let store = FakeStore::default();
+    let store = FakeStore::new();
     let session = stored_session(&store, 1);
     let layer =
         SessionLayer::with_backend(store.clone(), Some(codec()), config(FallbackMode::OnOutage));

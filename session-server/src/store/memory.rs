@@ -15,7 +15,7 @@
 //! - `packed`: a session's namespace, id, owner, creation time and attributes in one exactly
 //!   sized allocation; a record's attribute map is decoded from it only when one is returned.
 //! - `shard`: a slab of 48-byte entries (packed bytes, version, ttl, deadlines as nanoseconds
-//!   since the store's epoch), a `hashbrown::HashTable` of `u32` slots looked up by
+//!   since the store's start), a `hashbrown::HashTable` of `u32` slots looked up by
 //!   `(&str, &str)` without allocating (foldhash, randomly seeded), and a binary heap of
 //!   `(deadline, slot)` for expiry. The heap is rescheduled lazily: a sliding read stores the new
 //!   deadline in the entry's atomic under the shard's read lock, and the reaper puts an entry it
@@ -28,6 +28,11 @@
 //!
 //! Deletes leave a tombstone (key and creation time only) for one ttl so that `restore` can
 //! refuse to bring the session back.
+//!
+//! # Epoch
+//! The store's epoch (see [`super`]) is made when the store is: nothing survives a restart, so
+//! every start is a new epoch. Restore's epoch read and its write are two calls here too, but
+//! the epoch of one store never changes, so nothing can come between them.
 
 mod packed;
 mod shard;
@@ -77,7 +82,7 @@ struct Inner {
     /// server-made random ids, and SipHash was a tenth of a Get.
     hasher: DefaultHashBuilder,
     /// Deadlines count nanoseconds from here.
-    epoch: Instant,
+    origin: Instant,
     /// Events to watchers.
     events: broadcast::Sender<SessionEvent>,
     /// The `--max-session-bytes` limit.
@@ -91,17 +96,25 @@ struct Inner {
 pub struct MemoryStore {
     /// Shared state.
     inner: Arc<Inner>,
+    /// The store's epoch, made with it (its data lives exactly as long).
+    store_epoch: Arc<str>,
     /// The background reaper, aborted on drop.
     reaper: JoinHandle<()>,
 }
 
 impl MemoryStore {
     /// A store with the default reaper interval. Must be called inside a tokio runtime.
+    ///
+    /// # Panics
+    /// If the operating system's random source fails (no epoch, and no session id, can be made).
     pub fn new(max_session_bytes: usize) -> Self {
         Self::with_reap_interval(max_session_bytes, DEFAULT_REAP_INTERVAL)
     }
 
     /// A store whose reaper runs every `interval`. Must be called inside a tokio runtime.
+    ///
+    /// # Panics
+    /// If the operating system's random source fails (no epoch, and no session id, can be made).
     pub fn with_reap_interval(max_session_bytes: usize, interval: Duration) -> Self {
         let hasher = DefaultHashBuilder::default();
         let inner = Arc::new(Inner {
@@ -110,7 +123,7 @@ impl MemoryStore {
                 .collect(),
             users: UserIndex::new(RandomState::new()),
             hasher,
-            epoch: Instant::now(),
+            origin: Instant::now(),
             events: broadcast::channel(EVENT_BUFFER).0,
             max_session_bytes,
             live: AtomicU64::new(0),
@@ -125,7 +138,12 @@ impl MemoryStore {
                 inner.reap(Instant::now());
             }
         });
-        Self { inner, reaper }
+        let store_epoch = super::fresh_epoch().expect("the system random source failed");
+        Self {
+            inner,
+            store_epoch,
+            reaper,
+        }
     }
 }
 
@@ -141,9 +159,9 @@ fn ttl_nanos(ttl: Duration) -> u64 {
 }
 
 impl Inner {
-    /// Nanoseconds from the epoch to `at`.
+    /// Nanoseconds from the store's start (`origin`) to `at`.
     fn ticks(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn now(&self) -> u64 {
@@ -257,6 +275,14 @@ impl Inner {
 impl SessionStore for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        Arc::clone(&self.store_epoch)
+    }
+
+    async fn current_epoch(&self) -> StoreResult<Arc<str>> {
+        Ok(self.epoch())
     }
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
@@ -521,16 +547,16 @@ impl SessionStore for MemoryStore {
         let hash = inner.hash(namespace, id);
         let mut shard = inner.shard(hash).write();
         let slot = shard.find(hash, namespace, id);
-        if let Some(existing) = slot.and_then(|slot| shard.entry(slot)) {
-            let deadline = existing.deadline();
-            if deadline > now {
-                if existing.packed.is_deleted() {
-                    return Err(StoreError::Deleted);
-                }
-                if existing.version >= record.version {
-                    return Ok(existing.record(namespace, id, deadline, now));
-                }
+        if let Some(existing) = slot.and_then(|slot| shard.entry(slot))
+            && existing.deadline() > now
+        {
+            if existing.packed.is_deleted() {
+                return Err(StoreError::Deleted);
             }
+            return Err(StoreError::Conflict {
+                expected: 0,
+                actual: existing.version,
+            });
         }
         let head = Head {
             namespace,
@@ -542,42 +568,30 @@ impl SessionStore for MemoryStore {
         let packed = Packed::from_map(&head, &record.attrs);
         let ttl = ttl_nanos(record.ttl);
         let deadline = now.saturating_add(ttl);
-        let replaced = slot.and_then(|slot| shard.entry_mut(slot));
-        let kind = match replaced {
+        match slot.and_then(|slot| shard.entry_mut(slot)) {
+            // An expired session the reaper has not removed yet, or an old tombstone: gone for
+            // good, its slot reused.
             Some(mut old) => {
-                let was_live = old.entry.is_live(now);
-                let old = {
-                    old.entry.version = record.version;
-                    old.entry.ttl = ttl;
-                    old.set_deadline(deadline);
-                    std::mem::replace(&mut old.entry.packed, packed)
-                };
+                old.entry.version = 1;
+                old.entry.ttl = ttl;
+                old.set_deadline(deadline);
+                let old = std::mem::replace(&mut old.entry.packed, packed);
                 if !old.is_deleted() {
                     inner.users.remove(namespace, old.user_id(), id);
-                }
-                if was_live {
-                    EventKind::Updated
-                } else {
-                    // An expired, unreaped session or an old tombstone: it is replaced, so it
-                    // is gone for good, and this is a new session.
-                    if !old.is_deleted() {
-                        inner.live.fetch_sub(1, Ordering::Relaxed);
-                    }
-                    inner.live.fetch_add(1, Ordering::Relaxed);
-                    EventKind::Created
+                    // What the reaper would have sent for it.
+                    inner.emit(EventKind::Expired, namespace, id, old.user_id(), 0);
+                    inner.live.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            None => {
-                shard.insert(hash, Entry::new(packed, record.version, ttl, deadline))?;
-                inner.live.fetch_add(1, Ordering::Relaxed);
-                EventKind::Created
-            }
-        };
+            None => shard.insert(hash, Entry::new(packed, 1, ttl, deadline))?,
+        }
+        inner.live.fetch_add(1, Ordering::Relaxed);
         inner.users.add(namespace, &record.user_id, id);
-        inner.emit(kind, namespace, id, &record.user_id, record.version);
+        inner.emit(EventKind::Created, namespace, id, &record.user_id, 1);
         let wall = SystemTime::now();
         let left = Duration::from_nanos(ttl);
         Ok(SessionRecord {
+            version: 1,
             expires_at: wall.checked_add(left).unwrap_or(wall),
             ttl: left,
             ..record

@@ -8,6 +8,29 @@
 //! The network stores are cargo features of this crate, both on by default: [`redis`]
 //! (`redis-store`: Redis and Redis Cluster) and [`mysql`] (`mysql-store`: MySQL and MariaDB).
 //! [`memory`] is always built.
+//!
+//! # Epochs and Restore
+//! Every store has an epoch ([`SessionStore::epoch`]): 128 random bits made once with the
+//! store's data ([`crate::id::new_epoch`]), kept where the data is (the memory store's process,
+//! a key in Redis, a row in MySQL), so a store that lost its data (a memory store restarted, a
+//! Redis flushed or replaced, the MySQL epoch row gone) has a new one. Every session the server
+//! returns carries it, and NOT_FOUND answers carry it read fresh
+//! ([`SessionStore::current_epoch`]), so a client holding a snapshot can tell a session that was
+//! deleted or expired (same epoch) from one the store lost (another epoch).
+//!
+//! The service applies Restore's rules (see `session.proto`) with two store calls:
+//! [`SessionStore::current_epoch`], read fresh, then either [`SessionStore::update`] with
+//! `expected_version = base_version` (same epoch: absent or a tombstone refuses, another
+//! version conflicts) or [`SessionStore::restore`] (another or no epoch: create at version 1
+//! unless the id is live or a tombstone). The epoch read and the write are not one atomic step:
+//! a store can lose its data in between. That only ever errs toward refusing: a same-epoch
+//! restore then finds no session (FAILED_PRECONDITION: the user logs in again), and a restore
+//! of another epoch recreates the session in the new data, which is what it would have done a
+//! moment later anyway. Nothing can make a store's new epoch equal an old one, so a deleted
+//! session is never recreated by a snapshot of the epoch it was deleted in. (A network store
+//! learns that its data was lost at its next epoch read: sessions it returns in the seconds
+//! between carry the old epoch, see the Redis store's `epoch` module.) Versions stay bounded:
+//! the patch bumps the stored version by one, and a recreation starts at 1.
 
 pub mod memory;
 #[cfg(feature = "mysql-store")]
@@ -44,6 +67,7 @@ pub fn redact_one_url(url: &str) -> String {
 }
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
@@ -140,7 +164,7 @@ pub enum StoreError {
     /// No live session with that id (NOT_FOUND).
     #[error("session not found")]
     NotFound,
-    /// Compare-and-set failed (ABORTED).
+    /// Compare-and-set failed, or a restore found the id live (ABORTED).
     #[error("version conflict: expected {expected}, stored {actual}")]
     Conflict {
         /// The version the caller expected.
@@ -165,7 +189,8 @@ pub enum StoreError {
     /// The backend could not be reached or answered with an I/O error (UNAVAILABLE).
     #[error("session store unavailable: {0}")]
     Unavailable(String),
-    /// The backend did not answer within the configured timeout (UNAVAILABLE).
+    /// The backend did not answer within the configured timeout (DEADLINE_EXCEEDED: a slow
+    /// store is not an unreachable one, and a write that timed out may have been applied).
     #[error("session store did not answer within {0:?}")]
     Timeout(Duration),
     /// Anything else: a bug or an unexpected answer (INTERNAL).
@@ -183,6 +208,17 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait SessionStore: Send + Sync + 'static {
     /// Short name for logs and metrics ("memory", "redis").
     fn kind(&self) -> &'static str;
+
+    /// The store's epoch as last read, without I/O: what the service puts in every session it
+    /// returns. A store guarantees it is known (not empty) once any call has succeeded, and
+    /// refreshes it in the background where its data can be lost under it (Redis), so a new
+    /// epoch shows within seconds.
+    fn epoch(&self) -> Arc<str>;
+
+    /// The store's epoch read from the store now (and remembered for [`Self::epoch`]); where
+    /// the epoch is missing (the data was lost), a new one is made first. Used on the paths
+    /// where a stale epoch would decide wrong: Restore and NOT_FOUND answers.
+    async fn current_epoch(&self) -> StoreResult<Arc<str>>;
 
     /// Stores a new session (version 1). [`StoreError::IdTaken`] if the id exists,
     /// [`StoreError::TooLarge`] if the attributes exceed the limit.
@@ -223,11 +259,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Deletes every session of one user; returns how many were deleted.
     async fn delete_by_user(&self, namespace: &str, user_id: &str) -> StoreResult<u64>;
 
-    /// Makes the store hold `record` (a client's snapshot; its `expires_at` is ignored and set to
-    /// now + ttl): [`StoreError::Deleted`] when the id was deleted less than one ttl ago; the
-    /// stored session unchanged when it has the same or a newer version; otherwise the record
-    /// replaces or creates it. Deletes (delete, delete-by-user, the old id of regenerate) leave
-    /// a tombstone for one ttl so that this check can be made.
+    /// Recreates a session a store of another epoch held, from a client's snapshot: `record`
+    /// is stored under its id at version 1 (its `version` and `expires_at` are ignored; it
+    /// expires now + ttl; its `created_at` is kept), with a CREATED event, unless the id holds a
+    /// live session ([`StoreError::Conflict`] with that session's version: restored already)
+    /// or a tombstone ([`StoreError::Deleted`]: deleted less than one ttl ago). An expired
+    /// session not yet removed counts as absent. Deletes (delete, delete-by-user, the old id of
+    /// regenerate) leave the tombstone for one ttl so that this check can be made.
     async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord>;
 
     /// A receiver of every event of every namespace from now on, in the order applied.
@@ -236,6 +274,43 @@ pub trait SessionStore: Send + Sync + 'static {
     /// How many sessions are live, when the store can tell cheaply (memory store only).
     fn live_sessions(&self) -> Option<u64> {
         None
+    }
+}
+
+/// A fresh epoch for a store ([`crate::id::new_epoch`]); a failed random source is
+/// [`StoreError::Internal`].
+pub(crate) fn fresh_epoch() -> StoreResult<Arc<str>> {
+    crate::id::new_epoch()
+        .map(Arc::from)
+        .map_err(|_| StoreError::Internal("the system random source failed".into()))
+}
+
+/// The last epoch a network store read, for [`SessionStore::epoch`]: empty until the first read.
+#[cfg(any(feature = "redis-store", feature = "mysql-store"))]
+#[derive(Debug, Default)]
+pub(crate) struct EpochCell(parking_lot::RwLock<Arc<str>>);
+
+#[cfg(any(feature = "redis-store", feature = "mysql-store"))]
+impl EpochCell {
+    /// The epoch last remembered (empty before the first).
+    pub(crate) fn get(&self) -> Arc<str> {
+        Arc::clone(&self.0.read())
+    }
+
+    /// Remembers `epoch`, logging when it changed from a known one (the store lost its data).
+    pub(crate) fn set(&self, store: &str, epoch: &Arc<str>) {
+        let mut cached = self.0.write();
+        if **cached != **epoch {
+            if !cached.is_empty() {
+                tracing::warn!(
+                    store,
+                    old = %cached,
+                    new = %epoch,
+                    "the session store has a new epoch: it lost its data"
+                );
+            }
+            *cached = Arc::clone(epoch);
+        }
     }
 }
 

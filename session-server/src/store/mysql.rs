@@ -40,6 +40,10 @@
 //! | `ttl_ms` | `BIGINT UNSIGNED` | the sliding ttl |
 //! | `deleted` | `BOOLEAN` | a tombstone: the session was deleted (see `restore`) |
 //!
+//! The store's epoch (see [`crate::store`]) is a row of the shared table [`EPOCHS_TABLE`],
+//! keyed by the session table's name, made by the first server that starts on the table (see
+//! `epoch`).
+//!
 //! # Guarantees
 //! - **Durability**: a call returns after its transaction committed; what InnoDB keeps across a
 //!   crash depends on `innodb_flush_log_at_trx_commit` (1, the default, keeps everything).
@@ -58,6 +62,10 @@
 //! - **Tombstones**: a deleted session (Delete, DeleteByUser, the old id of Regenerate) keeps
 //!   its row for one ttl, flagged `deleted` with user and attributes cleared, so that Restore
 //!   refuses to bring it back; nothing else sees it, and the reaper removes it silently.
+//! - **Restore**: the epoch row is read in a statement of its own, then the session's row is
+//!   locked and written (an `UPDATE` at the base version for the same epoch, `restore` for
+//!   another): not one transaction, which only ever errs toward refusing (see
+//!   [`crate::store`]).
 //! - **Events**: a broadcast of [`EVENT_BUFFER`] events inside this process, sent after each
 //!   commit. A write holds a per-session stripe lock until its event is sent, so one session's
 //!   events come in commit order. The stream sees only what this store instance does: writes
@@ -66,9 +74,9 @@
 //!   its id), with version 0. A call that runs out of time between its commit and the send
 //!   loses its event.
 //! - **Undecodable rows** (say, written by a later version in another format) are logged and
-//!   treated as absent by reads, touches and patches, and overwritten only by a Restore of a
-//!   newer version; Delete, DeleteByUser and the reaper still delete them, so a logout works
-//!   during a rolling upgrade.
+//!   treated as absent by reads, touches and patches, and never overwritten by a Restore (it
+//!   answers a conflict); Delete, DeleteByUser and the reaper still delete them, so a logout
+//!   works during a rolling upgrade.
 //! - **Errors**: every call is bounded by [`MysqlConfig::timeout`] ([`StoreError::Timeout`]);
 //!   a database that cannot be reached or drops the connection is [`StoreError::Unavailable`],
 //!   and the store recovers by itself when it is back.
@@ -76,12 +84,14 @@
 //! # Layout
 //! - this file: [`MysqlConfig`], [`MysqlStore`] and its [`SessionStore`] methods;
 //! - `url`: the URL's parameters checked, TLS mode, connect options;
-//! - `sessions`: the statements each call runs; `restore`: Restore and tombstones;
+//! - `sessions`: the statements each call runs; `restore`: Restore and tombstones; `epoch`:
+//!   the epoch row, read and refreshed;
 //! - `reaper`: the background deletes;
 //! - `schema`: migration at start-up; `statements`: SQL text; `codec`: row encoding;
 //! - `error`: error mapping and retries; `locks`: per-session write order inside the process.
 
 mod codec;
+mod epoch;
 mod error;
 mod locks;
 mod reaper;
@@ -91,6 +101,7 @@ mod sessions;
 mod statements;
 mod url;
 
+pub use self::epoch::EPOCHS_TABLE;
 pub use self::reaper::REAP_BATCHES_PER_TICK;
 pub use self::schema::{MIGRATIONS_TABLE, SCHEMA_VERSION};
 pub use self::url::{PARAMETERS, check_url};
@@ -108,8 +119,8 @@ use self::locks::WriteLocks;
 use self::statements::Statements;
 use self::url::MysqlUrl;
 use super::{
-    EVENT_BUFFER, EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
-    StoreError, StoreResult,
+    EVENT_BUFFER, EpochCell, EventKind, NewSession, Patch, SessionEvent, SessionRecord,
+    SessionStore, StoreError, StoreResult,
 };
 use crate::config::{ConfigError, Settings};
 
@@ -193,6 +204,8 @@ pub struct MysqlStore {
     inner: Arc<Inner>,
     /// The reaper, aborted on drop.
     reaper: JoinHandle<()>,
+    /// The task that reads the epoch again every few seconds, aborted on drop.
+    epoch_refresh: JoinHandle<()>,
 }
 
 /// State shared by the store handle and its reaper. (No `Debug`: the config's URL may hold a
@@ -208,6 +221,8 @@ struct Inner {
     events: broadcast::Sender<SessionEvent>,
     /// Per-session write order inside this process (see `locks`).
     locks: WriteLocks,
+    /// The epoch last read from [`EPOCHS_TABLE`].
+    epoch: EpochCell,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -221,7 +236,7 @@ impl std::fmt::Debug for MysqlStore {
 }
 
 impl MysqlStore {
-    /// Connects, migrates the schema, starts the reaper. A database that cannot be reached
+    /// Connects, migrates the schema, reads (or makes) the store's epoch, starts the reaper. A database that cannot be reached
     /// within [`MysqlConfig::timeout`], or with which TLS as the URL's `ssl-mode` asks fails,
     /// is [`StoreError::Unavailable`]; a malformed URL (see [`check_url`]) or table name is
     /// [`StoreError::Internal`]. Must be called inside a tokio runtime.
@@ -234,10 +249,11 @@ impl MysqlStore {
             && table
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid || table.eq_ignore_ascii_case(MIGRATIONS_TABLE) {
+        let reserved = [MIGRATIONS_TABLE, EPOCHS_TABLE];
+        if !valid || reserved.iter().any(|r| table.eq_ignore_ascii_case(r)) {
             return Err(StoreError::Internal(format!(
                 "invalid mysql table name {table:?}: need 1 to 64 of [A-Za-z0-9_], \
-                 other than {MIGRATIONS_TABLE}"
+                 other than {MIGRATIONS_TABLE} and {EPOCHS_TABLE}"
             )));
         }
         let url = MysqlUrl::parse(&config.url).map_err(StoreError::Internal)?;
@@ -293,10 +309,20 @@ impl MysqlStore {
             sql: Statements::new(table),
             events: broadcast::channel(EVENT_BUFFER).0,
             locks: WriteLocks::new(),
+            epoch: EpochCell::default(),
             config,
         });
+        let timeout = inner.config.timeout;
+        tokio::time::timeout(timeout, inner.read_epoch())
+            .await
+            .unwrap_or(Err(StoreError::Timeout(timeout)))?;
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.config.reap_interval);
-        Ok(MysqlStore { inner, reaper })
+        let epoch_refresh = epoch::spawn_refresh(Arc::downgrade(&inner));
+        Ok(MysqlStore {
+            inner,
+            reaper,
+            epoch_refresh,
+        })
     }
 
     /// Runs one reaper turn now, as the background task does every
@@ -319,6 +345,7 @@ impl MysqlStore {
 impl Drop for MysqlStore {
     fn drop(&mut self) {
         self.reaper.abort();
+        self.epoch_refresh.abort();
     }
 }
 
@@ -357,6 +384,14 @@ impl Inner {
 impl SessionStore for MysqlStore {
     fn kind(&self) -> &'static str {
         "mysql"
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.inner.epoch.get()
+    }
+
+    async fn current_epoch(&self) -> StoreResult<Arc<str>> {
+        self.bounded(self.inner.read_epoch()).await
     }
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {

@@ -12,6 +12,8 @@
 //! - `{prefix}:{ns}:u:{<user>}`: set of the ids of one user's sessions. Kept alive at least as
 //!   long as its longest-lived member; may hold ids of sessions that are gone or changed owner,
 //!   which readers skip and remove.
+//! - `{prefix}:epoch`: the store's epoch (see `epoch`), a string with no expiry made by the
+//!   first store that reads it; a Redis that lost it (flushed, replaced) gets a new one.
 //! - `{prefix}:events`: pub/sub channel of the events, published by the scripts themselves so
 //!   their order is the order of the writes. Expiries come from Redis' keyspace notifications
 //!   (`__keyevent@<db>__:expired`) when its `notify-keyspace-events` includes `Ex`.
@@ -27,6 +29,14 @@
 //! most a stale entry (an owner change adds the new owner's entry right after its script). A
 //! record this code cannot decode (another `fmt`, a bad number) is logged and treated as
 //! absent, and never overwritten.
+//!
+//! # Restore
+//! The service reads the epoch key fresh, then runs either `update.lua` with the snapshot's
+//! base version as the expected one (same epoch) or `restore.lua` (another or no epoch:
+//! recreate at version 1 unless the id is live or has a tombstone). These are two steps, on a
+//! cluster on two masters; the store docs ([`crate::store`]) say why a flush between them only
+//! makes a restore refuse. The epoch check is not repeated inside the script, on one server
+//! either: it would not change what a race can do.
 //!
 //! # Redis Cluster
 //! With [`RedisConfig::cluster`], `url` lists seed nodes and commands go through one
@@ -64,12 +74,15 @@
 //! - `codec`: key names, decoding of script replies and of published events;
 //! - `config`: [`RedisConfig`]; `events`: the subscriber task (`events/cluster.rs` on a
 //!   cluster, with `topology` reading `CLUSTER NODES`); `user_index`: the per-user sets;
-//!   `restore`: writing a client's snapshot back.
+//!   `regenerate`: the move to a new id; `restore`: recreating a session from a client's
+//!   snapshot; `epoch`: the epoch key, read and refreshed.
 
 mod codec;
 mod config;
 mod connection;
+mod epoch;
 mod events;
+mod regenerate;
 mod restore;
 mod script;
 mod topology;
@@ -78,6 +91,7 @@ mod user_index;
 pub use self::config::RedisConfig;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use ::redis::{RedisError, Value};
@@ -86,6 +100,7 @@ use tokio::task::JoinHandle;
 
 use self::codec::Reply;
 use self::connection::{Connection, Connections, redis_error};
+use self::epoch::Epoch;
 use self::script::{OpIds, Scripts};
 use super::{
     EVENT_BUFFER, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
@@ -107,6 +122,10 @@ pub struct RedisStore {
     events: broadcast::Sender<SessionEvent>,
     /// The subscriber task, aborted on drop.
     subscriber: JoinHandle<()>,
+    /// The store's epoch: the last one read, and how to read it again.
+    epoch: Arc<Epoch>,
+    /// The task that reads the epoch again every few seconds, aborted on drop.
+    epoch_refresh: JoinHandle<()>,
 }
 
 impl RedisStore {
@@ -124,6 +143,12 @@ impl RedisStore {
         let subscriber = events::Subscriber::new(&config, events.clone())
             .map_err(bad_url)?
             .spawn(&runtime);
+        let epoch = Arc::new(Epoch::new(
+            &config.key_prefix,
+            kind_of(&config),
+            config.timeout,
+        ));
+        let epoch_refresh = Epoch::spawn_refresh(&epoch, connections.clone(), &runtime);
         Ok(RedisStore {
             connections,
             ops: OpIds::new(config.cluster)?,
@@ -131,14 +156,29 @@ impl RedisStore {
             scripts: Scripts::load(),
             events,
             subscriber,
+            epoch,
+            epoch_refresh,
         })
     }
 
-    /// Runs one store call within the configured timeout.
+    /// Runs `call` within the configured timeout; a Redis timeout inside it reports the
+    /// store's timeout too.
+    async fn within<T>(&self, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let timeout = self.config.timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Err(StoreError::Timeout(_))) | Err(_) => Err(StoreError::Timeout(timeout)),
+            Ok(result) => result,
+        }
+    }
+
+    /// Runs one store call within the configured timeout, once the store's epoch is known (read
+    /// first if it is not yet), so that whatever the call returns can carry it.
     async fn bounded<T>(&self, call: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
-        tokio::time::timeout(self.config.timeout, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.config.timeout)))
+        self.within(async {
+            self.epoch.known(&self.connections).await?;
+            call.await
+        })
+        .await
     }
 
     /// A connection for one call (a pooled one is PINGed first); failures are Unavailable.
@@ -307,58 +347,6 @@ impl RedisStore {
         self.record(namespace, id, now, &values)
     }
 
-    /// Regenerate in three scripts, new written before old deleted (see the module docs).
-    async fn regenerate_in(
-        &self,
-        namespace: &str,
-        old_id: &str,
-        new_id: &str,
-    ) -> StoreResult<SessionRecord> {
-        let mut conn = self.conn().await?;
-        let now = now_ms();
-        let reply = self.read(&mut conn, namespace, old_id, false).await?;
-        let values = self.expect_ok(reply, namespace, old_id)?;
-        let mut moving = self.record(namespace, old_id, now, &values)?;
-        let read_version = moving.version;
-        moving.version += 1;
-        self.index_add(&mut conn, namespace, &moving.user_id, new_id, moving.ttl)
-            .await?;
-        // Data is unchanged, so a limit lowered since it was written does not apply.
-        let new = self
-            .insert(&mut conn, namespace, new_id, &moving, usize::MAX, now)
-            .await?;
-        let only = DeleteIf {
-            version: Some(read_version),
-            // Like the CREATED event of the new id: the version the session moved on with.
-            event_version: Some(new.version),
-            ..DeleteIf::default()
-        };
-        let outcome = match self.remove(&mut conn, namespace, old_id, only).await? {
-            Reply::Ok(_) => Ok(()),
-            // Written or deleted since it was read: undo the copy rather than lose that write
-            // or bring a logged-out session back.
-            Reply::Conflict(actual) => Err(StoreError::Conflict {
-                expected: read_version,
-                actual,
-            }),
-            Reply::Corrupt(reason) => Err(self.corrupt(namespace, old_id, &reason)),
-            _ => Err(StoreError::NotFound),
-        };
-        if let Err(error) = outcome {
-            let only = DeleteIf {
-                version: Some(new.version),
-                ..DeleteIf::default()
-            };
-            self.remove(&mut conn, namespace, new_id, only).await?;
-            self.index_remove(&mut conn, namespace, &new.user_id, &[new_id])
-                .await?;
-            return Err(error);
-        }
-        self.index_remove(&mut conn, namespace, &new.user_id, &[old_id])
-            .await?;
-        Ok(new)
-    }
-
     /// Reads a session, sliding its expiry as asked; after a slide, keeps the user's index
     /// alive as long as the session.
     async fn read_sliding(
@@ -426,17 +414,31 @@ impl std::fmt::Debug for RedisStore {
 impl Drop for RedisStore {
     fn drop(&mut self) {
         self.subscriber.abort();
+        self.epoch_refresh.abort();
+    }
+}
+
+/// The store's name for logs and metrics.
+fn kind_of(config: &RedisConfig) -> &'static str {
+    if config.cluster {
+        "redis-cluster"
+    } else {
+        "redis"
     }
 }
 
 #[tonic::async_trait]
 impl SessionStore for RedisStore {
     fn kind(&self) -> &'static str {
-        if self.config.cluster {
-            "redis-cluster"
-        } else {
-            "redis"
-        }
+        kind_of(&self.config)
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.epoch.cached()
+    }
+
+    async fn current_epoch(&self) -> StoreResult<Arc<str>> {
+        self.within(self.epoch.read(&self.connections)).await
     }
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {

@@ -1,5 +1,8 @@
 //! A MySQL that cannot be reached, freezes, or goes away and comes back: calls fail as an
-//! outage (UNAVAILABLE over gRPC) within the store's timeout, and the same store recovers.
+//! outage within the store's timeout, and the same store recovers. Over gRPC an outage is
+//! UNAVAILABLE or DEADLINE_EXCEEDED: the connection pool retries a refused connection until
+//! the store's timeout, so a database that went away and one that stopped answering look the
+//! same to the store.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use session_server::store::{SessionStore, StoreError};
 use super::{NS, RECOVERY_WITHIN, session, set};
 use crate::support::harness::TestServer;
 use crate::support::mysql::{self as mysql, OwnMariadb};
-use crate::support::outage::{fails_as_outage, fails_within, is_unavailable};
+use crate::support::outage::{fails_as_outage, fails_within, is_outage_status};
 use crate::support::ports::RefusedPort;
 use crate::support::wait::eventually_ok;
 
@@ -101,7 +104,7 @@ async fn outage_is_unavailable_and_the_same_store_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_answers_unavailable_while_mysql_is_down_then_recovers() {
+async fn grpc_answers_an_outage_while_mysql_is_down_then_recovers() {
     let timeout = OUTAGE_TIMEOUT;
     let Some((mut db, settings, store)) = own_mariadb("grpc_mysql_outage", timeout).await else {
         return;
@@ -124,7 +127,7 @@ async fn grpc_answers_unavailable_while_mysql_is_down_then_recovers() {
 
     db.stop();
     let get_while_down = client.get(get.clone());
-    fails_within("get while down", timeout, get_while_down, is_unavailable).await;
+    fails_within("get while down", timeout, get_while_down, is_outage_status).await;
 
     db.restart().await;
     let back = eventually_ok("get after restart", RECOVERY_WITHIN, || {

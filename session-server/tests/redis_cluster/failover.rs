@@ -1,5 +1,6 @@
 //! A master of a Redis Cluster dies under load, behind the gRPC server: every call either
-//! succeeds with the right data or fails with UNAVAILABLE, calls succeed again once a replica
+//! succeeds with the right data or fails as an outage (UNAVAILABLE, or DEADLINE_EXCEEDED for
+//! a node that stopped answering), calls succeed again once a replica
 //! took over, no acknowledged write is lost, and watchers hear writes again.
 
 use std::collections::HashMap;
@@ -12,12 +13,12 @@ use session_proto::v1::session_store_client::SessionStoreClient;
 use session_proto::v1::{CreateRequest, GetRequest, UpdateRequest, WatchRequest};
 use session_server::config::Settings;
 use session_server::store::redis::RedisStore;
-use tonic::Code;
 use tonic::transport::Channel;
 
 use super::session_key;
 use crate::support::cluster::RedisCluster;
 use crate::support::harness::TestServer;
+use crate::support::outage::is_outage_status;
 use crate::support::wait::{events_ready, eventually};
 
 /// What a worker of the failover test saw.
@@ -25,11 +26,11 @@ use crate::support::wait::{events_ready, eventually};
 struct Tally {
     /// Calls answered OK (with the right data).
     ok: u64,
-    /// Calls answered UNAVAILABLE.
+    /// Calls answered as an outage (UNAVAILABLE or DEADLINE_EXCEEDED).
     unavailable: u64,
     /// Writes answered OK.
     acked: u64,
-    /// Writes answered UNAVAILABLE: applied or not, nobody knows.
+    /// Writes answered as an outage: applied or not, nobody knows.
     unknown: u64,
     /// Anything else: another code, or wrong data.
     wrong: Vec<String>,
@@ -38,9 +39,9 @@ struct Tally {
 }
 
 impl Tally {
-    /// Counts a failed call: UNAVAILABLE is the one acceptable failure.
+    /// Counts a failed call: an outage is the one acceptable failure.
     fn failed(&mut self, what: &str, status: &tonic::Status, write: bool) {
-        if status.code() == Code::Unavailable {
+        if is_outage_status(status) {
             self.unavailable += 1;
             if write {
                 self.unknown += 1;

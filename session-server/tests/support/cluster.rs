@@ -14,7 +14,7 @@ use session_server::config::{Settings, StoreKind};
 use session_server::store::SessionStore;
 use session_server::store::redis::{RedisConfig, RedisStore};
 
-use super::harness::Guard;
+use super::harness::{StoreUnderTest, Wipe};
 use super::services;
 use super::wait::events_ready;
 
@@ -22,12 +22,26 @@ use super::wait::events_ready;
 pub const SLOTS: u32 = 16_384;
 
 /// A Redis Cluster store on a 3-master cluster this test starts, or `None` (skipped). The
-/// store's event subscription is up before it is returned, so a watcher misses nothing.
-pub async fn store(test: &str, settings: &Settings) -> Option<(Arc<dyn SessionStore>, Guard)> {
+/// store's event subscription is up before it is returned, so a watcher misses nothing. Its
+/// wipe flushes every master (the cluster is the test's own).
+pub async fn store(test: &str, settings: &Settings) -> Option<StoreUnderTest> {
     let cluster = RedisCluster::start(test, 3, 0).await?;
     let store: Arc<dyn SessionStore> = Arc::new(cluster.store(test, settings));
     events_ready(store.as_ref()).await;
-    Some((store, Box::new(cluster)))
+    let masters = cluster.ports();
+    let wipe: Wipe = Box::new(move || {
+        let masters = masters.clone();
+        Box::pin(async move {
+            for port in masters {
+                let mut conn = connect(port).await.expect("connect to a cluster master");
+                redis::cmd("FLUSHALL")
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .expect("FLUSHALL");
+            }
+        })
+    });
+    Some((store, Box::new(cluster), Some(wipe)))
 }
 
 /// One node process.

@@ -1,7 +1,9 @@
 //! Starting a real session server in-process for a test: a store of the chosen backend, the
 //! server on `127.0.0.1:0`, and gRPC clients connected to it. Shared by every test file.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,14 @@ pub enum Backend {
 /// Whatever must live as long as a test's store (a cluster's processes, a table to drop).
 pub type Guard = Box<dyn std::any::Any + Send>;
 
+/// Makes a test's store lose every session and its epoch behind the store's back, as a flushed
+/// Redis or an emptied database would. The memory store has none: it loses its data only by
+/// being made again.
+pub type Wipe = Box<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// A test's store, what must outlive it, and how to make it lose its data.
+pub type StoreUnderTest = (Arc<dyn SessionStore>, Guard, Option<Wipe>);
+
 /// The store of `backend` for `test`, or `None` when its service is missing (skipped by the
 /// skip rule, which prints why or fails under `STICKLESS_REQUIRE_SERVICES=1`), or its cargo
 /// feature is off in this build (skipped the same way).
@@ -42,23 +52,25 @@ pub async fn store_for(
     backend: Backend,
     test: &str,
     settings: &Settings,
-) -> Option<(Arc<dyn SessionStore>, Guard)> {
+) -> Option<StoreUnderTest> {
     match backend {
         Backend::Memory => {
             let store = MemoryStore::with_reap_interval(
                 settings.max_session_bytes,
                 Duration::from_millis(20),
             );
-            Some((Arc::new(store), Box::new(())))
+            Some((Arc::new(store), Box::new(()), None))
         }
         #[cfg(feature = "redis-store")]
         Backend::Redis => {
             let url = services::redis_url(test)?;
-            let store = redis_store(&url, test, settings);
+            let config = redis_config(&url, test, settings);
+            let wipe = redis_wipe(url, config.key_prefix.clone());
+            let store = RedisStore::new(config).expect("valid Redis URL");
             // Its events come from a subscription made in the background: wait for it, so a
             // watcher misses nothing.
             super::wait::events_ready(&store).await;
-            Some((Arc::new(store), Box::new(())))
+            Some((Arc::new(store), Box::new(()), Some(wipe)))
         }
         #[cfg(feature = "redis-store")]
         Backend::RedisCluster => super::cluster::store(test, settings).await,
@@ -70,6 +82,34 @@ pub async fn store_for(
             &format!("session-server was built without the store of {left_out:?}"),
         ),
     }
+}
+
+/// Deletes every key of `prefix` (sessions, tombstones, indexes and the epoch) from the Redis at
+/// `url`, as a `FLUSHALL` would for a Redis of one deployment.
+#[cfg(feature = "redis-store")]
+pub fn redis_wipe(url: String, prefix: String) -> Wipe {
+    Box::new(move || {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        Box::pin(async move {
+            let client = redis::Client::open(url).expect("valid Redis URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to redis");
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
+                .query_async(&mut conn)
+                .await
+                .expect("KEYS");
+            if !keys.is_empty() {
+                redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .expect("DEL");
+            }
+        })
+    })
 }
 
 /// A Redis store at `url` with a key prefix unique to this test.
@@ -101,6 +141,8 @@ pub struct TestServer {
     task: Option<JoinHandle<Result<(), ServeError>>>,
     /// What the store needs kept alive until the server is gone.
     guard: Option<Guard>,
+    /// How to make the store lose its data (network stores started by [`TestServer::on`]).
+    wipe: Option<Wipe>,
 }
 
 impl TestServer {
@@ -130,15 +172,28 @@ impl TestServer {
             stop: Some(stop),
             task: Some(task),
             guard: None,
+            wipe: None,
         }
     }
 
     /// Starts a server on the store of `backend`; `None` when that store is skipped.
     pub async fn on(backend: Backend, test: &str, settings: Settings) -> Option<TestServer> {
-        let (store, guard) = store_for(backend, test, &settings).await?;
+        let (store, guard, wipe) = store_for(backend, test, &settings).await?;
         let mut server = TestServer::start(settings, store).await;
         server.guard = Some(guard);
+        server.wipe = wipe;
         Some(server)
+    }
+
+    /// Makes the store lose every session and its epoch behind the server's back (a flushed
+    /// Redis, an emptied database). Panics for a server without a network store of
+    /// [`TestServer::on`]: a memory store loses its data only with its server.
+    pub async fn lose_data(&self) {
+        let wipe = self
+            .wipe
+            .as_ref()
+            .expect("a network store started by TestServer::on");
+        wipe().await;
     }
 
     /// A new client on its own connection.

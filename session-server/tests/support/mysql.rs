@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use session_server::config::Settings;
-use session_server::store::SessionStore;
-use session_server::store::mysql::{MIGRATIONS_TABLE, MysqlConfig, MysqlStore};
+use session_server::store::mysql::{EPOCHS_TABLE, MIGRATIONS_TABLE, MysqlConfig, MysqlStore};
 use sqlx::mysql::MySqlConnection;
 use sqlx::{AssertSqlSafe, Connection as _, Executor as _};
 
-use super::harness::Guard;
+use super::harness::{StoreUnderTest, Wipe};
 use super::services;
 use test_pki::Ca;
 
@@ -95,15 +94,31 @@ pub fn test_config(url: &str, table: &str, settings: &Settings) -> MysqlConfig {
     MysqlConfig::from_settings(&settings).expect("the test's store settings")
 }
 
-/// A MySQL store in a table of this test's own, or `None` (skipped).
-pub async fn store(test: &str, settings: &Settings) -> Option<(Arc<dyn SessionStore>, Guard)> {
+/// A MySQL store in a table of this test's own, or `None` (skipped). Its wipe empties the
+/// table and deletes its epoch row.
+pub async fn store(test: &str, settings: &Settings) -> Option<StoreUnderTest> {
     let url = mysql_url(test).await?;
     let table = unique_table(test);
     let guard = DropTables::new(&url, &table);
     let store = MysqlStore::connect(test_config(&url, &table, settings))
         .await
         .unwrap_or_else(|e| panic!("{test}: connect the mysql store: {e}"));
-    Some((Arc::new(store), Box::new(guard)))
+    let wipe: Wipe = Box::new(move || {
+        let (url, table) = (url.clone(), table.clone());
+        Box::pin(async move {
+            execute(
+                &url,
+                &[format!("DELETE FROM `{table}`"), forget_epoch(&table)],
+            )
+            .await;
+        })
+    });
+    Some((Arc::new(store), Box::new(guard), Some(wipe)))
+}
+
+/// The statement deleting the epoch row of session table `table`.
+pub fn forget_epoch(table: &str) -> String {
+    format!("DELETE FROM `{EPOCHS_TABLE}` WHERE table_name = '{table}'")
 }
 
 /// Runs `statements` on a fresh connection to `url` (for setting up rows by hand).
@@ -167,6 +182,7 @@ impl Drop for DropTables {
                             "DELETE FROM `{MIGRATIONS_TABLE}` WHERE table_name = '{table}'"
                         );
                         let _ = conn.execute(AssertSqlSafe(forget)).await;
+                        let _ = conn.execute(AssertSqlSafe(forget_epoch(table))).await;
                     }
                     conn.close().await.ok()
                 };

@@ -16,9 +16,16 @@ pub fn is_outage(error: &StoreError) -> bool {
     matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_))
 }
 
-/// Whether a gRPC call failed as the server answers while its store is down.
+/// Whether a gRPC call failed as the server answers while its store cannot be reached.
 pub fn is_unavailable(status: &tonic::Status) -> bool {
     status.code() == Code::Unavailable
+}
+
+/// Whether a gRPC call failed as the server answers while its store is down, where the server
+/// cannot tell an unreachable store (UNAVAILABLE) from a silent one (DEADLINE_EXCEEDED): a
+/// dying cluster node, a database whose pool gets no connection within the timeout.
+pub fn is_outage_status(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
 }
 
 /// Runs `call` and checks it fails with an error `expected` accepts, within `timeout` plus a

@@ -33,7 +33,7 @@ pub(super) struct Entry {
     pub(super) version: u64,
     /// Sliding time-to-live in nanoseconds (a ttl beyond 584 years saturates).
     pub(super) ttl: u64,
-    /// The real expiry deadline, in nanoseconds since the store's epoch. Atomic so that a
+    /// The real expiry deadline, in nanoseconds since the store's start. Atomic so that a
     /// sliding read moves it later under the shard's read lock; it only moves earlier under the
     /// write lock.
     deadline: AtomicU64,

@@ -275,10 +275,73 @@ async fn a_deleted_session_stays_unrestorable_for_one_ttl_then_vanishes_silently
     store.inner.reap(Instant::now() + Duration::from_secs(120));
     assert_eq!(drain(&mut events), [EventKind::Deleted], "no EXPIRED");
     assert_eq!(held(&store), (0, 0), "tombstone gone");
-    let restored = store.restore(created.clone()).await.unwrap();
+    let snapshot = SessionRecord {
+        version: 9,
+        ..created.clone()
+    };
+    let restored = store.restore(snapshot).await.unwrap();
+    assert_eq!(restored.version, 1, "recreated at version 1");
     assert_eq!(restored.attrs, created.attrs);
     assert_eq!(restored.created_at, created.created_at);
     assert_eq!(store.live_sessions(), Some(1));
+    assert_eq!(drain(&mut events), [EventKind::Created]);
+}
+
+#[tokio::test]
+async fn restore_conflicts_with_a_live_session_and_replaces_an_expired_one() {
+    let store = manual_store();
+    let created = store
+        .create(new_session(&id(1), "u", Duration::from_secs(60)))
+        .await
+        .unwrap();
+    store
+        .update("default", &id(1), ttl_patch(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mut events = store.subscribe();
+    assert!(matches!(
+        store.restore(created.clone()).await,
+        Err(StoreError::Conflict { actual: 2, .. })
+    ));
+    assert_eq!(
+        store.get("default", &id(1), false).await.unwrap().version,
+        2
+    );
+    // Expired, not reaped yet: absent, so the snapshot recreates it (and it is reaped once,
+    // as the session it replaced).
+    store
+        .update("default", &id(1), ttl_patch(Duration::from_millis(1)))
+        .await
+        .unwrap();
+    while store.get("default", &id(1), false).await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let restored = store.restore(created.clone()).await.unwrap();
+    assert_eq!((restored.version, restored.attrs), (1, created.attrs));
+    assert_eq!(store.live_sessions(), Some(1));
+    assert_eq!(
+        store.list_by_user("default", "u").await.unwrap().len(),
+        1,
+        "indexed once"
+    );
+    assert_eq!(
+        drain(&mut events),
+        [EventKind::Updated, EventKind::Expired, EventKind::Created]
+    );
+    store.inner.reap(Instant::now() + Duration::from_secs(1));
+    assert_eq!(
+        store.live_sessions(),
+        Some(1),
+        "the recreated session stays"
+    );
+}
+
+#[tokio::test]
+async fn every_store_has_its_own_epoch_for_life() {
+    let (a, b) = (manual_store(), manual_store());
+    assert_eq!(a.epoch().len(), crate::id::EPOCH_LEN);
+    assert_ne!(a.epoch(), b.epoch(), "a restarted store has a new epoch");
+    assert_eq!(a.current_epoch().await.unwrap(), a.epoch());
 }
 
 #[tokio::test]

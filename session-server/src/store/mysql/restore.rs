@@ -1,12 +1,11 @@
-//! Restore: bringing back a session a backend kept in its snapshot cookie, unless it was
-//! deleted.
+//! Restore: recreating a session from a backend's snapshot cookie for a store of another epoch
+//! (see [`crate::store`]), unless it is live or was deleted.
 //!
 //! Delete, DeleteByUser and the old id of Regenerate do not remove the row: they turn it into a
 //! tombstone (`deleted = 1`, user and attributes cleared, version kept) that expires one ttl
 //! later and is then reaped silently. Restore locks whatever row holds the id and decides:
-//! a live tombstone refuses, a live session at the same or a newer version is returned as it
-//! is, and anything else (no row, an older version, an expired row) is overwritten by the
-//! snapshot.
+//! a live tombstone refuses, a live session (decodable or not) conflicts, and otherwise (no
+//! row, an expired one) the snapshot is written at version 1.
 
 use std::time::{Duration, SystemTime};
 
@@ -22,12 +21,13 @@ use super::sessions::{NewRow, finish, now_ms};
 use super::statements::fixed;
 use crate::store::{EventKind, SessionRecord, StoreError, StoreResult, attrs_size};
 
-/// What a restore did.
-enum Restored {
-    /// The store already had this version or a newer one: returned unchanged, no event.
-    Kept(SessionRecord),
-    /// The snapshot was written: the event to send and the session as stored.
-    Written(EventKind, SessionRecord),
+/// What a restore replaced.
+enum Replaced {
+    /// No row, or a tombstone past its ttl.
+    Nothing,
+    /// An expired session not reaped yet, of this owner (it gets the EXPIRED the reaper would
+    /// have sent).
+    Expired(String),
 }
 
 impl Inner {
@@ -36,20 +36,18 @@ impl Inner {
         let blob = encode_attrs(&snapshot.attrs).map_err(StoreError::Internal)?;
         let (namespace, id) = (snapshot.namespace.as_str(), snapshot.id.as_str());
         let _order = self.locks.lock(namespace, &[id]).await;
-        let restored = retrying(|| async {
+        let (replaced, stored) = retrying(|| async {
             let mut tx = self.pool.begin().await?;
             let restored = self.restore_locked(&mut tx, &snapshot, &blob).await;
             finish(tx, restored).await
         })
         .await?;
-        match restored {
-            Restored::Kept(stored) => Ok(stored),
-            Restored::Written(kind, stored) => {
-                let at = SystemTime::now();
-                self.emit(kind, namespace, id, &stored.user_id, stored.version, at);
-                Ok(stored)
-            }
+        let at = SystemTime::now();
+        if let Replaced::Expired(owner) = replaced {
+            self.emit(EventKind::Expired, namespace, id, &owner, 0, at);
         }
+        self.emit(EventKind::Created, namespace, id, &stored.user_id, 1, at);
+        Ok(stored)
     }
 
     /// One attempt of a restore in transaction `tx`.
@@ -58,7 +56,7 @@ impl Inner {
         tx: &mut MySqlConnection,
         snapshot: &SessionRecord,
         blob: &[u8],
-    ) -> Result<Restored, Failure> {
+    ) -> Result<(Replaced, SessionRecord), Failure> {
         let (namespace, id) = (snapshot.namespace.as_str(), snapshot.id.as_str());
         let now = now_ms();
         let row = fixed(&self.sql.any_for_update)
@@ -66,8 +64,7 @@ impl Inner {
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        // Whether a live session with an older version is being replaced.
-        let mut replacing_live = false;
+        let mut replaced = Replaced::Nothing;
         let row_exists = row.is_some();
         if let Some(row) = row {
             let deleted: bool = row.try_get("deleted")?;
@@ -76,12 +73,15 @@ impl Inner {
                 if deleted {
                     return Err(StoreError::Deleted.into());
                 }
-                if stored.version >= snapshot.version {
-                    // A newer session this code cannot decode is not overwritten either.
-                    let kept = stored.record(namespace, id).ok_or(StoreError::NotFound)?;
-                    return Ok(Restored::Kept(kept));
+                // Restored already (or any live session, even one this code cannot decode).
+                return Err(StoreError::Conflict {
+                    expected: 0,
+                    actual: stored.version,
                 }
-                replacing_live = true;
+                .into());
+            }
+            if !deleted {
+                replaced = Replaced::Expired(stored.user_id);
             }
         }
         let ttl = ttl_ms(snapshot.ttl);
@@ -90,7 +90,7 @@ impl Inner {
             id,
             user_id: &snapshot.user_id,
             attrs: blob,
-            version: snapshot.version,
+            version: 1,
             created_ns: unix_ns(snapshot.created_at),
             expires_ms: expiry_ms(now, ttl),
             ttl_ms: ttl,
@@ -115,16 +115,11 @@ impl Inner {
             namespace: namespace.to_owned(),
             user_id: snapshot.user_id.clone(),
             attrs: snapshot.attrs.clone(),
-            version: snapshot.version,
+            version: 1,
             created_at: from_unix_ns(row.created_ns),
             expires_at: from_unix_ms(row.expires_ms),
             ttl: Duration::from_millis(ttl),
         };
-        let kind = if replacing_live {
-            EventKind::Updated
-        } else {
-            EventKind::Created
-        };
-        Ok(Restored::Written(kind, stored))
+        Ok((replaced, stored))
     }
 }

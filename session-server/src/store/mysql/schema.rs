@@ -1,7 +1,8 @@
 //! The schema and its migration at start-up.
 //!
 //! Applied versions are recorded per session table in one shared table, [`MIGRATIONS_TABLE`]
-//! (a `{table}_schema` name could pass MySQL's 64-character limit on names). Migration runs on
+//! (a `{table}_schema` name could pass MySQL's 64-character limit on names). The shared table
+//! of store epochs, [`super::EPOCHS_TABLE`], is created beside it (see `epoch`). Migration runs on
 //! one connection under a named lock (`GET_LOCK`), so servers starting together take turns, and
 //! each step is itself idempotent (`IF NOT EXISTS`), so a crash between a step and its record
 //! only makes the next start run that step again, harmlessly.
@@ -77,6 +78,10 @@ async fn migrate_locked(conn: &mut MySqlConnection, table: &str, lock: &str) -> 
         ) ENGINE=InnoDB"
     );
     sqlx::raw_sql(AssertSqlSafe(create_record))
+        .execute(&mut *conn)
+        .await
+        .map_err(store_error)?;
+    sqlx::raw_sql(AssertSqlSafe(super::epoch::create_table()))
         .execute(&mut *conn)
         .await
         .map_err(store_error)?;

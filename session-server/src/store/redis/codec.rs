@@ -33,6 +33,11 @@ pub(crate) fn tombstone_key(prefix: &str, namespace: &str, id: &str) -> String {
     format!("{prefix}:{namespace}:t:{{{id}}}")
 }
 
+/// The store's epoch: `{prefix}:epoch` (see `epoch.rs`).
+pub(crate) fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}:epoch")
+}
+
 /// The pub/sub channel every script publishes its events on.
 pub(crate) fn events_channel(prefix: &str) -> String {
     format!("{prefix}:events")

@@ -40,7 +40,8 @@ const MAX_RETRY_WAIT_MS: u64 = 200;
 /// Most retries of one command; also keeps the client's `2^retry` backoff from overflowing.
 const MAX_RETRIES: u32 = 50;
 
-/// Where the store's commands go.
+/// Where the store's commands go. Clones share the same connections.
+#[derive(Clone)]
 pub(super) enum Connections {
     /// One server: a few multiplexed connections shared by all calls.
     Standalone(Arc<Lanes>),
@@ -286,14 +287,18 @@ impl ConnectionLike for Connection {
     }
 }
 
-/// Sorts a Redis error: the server unreachable or not serving (a cluster without a master for
-/// the slot, redirects or retries exhausted during a failover, no node reachable) is
-/// Unavailable; anything else (a script error, an unexpected reply) is Internal.
+/// Sorts a Redis error: no answer within the connection's timeout (the store's) is a
+/// [`StoreError::Timeout`] (its duration filled in by the store's bound on the call); the
+/// server unreachable or not serving (a refused or broken connection, a cluster without a
+/// master for the slot, redirects or retries exhausted during a failover, no node reachable)
+/// is Unavailable; anything else (a script error, an unexpected reply) is Internal.
 pub(super) fn redis_error(error: RedisError) -> StoreError {
+    if error.is_timeout() {
+        return StoreError::Timeout(std::time::Duration::ZERO);
+    }
     let unreachable = error.is_io_error()
         || error.is_connection_dropped()
         || error.is_connection_refusal()
-        || error.is_timeout()
         || error.is_unrecoverable_error()
         || matches!(
             error.kind(),
@@ -341,6 +346,8 @@ mod tests {
         assert!(matches!(redis_error(script), StoreError::Internal(_)));
         let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(matches!(redis_error(refused), StoreError::Unavailable(_)));
+        let silent = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(matches!(redis_error(silent), StoreError::Timeout(_)));
     }
 
     #[tokio::test]

@@ -1,13 +1,15 @@
--- Makes the store hold a client's snapshot of a session (the cookie fallback's resync):
--- refused while the id's tombstone lives (deleted less than one ttl ago); the stored session
--- kept when it has the same or a newer version; otherwise the snapshot replaces or creates it,
--- at its own version and created time, expiring one ttl from now. An undecodable record is
--- never overwritten. Retrying it is harmless: a second run finds its own version stored.
+-- Recreates a session from a client's snapshot, for a store that lost it (another epoch, see
+-- ../redis.rs): at version 1, with the snapshot's owner, attributes and created time, expiring
+-- one ttl from now. Refused while the id's tombstone lives (deleted less than one ttl ago), and
+-- when the id holds a session (restored already: the store wins). An undecodable record is
+-- never overwritten. A retry of this very call (same op: a cluster client resent it after a
+-- lost reply) finds its own session and is answered as created.
 -- KEYS[1]: session key; KEYS[2]: its tombstone key (same hash slot).
--- ARGV: channel, ns, id, now_ms, max_bytes, user, version, created_ms, ttl_ms,
---       created_ns (nanoseconds past created_ms), then attribute key/value pairs.
--- Replies {'deleted'}, {'corrupt', reason}, {'toolarge', size}, or the session followed by its
--- previous owner (the stored owner when it was kept; '' when there was none).
+-- ARGV: channel, ns, id, now_ms, max_bytes, user, created_ms, ttl_ms,
+--       created_ns (nanoseconds past created_ms), op ('' for none), then attribute key/value
+--       pairs.
+-- Replies {'deleted'}, {'corrupt', reason}, {'conflict', stored_version}, {'toolarge', size}
+-- or the session.
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'deleted'}
 end
@@ -15,10 +17,11 @@ local h, reason = load_session(KEYS[1])
 if not h and reason then
   return {'corrupt', reason}
 end
-if h and tonumber(h['ver']) >= tonumber(ARGV[7]) then
-  local kept = reply_session(KEYS[1])
-  kept[4] = h['user']
-  return kept
+if h then
+  if ARGV[10] ~= '' and h['op'] == ARGV[10] then
+    return reply_session(KEYS[1])
+  end
+  return {'conflict', h['ver']}
 end
 local size = 0
 for i = 11, #ARGV, 2 do
@@ -27,23 +30,20 @@ end
 if size > tonumber(ARGV[5]) then
   return {'toolarge', size}
 end
-local fields = {'fmt', '1', 'user', ARGV[6], 'ver', ARGV[7], 'created', ARGV[8], 'ttl', ARGV[9]}
-if ARGV[10] ~= '0' then
+local fields = {'fmt', '1', 'user', ARGV[6], 'ver', '1', 'created', ARGV[7], 'ttl', ARGV[8]}
+if ARGV[9] ~= '0' then
   fields[#fields + 1] = 'created_ns'
+  fields[#fields + 1] = ARGV[9]
+end
+if ARGV[10] ~= '' then
+  fields[#fields + 1] = 'op'
   fields[#fields + 1] = ARGV[10]
 end
 for i = 11, #ARGV, 2 do
   fields[#fields + 1] = 'a:' .. ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end
-redis.call('DEL', KEYS[1])
 call_chunked('HSET', KEYS[1], fields, 200)
-redis.call('PEXPIRE', KEYS[1], ARGV[9])
-local kind, previous = 'created', ''
-if h then
-  kind, previous = 'updated', h['user']
-end
-publish(ARGV[1], kind, ARGV[2], ARGV[3], ARGV[6], ARGV[7], ARGV[4])
-local reply = reply_session(KEYS[1])
-reply[4] = previous
-return reply
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[6], 1, ARGV[4])
+return reply_session(KEYS[1])

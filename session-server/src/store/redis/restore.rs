@@ -1,6 +1,7 @@
-//! Restore on the Redis store: a client's snapshot of a session (the cookie fallback's resync)
-//! written back by `restore.lua`, unless the id's tombstone says it was deleted less than one
-//! ttl ago or the store holds the same or a newer version.
+//! Restore on the Redis store: a session recreated from a client's snapshot for a store of
+//! another epoch (see [`crate::store`]) by `restore.lua`, at version 1, unless the id holds a
+//! session (a conflict: restored already) or its tombstone says it was deleted less than one
+//! ttl ago.
 
 use super::codec::{self, Reply};
 use super::{RedisStore, now_ms};
@@ -25,34 +26,30 @@ impl RedisStore {
             .arg(now)
             .arg(self.config.max_session_bytes)
             .arg(&record.user_id)
-            .arg(record.version)
             .arg(codec::unix_ms(record.created_at))
             .arg(codec::ttl_ms(record.ttl))
-            .arg(codec::sub_ms_nanos(record.created_at));
+            .arg(codec::sub_ms_nanos(record.created_at))
+            .arg(self.ops.next());
         for (key, value) in &record.attrs {
             call.arg(key).arg(value.as_slice());
         }
         let values = match self.parse(call.invoke_async(&mut conn).await)? {
             Reply::Deleted => {
+                // No session holds the id: the entry just added is the only one.
                 self.index_remove(&mut conn, namespace, &record.user_id, &[id])
                     .await?;
                 return Err(StoreError::Deleted);
             }
+            // The stored session is indexed under its own owner; if that is another user,
+            // the entry just added is stale, and readers skip and remove it.
+            Reply::Conflict(actual) => {
+                return Err(StoreError::Conflict {
+                    expected: 0,
+                    actual,
+                });
+            }
             reply => self.expect_ok(reply, namespace, id)?,
         };
-        let stored = self.record(namespace, id, now, &values)?;
-        // A newer stored session was kept: its owner, not the snapshot's, is indexed.
-        if stored.user_id != record.user_id {
-            self.index_remove(&mut conn, namespace, &record.user_id, &[id])
-                .await?;
-        }
-        self.index_add(&mut conn, namespace, &stored.user_id, id, stored.ttl)
-            .await?;
-        let previous = values.get(2).and_then(codec::text).unwrap_or_default();
-        if previous != stored.user_id {
-            self.index_remove(&mut conn, namespace, &previous, &[id])
-                .await?;
-        }
-        Ok(stored)
+        self.record(namespace, id, now, &values)
     }
 }

@@ -26,7 +26,7 @@ pub(super) struct Scripts {
     pub(super) touch: LuaScript,
     /// `delete.lua`: delete, optionally only at a version or for an owner; leaves a tombstone.
     pub(super) delete: LuaScript,
-    /// `restore.lua`: a client's snapshot back into the store, unless deleted or older.
+    /// `restore.lua`: a session recreated from a client's snapshot, unless live or deleted.
     pub(super) restore: LuaScript,
     /// `index_add.lua`: add an id to a user's index and keep the index alive.
     pub(super) index_add: LuaScript,
@@ -58,7 +58,8 @@ pub(super) struct LuaScript {
 }
 
 impl LuaScript {
-    fn new(code: String) -> Self {
+    /// A script of this text (helpers, if any, already prepended).
+    pub(super) fn new(code: String) -> Self {
         let hash = ::redis::Script::new(&code).get_hash().to_string();
         LuaScript { code, hash }
     }

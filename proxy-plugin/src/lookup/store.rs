@@ -1,0 +1,192 @@
+//! The lookup plugin's calls to the session store: each bounded by the lookup timeout (a call
+//! that does not answer in time is [`ClientError::TimedOut`], never taken for an unreachable
+//! store), the time of the store's last answer (anything it said, NOT_FOUND included), whether
+//! a failure is an outage the snapshot may stand in for, and pushing a snapshot back with
+//! `Restore` under the store's rules (see `Restore` in `session.proto`).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use session_client::cookie::{Snapshot, SnapshotPolicy, unix_ms};
+use session_client::{ClientConfig, ClientError, SessionClient, SessionData};
+
+use super::LookupError;
+use crate::config::LookupConfig;
+
+/// The session store as the plugin sees it.
+#[derive(Debug)]
+pub(super) struct Store {
+    /// The one client every request shares (one HTTP/2 connection).
+    client: SessionClient,
+    /// Bound on one call (`LookupConfig::timeout`).
+    timeout: Duration,
+    /// A timeout within this of the last answer is not an outage.
+    outage_grace: Duration,
+    /// When the store last answered (unix ms; 0: not since the plugin was made, so a timeout
+    /// counts as an outage, as in `session-client`'s layer).
+    last_answer_ms: AtomicU64,
+}
+
+/// The session the store holds once a request's snapshot is accounted for; `None` from
+/// [`Store::resync`] means there is none (deleted, expired, or refused as a snapshot).
+#[derive(Debug)]
+pub(super) struct Stored {
+    /// The stored session.
+    pub(super) session: SessionData,
+    /// The lookup outcome counted: `found`, `restored` (a snapshot pushed back and applied, or
+    /// recreated in a store that lost its data) or `conflict` (the store changed the session
+    /// meanwhile: it wins, the offline changes are dropped).
+    pub(super) outcome: &'static str,
+    /// The request's snapshot holds offline changes that could not be pushed yet (the store
+    /// did not answer the `Restore`): it stays as it is, for a later request.
+    pub(super) keep_snapshot: bool,
+}
+
+impl Store {
+    pub(super) fn new(config: &LookupConfig) -> Result<Self, LookupError> {
+        let client = SessionClient::connect_lazy(ClientConfig {
+            endpoint: config.session_server.clone(),
+            tls: config.tls.clone(),
+            namespace: config.namespace.clone(),
+            auth_token: config.auth_token.clone(),
+            // The plugin bounds every call itself (`call`), so that running out of time is
+            // always TimedOut: the channel's own deadline would end the call as CANCELLED,
+            // which the client cannot tell from a broken connection. Its deadline is a
+            // backstop past the plugin's.
+            timeout: config.timeout.saturating_mul(2),
+            connect_timeout: config.timeout,
+            // A request waits for the lookup: one bounded try, no backoff. The lazy channel
+            // reconnects by itself for the next request.
+            retries: 0,
+            backoff: Duration::ZERO,
+        })
+        .map_err(LookupError::Client)?;
+        Ok(Store {
+            client,
+            timeout: config.timeout,
+            outage_grace: config.outage_grace,
+            last_answer_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// `call` within the lookup timeout, noting whether the store answered.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        let result = tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::TimedOut(format!(
+                    "no answer within {:?}",
+                    self.timeout
+                )))
+            });
+        match &result {
+            Err(error) if error.is_retryable() => {}
+            Err(ClientError::Config(_)) => {}
+            _ => self
+                .last_answer_ms
+                .store(unix_ms(SystemTime::now()), Ordering::Relaxed),
+        }
+        result
+    }
+
+    /// Reads session `id`, sliding its expiry (as a backend's read would).
+    pub(super) async fn get(&self, id: &str) -> Result<SessionData, ClientError> {
+        self.call(self.client.get(id, true)).await
+    }
+
+    /// Whether `error` means the store is down, so a snapshot may stand in for the session:
+    /// unreachable (connection refused or broken, UNAVAILABLE), or timed out while the store
+    /// has not answered for longer than the outage grace. A timeout within the grace is a slow
+    /// store, not a lost one.
+    pub(super) fn is_outage(&self, error: &ClientError) -> bool {
+        if error.is_unavailable() {
+            return true;
+        }
+        if !error.is_timeout() {
+            return false;
+        }
+        let last = self.last_answer_ms.load(Ordering::Relaxed);
+        let grace = u64::try_from(self.outage_grace.as_millis()).unwrap_or(u64::MAX);
+        unix_ms(SystemTime::now()).saturating_sub(last) > grace
+    }
+
+    /// Pushes `snapshot` back with `Restore`: `stored` is the store's session when it has one
+    /// (the snapshot holds offline changes), `None` when it answered NOT_FOUND in another (or
+    /// no) epoch. `Err` only when the store did not answer and there is no stored session to
+    /// serve.
+    pub(super) async fn resync(
+        &self,
+        snapshot: &Snapshot,
+        stored: Option<SessionData>,
+    ) -> Result<Option<Stored>, ClientError> {
+        let session = id_prefix(&snapshot.id);
+        let found = |session, outcome, keep_snapshot| {
+            Some(Stored {
+                session,
+                outcome,
+                keep_snapshot,
+            })
+        };
+        match self.call(self.client.restore(snapshot.to_restore())).await {
+            Ok(restored) => {
+                tracing::info!(
+                    session,
+                    recreated = stored.is_none(),
+                    "session snapshot pushed back to the store"
+                );
+                Ok(found(restored, "restored", false))
+            }
+            Err(ClientError::Refused(reason)) => {
+                tracing::info!(session, %reason, "session snapshot refused by the store");
+                Ok(None)
+            }
+            Err(ClientError::Conflict(reason)) => {
+                tracing::info!(
+                    session,
+                    %reason,
+                    base_version = snapshot.base_version,
+                    keys_set = snapshot.offline_set.len(),
+                    keys_removed = snapshot.offline_removed.len(),
+                    "the store changed the session meanwhile: the store wins, offline changes dropped"
+                );
+                let stored = match stored {
+                    Some(stored) => stored,
+                    None => match self.get(&snapshot.id).await {
+                        Ok(stored) => stored,
+                        Err(ClientError::NotFound { .. }) => return Ok(None),
+                        Err(error) => return Err(error),
+                    },
+                };
+                Ok(found(stored, "conflict", false))
+            }
+            Err(error) => match stored {
+                // Not pushed now; the snapshot keeps its changes for a later request.
+                Some(stored) if error.is_retryable() => {
+                    tracing::warn!(session, %error, "offline session changes not pushed yet");
+                    Ok(found(stored, "found", true))
+                }
+                // The store will never take them (a read-only token, a limit): the store's
+                // session is served and its snapshot replaces the request's.
+                Some(stored) => {
+                    tracing::warn!(session, %error, "offline session changes refused: dropped");
+                    Ok(found(stored, "found", false))
+                }
+                None if error.is_retryable() => Err(error),
+                None => {
+                    tracing::warn!(session, %error, "session snapshot not restored");
+                    Ok(None)
+                }
+            },
+        }
+    }
+}
+
+/// The first characters of a session id, enough to follow one session through the logs
+/// without writing a usable id there.
+fn id_prefix(id: &str) -> &str {
+    id.get(..6).unwrap_or("")
+}
