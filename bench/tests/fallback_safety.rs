@@ -16,8 +16,8 @@
 //!   store answers again; the copied cookies bring nobody back.
 //!
 //! Real pieces, all in this process so the test controls the network: session servers
-//! (`session_server::server::run`) over each store, a TCP relay of the test's own between the
-//! backends and the session server (a partition the administrator, who talks to the server
+//! (`session_server::server::run`) over each store, a TCP relay (proxy-plugin's test relay)
+//! between the backends and the session server (a partition the administrator, who talks to the server
 //! directly, does not see; a restarted server behind the same URL), the demo app, the proxy,
 //! and a small axum app on `session_client::SessionLayer` whose sessions hold a `role`.
 //!
@@ -25,7 +25,7 @@
 //! missing one prints `SKIPPED <test>: why`, or fails under `STICKLESS_REQUIRE_SERVICES=1`.
 //! Every test has its own Redis key prefix or MySQL table, removed at its end.
 
-#[path = "support/relay.rs"]
+#[path = "../../proxy-plugin/tests/support/relay.rs"]
 mod relay;
 #[path = "support/stores.rs"]
 mod stores;
@@ -128,7 +128,7 @@ impl World {
             server.stop().await;
         }
         let server = Server::start(self.spec.build().await, self.spec.settings()).await;
-        self.relay.heal(server.addr);
+        self.relay.forward_to(server.addr);
         self.admin = server.client(NS);
         self.server = Some(server);
     }
@@ -141,7 +141,7 @@ impl World {
     /// The backends reach the session server again.
     fn heal(&self) {
         let server = self.server.as_ref().expect("a running server");
-        self.relay.heal(server.addr);
+        self.relay.forward_to(server.addr);
     }
 
     /// The sessions of `user` as the store lists them.

@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::extract::State;
@@ -37,7 +37,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use session_client::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
-use session_client::{ClientError, Patch, SessionClient, SessionConfig, SessionData};
+use session_client::{ClientError, OutageGrace, Patch, SessionClient, SessionConfig, SessionData};
 
 use crate::{Cart, CartAdd, Instance, JsonOrForm, Login, MAX_CART_ITEMS, not_logged_in};
 
@@ -94,8 +94,9 @@ struct ProxyState {
     /// Namespace written into snapshots and required of them: the client's, as the server
     /// names it (empty is `default`), which is what the proxy's `--session-namespace` says.
     namespace: Arc<str>,
-    /// When the store last answered (unix ms; 0: not yet).
-    last_answer_ms: Arc<AtomicU64>,
+    /// Down or slow: a timeout within the outage grace of the store's last answer is not an
+    /// outage.
+    outage: Arc<OutageGrace>,
     /// Logouts being retried in the background.
     pending_deletes: Arc<AtomicUsize>,
 }
@@ -107,12 +108,12 @@ pub(crate) fn router(instance: Instance, client: SessionClient, config: ProxyMod
         namespace => namespace,
     };
     let state = ProxyState {
+        outage: Arc::new(OutageGrace::new(config.outage_grace)),
         instance,
         namespace: Arc::from(namespace),
         client,
         config: Arc::new(config),
         snapshot_cookie: Arc::from(SessionConfig::default().snapshot_cookie_name),
-        last_answer_ms: Arc::new(AtomicU64::new(0)),
         pending_deletes: Arc::new(AtomicUsize::new(0)),
     };
     Router::new()
@@ -172,25 +173,14 @@ impl ProxyState {
                     "no answer within {timeout:?}"
                 )))
             });
-        if !matches!(&result, Err(error) if error.is_retryable()) {
-            self.last_answer_ms
-                .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
-        }
+        self.outage.note(&result);
         result
     }
 
     /// Whether `error` means the store is down: unreachable, or timed out while it has not
     /// answered for longer than the outage grace.
     fn is_outage(&self, error: &ClientError) -> bool {
-        if error.is_unavailable() {
-            return true;
-        }
-        if !error.is_timeout() {
-            return false;
-        }
-        let last = self.last_answer_ms.load(Ordering::Relaxed);
-        let grace = u64::try_from(self.config.outage_grace.as_millis()).unwrap_or(u64::MAX);
-        unix_ms(SystemTime::now()).saturating_sub(last) > grace
+        self.outage.is_outage(error)
     }
 
     /// A failed store call as a response: 503 while the store is down, 503 with

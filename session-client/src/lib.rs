@@ -47,6 +47,7 @@
 pub mod client;
 pub mod cookie;
 pub mod layer;
+pub mod outage;
 pub mod tls;
 
 pub use client::{
@@ -55,4 +56,5 @@ pub use client::{
 pub use layer::{
     DEFAULT_OUTAGE_GRACE, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,
 };
+pub use outage::OutageGrace;
 pub use tls::{ClientIdentity, ClientTls};

@@ -5,11 +5,10 @@
 //! `Restore` under the store's rules (see `Restore` in `session.proto`).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use session_client::cookie::{Snapshot, SnapshotPolicy, unix_ms};
-use session_client::{ClientConfig, ClientError, SessionClient, SessionData};
+use session_client::cookie::{Snapshot, SnapshotPolicy};
+use session_client::{ClientConfig, ClientError, OutageGrace, SessionClient, SessionData};
 
 use super::LookupError;
 use crate::config::LookupConfig;
@@ -21,11 +20,9 @@ pub(super) struct Store {
     client: SessionClient,
     /// Bound on one call (`LookupConfig::timeout`).
     timeout: Duration,
-    /// A timeout within this of the last answer is not an outage.
-    outage_grace: Duration,
-    /// When the store last answered (unix ms; 0: not since the plugin was made, so a timeout
-    /// counts as an outage, as in `session-client`'s layer).
-    last_answer_ms: AtomicU64,
+    /// Down or slow: a timeout within the outage grace of the store's last answer (or of the
+    /// plugin's start) is not an outage.
+    outage: OutageGrace,
 }
 
 /// The session the store holds once a request's snapshot is accounted for; `None` from
@@ -65,8 +62,7 @@ impl Store {
         Ok(Store {
             client,
             timeout: config.timeout,
-            outage_grace: config.outage_grace,
-            last_answer_ms: AtomicU64::new(0),
+            outage: OutageGrace::new(config.outage_grace),
         })
     }
 
@@ -83,13 +79,7 @@ impl Store {
                     self.timeout
                 )))
             });
-        match &result {
-            Err(error) if error.is_retryable() => {}
-            Err(ClientError::Config(_)) => {}
-            _ => self
-                .last_answer_ms
-                .store(unix_ms(SystemTime::now()), Ordering::Relaxed),
-        }
+        self.outage.note(&result);
         result
     }
 
@@ -103,15 +93,7 @@ impl Store {
     /// has not answered for longer than the outage grace. A timeout within the grace is a slow
     /// store, not a lost one.
     pub(super) fn is_outage(&self, error: &ClientError) -> bool {
-        if error.is_unavailable() {
-            return true;
-        }
-        if !error.is_timeout() {
-            return false;
-        }
-        let last = self.last_answer_ms.load(Ordering::Relaxed);
-        let grace = u64::try_from(self.outage_grace.as_millis()).unwrap_or(u64::MAX);
-        unix_ms(SystemTime::now()).saturating_sub(last) > grace
+        self.outage.is_outage(error)
     }
 
     /// Pushes `snapshot` back with `Restore`: `stored` is the store's session when it has one

@@ -1,18 +1,20 @@
 //! A TCP relay a test puts between a client of the session server (the proxy's lookup plugin,
 //! a `demo-app`) and the server, to make the server slow or unreachable for that client alone,
 //! on a URL that never changes:
-//! - [`Relay::forward`]: every byte is relayed (the default);
+//! - [`Relay::forward`]: every byte is relayed (the default); [`Relay::forward_to`] relays new
+//!   connections to another address (a server restarted on a port of its own);
 //! - [`Relay::stall`]: connections stay open and new ones are accepted, but nothing is relayed
 //!   in either direction (a store that stopped answering: the client times out);
 //! - [`Relay::cut`]: every relayed connection is closed and each new one is closed at once (a
 //!   network partition: the client finds the server unreachable).
 //!
-//! Also used by demo's tests (`#[path]`), so that the relay exists once.
+//! Also used by demo's and bench's tests (`#[path]`), so that the relay exists once.
 
 // Each test file uses a subset of it.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +38,8 @@ pub struct Relay {
     pub addr: SocketAddr,
     /// The mode, watched by every connection.
     mode: watch::Sender<Mode>,
+    /// Where new connections are relayed to.
+    target: Arc<Mutex<SocketAddr>>,
     /// The accept loop, owner of every connection's task.
     accept: JoinHandle<()>,
 }
@@ -48,8 +52,14 @@ impl Relay {
             .expect("bind a loopback port for the relay");
         let addr = listener.local_addr().expect("the relay's address");
         let (mode, watching) = watch::channel(Mode::Forward);
-        let accept = tokio::spawn(accept_loop(listener, target, watching));
-        Relay { addr, mode, accept }
+        let target = Arc::new(Mutex::new(target));
+        let accept = tokio::spawn(accept_loop(listener, target.clone(), watching));
+        Relay {
+            addr,
+            mode,
+            target,
+            accept,
+        }
     }
 
     /// `http://addr`: the session server's URL as the clients behind the relay know it.
@@ -60,6 +70,12 @@ impl Relay {
     /// Relays again (bytes held by a stall go through now).
     pub fn forward(&self) {
         self.mode.send_replace(Mode::Forward);
+    }
+
+    /// Relays again, new connections to `target` (connections made before go where they went).
+    pub fn forward_to(&self, target: SocketAddr) {
+        *self.target.lock().expect("relay target lock") = target;
+        self.forward();
     }
 
     /// Holds every byte: the server seems to have stopped answering.
@@ -80,7 +96,11 @@ impl Drop for Relay {
 }
 
 /// Accepts connections and relays each to `target` as the mode says.
-async fn accept_loop(listener: TcpListener, target: SocketAddr, mode: watch::Receiver<Mode>) {
+async fn accept_loop(
+    listener: TcpListener,
+    target: Arc<Mutex<SocketAddr>>,
+    mode: watch::Receiver<Mode>,
+) {
     let mut connections = JoinSet::new();
     loop {
         let Ok((client, _)) = listener.accept().await else {
@@ -93,6 +113,7 @@ async fn accept_loop(listener: TcpListener, target: SocketAddr, mode: watch::Rec
             continue;
         }
         let mode = mode.clone();
+        let target = *target.lock().expect("relay target lock");
         connections.spawn(async move {
             let Ok(server) = TcpStream::connect(target).await else {
                 return;

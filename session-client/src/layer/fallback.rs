@@ -27,6 +27,7 @@ use super::session::{Source, State};
 use super::{FallbackMode, SessionConfig, SessionError};
 use crate::client::{ClientError, SessionData};
 use crate::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
+use crate::outage::OutageGrace;
 
 /// Only before the server has answered once and with no ttl configured, a session made during
 /// an outage gets this ttl: session-server's default (`--default-ttl`), the best guess left.
@@ -116,10 +117,9 @@ pub(super) struct Fallback {
     rng: SystemRandom,
     /// The ttl sessions made during an outage get.
     ttl: LearnedTtl,
-    /// When the store last answered (unix ms; the layer's start before its first answer, so a
-    /// store slow at start-up is not taken for a lost one): a timeout within the outage grace
-    /// of it is not an outage.
-    last_answer_ms: AtomicU64,
+    /// Down or slow: a timeout within the outage grace of the store's last answer is not an
+    /// outage.
+    outage: OutageGrace,
     /// Sessions logged out while the store was unreachable: deleted once it answers again.
     pending_deletes: Mutex<HashSet<String>>,
     /// Offline changes dropped because the store had moved on (the store wins).
@@ -139,12 +139,13 @@ impl Fallback {
             config.fallback = FallbackMode::Off;
         }
         Fallback {
+            outage: OutageGrace::new(config.outage_grace),
             backend,
             codec,
             config,
             rng: SystemRandom::new(),
             ttl: LearnedTtl::default(),
-            last_answer_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+
             pending_deletes: Mutex::new(HashSet::new()),
             dropped: AtomicU64::new(0),
         }
@@ -170,22 +171,13 @@ impl Fallback {
 
     /// The store answered (anything, NOT_FOUND included).
     fn answered(&self) {
-        self.last_answer_ms
-            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+        self.outage.answered();
     }
 
-    /// Whether `error` means the store is down, so the snapshot may stand in: unreachable, or
-    /// timed out after the store has not answered for the outage grace.
+    /// Whether `error` means the store is down, so the snapshot may stand in
+    /// ([`OutageGrace::is_outage`]).
     fn is_outage(&self, error: &ClientError) -> bool {
-        if error.is_unavailable() {
-            return true;
-        }
-        if !error.is_timeout() {
-            return false;
-        }
-        let last = self.last_answer_ms.load(Ordering::Relaxed);
-        let grace = u64::try_from(self.config.outage_grace.as_millis()).unwrap_or(u64::MAX);
-        unix_ms(SystemTime::now()).saturating_sub(last) > grace
+        self.outage.is_outage(error)
     }
 
     /// The error a failed store call becomes when the snapshot does not stand in.
