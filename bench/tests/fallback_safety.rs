@@ -1029,6 +1029,56 @@ async fn a_logout_during_an_outage_sticks(kind: Kind, test: &str) {
     assert!(stack.world.stored(&id).await.is_none());
 }
 
+async fn a_session_made_and_logged_out_during_an_outage_never_comes_back(kind: Kind, test: &str) {
+    let Some(stack) = LayerStack::start(kind, test).await else {
+        return;
+    };
+    let carol = stack.login("carol").await;
+
+    stack.world.partition();
+    stack.store_reachable(false).await;
+    // A login during the outage: a session made offline, which the store has never seen.
+    let login = stack.post("/login?user=dan", &Jar::default()).await;
+    assert_eq!(
+        login.status,
+        StatusCode::OK,
+        "login during the outage: {login:?}"
+    );
+    let mut dan = Jar::default();
+    dan.take(&login);
+    let id = dan.get("sid").expect("sid").to_owned();
+    assert_eq!(LayerStack::snapshot(&dan).epoch, "", "made offline");
+    let copied = dan.clone();
+    let out = stack.post("/logout", &dan).await;
+    assert_eq!(
+        out.status,
+        StatusCode::OK,
+        "logout during the outage: {out:?}"
+    );
+    assert!(
+        out.removes("sid") && out.removes("sid_snap"),
+        "{:?}",
+        out.set_cookies
+    );
+
+    stack.world.heal();
+    stack.store_reachable(true).await;
+    // The next request that reaches the store settles the logout (restore, then delete: the
+    // delete leaves a tombstone the copied snapshot cannot get past).
+    let me = stack.get("/me", &carol).await;
+    assert_eq!(me.status, StatusCode::OK, "carol: {me:?}");
+    for attempt in 0..2 {
+        let replay = stack.get("/me", &copied).await;
+        assert_eq!(
+            replay.status,
+            StatusCode::UNAUTHORIZED,
+            "dan's copied cookies after the recovery, attempt {attempt}: {replay:?}"
+        );
+        assert!(stack.world.stored(&id).await.is_none(), "not recreated");
+        assert!(stack.world.sessions_of("dan").await.is_empty());
+    }
+}
+
 /// One test per store for `scenario`: `scenario::memory`, `::redis`, `::mysql`.
 macro_rules! on_every_store {
     ($($scenario:ident),* $(,)?) => {$(
@@ -1059,4 +1109,5 @@ on_every_store!(
     offline_changes_are_applied,
     a_store_that_lost_its_data_restores_live_sessions,
     a_logout_during_an_outage_sticks,
+    a_session_made_and_logged_out_during_an_outage_never_comes_back,
 );

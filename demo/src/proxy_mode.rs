@@ -183,10 +183,18 @@ impl ProxyState {
         self.outage.is_outage(error)
     }
 
-    /// A failed store call as a response: 503 while the store is down, 503 with
-    /// `Retry-After: 1` when it is slow, 500 otherwise.
+    /// A failed store call as a response: 401 when the session is gone, 503 while the store
+    /// is down, 503 with `Retry-After: 1` when it is slow, 500 otherwise.
     fn store_error(&self, error: ClientError) -> Response {
         tracing::warn!(%error, "session write failed");
+        if let ClientError::NotFound { .. } = error {
+            // Deleted or expired between the proxy's lookup and this write: logged out.
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "error": "no session" })),
+            )
+                .into_response();
+        }
         if self.is_outage(&error) {
             return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response();
         }

@@ -24,8 +24,8 @@
 //!   one, while the store answered anything (NOT_FOUND included) within the last
 //!   `outage_grace` (`--session-outage-grace`, 5 s by default). Then [`LookupFailure::Closed`]
 //!   answers 503 with `Retry-After: 1` and [`LookupFailure::Open`] forwards without session
-//!   headers; the snapshot is never used. A store silent for longer than the grace (or not
-//!   heard from since the plugin was made) is down: an outage.
+//!   headers; the snapshot is never used. A store silent for longer than the grace is down: an
+//!   outage (the plugin's start counts as an answer, so a store slow at start-up is not).
 //!
 //! In an outage without a snapshot to stand in, `on_failure` applies: `Open` forwards without
 //! session headers, `Closed` answers 503.
@@ -64,7 +64,11 @@
 //!   of another epoch (the store lost its data: a memory store restarted, a Redis flushed), or
 //!   of none (a session made during an outage), is pushed back with `Restore`, which recreates
 //!   it unless the id was deleted less than one ttl ago (outcome `restored`); refused, it is
-//!   missing.
+//!   missing. A NOT_FOUND without an epoch is "no session". A `Restore` that fails after a
+//!   NOT_FOUND is an error (`on_failure`), never the snapshot standing in: the store has just
+//!   said it does not hold the session. A `Restore` of offline changes that the lookup's token
+//!   may not make (PERMISSION_DENIED, a read-only token) leaves the snapshot as it is, for a
+//!   backend whose token may write; other refusals drop the offline changes.
 //! - **Logout**: a response that clears the session cookie (its `Set-Cookie` has an empty
 //!   value, `Max-Age=0` or an `Expires` in the past, see `lookup/set_cookie.rs`) also gets the
 //!   snapshot cookie expired (same attributes, `Max-Age=0`) unless the backend expires or sets
@@ -250,18 +254,30 @@ impl SessionLookup {
                     keep_snapshot: false,
                 })),
             },
-            Err(ClientError::NotFound { epoch }) => match &sent {
-                // Deleted or expired in this very store: never pushed back (a logout sticks).
-                Sent::Valid(snapshot)
-                    if !snapshot.epoch.is_empty()
-                        && epoch.as_deref() == Some(snapshot.epoch.as_str()) =>
+            Err(ClientError::NotFound { epoch }) => match (&sent, epoch) {
+                // The store lost it (another epoch), or it was made during an outage. The store
+                // has just answered: a failing Restore is an error (on_failure), never the
+                // snapshot standing in for a session the store says it does not hold.
+                (Sent::Valid(snapshot), Some(epoch))
+                    if snapshot.epoch.is_empty() || snapshot.epoch != epoch =>
                 {
-                    tracing::debug!("session gone from the store (same epoch): snapshot dropped");
+                    match plugin.store.resync(snapshot, None).await {
+                        Err(error) => {
+                            return self.failed(plugin, headers, Sent::Absent, error, secure);
+                        }
+                        resolved => resolved,
+                    }
+                }
+                // Deleted or expired in this very store (or a store that does not say its
+                // epoch): never pushed back (a logout sticks).
+                (Sent::Valid(_), epoch) => {
+                    tracing::debug!(
+                        epoch_known = epoch.is_some(),
+                        "session gone from the store: snapshot dropped"
+                    );
                     Ok(None)
                 }
-                // The store lost it (another epoch), or it was made during an outage.
-                Sent::Valid(snapshot) => plugin.store.resync(snapshot, None).await,
-                Sent::Absent | Sent::Invalid => Ok(None),
+                (Sent::Absent | Sent::Invalid, _) => Ok(None),
             },
             Err(ClientError::Invalid(_)) => Ok(None),
             Err(error) => Err(error),

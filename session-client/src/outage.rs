@@ -9,10 +9,9 @@
 //! (the store wins on recovery).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::client::ClientError;
-use crate::cookie::unix_ms;
 
 /// When the store last answered, and how long it may be silent before timeouts count as an
 /// outage. Shared by every request of one backend (cheap atomics).
@@ -20,8 +19,10 @@ use crate::cookie::unix_ms;
 pub struct OutageGrace {
     /// The grace, in ms.
     grace_ms: u64,
-    /// When the store last answered (unix ms); creation counts as an answer, so a store slow
-    /// at start-up is not taken for a lost one.
+    /// The monotonic origin `last_answer_ms` counts from (the wall clock may jump).
+    origin: Instant,
+    /// When the store last answered (ms since `origin`); creation counts as an answer, so a
+    /// store slow at start-up is not taken for a lost one.
     last_answer_ms: AtomicU64,
 }
 
@@ -30,14 +31,20 @@ impl OutageGrace {
     pub fn new(grace: Duration) -> Self {
         OutageGrace {
             grace_ms: u64::try_from(grace.as_millis()).unwrap_or(u64::MAX),
-            last_answer_ms: AtomicU64::new(unix_ms(SystemTime::now())),
+            origin: Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Milliseconds since `origin`, on the monotonic clock.
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The store answered (anything: a session, NOT_FOUND, a conflict).
     pub fn answered(&self) {
         self.last_answer_ms
-            .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
+            .store(self.elapsed_ms(), Ordering::Relaxed);
     }
 
     /// Notes the outcome of a call: every outcome but an unreachable or timed-out store (and a
@@ -60,13 +67,20 @@ impl OutageGrace {
             return false;
         }
         let last = self.last_answer_ms.load(Ordering::Relaxed);
-        unix_ms(SystemTime::now()).saturating_sub(last) > self.grace_ms
+        self.elapsed_ms().saturating_sub(last) > self.grace_ms
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An origin 10 s back, as if the judge had been made then.
+    fn ten_seconds_ago() -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs(10))
+            .expect("the monotonic clock is past 10 s")
+    }
 
     #[test]
     fn unreachable_is_an_outage_at_once_a_timeout_only_past_the_grace() {
@@ -77,8 +91,8 @@ mod tests {
         assert!(!judge.is_outage(&ClientError::NotFound { epoch: None }));
         assert!(!judge.is_outage(&ClientError::Conflict("moved".into())));
 
-        let quick = OutageGrace::new(Duration::ZERO);
-        quick.last_answer_ms.store(0, Ordering::Relaxed);
+        let mut quick = OutageGrace::new(Duration::ZERO);
+        quick.origin = ten_seconds_ago();
         assert!(quick.is_outage(&timeout), "silent past the grace");
         quick.note(&Ok::<(), ClientError>(()));
         quick.last_answer_ms.fetch_sub(1, Ordering::Relaxed);
@@ -87,7 +101,8 @@ mod tests {
 
     #[test]
     fn only_answers_move_the_last_answer() {
-        let judge = OutageGrace::new(Duration::from_secs(1));
+        let mut judge = OutageGrace::new(Duration::from_secs(1));
+        judge.origin = ten_seconds_ago();
         judge.last_answer_ms.store(7, Ordering::Relaxed);
         judge.note(&Err::<(), _>(ClientError::TimedOut("t".into())));
         judge.note(&Err::<(), _>(ClientError::Unavailable("u".into())));

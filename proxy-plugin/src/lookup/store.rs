@@ -151,7 +151,17 @@ impl Store {
                     tracing::warn!(session, %error, "offline session changes not pushed yet");
                     Ok(found(stored, "found", true))
                 }
-                // The store will never take them (a read-only token, a limit): the store's
+                // A token without the write right: the changes stay in the snapshot for a
+                // backend (whose token may write) to push; the store's session is served.
+                Some(stored) if matches!(error, ClientError::PermissionDenied(_)) => {
+                    tracing::warn!(
+                        session,
+                        %error,
+                        "offline session changes not pushed: the lookup's token may not write (give it rw to push them)"
+                    );
+                    Ok(found(stored, "found", true))
+                }
+                // The store will never take them (a limit, a malformed change): the store's
                 // session is served and its snapshot replaces the request's.
                 Some(stored) => {
                     tracing::warn!(session, %error, "offline session changes refused: dropped");

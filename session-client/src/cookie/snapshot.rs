@@ -28,6 +28,16 @@ pub fn unix_ms(at: SystemTime) -> u64 {
 }
 
 /// Milliseconds of `d`, saturating.
+/// A namespace as the server names it: `""` is the `default` namespace (session.proto), every
+/// other name is itself. Snapshots are written and compared in this form.
+pub fn canonical_namespace(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -38,10 +48,10 @@ pub trait SnapshotPolicy: Sized {
     /// its version as the base, no offline changes, valid until the session's own expiry but at
     /// most `max_age` past now.
     ///
-    /// `namespace` is written into the snapshot, and a reader requires its own there
-    /// ([`SnapshotPolicy::is_for`]): pass the namespace the reader will check (a client's
-    /// configured one), not necessarily `session.namespace`, which the server normalizes (`""`
-    /// becomes `default`).
+    /// `namespace` is written into the snapshot as the server names it ([`canonical_namespace`]:
+    /// `""` is `default`), and a reader requires its own there ([`SnapshotPolicy::is_for`]), so a
+    /// layer configured with `""` and a proxy configured with `default` read each other's
+    /// snapshots.
     fn confirmed(
         session: &SessionData,
         namespace: &str,
@@ -116,7 +126,7 @@ impl SnapshotPolicy for Snapshot {
         let now_ms = unix_ms(now);
         Snapshot {
             id: session.id.clone(),
-            namespace: namespace.to_owned(),
+            namespace: canonical_namespace(namespace).to_owned(),
             user_id: session.user_id.clone(),
             attrs: session
                 .attrs
@@ -157,7 +167,7 @@ impl SnapshotPolicy for Snapshot {
     }
 
     fn is_for(&self, id: &str, namespace: &str) -> bool {
-        self.id == id && self.namespace == namespace
+        self.id == id && canonical_namespace(&self.namespace) == canonical_namespace(namespace)
     }
 
     fn ttl(&self) -> Duration {
@@ -381,12 +391,16 @@ mod tests {
     }
 
     #[test]
-    fn the_snapshot_takes_the_readers_namespace() {
-        // A client configured with "" reads sessions the server calls "default".
+    fn an_empty_namespace_is_the_default_one() {
+        // A layer configured with "" and a proxy configured with "default" share snapshots.
         let snapshot = Snapshot::confirmed(&session(), "", at(NOW_MS), LONG);
+        assert_eq!(snapshot.namespace, "default");
         assert!(snapshot.is_for(&session().id, ""));
-        assert!(!snapshot.is_for(&session().id, "default"));
-        assert_eq!(snapshot.to_session().namespace, "");
+        assert!(snapshot.is_for(&session().id, "default"));
+        assert!(!snapshot.is_for(&session().id, "shop"));
+        assert_eq!(snapshot.to_session().namespace, "default");
+        let shop = Snapshot::confirmed(&session(), "shop", at(NOW_MS), LONG);
+        assert!(!shop.is_for(&session().id, ""));
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! [`SessionBackend`], and the cookies the response must carry come back as a
 //! [`CookieUpdate`] for the service to apply.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +25,7 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use super::backend::SessionBackend;
 use super::session::{Source, State};
 use super::{FallbackMode, SessionConfig, SessionError};
-use crate::client::{ClientError, SessionData};
+use crate::client::{ClientError, RestoreRequest, SessionData};
 use crate::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
 use crate::outage::OutageGrace;
 
@@ -34,8 +34,9 @@ use crate::outage::OutageGrace;
 /// Any answer of the server replaces it (see [`LearnedTtl`]).
 const ASSUMED_SERVER_TTL: Duration = Duration::from_secs(30 * 60);
 
-/// Most logouts made during an outage that are remembered for a delete once the store is back
-/// (beyond it the oldest are forgotten: those sessions expire on their own).
+/// Most logouts made during an outage that are remembered for a delete once the store is back;
+/// beyond it a logout is answered 503 (nothing is forgotten to make room: a flood of logouts
+/// of sessions made offline must not push out a real one).
 const MAX_PENDING_DELETES: usize = 10_000;
 
 /// Most remembered deletes retried on one request, once the store answers again.
@@ -120,8 +121,10 @@ pub(super) struct Fallback {
     /// Down or slow: a timeout within the outage grace of the store's last answer is not an
     /// outage.
     outage: OutageGrace,
-    /// Sessions logged out while the store was unreachable: deleted once it answers again.
-    pending_deletes: Mutex<HashSet<String>>,
+    /// Sessions logged out while the store was unreachable, each with the `Restore` of its
+    /// snapshot when the request had one: restored (if the store does not hold it) and then
+    /// deleted once the store answers again, so the delete leaves a tombstone.
+    pending_deletes: Mutex<HashMap<String, Option<RestoreRequest>>>,
     /// Offline changes dropped because the store had moved on (the store wins).
     dropped: AtomicU64,
 }
@@ -146,7 +149,7 @@ impl Fallback {
             rng: SystemRandom::new(),
             ttl: LearnedTtl::default(),
 
-            pending_deletes: Mutex::new(HashSet::new()),
+            pending_deletes: Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
         }
     }
@@ -211,7 +214,7 @@ impl Fallback {
         let Some(id) = state.cookie_id.clone() else {
             return Ok(());
         };
-        if self.pending_deletes.lock().contains(&id) {
+        if self.pending_deletes.lock().contains_key(&id) {
             // Logged out while the store was unreachable and not deleted yet: it stays logged
             // out, from the store and from its snapshot alike (the cookies are cleared).
             self.retry_deletes().await;
@@ -224,47 +227,46 @@ impl Fallback {
                 match snapshot {
                     // Changes made during an outage: push them back, under the store's rules.
                     Some(snap) if snap.has_offline_changes() => {
-                        self.resync(snap, Some(stored)).await
+                        self.resync(snap, Some(stored)).await?
                     }
-                    _ => Ok(Some(stored)),
+                    _ => Some(stored),
                 }
             }
             Err(ClientError::NotFound { epoch }) => {
                 self.answered();
-                match snapshot {
-                    // Deleted or expired in this very store: a logout sticks.
-                    Some(snap)
-                        if !snap.epoch.is_empty() && epoch.as_deref() == Some(&snap.epoch) =>
-                    {
-                        tracing::info!(
-                            "session gone from the store (same epoch): snapshot dropped"
-                        );
-                        Ok(None)
-                    }
+                match (snapshot, epoch) {
                     // The store lost it (another epoch), or it was made during an outage.
-                    Some(snap) => self.resync(snap, None).await,
-                    None => Ok(None),
+                    (Some(snap), Some(epoch)) if snap.epoch.is_empty() || snap.epoch != epoch => {
+                        self.resync(snap, None).await?
+                    }
+                    (Some(_), epoch) => {
+                        // Deleted or expired in this very store (or a store that does not say
+                        // its epoch): a logout sticks.
+                        tracing::info!(
+                            epoch_known = epoch.is_some(),
+                            "session gone from the store: snapshot dropped"
+                        );
+                        None
+                    }
+                    (None, _) => None,
                 }
             }
-            Err(error) => Err(error),
-        };
-        match found {
-            Ok(Some(stored)) => {
-                self.adopt(state, stored);
-                self.retry_deletes().await;
-            }
-            Ok(None) => self.retry_deletes().await,
             Err(error) if self.fallback_on() && self.is_outage(&error) => {
-                let Some(snap) = self.request_snapshot(state) else {
+                let Some(snap) = snapshot else {
                     return Err(SessionError::Unavailable(error));
                 };
                 tracing::info!(%error, "session store unavailable: serving the session from its snapshot");
                 state.current = snap.to_session();
                 state.snapshot = Some(snap);
                 state.source = Source::Snapshot;
+                return Ok(());
             }
             Err(error) => return Err(self.failure(error)),
+        };
+        if let Some(stored) = found {
+            self.adopt(state, stored);
         }
+        self.retry_deletes().await;
         Ok(())
     }
 
@@ -286,11 +288,26 @@ impl Fallback {
     /// Brings the store in step with a snapshot (`Restore`): the session to serve, `None` when
     /// the store refuses it (deleted or expired). When the store moved on (ABORTED), the
     /// store's session wins and the offline changes are dropped.
+    ///
+    /// The store answered the `Get` just before, so a failing `Restore` never makes the
+    /// snapshot stand in: a retryable failure is the request's error (503, the cookie kept
+    /// for the next try), any other drops the offline changes and serves what the store holds
+    /// (nothing, when it holds nothing: the cookies are cleared).
     async fn resync(
         &self,
         snap: Snapshot,
         stored: Option<SessionData>,
-    ) -> Result<Option<SessionData>, ClientError> {
+    ) -> Result<Option<SessionData>, SessionError> {
+        let dropped = |reason: &dyn std::fmt::Display, why: &str| {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %reason,
+                base_version = snap.base_version,
+                keys_set = snap.offline_set.len(),
+                keys_removed = snap.offline_removed.len(),
+                "offline changes dropped: {why}"
+            );
+        };
         match self.backend.restore(snap.to_restore()).await {
             Ok(restored) => Ok(Some(restored)),
             Err(ClientError::Refused(reason)) => {
@@ -298,58 +315,84 @@ impl Fallback {
                 Ok(None)
             }
             Err(ClientError::Conflict(reason)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    %reason,
-                    base_version = snap.base_version,
-                    keys_set = snap.offline_set.len(),
-                    keys_removed = snap.offline_removed.len(),
-                    "the store changed the session during the outage: offline changes dropped, the store wins"
+                dropped(
+                    &reason,
+                    "the store changed the session during the outage, the store wins",
                 );
                 match stored {
                     Some(stored) => Ok(Some(stored)),
                     None => match self.backend.get(&snap.id, true).await {
                         Ok(stored) => Ok(Some(stored)),
                         Err(ClientError::NotFound { .. }) => Ok(None),
-                        Err(error) => Err(error),
+                        Err(error) => Err(self.failure(error)),
                     },
                 }
             }
-            Err(error) => Err(error),
+            Err(error) if error.is_retryable() => Err(self.failure(error)),
+            Err(error) => {
+                dropped(&error, "the store refused the restore");
+                Ok(stored)
+            }
         }
     }
 
-    /// Deletes a few sessions logged out during an outage, now that the store answers.
+    /// Settles a few logouts made during an outage, now that the store answers.
     async fn retry_deletes(&self) {
-        let batch: Vec<String> = {
+        let batch: Vec<(String, Option<RestoreRequest>)> = {
             let pending = self.pending_deletes.lock();
             if pending.is_empty() {
                 return;
             }
-            pending.iter().take(DELETES_PER_REQUEST).cloned().collect()
+            pending
+                .iter()
+                .take(DELETES_PER_REQUEST)
+                .map(|(id, restore)| (id.clone(), restore.clone()))
+                .collect()
         };
-        for id in batch {
-            match self.backend.delete(&id).await {
-                Ok(_) | Err(ClientError::NotFound { .. } | ClientError::Invalid(_)) => {
-                    self.pending_deletes.lock().remove(&id);
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "deferred logout not yet deleted");
+        for (id, restore) in batch {
+            match self.settle_logout(&id, restore).await {
+                Ok(()) => {}
+                Err(error) if error.is_retryable() => {
+                    tracing::debug!(%error, "deferred logout not yet settled");
                     return;
                 }
+                // Not one the store will ever take (a token without the right, say): retrying
+                // it forever would hold up the others.
+                Err(error) => tracing::warn!(%error, "deferred logout refused by the store"),
             }
+            self.pending_deletes.lock().remove(&id);
         }
     }
 
-    /// Remembers a logout the store could not take.
-    fn defer_delete(&self, id: String) {
-        let mut pending = self.pending_deletes.lock();
-        if pending.len() >= MAX_PENDING_DELETES
-            && let Some(any) = pending.iter().next().cloned()
-        {
-            pending.remove(&any);
+    /// One deferred logout: the snapshot's `Restore` first (a session made offline, or lost
+    /// with the store's data, is not in the store, and a delete of an absent id leaves no
+    /// tombstone to refuse the snapshot if the cookies are replayed), then the delete.
+    async fn settle_logout(
+        &self,
+        id: &str,
+        restore: Option<RestoreRequest>,
+    ) -> Result<(), ClientError> {
+        if let Some(request) = restore {
+            match self.backend.restore(request).await {
+                // Restored, present already, or refused (deleted, expired): delete it now.
+                Ok(_) | Err(ClientError::Refused(_) | ClientError::Conflict(_)) => {}
+                Err(error) => return Err(error),
+            }
         }
-        pending.insert(id);
+        match self.backend.delete(id).await {
+            Ok(_) | Err(ClientError::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Remembers a logout the store could not take; `false` when too many are waiting.
+    fn defer_delete(&self, id: String, restore: Option<RestoreRequest>) -> bool {
+        let mut pending = self.pending_deletes.lock();
+        if pending.len() >= MAX_PENDING_DELETES && !pending.contains_key(&id) {
+            return false;
+        }
+        pending.insert(id, restore);
+        true
     }
 
     /// Writes the request's changes; called once after the handler. Returns the cookies the
@@ -382,8 +425,18 @@ impl Fallback {
                 // The cookies still go: the user is logged out in this browser, and the
                 // store's copy is deleted once the store answers again.
                 Err(error) if error.is_retryable() => {
+                    // The session's snapshot (the loaded one, else the request's cookie).
+                    let restore = state
+                        .snapshot
+                        .clone()
+                        .or_else(|| self.request_snapshot(state))
+                        .filter(|snap| snap.id == id)
+                        .map(|snap| snap.to_restore());
+                    if !self.defer_delete(id, restore) {
+                        tracing::warn!(%error, "logout during a store outage: too many deferred, refused");
+                        return Err(SessionError::Unavailable(error));
+                    }
                     tracing::warn!(%error, "logout during a store outage: delete deferred");
-                    self.defer_delete(id);
                 }
                 Err(error) => return Err(SessionError::Store(error)),
             }
@@ -419,7 +472,7 @@ impl Fallback {
             }
             Ok(None) => Ok(()),
             Err(error) if self.codec.is_some() && self.fallback_on() && self.is_outage(&error) => {
-                self.apply_locally(state)
+                self.apply_locally(state, error)
             }
             Err(error) => Err(self.failure(error)),
         }
@@ -442,18 +495,22 @@ impl Fallback {
     }
 
     /// During an outage: the changes go into the snapshot as offline changes against the
-    /// version the store last confirmed. A new session (or a regenerated one) gets an id made
-    /// here, in the server's format, and the ttl the server gives this layer's sessions; it is
-    /// a session made offline, which a store may create once it answers again.
-    fn apply_locally(&self, state: &mut State) -> Result<(), SessionError> {
+    /// version the store last confirmed. A new session gets an id made here, in the server's
+    /// format, and the ttl the server gives this layer's sessions; it is a session made
+    /// offline, which a store may create once it answers again.
+    ///
+    /// Regenerating an existing session is refused (`error`, a 503): done offline, it would
+    /// turn a stored session into one made offline, whose attributes a store would take on
+    /// recovery whatever it had changed meanwhile (the store would no longer win).
+    fn apply_locally(&self, state: &mut State, error: ClientError) -> Result<(), SessionError> {
         let now = SystemTime::now();
         let max_age = self.config.snapshot_max_age;
-        let fresh_id = state.current.id.is_empty() || state.changes.regenerate;
+        if state.changes.regenerate && !state.current.id.is_empty() {
+            tracing::warn!(%error, "session id regeneration during a store outage: refused");
+            return Err(self.failure(error));
+        }
+        let fresh_id = state.current.id.is_empty();
         if fresh_id {
-            if state.changes.regenerate && !state.current.id.is_empty() {
-                // The old id must not outlive the outage.
-                self.defer_delete(state.current.id.clone());
-            }
             let mut bytes = [0u8; 24];
             self.rng.fill(&mut bytes).map_err(|_| {
                 SessionError::Store(ClientError::Config("random source failed".into()))

@@ -75,6 +75,18 @@ enum Failure {
     Unavailable,
     /// No answer in time (DEADLINE_EXCEEDED, the client's timeout).
     TimedOut,
+    /// The token may not write (PERMISSION_DENIED): an error no retry mends.
+    Denied,
+}
+
+impl Failure {
+    fn error(self) -> ClientError {
+        match self {
+            Failure::Unavailable => ClientError::Unavailable("fake store is down".into()),
+            Failure::TimedOut => ClientError::TimedOut("fake store is slow".into()),
+            Failure::Denied => ClientError::PermissionDenied("read-only token".into()),
+        }
+    }
 }
 
 /// The fake's data, behind one lock.
@@ -90,6 +102,10 @@ struct FakeData {
     tombstones: HashSet<String>,
     /// While set, every call fails so.
     failing: Option<Failure>,
+    /// While set, every `Restore` fails so (the other calls answer).
+    failing_restore: Option<Failure>,
+    /// NOT_FOUND without the store's epoch (a store that does not say it).
+    silent_epoch: bool,
     /// Ids made so far.
     made: u64,
     /// Every call, in order.
@@ -110,6 +126,8 @@ impl FakeStore {
             sessions: HashMap::new(),
             tombstones: HashSet::new(),
             failing: None,
+            failing_restore: None,
+            silent_epoch: false,
             made: 0,
             calls: Vec::new(),
             taken: 0,
@@ -135,6 +153,16 @@ impl FakeStore {
         data.epochs += 1;
         data.epoch = format!("epoch-{}", data.epochs);
         data.epoch.clone()
+    }
+
+    /// Every `Restore` fails so (`None`: answers again).
+    fn fail_restore(&self, failure: Option<Failure>) {
+        self.0.lock().failing_restore = failure;
+    }
+
+    /// NOT_FOUND says no epoch while `silent`.
+    fn hide_epoch(&self, silent: bool) {
+        self.0.lock().silent_epoch = silent;
     }
 
     /// Puts `session` into the store as is.
@@ -189,12 +217,13 @@ impl FakeStore {
         answer: impl FnOnce(&mut FakeData) -> Result<T, ClientError>,
     ) -> Call<'static, T> {
         let mut data = self.0.lock();
+        let failing = match call {
+            Called::Restore(_) => data.failing.or(data.failing_restore),
+            _ => data.failing,
+        };
         data.calls.push(call);
-        let result = match data.failing {
-            Some(Failure::Unavailable) => {
-                Err(ClientError::Unavailable("fake store is down".into()))
-            }
-            Some(Failure::TimedOut) => Err(ClientError::TimedOut("fake store is slow".into())),
+        let result = match failing {
+            Some(failure) => Err(failure.error()),
             None => answer(&mut data),
         };
         Box::pin(std::future::ready(result))
@@ -205,7 +234,7 @@ impl FakeData {
     /// NOT_FOUND, with the store's epoch as the server sends it.
     fn not_found(&self) -> ClientError {
         ClientError::NotFound {
-            epoch: Some(self.epoch.clone()),
+            epoch: (!self.silent_epoch).then(|| self.epoch.clone()),
         }
     }
 
@@ -1172,7 +1201,11 @@ async fn a_logout_during_an_outage_is_deleted_once_the_store_answers_and_not_rep
     let (state, update) = replay.read(&fallback).await.unwrap();
     assert_eq!(state.current.id, "");
     assert_eq!(update, CookieUpdate::Clear);
-    assert_eq!(store.count(Method::Restore), 0);
+    assert_eq!(
+        store.count(Method::Restore),
+        1,
+        "the deferred logout's own (before its delete), none for the replay"
+    );
     assert!(store.stored(&ann.id).is_none());
     // Done once: later requests delete nothing more.
     bob_browser.read(&fallback).await.unwrap();
@@ -1349,4 +1382,210 @@ async fn through_the_layer_logout_expires_both_cookies() {
         .collect();
     expired.sort_unstable();
     assert_eq!(expired, ["sid", "sid_snap"]);
+}
+
+#[tokio::test]
+async fn a_session_made_and_logged_out_during_an_outage_is_never_recreated() {
+    let store = FakeStore::new();
+    let fallback = machine(&store);
+    let mut browser = Browser::default();
+    let mut other = Browser::holding(&stored_session(&store, 1));
+
+    store.set_down(true);
+    login_during_outage_in(&fallback, &mut browser).await;
+    let id = browser.id.clone().expect("an id made here");
+    let copied = browser.clone();
+    browser.logout(&fallback).await;
+
+    // Back: the next request settles the logout: restored from its snapshot, then deleted,
+    // which leaves the tombstone that refuses the snapshot from now on.
+    store.set_down(false);
+    other.read(&fallback).await.unwrap();
+    assert!(store.stored(&id).is_none());
+    assert!(store.has_tombstone(&id));
+
+    let mut replay = copied;
+    let (state, update) = replay.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "", "the logged-out session is not served");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert!(store.stored(&id).is_none(), "and not recreated");
+}
+
+#[tokio::test]
+async fn cookies_of_an_offline_session_logged_out_offline_replayed_first_are_refused() {
+    let store = FakeStore::new();
+    let fallback = machine(&store);
+    let mut browser = Browser::default();
+
+    store.set_down(true);
+    login_during_outage_in(&fallback, &mut browser).await;
+    let id = browser.id.clone().expect("an id made here");
+    let copied = browser.clone();
+    browser.logout(&fallback).await;
+    store.set_down(false);
+
+    let mut replay = copied;
+    let (state, update) = replay.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert!(store.stored(&id).is_none());
+    assert!(store.has_tombstone(&id));
+    // A second replay finds the tombstone.
+    let (state, _) = replay_of(&id).read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "");
+}
+
+/// A browser holding the cookies of a session made offline with id `id` (its snapshot made
+/// here): what a copy of the cookies replays.
+fn replay_of(id: &str) -> Browser {
+    let now = SystemTime::now();
+    let session = SessionData {
+        id: id.into(),
+        namespace: "shop".into(),
+        user_id: "bob".into(),
+        attrs: HashMap::new(),
+        version: 1,
+        created_at: now,
+        expires_at: now + FAKE_DEFAULT_TTL,
+        ttl: FAKE_DEFAULT_TTL,
+        epoch: String::new(),
+    };
+    let snapshot = Snapshot::made_offline(&session, "shop", now, DEFAULT_SNAPSHOT_MAX_AGE);
+    Browser {
+        id: Some(id.into()),
+        snapshot: Some(codec().encode(&snapshot).unwrap()),
+    }
+}
+
+/// A guest's login while the store is down, through `browser` (which keeps the cookies).
+async fn login_during_outage_in(fallback: &Fallback, browser: &mut Browser) {
+    let (state, _) = browser
+        .send(fallback, |s| set_user(s, "bob"))
+        .await
+        .unwrap();
+    assert_eq!(state.source, Source::Snapshot);
+}
+
+#[tokio::test]
+async fn regenerating_a_stored_session_during_an_outage_is_a_503_and_changes_nothing() {
+    let store = FakeStore::new();
+    let ann = stored_session(&store, 3);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&ann);
+    let before = browser.clone();
+
+    store.set_down(true);
+    let error = browser
+        .send(&fallback, |s| {
+            s.changes.regenerate = true;
+            set_user(s, "ann-admin");
+        })
+        .await
+        .expect_err("no new id offline for a stored session");
+    assert!(matches!(error, SessionError::Unavailable(_)), "{error:?}");
+    assert_eq!(browser.id, before.id);
+    assert_eq!(browser.snapshot, before.snapshot);
+
+    // Back: the stored session is as it was, and no Restore was needed.
+    store.set_down(false);
+    let (state, _) = browser.read(&fallback).await.unwrap();
+    assert_eq!(state.current, store.stored(&ann.id).unwrap());
+    assert_eq!(state.current.user_id, "ann");
+    assert_eq!(store.count(Method::Restore), 0);
+}
+
+#[tokio::test]
+async fn not_found_without_an_epoch_is_no_session_never_a_restore() {
+    let store = FakeStore::new();
+    let ann = stored_session(&store, 2);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&ann);
+    store.lose_data();
+    store.hide_epoch(true);
+
+    let (state, update) = browser.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, "");
+    assert_eq!(update, CookieUpdate::Clear);
+    assert_eq!(store.count(Method::Restore), 0);
+    assert!(store.stored(&ann.id).is_none());
+}
+
+#[tokio::test]
+async fn a_restore_failing_after_not_found_is_a_503_never_the_snapshot() {
+    let store = FakeStore::new();
+    let ann = stored_session(&store, 2);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&ann);
+    store.lose_data();
+
+    store.fail_restore(Some(Failure::Unavailable));
+    let error = browser.read(&fallback).await.expect_err("not served");
+    assert!(matches!(error, SessionError::Unavailable(_)), "{error:?}");
+    assert!(browser.id.is_some(), "cookies kept for the next try");
+
+    store.fail_restore(Some(Failure::TimedOut));
+    let error = browser.read(&fallback).await.expect_err("not served");
+    assert!(matches!(error, SessionError::TimedOut(_)), "{error:?}");
+
+    // Restore answers again: the session comes back from its snapshot (the store lost it).
+    store.fail_restore(None);
+    let (state, _) = browser.read(&fallback).await.unwrap();
+    assert_eq!(state.current.id, ann.id);
+    assert!(store.stored(&ann.id).is_some());
+}
+
+#[tokio::test]
+async fn a_restore_refused_outright_serves_the_stored_session_and_drops_the_offline_changes() {
+    let store = FakeStore::new();
+    let ann = stored_session(&store, 2);
+    let fallback = machine(&store);
+    let mut browser = Browser::holding(&ann);
+
+    store.set_down(true);
+    browser
+        .send(&fallback, |s| insert(s, "cart", "book"))
+        .await
+        .unwrap();
+    assert!(browser.snapshot().has_offline_changes());
+    store.set_down(false);
+
+    store.fail_restore(Some(Failure::Denied));
+    let (state, update) = browser.read(&fallback).await.unwrap();
+    assert_eq!(state.current, store.stored(&ann.id).unwrap());
+    assert_eq!(attr(&state.current, "cart"), None);
+    assert_eq!(fallback.dropped_offline_changes(), 1);
+    assert!(
+        !set_snapshot(&update).has_offline_changes(),
+        "the store's session, confirmed"
+    );
+
+    // And when Get itself is refused, the session is not served from its snapshot.
+    store.fail(Some(Failure::Denied));
+    let error = browser.read(&fallback).await.expect_err("an error");
+    assert!(matches!(error, SessionError::Store(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn a_logout_the_store_cannot_take_stays_queued_until_it_can() {
+    let store = FakeStore::new();
+    let ann = session_of(&store, &"A".repeat(32), "ann", 2);
+    let bob = session_of(&store, &"B".repeat(32), "bob", 2);
+    let fallback = machine(&store);
+    let mut ann_browser = Browser::holding(&ann);
+    let mut bob_browser = Browser::holding(&bob);
+
+    store.fail(Some(Failure::TimedOut));
+    // A timeout right after an answer: still a logout (cookies cleared, delete deferred).
+    ann_browser.logout(&fallback).await;
+    store.fail(None);
+    store.fail_restore(Some(Failure::Unavailable));
+    bob_browser.read(&fallback).await.unwrap();
+    assert!(
+        store.stored(&ann.id).is_some(),
+        "the Restore first: not yet"
+    );
+    store.fail_restore(None);
+    bob_browser.read(&fallback).await.unwrap();
+    assert!(store.stored(&ann.id).is_none());
+    assert!(store.has_tombstone(&ann.id));
 }

@@ -380,10 +380,15 @@ def decode_cookie(keys, value, now_ms):
     return snapshot
 
 
+def canonical(namespace):
+    """A namespace as the server names it: "" is "default"."""
+    return namespace or "default"
+
+
 def decode_for(keys, value, now_ms, session_id, namespace, max_age_ms):
     """decode_cookie, then what makes a snapshot stand in for session_id in namespace."""
     snapshot = decode_cookie(keys, value, now_ms)
-    if snapshot["id"] != session_id or snapshot["namespace"] != namespace:
+    if snapshot["id"] != session_id or canonical(snapshot["namespace"]) != canonical(namespace):
         raise Refused("other session")
     if snapshot["confirmed_at_ms"] == 0:
         raise Refused("unconfirmed")

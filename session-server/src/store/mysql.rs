@@ -235,6 +235,9 @@ impl std::fmt::Debug for MysqlStore {
     }
 }
 
+/// How much longer than a call may take the pool waits for a connection (see `connect`).
+const POOL_WAIT_PAST_CALL: Duration = Duration::from_millis(250);
+
 impl MysqlStore {
     /// Connects, migrates the schema, reads (or makes) the store's epoch, starts the reaper. A database that cannot be reached
     /// within [`MysqlConfig::timeout`], or with which TLS as the URL's `ssl-mode` asks fails,
@@ -281,7 +284,11 @@ impl MysqlStore {
         let pool = MySqlPoolOptions::new()
             .max_connections(config.pool_size.max(1))
             .min_connections(0)
-            .acquire_timeout(config.timeout)
+            // Just past the call timeout, so that waiting for a connection (all busy: a slow
+            // store) ends as the call's Timeout (DEADLINE_EXCEEDED), never as the pool's own
+            // PoolTimedOut, which reads as an unreachable store (UNAVAILABLE). At start-up,
+            // where nothing else bounds it, it is the connect's bound.
+            .acquire_timeout(config.timeout.saturating_add(POOL_WAIT_PAST_CALL))
             .idle_timeout(IDLE_TIMEOUT)
             .test_before_acquire(true)
             .after_connect(move |conn, _| {

@@ -67,6 +67,8 @@ pub(super) fn store_error(e: sqlx::Error) -> StoreError {
     let outage = match &e {
         // A TLS negotiation that fails (a server restarted without TLS, a certificate that no
         // longer verifies) is an outage too: the store recovers once it is fixed.
+        // PoolTimedOut only reaches here from start-up (calls are bounded before the pool's
+        // wait ends, see `MysqlStore::connect`): no connection could be made at all.
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut

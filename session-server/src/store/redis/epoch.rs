@@ -1,7 +1,7 @@
 //! The Redis store's epoch (see [`crate::store`]): a string key `{prefix}:epoch` with no
-//! expiry, made by `epoch.lua` (`SET NX` of a fresh random epoch, then `GET`), so the first
-//! store to reach a Redis makes it and every other store on that Redis and prefix reads the
-//! same one. A Redis that is flushed, replaced by an empty one, or loses the key any other way
+//! expiry, read by `epoch.lua` (`GET`, then `SET` of a fresh random epoch only if missing, one
+//! atomic script), so the first store to reach a Redis makes it and every other store on that
+//! Redis and prefix reads the same one. A Redis that is flushed, replaced by an empty one, or loses the key any other way
 //! gets a new epoch from the next read.
 //!
 //! The store remembers the last epoch it read ([`Epoch::cached`]) for the sessions it returns.
