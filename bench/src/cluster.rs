@@ -12,7 +12,7 @@
 //! when it is taken. Each start waits for the process with a deadline; each child's stdout and
 //! stderr go to a log file in the run's directory, whose end a failed start quotes.
 
-mod proc;
+pub(crate) mod proc;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -25,7 +25,9 @@
 //! - [`scenarios`]: the scenarios' timelines; running one pair or the whole matrix.
 //! - [`report`]: one [`Row`] per run, the Markdown table and the JSON.
 //! - [`svg`]: the charts.
-//! - `bin/compare.rs`: the `compare` command.
+//! - [`soak`]: the proxy and session server under hostile clients (slowloris, slow uploads,
+//!   a Watch flood), honest latency and errors measured before and during the attack.
+//! - `bin/compare.rs`: the `compare` command; `bin/soak.rs`: the `soak` command.
 
 pub mod binaries;
 pub mod cluster;
@@ -35,6 +37,7 @@ pub mod load_http;
 pub mod mode;
 pub mod report;
 pub mod scenarios;
+pub mod soak;
 pub mod svg;
 pub mod users;
 

@@ -400,6 +400,8 @@ async fn start_proxy(backend: &Served, session_url: &str, snapshot_max_age: Dura
         }],
         balance: BalanceMode::RoundRobin,
         trusted_proxies: Vec::new(),
+        allow_underscore_headers: false,
+        client_limits: proxy_plugin::config::ClientLimits::default(),
         health: HealthConfig {
             kind: HealthCheckKind::Off,
             interval: Duration::from_millis(100),
@@ -418,6 +420,7 @@ async fn start_proxy(backend: &Served, session_url: &str, snapshot_max_age: Dura
             max_connections: 100,
             max_tries: 3,
             retry_buffer_bytes: 64 * 1024,
+            ..Limits::default()
         },
         lookup: Some(lookup),
         tls: None,

@@ -190,6 +190,7 @@ async fn outage_keeps_users_logged_in(fallback: FallbackMode) {
         .list_by_user(ListByUserRequest {
             namespace: "demo".into(),
             user_id: "carol".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

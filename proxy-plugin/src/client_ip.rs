@@ -9,14 +9,19 @@
 //! This is what nginx `ip_hash` gets wrong behind a middle proxy: it hashes the socket peer, so
 //! every client arriving through one proxy (or one NAT) lands on the same backend. The `ip_hash`
 //! and `source` balancers here hash the address this module returns instead.
+//!
+//! It is worked out once per request, before the request filters run, into the
+//! [`FilterContext`](crate::filter::FilterContext); the forwarding filter
+//! ([`crate::filter::forwarding`]) then rebuilds the headers backends see from it: the
+//! `X-Forwarded-For` chain (an untrusted peer's replaced by its address, a trusted one's kept
+//! with the peer appended), and `X-Real-IP`, the address returned here.
 
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;
 use ipnet::IpNet;
 
-/// The `X-Forwarded-For` header name.
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
+use crate::filter::forwarding::X_FORWARDED_FOR;
 
 /// The client address of a request that came from `peer` with `headers`.
 ///

@@ -17,6 +17,7 @@
 //! balance = "cookie-hash:sid"      # or round-robin, least-conn, ip-hash, sticky-cookie, ...
 //! hash_type = "consistent"         # map (default) or consistent
 //! trusted_proxies = ["10.0.0.0/8"]
+//! # allow_underscore_headers = true   # forward header names with `_` (dropped by default)
 //! # backend_ca = "/etc/stickless/backend-ca.pem"   # for https:// backends; system roots otherwise
 //!
 //! [[backend]]
@@ -32,7 +33,9 @@
 //! check = "http:/healthz"
 //!
 //! [limits]            # header_read_timeout, max_header_bytes, max_body_bytes, connect_timeout,
-//! max_tries = 3       # response_timeout, max_connections, max_tries, retry_buffer_bytes
+//! max_tries = 3       # response_timeout, max_connections, max_tries, retry_buffer_bytes,
+//! min_upload_rate = "1k"  # body_read_timeout, send_timeout, idle_timeout
+//! # max_conns_per_ip = 20   # per client address; also rate_per_ip = "10/s", burst = 20
 //!
 //! [sticky]            # for balance = "sticky-cookie"
 //! cookie = "stickless_backend"
@@ -57,6 +60,7 @@ use ipnet::IpNet;
 use crate::balance::{BalanceMode, HashType, StickyConfig};
 
 mod admin;
+mod client_limits;
 mod file;
 mod flags;
 mod lookup;
@@ -64,10 +68,12 @@ mod tls;
 mod values;
 
 pub use admin::AdminToken;
+pub use client_limits::{ClientLimits, RateSetting, RequestRate};
 use file::FileConfig;
 pub use flags::Cli;
 pub use tls::TlsConfig;
 use values::Parsed;
+pub(crate) use values::header_name;
 pub use values::{
     AttrName, CookieName, LookupUrl, Namespace, SecretArg, SnapshotKey, StickyKey, Token,
 };
@@ -246,11 +252,28 @@ pub struct Limits {
     /// Largest request body kept in memory so that the request can be retried on another
     /// backend; larger bodies are streamed and never replayed.
     pub retry_buffer_bytes: usize,
+    /// Longest wait for the next piece of a request body (408, or the backend request ended
+    /// if its response started; nginx `client_body_timeout`). Never held against a backend.
+    pub body_read_timeout: Duration,
+    /// Slowest request body, in bytes per second, averaged over the time the proxy waits on
+    /// the client: a body may take `body_read_timeout` plus one second per this many bytes
+    /// received (Apache `mod_reqtimeout` `MinRate`); 0: off. Like `body_read_timeout`.
+    pub min_upload_rate: u64,
+    /// Longest a client may take none of its response before the connection is cut and the
+    /// backend request ended (nginx `send_timeout`).
+    pub send_timeout: Duration,
+    /// Longest an HTTP/1 keep-alive connection waits for its next request, and an HTTP/2
+    /// connection stays without an open stream (then GOAWAY), before they are closed (nginx
+    /// `keepalive_timeout`, HAProxy `timeout http-keep-alive`).
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
     /// nginx-like: 10 s for the head, 64 KiB of head, 10 MiB of body, 2 s to connect, 30 s for
-    /// the response head, 10 000 connections, 3 tries, 64 KiB of body kept for a retry.
+    /// the response head, 10 000 connections, 3 tries, 64 KiB of body kept for a retry; 60 s
+    /// between two pieces of a body or of a response taken by the client, 75 s idle between
+    /// requests; and, since bodies over 64 KiB are streamed to a backend (nginx buffers them
+    /// first), Apache's minimum upload rate of 500 bytes/s.
     fn default() -> Self {
         Limits {
             header_read_timeout: Duration::from_secs(10),
@@ -261,6 +284,10 @@ impl Default for Limits {
             max_connections: 10_000,
             max_tries: 3,
             retry_buffer_bytes: 64 * 1024,
+            body_read_timeout: Duration::from_secs(60),
+            min_upload_rate: 500,
+            send_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
         }
     }
 }
@@ -282,6 +309,13 @@ pub struct ProxyConfig {
     /// Peers whose `X-Forwarded-For`, `Forwarded` and `X-Forwarded-Proto: https` are believed
     /// (empty: none, the default).
     pub trusted_proxies: Vec<IpNet>,
+    /// Forward request headers whose names contain `_` (`--allow-underscore-headers`); off by
+    /// default, like nginx's `underscores_in_headers off`. `x_session_*` spellings are dropped
+    /// either way.
+    pub allow_underscore_headers: bool,
+    /// Per-client limits: requests in flight and request rate per client address (all off by
+    /// default).
+    pub client_limits: ClientLimits,
     /// Health checking.
     pub health: HealthConfig,
     /// Limits and timeouts.
@@ -295,50 +329,28 @@ pub struct ProxyConfig {
     pub backend_ca: Option<PathBuf>,
 }
 
-/// A balancing mode as written (`--balance`, `balance = ...`), before the hash type and the
-/// sticky-cookie settings complete it into a [`BalanceMode`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BalanceSpec {
-    /// `round-robin`.
-    RoundRobin,
-    /// `static-rr`.
-    StaticRr,
-    /// `least-conn`.
-    LeastConn,
-    /// `random`.
-    Random,
-    /// `ip-hash`.
-    IpHash,
-    /// `source`.
-    Source,
-    /// `uri`.
-    Uri,
-    /// `url-param:NAME`.
-    UrlParam(String),
-    /// `header:NAME` (name lowercased).
-    Header(String),
-    /// `cookie-hash:NAME` or `rdp-cookie:NAME`.
-    CookieHash(String),
-    /// `sticky-cookie`.
-    StickyCookie,
-}
-
-impl BalanceSpec {
-    /// The mode's name as written, without its `:NAME`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            BalanceSpec::RoundRobin => "round-robin",
-            BalanceSpec::StaticRr => "static-rr",
-            BalanceSpec::LeastConn => "least-conn",
-            BalanceSpec::Random => "random",
-            BalanceSpec::IpHash => "ip-hash",
-            BalanceSpec::Source => "source",
-            BalanceSpec::Uri => "uri",
-            BalanceSpec::UrlParam(_) => "url-param",
-            BalanceSpec::Header(_) => "header",
-            BalanceSpec::CookieHash(_) => "cookie-hash",
-            BalanceSpec::StickyCookie => "sticky-cookie",
+impl ProxyConfig {
+    /// The one rule of what a reload cannot change: puts back into `next` (a reloaded
+    /// configuration) this running configuration's settings that only a restart applies, the
+    /// addresses the listeners are bound to (`listen`, `admin_listen`) and whether `listen`
+    /// serves HTTPS (`tls` set or not; new certificate files of an HTTPS listener do reload).
+    /// Returns the names of the settings put back, for the warning; empty when `next` applies
+    /// whole.
+    pub fn keep_restart_settings(&self, next: &mut ProxyConfig) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        if next.listen != self.listen {
+            next.listen = self.listen;
+            kept.push("listen");
         }
+        if next.admin_listen != self.admin_listen {
+            next.admin_listen = self.admin_listen;
+            kept.push("admin_listen");
+        }
+        if next.tls.is_some() != self.tls.is_some() {
+            next.tls = self.tls.clone();
+            kept.push("tls");
+        }
+        kept
     }
 }
 
@@ -405,6 +417,7 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
     let invalid = |msg: String| ConfigError::Invalid(msg);
     let lookup = lookup::resolve(&cli, file.session_lookup)?;
     let tls = tls::resolve(&cli, file.tls)?;
+    let client_limits = client_limits::resolve(&cli, &file.limits)?;
     let backend_ca = cli.backend_ca.clone().or(file.backend_ca);
 
     let backends = if cli.backends.is_empty() {
@@ -443,10 +456,10 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
         admin_listen,
     )?;
 
-    let spec = cli
+    let mut balance = cli
         .balance
         .or(file.balance.map(|b| b.0))
-        .unwrap_or(BalanceSpec::RoundRobin);
+        .unwrap_or(BalanceMode::RoundRobin);
     let hash_type = cli.hash_type.or(file.hash_type.map(|h| h.0));
     let sticky = StickyConfig {
         cookie: cli
@@ -460,11 +473,11 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
             .or(file.sticky.key.map(|k| k.0))
         {
             Some(key) => key.0,
-            None if spec == BalanceSpec::StickyCookie => generated_sticky_key(),
+            None if matches!(balance, BalanceMode::StickyCookie(_)) => generated_sticky_key(),
             None => Vec::new(),
         },
     };
-    let balance = balance_mode(spec, hash_type, sticky)?;
+    complete_balance(&mut balance, hash_type, sticky)?;
 
     let defaults = HealthConfig::default();
     let fh = file.health;
@@ -525,6 +538,17 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
             .retry_buffer_bytes
             .or(fl.retry_buffer_bytes)
             .unwrap_or(defaults.retry_buffer_bytes),
+        body_read_timeout: pick(
+            cli.body_read_timeout,
+            fl.body_read_timeout,
+            defaults.body_read_timeout,
+        ),
+        min_upload_rate: cli
+            .min_upload_rate
+            .or(fl.min_upload_rate.map(|r| r.0))
+            .unwrap_or(defaults.min_upload_rate),
+        send_timeout: pick(cli.send_timeout, fl.send_timeout, defaults.send_timeout),
+        idle_timeout: pick(cli.idle_timeout, fl.idle_timeout, defaults.idle_timeout),
     };
 
     Ok(ProxyConfig {
@@ -539,6 +563,11 @@ pub fn resolve(cli: Cli, file_text: Option<&str>) -> Result<ProxyConfig, ConfigE
                 .trusted_proxies
                 .map(|nets| nets.into_iter().map(|n| n.0).collect()))
             .unwrap_or_default(),
+        allow_underscore_headers: cli
+            .allow_underscore_headers
+            .or(file.allow_underscore_headers)
+            .unwrap_or(false),
+        client_limits,
         health,
         limits,
         lookup,
@@ -552,39 +581,31 @@ fn pick<T>(flag: Option<T>, file: Option<Parsed<T>>, default: T) -> T {
     flag.or(file.map(|v| v.0)).unwrap_or(default)
 }
 
-/// Completes a balancing mode with the hash type and the sticky-cookie settings.
-fn balance_mode(
-    spec: BalanceSpec,
+/// Completes the balancing mode parsed from `--balance` with the hash type (map when unset)
+/// and the sticky-cookie settings. `consistent` is refused for the modes that do not hash.
+fn complete_balance(
+    mode: &mut BalanceMode,
     hash_type: Option<HashType>,
     sticky: StickyConfig,
-) -> Result<BalanceMode, ConfigError> {
-    let hash = hash_type.unwrap_or(HashType::Map);
-    let mode = match spec {
-        BalanceSpec::Source => BalanceMode::Source(hash),
-        BalanceSpec::Uri => BalanceMode::Uri(hash),
-        BalanceSpec::UrlParam(name) => BalanceMode::UrlParam(name, hash),
-        BalanceSpec::Header(name) => BalanceMode::Header(name, hash),
-        BalanceSpec::CookieHash(name) => BalanceMode::CookieHash(name, hash),
-        other => {
-            if hash_type == Some(HashType::Consistent) {
-                return Err(ConfigError::Invalid(format!(
-                    "hash_type \"consistent\" applies to source, uri, url-param, header and \
-                     cookie-hash, not to {} (ip-hash is always map-based; for consistent \
-                     hashing of the client address use balance \"source\")",
-                    other.name()
-                )));
-            }
-            match other {
-                BalanceSpec::RoundRobin => BalanceMode::RoundRobin,
-                BalanceSpec::StaticRr => BalanceMode::StaticRr,
-                BalanceSpec::LeastConn => BalanceMode::LeastConn,
-                BalanceSpec::Random => BalanceMode::Random,
-                BalanceSpec::IpHash => BalanceMode::IpHash,
-                _ => BalanceMode::StickyCookie(sticky),
-            }
+) -> Result<(), ConfigError> {
+    match mode {
+        BalanceMode::Source(hash)
+        | BalanceMode::Uri(hash)
+        | BalanceMode::UrlParam(_, hash)
+        | BalanceMode::Header(_, hash)
+        | BalanceMode::CookieHash(_, hash) => *hash = hash_type.unwrap_or(HashType::Map),
+        _ if hash_type == Some(HashType::Consistent) => {
+            return Err(ConfigError::Invalid(format!(
+                "hash_type \"consistent\" applies to source, uri, url-param, header and \
+                 cookie-hash, not to {} (ip-hash is always map-based; for consistent \
+                 hashing of the client address use balance \"source\")",
+                mode.name()
+            )));
         }
-    };
-    Ok(mode)
+        BalanceMode::StickyCookie(config) => *config = sticky,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The key used when sticky-cookie mode has none configured: made once per process, so a

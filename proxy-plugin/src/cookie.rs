@@ -1,16 +1,22 @@
 //! Reading cookies from request headers: the one `Cookie` parser of the proxy, used by the
 //! cookie-hash and sticky-cookie balancers and by the session-lookup plugin.
 //!
-//! Handles several `Cookie` headers (HTTP/2 clients may split them) and `a=1; b=2` lists;
-//! header values that are not visible ASCII and pairs without `=` are skipped, never a panic.
+//! Handles several `Cookie` headers (HTTP/2 clients may split them; the header hygiene filter
+//! joins them before anyone reads them) and `a=1; b=2` lists; header values that are not
+//! visible ASCII and pairs without `=` are skipped, never a panic.
+//!
+//! When a name appears twice (`sid=a; sid=b`: a cookie for `/` and one for `/app`, or one a
+//! subdomain planted), the session lookup and the cookie-hash and sticky-cookie balancers take
+//! the **last**, [`cookie_value`], as the backends' cookie jar does (`tower-cookies`, whose jar
+//! keeps the last cookie of a name), so the proxy and a backend never read two different
+//! sessions, or pins, from one request.
 
 use http::HeaderMap;
 use http::header::COOKIE;
 
-/// The values of every cookie called `name` in the request, in header order (the first is the
-/// one browsers consider most specific); surrounding whitespace is removed, and one pair of
-/// double quotes around the value (an unbalanced quote is kept, so such a value is never
-/// mistaken for a valid id or snapshot).
+/// The values of every cookie called `name` in the request, in header order; surrounding
+/// whitespace is removed, and one pair of double quotes around the value (an unbalanced quote
+/// is kept, so such a value is never mistaken for a valid id or snapshot).
 pub(crate) fn cookie_values<'a>(
     headers: &'a HeaderMap,
     name: &'a str,
@@ -29,6 +35,12 @@ pub(crate) fn cookie_values<'a>(
                     .unwrap_or(v)
             })
         })
+}
+
+/// The value of cookie `name` a backend reading the request with `tower-cookies` sees: the
+/// last of [`cookie_values`].
+pub(crate) fn cookie_value<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    cookie_values(headers, name).last()
 }
 
 #[cfg(test)]
@@ -53,12 +65,14 @@ mod tests {
     }
 
     #[test]
-    fn the_first_match_is_the_first_in_header_order() {
-        // What the session lookup takes: the first `sid`, even across headers.
-        let h = headers(&[b"a=1; sid=abc_DEF-123", b"sid=second"]);
-        assert_eq!(cookie_values(&h, "sid").next(), Some("abc_DEF-123"));
-        assert_eq!(cookie_values(&h, "a").next(), Some("1"));
-        assert_eq!(cookie_values(&h, "missing").next(), None);
+    fn the_value_is_the_last_in_header_order() {
+        // What the session lookup takes: the last `sid`, even across headers, as tower-cookies.
+        let h = headers(&[b"a=1; sid=abc_DEF-123", b"sid=second; b=2"]);
+        assert_eq!(cookie_value(&h, "sid"), Some("second"));
+        assert_eq!(cookie_value(&h, "a"), Some("1"));
+        assert_eq!(cookie_value(&h, "missing"), None);
+        let h = headers(&[b"sid=first; sid=last"]);
+        assert_eq!(cookie_value(&h, "sid"), Some("last"));
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   time, Prometheus metrics).
 //! - [`proxy`]: the reverse proxy itself ([`proxy::Proxy`]): accept loop, forwarding, retries,
 //!   limits, reload and graceful shutdown.
+//! - [`filter`]: the request filters, the proxy's extension point ([`filter::RequestFilter`],
+//!   [`filter::Reject`], [`filter::FilterContext`]), and the built-in ones: per-client limits,
+//!   header hygiene, forwarding headers.
 //! - [`client_ip`]: the real client address (socket peer, or `X-Forwarded-For` of a trusted proxy).
 //! - [`health`]: active (TCP, HTTP) and passive health checks, one task per backend.
 //! - [`lookup`]: the session-lookup plugin (a request filter adding `x-session-*` headers).
@@ -24,6 +27,7 @@ pub mod balance;
 pub mod client_ip;
 pub mod config;
 mod cookie;
+pub mod filter;
 pub mod health;
 pub mod lookup;
 pub mod metrics;

@@ -1,9 +1,11 @@
 //! The session-lookup plugin: a request filter (pingora's `request_filter` hook) run before a
 //! backend is picked, so backends get the session without any session code.
 //!
-//! On every request, plugin on or off, it first strips each `x-session-*` header the client
-//! sent: those headers are the proxy's word, and a client must never be able to claim a user.
-//! With the plugin on ([`LookupConfig`]), it then reads the session cookie, fetches the session
+//! Every `x-session-*` header the client sent, in any spelling (`x_session_user` too), is
+//! gone before it runs: the header hygiene filter ([`crate::filter::hygiene`]) drops them, and
+//! the plugin strips them again itself. Those headers are the proxy's word, and a client must
+//! never be able to claim a user. With the plugin on ([`LookupConfig`]), it then reads the
+//! session cookie (the last `sid`, as the backends' cookie jar keeps it), fetches the session
 //! through one shared [`SessionClient`](session_client::SessionClient) (`get(id, touch =
 //! true)`, so a request slides the expiry like a backend would) and sets:
 //!
@@ -39,8 +41,8 @@
 //! confirmed (its base), when it confirmed them, and the changes made while the store was
 //! unreachable (its offline changes).
 //! - **Store answers, session found**: the plugin's response filter sets a snapshot confirmed
-//!   by that answer (`Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came over
-//!   TLS, as the proxy's `X-Forwarded-Proto` says) unless the request's is up to date: the same
+//!   by that answer (`Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the client used https,
+//!   as the request's [`FilterContext`] says) unless the request's is up to date: the same
 //!   session, epoch and version, no offline changes, more than half its life left, signed with
 //!   the current key. So a user gets a new snapshot about twice a ttl, not on every response.
 //!   It snapshots the session as the lookup saw it: a change the backend makes in that request
@@ -112,16 +114,16 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use futures::future::BoxFuture;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 use session_client::ClientError;
 use session_client::cookie::{CookieError, SnapshotPolicy};
 
-use crate::config::{LookupConfig, LookupFailure};
-use crate::cookie::cookie_values;
-use crate::metrics::{ProxyMetrics, RejectReason};
-use crate::proxy::{RequestFilter, ResponseFilter};
+use crate::config::{LookupConfig, LookupFailure, header_name};
+use crate::cookie::cookie_value;
+use crate::filter::hygiene::strip_session_headers;
+use crate::filter::{FilterContext, Filtered, Reject, RequestFilter, ResponseFilter};
+use crate::metrics::ProxyMetrics;
 
 mod set_cookie;
 mod snapshots;
@@ -131,7 +133,13 @@ use snapshots::{Sent, SnapshotAction, SnapshotUpdate, Snapshots};
 use store::{Store, Stored};
 
 /// Prefix of every header this plugin owns.
-const SESSION_HEADER_PREFIX: &str = "x-session-";
+pub(crate) const SESSION_HEADER_PREFIX: &str = "x-session-";
+/// `reason` of the 503 answered when the store is unreachable and the plugin fails closed.
+pub const REJECT_LOOKUP_FAILED: &str = "lookup_failed";
+/// `reason` of the 503 (with `Retry-After: 1`) answered when the store did not answer in time
+/// although it answered within the outage grace (a slow store, not a lost one), and the plugin
+/// fails closed.
+pub const REJECT_LOOKUP_TIMED_OUT: &str = "lookup_timeout";
 /// Set (to `1`) when the session comes from its snapshot because the store is down.
 const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-session-degraded");
 /// Longest cookie value sent to the store as an id: real ids are 32 characters; anything much
@@ -203,21 +211,22 @@ impl SessionLookup {
     }
 
     /// Strips client-sent session headers, then (when on) adds the session's; returns the
-    /// response filter that keeps the snapshot cookie up to date, when one is needed.
+    /// response filter that keeps the snapshot cookie up to date, when one is needed. `secure`:
+    /// the client used https (the snapshot cookie is then `Secure`).
     pub async fn apply(
         &self,
         headers: &mut HeaderMap,
-    ) -> Result<Option<Box<dyn ResponseFilter>>, RejectReason> {
+        secure: bool,
+    ) -> Result<Option<Box<dyn ResponseFilter>>, Reject> {
         strip_session_headers(headers);
         let Some(plugin) = &self.plugin else {
             return Ok(None);
         };
-        let secure = crate::proxy::forwarded_https(headers);
         let update = self.lookup(plugin, headers, secure).await?.or_else(|| {
             // A request carrying a snapshot cookie always gets the filter, so that a logout
             // response (clearing the session cookie) expires that cookie too.
             let snapshots = plugin.snapshots.as_ref()?;
-            cookie_values(headers, &snapshots.cookie).next()?;
+            cookie_value(headers, &snapshots.cookie)?;
             Some(snapshots.update(SnapshotAction::Keep, true, secure))
         });
         Ok(update.map(|update| Box::new(update) as Box<dyn ResponseFilter>))
@@ -229,8 +238,9 @@ impl SessionLookup {
         plugin: &Plugin,
         headers: &mut HeaderMap,
         secure: bool,
-    ) -> Result<Option<SnapshotUpdate>, RejectReason> {
-        let Some(id) = cookie_values(headers, &plugin.config.cookie).next() else {
+    ) -> Result<Option<SnapshotUpdate>, Reject> {
+        // The last one, as the backends' cookie jar (tower-cookies) keeps it.
+        let Some(id) = cookie_value(headers, &plugin.config.cookie) else {
             self.metrics.lookup("no_cookie");
             return Ok(None);
         };
@@ -314,7 +324,7 @@ impl SessionLookup {
         sent: Sent,
         error: ClientError,
         secure: bool,
-    ) -> Result<Option<SnapshotUpdate>, RejectReason> {
+    ) -> Result<Option<SnapshotUpdate>, Reject> {
         let outage = plugin.store.is_outage(&error);
         if outage
             && let Some(snapshots) = &plugin.snapshots
@@ -344,12 +354,19 @@ impl SessionLookup {
             (LookupFailure::Closed, false) => {
                 self.metrics.lookup("failed_closed");
                 tracing::warn!(%error, "session lookup failed; answering 503 (fail-closed)");
-                Err(RejectReason::LookupFailed)
+                Err(Reject::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    REJECT_LOOKUP_FAILED,
+                ))
             }
             (LookupFailure::Closed, true) => {
                 self.metrics.lookup("timeout_closed");
                 tracing::warn!(%error, "session lookup timed out; answering 503 with Retry-After (fail-closed)");
-                Err(RejectReason::LookupTimedOut)
+                Err(Reject::new(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    REJECT_LOOKUP_TIMED_OUT,
+                )
+                .retry_after(1))
             }
         }
     }
@@ -359,13 +376,14 @@ impl RequestFilter for SessionLookup {
     fn request_filter<'a>(
         &'a self,
         head: &'a mut http::request::Parts,
-    ) -> BoxFuture<'a, Result<Option<Box<dyn ResponseFilter>>, RejectReason>> {
+        ctx: &'a FilterContext,
+    ) -> Filtered<'a> {
         if self.plugin.is_none() {
-            // Off: stripping is all there is, done now; the ready future is a few bytes.
+            // Off: stripping is all there is, done now, without a future to allocate.
             strip_session_headers(&mut head.headers);
-            return Box::pin(std::future::ready(Ok(None)));
+            return Filtered::pass();
         }
-        Box::pin(self.apply(&mut head.headers))
+        Filtered::later(self.apply(&mut head.headers, ctx.https()))
     }
 }
 
@@ -378,12 +396,9 @@ impl Plugin {
             .attrs
             .iter()
             .map(|name| {
-                HeaderName::try_from(format!(
-                    "{SESSION_HEADER_PREFIX}attr-{}",
-                    name.to_ascii_lowercase()
-                ))
-                .map(|header| (name.clone(), header))
-                .map_err(|_| LookupError::AttrName(name.clone()))
+                header_name(&format!("{SESSION_HEADER_PREFIX}attr-{name}"))
+                    .map(|header| (name.clone(), header))
+                    .map_err(|_| LookupError::AttrName(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let snapshots = if config.snapshot_keys.is_empty() {
@@ -432,18 +447,6 @@ impl Plugin {
     }
 }
 
-/// Removes every `x-session-*` header.
-fn strip_session_headers(headers: &mut HeaderMap) {
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with(SESSION_HEADER_PREFIX))
-        .cloned()
-        .collect();
-    for name in names {
-        headers.remove(&name);
-    }
-}
-
 /// Whether a cookie value looks like a session id (base64url, bounded length).
 fn plausible_id(id: &str) -> bool {
     !id.is_empty()
@@ -465,8 +468,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-session-user", HeaderValue::from_static("admin"));
         headers.insert("x-session-attr-role", HeaderValue::from_static("cm9vdA=="));
+        headers.insert("x_session_user", HeaderValue::from_static("admin"));
         headers.insert("x-sessionless", HeaderValue::from_static("kept"));
-        lookup.apply(&mut headers).await.unwrap();
+        lookup.apply(&mut headers, false).await.unwrap();
+        assert!(headers.get("x_session_user").is_none());
         assert!(headers.get("x-session-user").is_none());
         assert!(headers.get("x-session-attr-role").is_none());
         assert_eq!(headers.get("x-sessionless").unwrap(), "kept");
@@ -477,10 +482,11 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append(COOKIE, HeaderValue::from_static("a=1; sid=abc_DEF-123"));
         headers.append(COOKIE, HeaderValue::from_static("sid=second"));
-        let first = |name| cookie_values(&headers, name).next();
-        assert_eq!(first("sid"), Some("abc_DEF-123"));
-        assert_eq!(first("a"), Some("1"));
-        assert_eq!(first("missing"), None);
+        // The last `sid`, as the backends' cookie jar (tower-cookies) keeps it.
+        let find = |name| cookie_value(&headers, name);
+        assert_eq!(find("sid"), Some("second"));
+        assert_eq!(find("a"), Some("1"));
+        assert_eq!(find("missing"), None);
     }
 
     #[test]

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use proxy_plugin::admin::serve_admin;
-use proxy_plugin::balance::BalanceMode;
 use proxy_plugin::config::{self, Cli, ProxyConfig, TlsConfig};
 use proxy_plugin::proxy::Proxy;
 use proxy_plugin::tls::ListenerTls;
@@ -127,7 +126,7 @@ async fn run(
         address = %proxy_address,
         tls = tls.is_some(),
         backends = config.backends.len(),
-        balance = balance_name(&config.balance),
+        balance = config.balance.name(),
         "proxy listening"
     );
     let reloads = tokio::spawn(reload_on_hangup(
@@ -182,23 +181,6 @@ fn announce(role: &str, address: SocketAddr) {
     }
 }
 
-/// The mode's name for the log (its Debug form would print the sticky-cookie key).
-fn balance_name(mode: &BalanceMode) -> &'static str {
-    match mode {
-        BalanceMode::RoundRobin => "round-robin",
-        BalanceMode::StaticRr => "static-rr",
-        BalanceMode::LeastConn => "least-conn",
-        BalanceMode::Random => "random",
-        BalanceMode::IpHash => "ip-hash",
-        BalanceMode::Source(_) => "source",
-        BalanceMode::Uri(_) => "uri",
-        BalanceMode::UrlParam(..) => "url-param",
-        BalanceMode::Header(..) => "header",
-        BalanceMode::CookieHash(..) => "cookie-hash",
-        BalanceMode::StickyCookie(_) => "sticky-cookie",
-    }
-}
-
 /// On each SIGHUP: re-reads the file with the same flags and hands the result to the proxy,
 /// then re-reads the listener's certificate and key (whether or not the configuration was
 /// taken). A configuration or certificate that is refused is logged and the running one kept;
@@ -237,7 +219,7 @@ async fn reload_certificate(tls: &ListenerTls, files: &TlsConfig) {
 /// One configuration reload: `running` becomes the new configuration when the proxy takes it.
 async fn reload_configuration(cli: &Cli, running: &mut ProxyConfig, proxy: &Proxy) {
     let flags = cli.clone();
-    let mut next = match tokio::task::spawn_blocking(move || config::load(flags)).await {
+    let next = match tokio::task::spawn_blocking(move || config::load(flags)).await {
         Ok(Ok(next)) => next,
         Ok(Err(error)) => {
             tracing::error!(%error, "reload refused; keeping the running configuration");
@@ -248,29 +230,16 @@ async fn reload_configuration(cli: &Cli, running: &mut ProxyConfig, proxy: &Prox
             return;
         }
     };
-    // The listeners stay bound where they are; moving them takes a restart.
-    if next.listen != running.listen || next.admin_listen != running.admin_listen {
-        tracing::warn!(
-            "listen and admin_listen changes take effect only after a restart; \
-             keeping the bound addresses"
-        );
-        next.listen = running.listen;
-        next.admin_listen = running.admin_listen;
-    }
-    if next.tls.is_some() != running.tls.is_some() {
-        tracing::warn!(
-            "switching the listener between HTTP and HTTPS takes effect only after a \
-             restart; keeping it as it is"
-        );
-        next.tls = running.tls.clone();
-    }
-    if next == *running {
-        tracing::info!("configuration unchanged");
-    }
-    match proxy.reload(next.clone()) {
+    // The proxy keeps what only a restart changes (the bound listeners, HTTP or HTTPS) and
+    // warns; what it runs is `next` less those.
+    match proxy.reload(next) {
         Ok(()) => {
-            tracing::info!(backends = next.backends.len(), "configuration reloaded");
-            *running = next;
+            let applied = proxy.config();
+            if applied == *running {
+                tracing::info!("configuration unchanged");
+            }
+            tracing::info!(backends = applied.backends.len(), "configuration reloaded");
+            *running = applied;
         }
         Err(error) => {
             tracing::error!(%error, "reload refused; keeping the running configuration");

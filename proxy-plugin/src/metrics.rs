@@ -36,7 +36,9 @@ const LOOKUP_OUTCOMES: [&str; 11] = [
     "timeout_closed",
 ];
 
-/// Why the proxy answered a request itself instead of a backend.
+/// Why the proxy itself (its limits, timeouts and backends) answered a request instead of a
+/// backend. Request filters answer with a [`Reject`](crate::filter::Reject) of their own,
+/// counted under its own `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
     /// 408: the client did not send its request head (or small body) in time.
@@ -51,12 +53,6 @@ pub enum RejectReason {
     NoBackend,
     /// 503: more than `max_connections` client connections.
     TooManyConnections,
-    /// 503: the session store was unreachable and the lookup plugin fails closed.
-    LookupFailed,
-    /// 503 with `Retry-After: 1`: the session store did not answer in time although it
-    /// answered within the outage grace (a slow store, not a lost one), and the lookup plugin
-    /// fails closed.
-    LookupTimedOut,
     /// 504: the backend did not send its response head within `response_timeout`.
     GatewayTimeout,
     /// 400: the client broke off while sending its body.
@@ -72,20 +68,9 @@ impl RejectReason {
             RejectReason::BodyTooLarge => S::PAYLOAD_TOO_LARGE,
             RejectReason::HeaderTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
             RejectReason::BadGateway => S::BAD_GATEWAY,
-            RejectReason::NoBackend
-            | RejectReason::TooManyConnections
-            | RejectReason::LookupFailed
-            | RejectReason::LookupTimedOut => S::SERVICE_UNAVAILABLE,
+            RejectReason::NoBackend | RejectReason::TooManyConnections => S::SERVICE_UNAVAILABLE,
             RejectReason::GatewayTimeout => S::GATEWAY_TIMEOUT,
             RejectReason::ClientAborted => S::BAD_REQUEST,
-        }
-    }
-
-    /// Seconds sent in `Retry-After`, for a refusal the client should simply try again soon.
-    pub fn retry_after(self) -> Option<u32> {
-        match self {
-            RejectReason::LookupTimedOut => Some(1),
-            _ => None,
         }
     }
 
@@ -98,8 +83,6 @@ impl RejectReason {
             RejectReason::BadGateway => "bad_gateway",
             RejectReason::NoBackend => "no_backend",
             RejectReason::TooManyConnections => "max_connections",
-            RejectReason::LookupFailed => "lookup_failed",
-            RejectReason::LookupTimedOut => "lookup_timeout",
             RejectReason::GatewayTimeout => "gateway_timeout",
             RejectReason::ClientAborted => "client_aborted",
         }
@@ -129,6 +112,10 @@ pub struct ProxyMetrics {
     backend_up: IntGaugeVec,
     /// Requests in flight per current backend, refreshed at render time.
     backend_active: IntGaugeVec,
+    /// Clients cut for being too slow or idle, by kind (see [`ClientTimeouts`]).
+    client_timeouts: ClientTimeouts,
+    /// Upgrade requests and the tunnels they open (see [`TunnelMetrics`]).
+    tunnels: TunnelMetrics,
 }
 
 impl ProxyMetrics {
@@ -186,6 +173,8 @@ impl ProxyMetrics {
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(backend_up.clone()))?;
         registry.register(Box::new(backend_active.clone()))?;
+        let client_timeouts = ClientTimeouts::register(&registry)?;
+        let tunnels = TunnelMetrics::register(&registry)?;
         Ok(ProxyMetrics {
             registry,
             requests,
@@ -197,6 +186,8 @@ impl ProxyMetrics {
             lookup_outcomes: Arc::default(),
             backend_up,
             backend_active,
+            client_timeouts,
+            tunnels,
         })
     }
 
@@ -226,17 +217,28 @@ impl ProxyMetrics {
         self.retries.with_label_values(&[backend]).inc();
     }
 
-    /// Counts a request the proxy answered itself.
+    /// Counts a request the proxy answered itself for one of its own reasons.
     pub fn reject(&self, reason: RejectReason) {
+        self.reject_with(reason.status(), reason.label());
+    }
+
+    /// Counts a request answered with `status` by the proxy or a request filter, under the
+    /// `reason` label (a [`Reject`](crate::filter::Reject)'s).
+    pub fn reject_with(&self, status: StatusCode, reason: &str) {
         self.rejects
-            .with_label_values(&[reason.status().as_str(), reason.label()])
+            .with_label_values(&[status.as_str(), reason])
             .inc();
     }
 
     /// How many rejects of `reason` were counted (tests, admin).
     pub fn rejects(&self, reason: RejectReason) -> u64 {
+        self.rejects_with(reason.status(), reason.label())
+    }
+
+    /// How many requests were answered with `status` under the `reason` label (tests, admin).
+    pub fn rejects_with(&self, status: StatusCode, reason: &str) -> u64 {
         self.rejects
-            .with_label_values(&[reason.status().as_str(), reason.label()])
+            .with_label_values(&[status.as_str(), reason])
             .get()
     }
 
@@ -314,6 +316,228 @@ impl BackendMetrics {
                     .with_label_values(&[self.name.as_str()])
             })
             .observe(latency.as_secs_f64());
+    }
+}
+
+// ---- Client timeouts: slow or idle clients the proxy cut (`proxy_client_timeouts_total`). ----
+
+/// Why the proxy cut a client that was too slow or idle: the `kind` label of
+/// `proxy_client_timeouts_total`. None of them is ever held against a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeoutKind {
+    /// No request body data for `body_read_timeout` (nginx `client_body_timeout`).
+    BodyRead,
+    /// The request body averaged less than `min_upload_rate`.
+    SlowUpload,
+    /// The client took none of the response for `send_timeout` (nginx `send_timeout`).
+    Send,
+    /// An HTTP/1 keep-alive connection between requests, or an HTTP/2 connection without an
+    /// open stream, idle for `idle_timeout` (nginx `keepalive_timeout`).
+    Idle,
+}
+
+impl ClientTimeoutKind {
+    /// Every kind, in label order.
+    const ALL: [ClientTimeoutKind; 4] = [
+        ClientTimeoutKind::BodyRead,
+        ClientTimeoutKind::SlowUpload,
+        ClientTimeoutKind::Send,
+        ClientTimeoutKind::Idle,
+    ];
+
+    /// The `kind` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientTimeoutKind::BodyRead => "body_read",
+            ClientTimeoutKind::SlowUpload => "slow_upload",
+            ClientTimeoutKind::Send => "send",
+            ClientTimeoutKind::Idle => "idle",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `proxy_client_timeouts_total`, each kind's counter resolved once (and exported from the
+/// start, at 0). Cheap to clone: request bodies carry one to count their own timeouts.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientTimeouts {
+    /// The counter of each [`ClientTimeoutKind`], by [`ClientTimeoutKind::index`].
+    by_kind: Arc<[IntCounter; ClientTimeoutKind::ALL.len()]>,
+}
+
+impl ClientTimeouts {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let family = IntCounterVec::new(
+            Opts::new(
+                "proxy_client_timeouts_total",
+                "Clients cut for being too slow or idle, by kind.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(family.clone()))?;
+        let by_kind = ClientTimeoutKind::ALL.map(|kind| family.with_label_values(&[kind.label()]));
+        Ok(ClientTimeouts {
+            by_kind: Arc::new(by_kind),
+        })
+    }
+
+    /// Counts one client cut for `kind`.
+    pub(crate) fn count(&self, kind: ClientTimeoutKind) {
+        self.by_kind[kind.index()].inc();
+    }
+}
+
+impl ProxyMetrics {
+    /// Counts one client cut for `kind`.
+    pub fn client_timeout(&self, kind: ClientTimeoutKind) {
+        self.client_timeouts.count(kind);
+    }
+
+    /// How many clients were cut for `kind` (tests, admin).
+    pub fn client_timeouts(&self, kind: ClientTimeoutKind) -> u64 {
+        self.client_timeouts.by_kind[kind.index()].get()
+    }
+
+    /// The client-timeout counters, for the request bodies that count their own.
+    pub(crate) fn client_timeout_counters(&self) -> ClientTimeouts {
+        self.client_timeouts.clone()
+    }
+}
+
+// ---- Upgrades: WebSocket and other tunnels (`proxy_upgrades_total`, `proxy_tunnels_open`,
+// `proxy_tunnels_ended_total`). ----
+
+/// What came of an upgrade request a backend answered: the `outcome` label of
+/// `proxy_upgrades_total`. Upgrade requests the proxy answered itself (no backend, a filter's
+/// refusal) are counted in `proxy_rejects_total` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeOutcome {
+    /// The backend switched protocols and both connections became a tunnel.
+    Tunnel,
+    /// The backend answered something else than 101, relayed as a normal response.
+    Refused,
+    /// The backend switched protocols, but the tunnel could not take over both connections
+    /// (the client left before its 101, or the backend closed at once).
+    Failed,
+}
+
+impl UpgradeOutcome {
+    /// Every outcome, in label order.
+    const ALL: [UpgradeOutcome; 3] = [
+        UpgradeOutcome::Tunnel,
+        UpgradeOutcome::Refused,
+        UpgradeOutcome::Failed,
+    ];
+
+    /// The `outcome` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpgradeOutcome::Tunnel => "tunnel",
+            UpgradeOutcome::Refused => "refused",
+            UpgradeOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// How a tunnel ended: the `reason` label of `proxy_tunnels_ended_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their half (or one closed and the other followed).
+    Closed,
+    /// No byte in either direction for `idle_timeout`: both sides closed by the proxy.
+    Idle,
+    /// A read or write failed (a reset, or a client taking nothing for `send_timeout`).
+    Error,
+}
+
+impl TunnelEnd {
+    /// Every reason, in label order.
+    const ALL: [TunnelEnd; 3] = [TunnelEnd::Closed, TunnelEnd::Idle, TunnelEnd::Error];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TunnelEnd::Closed => "closed",
+            TunnelEnd::Idle => "idle",
+            TunnelEnd::Error => "error",
+        }
+    }
+}
+
+/// The tunnel metrics, every series resolved once (and exported from the start, at 0).
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelMetrics {
+    /// `proxy_upgrades_total` by [`UpgradeOutcome`], in [`UpgradeOutcome::ALL`] order.
+    upgrades: Arc<[IntCounter; UpgradeOutcome::ALL.len()]>,
+    /// `proxy_tunnels_open`: tunnels relaying now.
+    open: IntGauge,
+    /// `proxy_tunnels_ended_total` by [`TunnelEnd`], in [`TunnelEnd::ALL`] order.
+    ended: Arc<[IntCounter; TunnelEnd::ALL.len()]>,
+}
+
+impl TunnelMetrics {
+    fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "proxy_upgrades_total",
+                "Upgrade requests (WebSocket) a backend answered, by outcome.",
+            ),
+            &["outcome"],
+        )?;
+        let open = IntGauge::new("proxy_tunnels_open", "Upgraded connections relaying now.")?;
+        let ended = IntCounterVec::new(
+            Opts::new(
+                "proxy_tunnels_ended_total",
+                "Upgraded connections ended, by reason.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(upgrades.clone()))?;
+        registry.register(Box::new(open.clone()))?;
+        registry.register(Box::new(ended.clone()))?;
+        Ok(TunnelMetrics {
+            upgrades: Arc::new(
+                UpgradeOutcome::ALL.map(|o| upgrades.with_label_values(&[o.label()])),
+            ),
+            open,
+            ended: Arc::new(TunnelEnd::ALL.map(|e| ended.with_label_values(&[e.label()]))),
+        })
+    }
+
+    /// Counts an upgrade request's outcome.
+    pub(crate) fn upgrade(&self, outcome: UpgradeOutcome) {
+        self.upgrades[outcome as usize].inc();
+    }
+
+    /// A tunnel starts relaying.
+    pub(crate) fn opened(&self) {
+        self.open.inc();
+    }
+
+    /// A tunnel ended for `end`.
+    pub(crate) fn ended(&self, end: TunnelEnd) {
+        self.open.dec();
+        self.ended[end as usize].inc();
+    }
+}
+
+impl ProxyMetrics {
+    /// The tunnel metrics, for the upgrade path.
+    pub(crate) fn tunnels(&self) -> &TunnelMetrics {
+        &self.tunnels
+    }
+
+    /// How many upgrade requests had `outcome` (tests, admin).
+    pub fn upgrades(&self, outcome: UpgradeOutcome) -> u64 {
+        self.tunnels.upgrades[outcome as usize].get()
+    }
+
+    /// Tunnels relaying now (tests, admin).
+    pub fn tunnels_open(&self) -> i64 {
+        self.tunnels.open.get()
     }
 }
 

@@ -1,11 +1,14 @@
 //! The reverse proxy: hyper 1 serving HTTP/1.1 and HTTP/2 clients, HTTP/1.1 to backends over a
 //! keep-alive pool per backend, bodies streamed both ways.
 //!
-//! A request goes through pingora-style steps: the request filters ([`RequestFilter`]; the
-//! session-lookup plugin is one), the balancer's `pick` among usable backends, the upstream
+//! A request goes through pingora-style steps: the request filters ([`crate::filter`]:
+//! per-client limits, header hygiene, forwarding headers, the session-lookup plugin, in that
+//! order by default, the first and last when configured; a filter may answer the request
+//! itself with a [`Reject`]), the balancer's `pick` among usable backends, the upstream
 //! exchange with retries, then the balancer's `on_response` (sticky cookie) and the response
-//! filters the request filters asked for ([`ResponseFilter`]; the lookup plugin's snapshot
-//! cookie) on the response head.
+//! filters the request filters asked for (the lookup plugin's snapshot cookie) on the
+//! response head. The proxy owns the ordered list of filter factories
+//! ([`Proxy::with_filters`]) and builds the filters for each configuration it runs.
 //!
 //! ```no_run
 //! # async fn run(config: proxy_plugin::config::ProxyConfig) -> Result<(), Box<dyn std::error::Error>> {
@@ -23,32 +26,45 @@
 //!
 //! # Decisions
 //! - **Host**: the client's `Host` is kept (nginx `proxy_set_header Host $host`), so backends
-//!   see the name the client used; `X-Forwarded-For` (appended), `X-Forwarded-Proto` (`https`
-//!   on a TLS listener, else `http`), `X-Forwarded-Host` and an RFC 7239 `Forwarded` element
-//!   (`proto=` the same) are added before the request filters run; hop-by-hop headers
+//!   see the name the client used (an HTTP/1.1 request without one, with two, or with one
+//!   disagreeing with its target is a 400: [`crate::filter::hygiene`]); `X-Forwarded-For`,
+//!   `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host` and an RFC 7239 `Forwarded` element
+//!   are rebuilt from the trusted chain by [`crate::filter::forwarding`]; hop-by-hop headers
 //!   (`Connection` and the headers it names, `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`,
-//!   `Transfer-Encoding`, `Upgrade`) are removed both ways, so upgrades (WebSocket) are not
-//!   proxied.
+//!   `Transfer-Encoding`, `Upgrade`) are removed both ways before the filters run, but for the
+//!   `Connection: upgrade` and `Upgrade` of an HTTP/1.1 upgrade request (WebSocket), and of the
+//!   backend's 101 to it: see `proxy/tunnel.rs` (bytes copied both ways, on a backend
+//!   connection of its own, until a side closes or `idle_timeout` passes without a byte).
+//!   HTTP/2 extended CONNECT (RFC 8441) is not supported.
 //! - **Retries** (nginx `proxy_next_upstream error timeout`, at most `max_tries` backends): a
 //!   connect failure moves on whatever the method, since nothing reached the backend; a reset
 //!   or a response timeout moves on only for idempotent methods (GET, HEAD, OPTIONS, PUT,
 //!   DELETE, TRACE); a POST or PATCH that may have reached a backend is never replayed (502,
 //!   or 504 for a timeout). A backend's own 5xx answer is relayed, not retried.
 //! - **Request bodies**: empty ones, and those whose `Content-Length` is at most
-//!   `retry_buffer_bytes`, are read into memory (within `header_read_timeout`) so any try can
-//!   resend them; larger or chunked ones are streamed, and can go to another backend only if
-//!   no try has started sending them (a connect failure).
+//!   `retry_buffer_bytes`, are read into memory so any try can resend them; larger or chunked
+//!   ones are streamed, and can go to another backend only if no try has started sending
+//!   them (a connect failure). Either way a body is timed on the client's time only:
+//!   `body_read_timeout` between two pieces, `min_upload_rate` on average (see
+//!   `proxy/body.rs`).
 //! - **Timeouts and statuses**: request head not complete within `header_read_timeout` →
 //!   408 when part of it arrived, silent close for an idle keep-alive connection; head over
 //!   `max_header_bytes` → 431; `Content-Length` over `max_body_bytes` → 413 before any backend
 //!   is contacted, a streamed body crossing it is cut (413 if no response started); a client
-//!   body idle for `header_read_timeout` → 408; connect failure with no try left → 502; no
-//!   response head within `response_timeout` (counted from sending the request) → 504; a
-//!   backend body idle for `response_timeout` is cut; more than `max_connections` client
-//!   connections → 503 for the extra ones (a counter checked at accept rather than a
-//!   semaphore, so a reload can change the limit); no usable backend → 503. The head clock
-//!   also closes an idle HTTP/1 keep-alive connection `header_read_timeout` after its last
-//!   response.
+//!   body idle for `body_read_timeout` or slower than `min_upload_rate` → 408 (the backend
+//!   request ended if its response started), never counted as a backend failure; connect
+//!   failure with no try left → 502; no response head within `response_timeout` of the
+//!   backend's time (from sending the request, or from the last piece of a streamed body:
+//!   time spent waiting on the client does not count) → 504; a backend body idle for
+//!   `response_timeout` is cut; a client taking none of its response for `send_timeout` is
+//!   cut, its backend connection closed (an HTTP/2 stream whose window stays shut: its
+//!   backend connection); more than `max_connections` client connections → 503 for the extra
+//!   ones (a counter checked at accept rather than a semaphore, so a reload can change the
+//!   limit); no usable backend → 503. An HTTP/1 keep-alive connection is closed
+//!   `idle_timeout` after its last response (`header_read_timeout` once a next head begins),
+//!   an HTTP/2 one `idle_timeout` after its last stream (GOAWAY). Passive health counts only
+//!   connect failures, resets and response timeouts, never a slow client (nor a reset while
+//!   the proxy waits for the client's body: the backend's own body timeout, most likely).
 //! - **TLS**: [`Proxy::serve_tls`] serves HTTPS (ALPN `h2` and `http/1.1`, see [`crate::tls`]);
 //!   the cookies the proxy sets itself (the sticky cookie, the lookup plugin's snapshot cookie)
 //!   are then `Secure`, as the proxy's own `X-Forwarded-Proto` tells them. `https://` backends are dialled over
@@ -56,32 +72,34 @@
 //! - **Reload**: each request takes the current `Generation` (backends, balancer, limits,
 //!   lookup, upstream pool) when it starts and keeps it to its end; a reload swaps the
 //!   generation for new requests and restarts the health checks. `listen`/`admin_listen`
-//!   changes need a restart.
+//!   changes, and turning HTTPS on or off, need a restart.
 
 mod body;
 mod conn;
 mod forward;
 mod headers;
 mod serve;
+mod tunnel;
 mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::future::BoxFuture;
+use http::Response;
 use http::uri::Authority;
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::Backend;
 use crate::balance::{self, Balancer};
 use crate::config::{HealthCheckKind, ProxyConfig};
+use crate::filter::{self, FilterFactory, FilterSetup, Reject, RequestFilter};
 use crate::health::{self, HealthChecks};
 use crate::lookup::{LookupError, SessionLookup};
-use crate::metrics::{BackendMetrics, ProxyMetrics, RejectReason};
+use crate::metrics::{BackendMetrics, ProxyMetrics};
 use crate::tls::{self, BackendTls, ListenerTls, TlsError};
 
-pub(crate) use headers::forwarded_https;
+pub(crate) use crate::filter::forwarding::forwarded_https;
 
 /// A configuration the proxy cannot run with.
 #[derive(Debug, thiserror::Error)]
@@ -114,28 +132,6 @@ pub enum ProxyError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// A hook run on every request before a backend is picked (pingora's `request_filter`): it
-/// may rewrite the request head, answer the request itself with a [`RejectReason`], or ask to
-/// see the response by returning a [`ResponseFilter`] holding what it learnt about this
-/// request (pingora's per-request context).
-pub trait RequestFilter: Send + Sync + std::fmt::Debug {
-    /// Inspects and rewrites `head`; `Err` answers the request with that reason's status;
-    /// `Ok(Some(hook))` runs `hook` on the response head.
-    fn request_filter<'a>(
-        &'a self,
-        head: &'a mut http::request::Parts,
-    ) -> BoxFuture<'a, Result<Option<Box<dyn ResponseFilter>>, RejectReason>>;
-}
-
-/// The response side of a [`RequestFilter`] for one request (pingora's `response_filter`,
-/// with that request's context inside): run once on the backend's response head, after the
-/// balancer's `on_response`, before it is relayed. Not run on the proxy's own answers (502,
-/// 503, 504, ...).
-pub trait ResponseFilter: Send + std::fmt::Debug {
-    /// Inspects and rewrites the response head (typically adds `Set-Cookie`).
-    fn response_filter(self: Box<Self>, head: &mut http::response::Parts);
-}
-
 /// One configuration in force: what a request needs from start to end.
 #[derive(Debug)]
 pub(crate) struct Generation {
@@ -163,6 +159,7 @@ impl Generation {
         number: u64,
         config: ProxyConfig,
         lookup: Arc<SessionLookup>,
+        factories: &[FilterFactory],
         metrics: &ProxyMetrics,
     ) -> Result<Self, ProxyError> {
         if config.backends.is_empty() {
@@ -208,7 +205,13 @@ impl Generation {
         let balancer = balance::build(&config.balance, &backends);
         upstream::sweep_idle(&pools);
         let backend_metrics = backends.iter().map(|b| metrics.backend(&b.name)).collect();
-        let filters: Vec<Arc<dyn RequestFilter>> = vec![lookup.clone()];
+        let filters = filter::build(
+            factories,
+            &FilterSetup {
+                config: &config,
+                lookup: &lookup,
+            },
+        )?;
         Ok(Generation {
             number,
             config,
@@ -234,34 +237,48 @@ pub struct Proxy {
     metrics: ProxyMetrics,
     /// Number of the next generation.
     next_generation: AtomicU64,
+    /// Build the request filters of each generation, in order.
+    filters: Vec<FilterFactory>,
 }
 
 impl Proxy {
-    /// Builds backends, the balancer, health-check tasks and the lookup client. Must be called
-    /// in a tokio runtime.
+    /// Builds backends, the balancer, health-check tasks, the lookup client and the
+    /// [default request filters](filter::default_filters). Must be called in a tokio runtime.
     pub fn new(config: ProxyConfig) -> Result<Arc<Proxy>, ProxyError> {
+        Proxy::with_filters(config, filter::default_filters())
+    }
+
+    /// [`Proxy::new`] with the request filters `filters` build, in this order, for each
+    /// configuration (at start and on every reload), instead of the default ones.
+    pub fn with_filters(
+        config: ProxyConfig,
+        filters: Vec<FilterFactory>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         let metrics = ProxyMetrics::new()?;
         let lookup = Arc::new(SessionLookup::new(config.lookup.as_ref(), metrics.clone())?);
-        let generation = Generation::build(0, config, lookup, &metrics)?;
+        let generation = Generation::build(0, config, lookup, &filters, &metrics)?;
         let health = HealthChecks::start(&generation.backends, &generation.config.health);
         Ok(Arc::new(Proxy {
             current: RwLock::new(Arc::new(generation)),
             health: Mutex::new(health),
             metrics,
             next_generation: AtomicU64::new(1),
+            filters,
         }))
     }
 
     /// Swaps in a new config (backends, balancer, limits, health, lookup) without dropping
     /// connections in flight: requests already running keep the old snapshot; new ones get
-    /// the new one. `listen`/`admin_listen` changes need a restart (logged as a warning).
-    pub fn reload(&self, config: ProxyConfig) -> Result<(), ProxyError> {
+    /// the new one. What only a restart changes ([`ProxyConfig::keep_restart_settings`]:
+    /// `listen`, `admin_listen`, HTTPS on or off) keeps its running value, with a warning, so
+    /// [`Proxy::config`] tells what is in force.
+    pub fn reload(&self, mut config: ProxyConfig) -> Result<(), ProxyError> {
         let mut health = self.health.lock();
         let old = self.current();
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
-            tracing::warn!(old = ?(old.config.listen, old.config.admin_listen),
-                new = ?(config.listen, config.admin_listen),
-                "listen/admin_listen changes take effect only after a restart");
+        let kept = old.config.keep_restart_settings(&mut config);
+        if !kept.is_empty() {
+            tracing::warn!(settings = ?kept,
+                "these settings take effect only after a restart; keeping their running values");
         }
         let lookup = if old.lookup.config() == config.lookup.as_ref() {
             old.lookup.clone()
@@ -272,7 +289,13 @@ impl Proxy {
             )?)
         };
         let number = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let generation = Arc::new(Generation::build(number, config, lookup, &self.metrics)?);
+        let generation = Arc::new(Generation::build(
+            number,
+            config,
+            lookup,
+            &self.filters,
+            &self.metrics,
+        )?);
         let checks = HealthChecks::start(&generation.backends, &generation.config.health);
         let names: Vec<&str> = generation
             .backends
@@ -280,7 +303,7 @@ impl Proxy {
             .map(|b| b.name.as_str())
             .collect();
         tracing::info!(generation = generation.number, backends = ?names,
-            balance = ?generation.config.balance, "configuration reloaded");
+            balance = generation.config.balance.name(), "configuration reloaded");
         *self.current.write() = generation;
         *health = checks;
         Ok(())
@@ -302,8 +325,8 @@ impl Proxy {
     }
 
     /// Prometheus text exposition of the proxy's metrics: requests by backend and status,
-    /// upstream latency, retries, rejects by status and reason, active connections, backend
-    /// health and load.
+    /// upstream latency, retries, rejects by status and reason, clients cut for being slow or
+    /// idle, active connections, backend health and load.
     pub fn render_metrics(&self) -> String {
         self.metrics.render(&self.current().backends)
     }
@@ -345,5 +368,28 @@ impl Proxy {
     /// The generation new requests get.
     pub(crate) fn current(&self) -> Arc<Generation> {
         self.current.read().clone()
+    }
+
+    /// The response for `reject` (a filter's, or the proxy's own), logged and counted.
+    pub(crate) fn refuse(
+        &self,
+        reject: Reject,
+        parts: &http::request::Parts,
+        detail: &str,
+    ) -> Response<body::ResponseBody> {
+        let Reject {
+            status,
+            reason,
+            close_connection,
+            headers,
+        } = reject;
+        tracing::warn!(status = status.as_u16(), reason = %reason, method = %parts.method,
+            path = parts.uri.path(), detail, "request answered by the proxy");
+        self.metrics.reject_with(status, &reason);
+        let mut response = forward::local_response(status, close_connection);
+        for (name, value) in headers {
+            response.headers_mut().append(name, value);
+        }
+        response
     }
 }

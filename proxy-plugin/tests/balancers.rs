@@ -555,6 +555,58 @@ fn sticky_cookie_repins_when_the_backend_is_unusable() {
     );
 }
 
+#[test]
+fn cookie_balancers_read_only_the_last_cookie_of_their_name() {
+    // What a backend's cookie jar (tower-cookies) and the session lookup read: the last one.
+    let list = backends(&[1, 1, 1]);
+    for kind in [HashType::Map, HashType::Consistent] {
+        let balancer = build(&BalanceMode::CookieHash("sid".into(), kind), &list);
+        for i in 0..30 {
+            let key = format!("k{i}");
+            let alone = at("/", &[("cookie", &format!("sid={key}"))]);
+            let shadowed = at("/", &[("cookie", &format!("sid=first{i}; sid={key}"))]);
+            let split = at(
+                "/",
+                &[
+                    ("cookie", &format!("sid=first{i}")),
+                    ("cookie", &format!("a=1; sid={key}")),
+                ],
+            );
+            let expected = alone.pick(balancer.as_ref(), &list);
+            for req in [shadowed, split] {
+                assert_eq!(
+                    req.pick(balancer.as_ref(), &list),
+                    expected,
+                    "{kind:?} {key}"
+                );
+            }
+        }
+    }
+
+    let sticky = build(&sticky_mode(), &list);
+    let (first, pin_first) = sticky_visit(sticky.as_ref(), &list, &[]);
+    let (second, pin_second) = sticky_visit(sticky.as_ref(), &list, &[]);
+    assert_ne!(first, second, "round-robin");
+    let (pin_first, pin_second) = (pin_first.expect("pinned"), pin_second.expect("pinned"));
+    let both = format!("{pin_first}; {pin_second}");
+    assert_eq!(
+        sticky_visit(sticky.as_ref(), &list, &[&both]),
+        (second, None)
+    );
+    assert_eq!(
+        sticky_visit(sticky.as_ref(), &list, &[&pin_second, &pin_first]),
+        (first, None)
+    );
+    // A valid pin followed by a bad one: not pinned, re-pinned wherever it goes.
+    let spoiled = format!("{pin_first}; srv=b{second}");
+    let (chosen, repinned) = sticky_visit(sticky.as_ref(), &list, &[&spoiled]);
+    let repinned = repinned.expect("the last cookie does not pin, so the response does");
+    assert!(
+        repinned.starts_with(&format!("srv=b{chosen}.")),
+        "{repinned}"
+    );
+}
+
 /// Every mode, with both hash types.
 fn all_modes() -> Vec<BalanceMode> {
     let mut modes = vec![

@@ -45,6 +45,34 @@ fn refused(cli: Cli, file: Option<&str>) -> String {
 }
 
 #[test]
+fn underscore_headers_are_refused_unless_a_flag_or_the_file_allows_them() {
+    let allowed = |args: &[&str], file: Option<&str>| {
+        resolve(with_backend(args), file)
+            .unwrap()
+            .allow_underscore_headers
+    };
+    let file = Some("allow_underscore_headers = true\n");
+    assert!(!allowed(&[], None), "off by default, as nginx");
+    assert!(allowed(&["--allow-underscore-headers"], None));
+    assert!(allowed(&["--allow-underscore-headers=true"], None));
+    assert!(allowed(&[], file));
+    assert!(
+        !allowed(&["--allow-underscore-headers=false"], file),
+        "the flag wins over the file"
+    );
+    let error = try_cli(&["--allow-underscore-headers=maybe"]).unwrap_err();
+    assert!(
+        error.to_string().contains("--allow-underscore-headers"),
+        "{error}"
+    );
+    let error = refused(
+        with_backend(&[]),
+        Some("allow_underscore_headers = \"yes\"\n"),
+    );
+    assert!(error.contains("allow_underscore_headers"), "{error}");
+}
+
+#[test]
 fn flags_alone_configure_the_proxy_with_nginx_like_defaults() {
     let config = resolve(
         cli(&[
@@ -79,6 +107,8 @@ fn flags_alone_configure_the_proxy_with_nginx_like_defaults() {
                 "10.0.0.0/8".parse::<IpNet>().unwrap(),
                 "192.168.1.7/32".parse().unwrap(),
             ],
+            allow_underscore_headers: false,
+            client_limits: proxy_plugin::config::ClientLimits::default(),
             health: HealthConfig {
                 kind: HealthCheckKind::Tcp,
                 interval: Duration::from_secs(2),
@@ -97,6 +127,10 @@ fn flags_alone_configure_the_proxy_with_nginx_like_defaults() {
                 max_connections: 10_000,
                 max_tries: 3,
                 retry_buffer_bytes: 64 * 1024,
+                body_read_timeout: Duration::from_secs(60),
+                min_upload_rate: 500,
+                send_timeout: Duration::from_secs(60),
+                idle_timeout: Duration::from_secs(75),
             },
             lookup: None,
             tls: None,
@@ -123,6 +157,7 @@ admin_listen = "127.0.0.1:8081"
 balance = "cookie-hash:sid"
 hash_type = "consistent"
 trusted_proxies = ["10.0.0.0/8", "fd00::/8"]
+allow_underscore_headers = true
 
 [[backend]]
 url = "http://127.0.0.1:9001"
@@ -150,6 +185,10 @@ response_timeout = "1m"
 max_connections = 100
 max_tries = 2
 retry_buffer_bytes = 0
+body_read_timeout = "20s"
+min_upload_rate = "2k"
+send_timeout = "30s"
+idle_timeout = "2m"
 
 [session_lookup]
 url = "http://127.0.0.1:50051"
@@ -178,6 +217,8 @@ fn a_file_alone_configures_everything() {
             ],
             balance: BalanceMode::CookieHash("sid".into(), HashType::Consistent),
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            allow_underscore_headers: true,
+            client_limits: proxy_plugin::config::ClientLimits::default(),
             health: HealthConfig {
                 kind: HealthCheckKind::Http("/healthz".into()),
                 interval: Duration::from_secs(5),
@@ -196,6 +237,10 @@ fn a_file_alone_configures_everything() {
                 max_connections: 100,
                 max_tries: 2,
                 retry_buffer_bytes: 0,
+                body_read_timeout: Duration::from_secs(20),
+                min_upload_rate: 2048,
+                send_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(120),
             },
             lookup: Some(LookupConfig {
                 session_server: "http://127.0.0.1:50051".into(),
@@ -237,6 +282,10 @@ fn flags_override_the_file_and_flag_backends_replace_its_list() {
             "user_name",
             "--session-fail",
             "open",
+            "--min-upload-rate",
+            "0",
+            "--idle-timeout",
+            "300ms",
         ]),
         Some(FULL_FILE),
     )
@@ -246,6 +295,8 @@ fn flags_override_the_file_and_flag_backends_replace_its_list() {
     assert_eq!(config.balance, BalanceMode::Uri(HashType::Map));
     assert_eq!(config.health.kind, HealthCheckKind::Off);
     assert_eq!(config.limits.max_tries, 5);
+    assert_eq!(config.limits.min_upload_rate, 0);
+    assert_eq!(config.limits.idle_timeout, Duration::from_millis(300));
     let lookup = config.lookup.unwrap();
     assert_eq!(lookup.attrs, vec!["user_name".to_string()]);
     assert_eq!(lookup.on_failure, LookupFailure::Open);
@@ -253,6 +304,7 @@ fn flags_override_the_file_and_flag_backends_replace_its_list() {
     assert_eq!(config.admin_listen.unwrap().to_string(), "127.0.0.1:8081");
     assert_eq!(config.health.interval, Duration::from_secs(5));
     assert_eq!(config.limits.max_connections, 100);
+    assert_eq!(config.limits.send_timeout, Duration::from_secs(30));
     assert_eq!(lookup.namespace, "shop");
     assert_eq!(lookup.auth_token.as_deref(), Some("s3cret"));
 }
@@ -436,6 +488,13 @@ fn bad_file_values_are_refused_naming_their_line() {
         ("[health]\nrise = 0\n", "at least 1", 2),
         ("[limits]\nmax_header_bytes = 100\n", "at least 8192", 2),
         ("[limits]\nconnect_timeout = \"0s\"\n", "above zero", 2),
+        ("[limits]\nmin_upload_rate = \"fast\"\n", "bad rate", 2),
+        (
+            "[limits]\nmin_upload_rate = -1\n",
+            "must not be negative",
+            2,
+        ),
+        ("[limits]\nidle_timeout = \"0s\"\n", "above zero", 2),
         ("trusted_proxies = [\"10.0.0.0/33\"]\n", "not a CIDR", 1),
         ("[sticky]\nkey = \"abcd\"\n", "at least 32 bytes", 2),
         (
@@ -497,6 +556,9 @@ fn bad_flag_values_are_refused_with_clear_messages() {
         (&["--health-rise", "0"], "0 is not in 1.."),
         (&["--max-tries", "0"], "0 is not in 1.."),
         (&["--max-header-bytes", "512"], "512 is not in 8192.."),
+        (&["--min-upload-rate", "1.5k"], "bad rate"),
+        (&["--body-read-timeout", "0s"], "above zero"),
+        (&["--send-timeout", "soon"], "bad duration"),
         (&["--trusted-proxies", "10.0.0.0/8,nope"], "not a CIDR"),
         (&["--sticky-key", "00ff"], "at least 32 bytes"),
         (&["--sticky-key", "!!not-a-key!!"], "hex or base64"),

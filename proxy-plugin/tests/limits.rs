@@ -247,10 +247,11 @@ async fn keep_alive_connections_get_a_fresh_head_deadline_after_each_response() 
     let mut cfg = config(&[&backend]);
     let timeout = Duration::from_secs(1);
     cfg.limits.header_read_timeout = timeout;
+    cfg.limits.idle_timeout = timeout;
     let proxy = TestProxy::start(cfg).await;
     let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 
-    // Idle after a response: closed without a word once the deadline passes. The clock starts
+    // Idle after a response: closed without a word once the idle timeout passes. The clock starts
     // before the request goes out, so the deadline (armed after the response) cannot be earlier.
     let mut idle = TcpStream::connect(proxy.addr).await.unwrap();
     let started = Instant::now();

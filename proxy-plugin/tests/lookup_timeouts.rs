@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use proxy_plugin::config::{LookupConfig, LookupFailure};
-use proxy_plugin::metrics::RejectReason;
+use proxy_plugin::lookup::REJECT_LOOKUP_TIMED_OUT;
 use support::lookup::{Reply, Stack, lookup_config};
 
 /// The key material the proxy and the "backends" share.
@@ -55,7 +55,7 @@ async fn a_stalled_store_is_a_503_with_retry_after_within_the_grace_then_an_outa
             .proxy
             .proxy
             .metrics()
-            .rejects(RejectReason::LookupTimedOut),
+            .rejects_with(StatusCode::SERVICE_UNAVAILABLE, REJECT_LOOKUP_TIMED_OUT),
         1
     );
 

@@ -332,6 +332,19 @@ impl From<v1::Session> for SessionData {
 /// The response metadata key of a NOT_FOUND answer that carries the store's epoch.
 pub const EPOCH_METADATA: &str = "stickless-epoch";
 
+/// Sessions asked for in each page when [`SessionClient::list_by_user`] reads them all: the
+/// most a server gives in one page, so a user's sessions take the fewest calls.
+const LIST_ALL_PAGE_SIZE: u32 = 1000;
+
+/// One page of a user's sessions ([`SessionClient::list_by_user_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionPage {
+    /// The page's sessions, ordered by id.
+    pub sessions: Vec<SessionData>,
+    /// What to pass for the next page; `None` when this page is the last.
+    pub next_page_token: Option<String>,
+}
+
 /// What [`SessionClient::restore`] sends: a snapshot's session and what changed offline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreRequest {
@@ -568,14 +581,52 @@ impl SessionClient {
         Ok(reply.deleted)
     }
 
-    /// The live sessions of a user.
+    /// The live sessions of a user, all of them, ordered by id: reads page after page (see
+    /// [`SessionClient::list_by_user_page`] to read one at a time). Sessions made or deleted
+    /// meanwhile may or may not show; none shows twice.
     pub async fn list_by_user(&self, user_id: &str) -> Result<Vec<SessionData>, ClientError> {
+        let mut sessions = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .list_by_user_page(user_id, LIST_ALL_PAGE_SIZE, token.as_deref())
+                .await?;
+            sessions.extend(page.sessions);
+            match page.next_page_token {
+                None => return Ok(sessions),
+                // A server that hands back the token it was given would be read for ever.
+                Some(next) if token.as_deref() == Some(next.as_str()) => {
+                    return Err(ClientError::Other {
+                        code: Code::Internal,
+                        message: "ListByUser gave the same page token twice".into(),
+                    });
+                }
+                Some(next) => token = Some(next),
+            }
+        }
+    }
+
+    /// One page of a user's live sessions, ordered by id: at most `page_size` (0 means the
+    /// server's default, 100; the server gives at most 1000), starting after the page whose
+    /// `next_page_token` is `page_token` (`None`: the first page). A token the server did not
+    /// make is [`ClientError::Invalid`].
+    pub async fn list_by_user_page(
+        &self,
+        user_id: &str,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<SessionPage, ClientError> {
         let message = v1::ListByUserRequest {
             namespace: self.config.namespace.clone(),
             user_id: user_id.to_owned(),
+            page_size,
+            page_token: page_token.unwrap_or_default().to_owned(),
         };
         let reply = rpc!(self, true, list_by_user, message)?;
-        Ok(reply.sessions.into_iter().map(SessionData::from).collect())
+        Ok(SessionPage {
+            sessions: reply.sessions.into_iter().map(SessionData::from).collect(),
+            next_page_token: Some(reply.next_page_token).filter(|token| !token.is_empty()),
+        })
     }
 
     /// Deletes every session of a user; returns how many.

@@ -52,6 +52,7 @@ pub mod tls;
 
 pub use client::{
     ClientConfig, ClientError, EPOCH_METADATA, Patch, RestoreRequest, SessionClient, SessionData,
+    SessionPage,
 };
 pub use layer::{
     DEFAULT_OUTAGE_GRACE, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,

@@ -12,6 +12,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+pub use crate::store::cap::OnCap;
+
 /// Default listen address: loopback only, so a fresh start exposes nothing to the network.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default sliding ttl of a session.
@@ -29,6 +31,19 @@ pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Most gRPC serving threads (`--serve-threads`): far more than any machine has cores.
 pub const MAX_SERVE_THREADS: usize = 1024;
+/// Default HTTP/2 streams (calls) one connection may have open at once: twice nginx's
+/// `http2_max_concurrent_streams` (128), since a backend multiplexes all its calls and Watch
+/// streams over one connection.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default client connections open at once, TLS handshakes under way included: nginx's
+/// `worker_connections` order of magnitude, far below the usual 64k file descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default Watch streams open at once on one namespace: each costs a task and a broadcast
+/// receiver, and a deployment needs a handful per backend.
+pub const DEFAULT_MAX_WATCHERS_PER_NAMESPACE: usize = 1000;
+/// Default deadline of one call (every method but Watch): five times the default store timeout,
+/// so a Restore's several store calls fit, and a stuck call still ends.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A secret setting (a bearer token): its text for the code that uses it ([`std::ops::Deref`]
 /// to `str`), and a `Debug` that says a value is set without ever showing it, so settings can
@@ -190,6 +205,14 @@ pub struct Cli {
     /// Cap on a session's attributes, keys plus values, in bytes [default: 65536].
     #[arg(long, env = "STICKLESS_MAX_SESSION_BYTES")]
     pub max_session_bytes: Option<usize>,
+    /// Most live sessions one user may have in a namespace, as Spring Security's
+    /// `maximumSessions`; 0 means no cap [default: 0].
+    #[arg(long, env = "STICKLESS_MAX_SESSIONS_PER_USER")]
+    pub max_sessions_per_user: Option<u32>,
+    /// What a session past `--max-sessions-per-user` does: `evict-oldest` deletes the user's
+    /// oldest session, `refuse` fails it with RESOURCE_EXHAUSTED [default: evict-oldest].
+    #[arg(long, env = "STICKLESS_ON_SESSION_CAP")]
+    pub on_session_cap: Option<OnCap>,
     /// Bearer token every SessionStore call must carry (`authorization: Bearer <token>`),
     /// allowed in every namespace, read-write; adds to `--auth-token-file`'s tokens.
     #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
@@ -221,6 +244,22 @@ pub struct Cli {
     /// of CPUs with the memory store, 1 with Redis or MySQL].
     #[arg(long, env = "STICKLESS_SERVE_THREADS")]
     pub serve_threads: Option<usize>,
+    /// HTTP/2 streams (calls) one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a client's further calls wait for a free one [default: 256].
+    #[arg(long, env = "STICKLESS_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Client connections open at once, TLS handshakes under way included; past it a new
+    /// connection is closed at once [default: 10000].
+    #[arg(long, env = "STICKLESS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Watch streams open at once on one namespace; past it a Watch is RESOURCE_EXHAUSTED
+    /// [default: 1000].
+    #[arg(long, env = "STICKLESS_MAX_WATCHERS_PER_NAMESPACE")]
+    pub max_watchers_per_namespace: Option<usize>,
+    /// Deadline of every call but Watch (a shorter `grpc-timeout` of the caller wins); past it
+    /// the call ends with DEADLINE_EXCEEDED [default: 10s].
+    #[arg(long, env = "STICKLESS_CALL_TIMEOUT", value_parser = parse_duration)]
+    pub call_timeout: Option<Duration>,
     /// PEM certificate chain for gRPC over TLS (with `--tls-key`); re-read on SIGHUP
     /// [default: plaintext].
     #[arg(long, env = "STICKLESS_TLS_CERT")]
@@ -257,6 +296,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     max_ttl: Option<Duration>,
     max_session_bytes: Option<usize>,
+    max_sessions_per_user: Option<u32>,
+    on_session_cap: Option<OnCap>,
     auth_token: Option<Secret>,
     auth_token_file: Option<PathBuf>,
     allow_unauthenticated: Option<bool>,
@@ -265,6 +306,11 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     shutdown_grace: Option<Duration>,
     serve_threads: Option<usize>,
+    max_concurrent_streams: Option<u32>,
+    max_connections: Option<usize>,
+    max_watchers_per_namespace: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    call_timeout: Option<Duration>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -365,6 +411,10 @@ pub struct Settings {
     pub max_ttl: Duration,
     /// Cap on a session's attributes in bytes.
     pub max_session_bytes: usize,
+    /// Most live sessions of one user in a namespace (0: no cap); see [`crate::store::cap`].
+    pub max_sessions_per_user: u32,
+    /// What a session past `max_sessions_per_user` does.
+    pub on_session_cap: OnCap,
     /// Bearer token accepted on SessionStore calls in every namespace, read-write, if any.
     pub auth_token: Option<Secret>,
     /// File of scoped tokens, if any (read when the settings are resolved).
@@ -382,6 +432,14 @@ pub struct Settings {
     /// Threads serving gRPC connections as set (1: the main runtime serves them); `None`: see
     /// [`Settings::serve_threads`].
     pub serve_threads: Option<usize>,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Client connections open at once, TLS handshakes under way included.
+    pub max_connections: usize,
+    /// Watch streams open at once on one namespace.
+    pub max_watchers_per_namespace: usize,
+    /// Deadline of every call but Watch.
+    pub call_timeout: Duration,
     /// PEM certificate chain of the gRPC listener; with `tls_key`, gRPC is served over TLS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -467,6 +525,14 @@ impl Settings {
                 .max_session_bytes
                 .or(file.max_session_bytes)
                 .unwrap_or(DEFAULT_MAX_SESSION_BYTES),
+            max_sessions_per_user: cli
+                .max_sessions_per_user
+                .or(file.max_sessions_per_user)
+                .unwrap_or(0),
+            on_session_cap: cli
+                .on_session_cap
+                .or(file.on_session_cap)
+                .unwrap_or_default(),
             auth_token: cli.auth_token.or(file.auth_token),
             auth_token_file,
             auth_file_tokens,
@@ -482,6 +548,22 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             serve_threads: cli.serve_threads.or(file.serve_threads),
+            max_concurrent_streams: cli
+                .max_concurrent_streams
+                .or(file.max_concurrent_streams)
+                .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS),
+            max_connections: cli
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_watchers_per_namespace: cli
+                .max_watchers_per_namespace
+                .or(file.max_watchers_per_namespace)
+                .unwrap_or(DEFAULT_MAX_WATCHERS_PER_NAMESPACE),
+            call_timeout: cli
+                .call_timeout
+                .or(file.call_timeout)
+                .unwrap_or(DEFAULT_CALL_TIMEOUT),
             tls_cert: cli.tls_cert.or(file.tls_cert),
             tls_key: cli.tls_key.or(file.tls_key),
             tls_client_ca: cli.tls_client_ca.or(file.tls_client_ca),
@@ -544,6 +626,19 @@ impl Settings {
             return invalid(format!(
                 "serve-threads must be 1 to {MAX_SERVE_THREADS}, not {threads}"
             ));
+        }
+        if self.max_concurrent_streams == 0
+            || self.max_connections == 0
+            || self.max_watchers_per_namespace == 0
+        {
+            return invalid(
+                "max-concurrent-streams, max-connections and max-watchers-per-namespace must be \
+                 at least 1"
+                    .into(),
+            );
+        }
+        if self.call_timeout.is_zero() {
+            return invalid("call-timeout must be above zero".into());
         }
         if self.redis_pool_size == 0 {
             return invalid("redis-pool-size must be at least 1".into());
@@ -685,6 +780,53 @@ mod tests {
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.default_ttl, Duration::from_secs(300));
         assert_eq!(s.max_ttl, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn resource_limits_come_from_flags_env_or_file_and_refuse_zero() {
+        let s = Settings::default();
+        assert_eq!(s.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
+        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            s.max_watchers_per_namespace,
+            DEFAULT_MAX_WATCHERS_PER_NAMESPACE
+        );
+        assert_eq!(s.call_timeout, DEFAULT_CALL_TIMEOUT);
+        let file = "max_concurrent_streams = 8\nmax_connections = 20\n\
+                    max_watchers_per_namespace = 3\ncall_timeout = \"250ms\"\n";
+        let s = Settings::resolve(Cli::default(), Some(file)).unwrap();
+        assert_eq!(
+            (s.max_concurrent_streams, s.max_connections),
+            (8, 20),
+            "from the file"
+        );
+        assert_eq!(s.max_watchers_per_namespace, 3);
+        assert_eq!(s.call_timeout, Duration::from_millis(250));
+        let flags = cli(&[
+            "--max-concurrent-streams",
+            "16",
+            "--max-connections",
+            "40",
+            "--max-watchers-per-namespace",
+            "5",
+            "--call-timeout",
+            "2s",
+        ]);
+        let s = Settings::resolve(flags, Some(file)).unwrap();
+        assert_eq!((s.max_concurrent_streams, s.max_connections), (16, 40));
+        assert_eq!(s.max_watchers_per_namespace, 5);
+        assert_eq!(s.call_timeout, Duration::from_secs(2));
+        for zero in [
+            "--max-concurrent-streams",
+            "--max-connections",
+            "--max-watchers-per-namespace",
+        ] {
+            assert!(
+                Settings::resolve(cli(&[zero, "0"]), None).is_err(),
+                "{zero} 0"
+            );
+        }
+        assert!(Settings::resolve(cli(&["--call-timeout", "0s"]), None).is_err());
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!   serving, and TLS handshakes run side by side with a deadline.
 //! - [`server`]: builds the store and serves the API with health and reflection until shutdown,
 //!   in plaintext or over TLS.
+//! - `connections`: the limit on client connections open at once, a permit each connection's
+//!   I/O holds until it ends.
+//! - `deadline`: the deadline of every call but Watch, answered DEADLINE_EXCEEDED.
 //!
 //! # Cargo features
 //! - `redis-store` (default): the Redis and Redis Cluster store, `--store redis|redis-cluster`.
@@ -27,6 +30,8 @@
 
 pub mod auth;
 pub mod config;
+mod connections;
+mod deadline;
 mod dispatch;
 pub mod id;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: calls by method and code, call latency, store errors, Restore outcomes,
-//! live sessions.
+//! live sessions, open and refused connections, open and refused Watch streams, sessions the
+//! per-user session cap evicted or refused.
 //!
 //! Served as text on `GET /metrics` of their own listener (`--metrics-listen`, off by default),
 //! so scraping never competes with gRPC traffic for the same port or auth.
@@ -42,6 +43,10 @@ const METHODS: [&str; 10] = [
 pub const RESTORE_OUTCOMES: [&str; 5] =
     ["applied", "unchanged", "recreated", "refused", "conflict"];
 
+/// What the session cap did (`stickless_session_cap_total{action}`): a session `evicted` to make
+/// room for a user's new one, or a new one `refused` (see [`crate::store::cap`]).
+pub const SESSION_CAP_ACTIONS: [&str; 2] = ["evicted", "refused"];
+
 /// A method's series resolved once: the label lookup (hashing the label values under a lock)
 /// is then off the path of every successful call.
 #[derive(Debug, Clone)]
@@ -69,6 +74,23 @@ pub struct Metrics {
     restores: IntCounterVec,
     /// `stickless_sessions_live`: sessions held (memory store; absent elsewhere).
     sessions_live: IntGauge,
+    /// `stickless_session_cap_total{action}` (see [`SESSION_CAP_ACTIONS`]). `refused` is
+    /// counted by the service as it answers; `evicted` is brought up to the store's own count
+    /// ([`SessionStore::session_cap_evictions`]) at each rendering.
+    session_cap: IntCounterVec,
+    /// Held while `evicted` is brought up to the store's count, so that two scrapes at once
+    /// never add the same evictions twice.
+    cap_sync: Arc<parking_lot::Mutex<()>>,
+    /// `stickless_connections_open`: client connections held, TLS handshakes under way included.
+    connections_open: IntGauge,
+    /// `stickless_connections_refused_total`: connections closed at once, over
+    /// `--max-connections`.
+    connections_refused: IntCounter,
+    /// `stickless_watchers`: Watch streams open, all namespaces.
+    watchers: IntGauge,
+    /// `stickless_watchers_refused_total`: Watch calls refused over
+    /// `--max-watchers-per-namespace`.
+    watchers_refused: IntCounter,
     /// The series of every method in [`METHODS`].
     methods: Arc<[MethodSeries]>,
 }
@@ -121,9 +143,38 @@ impl Metrics {
             // Every outcome shows from the start, at zero.
             restores.with_label_values(&[outcome]);
         }
+        let session_cap = IntCounterVec::new(
+            Opts::new(
+                "stickless_session_cap_total",
+                "Sessions evicted, and sessions refused, to keep users under \
+                 --max-sessions-per-user",
+            ),
+            &["action"],
+        )
+        .expect("valid metric");
+        for action in SESSION_CAP_ACTIONS {
+            session_cap.with_label_values(&[action]);
+        }
         let sessions_live = IntGauge::new(
             "stickless_sessions_live",
             "Sessions held by the memory store",
+        )
+        .expect("valid metric");
+        let connections_open = IntGauge::new(
+            "stickless_connections_open",
+            "Client connections open, TLS handshakes under way included",
+        )
+        .expect("valid metric");
+        let connections_refused = IntCounter::new(
+            "stickless_connections_refused_total",
+            "Client connections closed at once because --max-connections were open",
+        )
+        .expect("valid metric");
+        let watchers =
+            IntGauge::new("stickless_watchers", "Watch streams open").expect("valid metric");
+        let watchers_refused = IntCounter::new(
+            "stickless_watchers_refused_total",
+            "Watch calls refused because their namespace had --max-watchers-per-namespace open",
         )
         .expect("valid metric");
         for metric in [
@@ -132,6 +183,11 @@ impl Metrics {
             Box::new(store_errors.clone()),
             Box::new(restores.clone()),
             Box::new(sessions_live.clone()),
+            Box::new(session_cap.clone()),
+            Box::new(connections_open.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(watchers.clone()),
+            Box::new(watchers_refused.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
         }
@@ -151,6 +207,12 @@ impl Metrics {
             store_errors,
             restores,
             sessions_live,
+            session_cap,
+            cap_sync: Arc::default(),
+            connections_open,
+            connections_refused,
+            watchers,
+            watchers_refused,
         }
     }
 
@@ -181,9 +243,60 @@ impl Metrics {
         self.restores.with_label_values(&[outcome]).inc();
     }
 
+    /// Records one action of the session cap (one of [`SESSION_CAP_ACTIONS`]).
+    pub fn session_cap(&self, action: &str) {
+        self.session_cap.with_label_values(&[action]).inc();
+    }
+
+    /// How many times the session cap took `action` so far (`evicted`: as of the last
+    /// rendering, see [`Self::render`]).
+    pub fn session_caps(&self, action: &str) -> u64 {
+        self.session_cap.with_label_values(&[action]).get()
+    }
+
     /// How many Restore calls had `outcome` so far.
     pub fn restores(&self, outcome: &str) -> u64 {
         self.restores.with_label_values(&[outcome]).get()
+    }
+
+    /// The gauge of open client connections (a connection's permit moves it).
+    pub(crate) fn connections_open_gauge(&self) -> &IntGauge {
+        &self.connections_open
+    }
+
+    /// Records one connection closed at once over the connection limit.
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// The gauge of open Watch streams (each stream's guard moves it).
+    pub(crate) fn watchers_gauge(&self) -> &IntGauge {
+        &self.watchers
+    }
+
+    /// Records one Watch refused over the per-namespace limit.
+    pub(crate) fn watcher_refused(&self) {
+        self.watchers_refused.inc();
+    }
+
+    /// Client connections open now, TLS handshakes under way included.
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.get()
+    }
+
+    /// Client connections closed at once over the limit so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.get()
+    }
+
+    /// Watch streams open now.
+    pub fn watchers(&self) -> i64 {
+        self.watchers.get()
+    }
+
+    /// Watch calls refused over the per-namespace limit so far.
+    pub fn watchers_refused(&self) -> u64 {
+        self.watchers_refused.get()
     }
 
     /// How many calls of `method` ended with `code` so far.
@@ -193,8 +306,15 @@ impl Metrics {
             .get()
     }
 
-    /// The Prometheus text exposition of every metric, with the live-session gauge refreshed.
+    /// The Prometheus text exposition of every metric, with the live-session gauge and the
+    /// store's cap evictions refreshed.
     pub fn render(&self, store: &dyn SessionStore) -> String {
+        {
+            let _sync = self.cap_sync.lock();
+            let evicted = self.session_cap.with_label_values(&["evicted"]);
+            let behind = store.session_cap_evictions().saturating_sub(evicted.get());
+            evicted.inc_by(behind);
+        }
         if let Some(live) = store.live_sessions() {
             self.sessions_live
                 .set(i64::try_from(live).unwrap_or(i64::MAX));

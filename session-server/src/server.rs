@@ -18,10 +18,13 @@ use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
 use crate::config::{ConfigError, Settings, StoreKind};
+use crate::connections::{ConnectionLimit, ConnectionPermit, Limited};
+use crate::deadline::CallDeadline;
 use crate::dispatch::ApiFirst;
 use crate::metrics::Metrics;
 use crate::service::{Limits, SessionService};
 use crate::store::SessionStore;
+use crate::store::cap::SessionCap;
 use crate::store::memory::MemoryStore;
 #[cfg(feature = "mysql-store")]
 use crate::store::mysql::{MysqlConfig, MysqlStore};
@@ -40,6 +43,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a keepalive ping may go unanswered.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What serves every call: the API first, then health and reflection, with the deadline of
+/// unary API calls around it all.
+type TopService = CallDeadline<ApiFirst>;
 
 /// The accepted connections of `listener`, with Nagle's algorithm off. tonic sends a unary
 /// response as two writes (headers and data, then trailers); with Nagle on, the trailers wait
@@ -95,14 +102,17 @@ pub enum ServeError {
 }
 
 /// The store the settings ask for, its configuration built by `RedisConfig::from_settings` or
-/// `MysqlConfig::from_settings`. Redis is not contacted here: a server whose Redis is down
+/// `MysqlConfig::from_settings` (the memory store's: the size limit and the session cap). Redis is not contacted here: a server whose Redis is down
 /// starts, answers UNAVAILABLE, and recovers when Redis comes back. MySQL is: its schema is
 /// created or migrated before the server serves, so a MySQL that cannot be reached at start-up
 /// (or not over TLS, when its URL's `ssl-mode` asks for it) is an error. A store whose cargo
 /// feature is off in this build is [`ServeError::Config`].
 pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, ServeError> {
     Ok(match settings.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new(settings.max_session_bytes)),
+        StoreKind::Memory => Arc::new(
+            MemoryStore::new(settings.max_session_bytes)
+                .with_session_cap(SessionCap::from_settings(settings)),
+        ),
         #[cfg(feature = "redis-store")]
         StoreKind::Redis | StoreKind::RedisCluster => {
             Arc::new(RedisStore::new(RedisConfig::from_settings(settings)?)?)
@@ -167,11 +177,13 @@ pub async fn run_with_tls(
     threads: usize,
     tls: Option<ServerTls>,
 ) -> Result<(), ServeError> {
+    let limit = ConnectionLimit::new(settings.max_connections, metrics.clone());
+    let max_streams = settings.max_concurrent_streams;
     let (service, signal) =
         prepare(&listener, settings, store, metrics, shutdown, tls.as_ref()).await?;
     if threads <= 1 {
-        let connections = no_delay(listener);
-        let server = builder();
+        let connections = limit.admitted(no_delay(listener));
+        let server = builder(max_streams);
         match tls {
             None => {
                 server
@@ -196,14 +208,14 @@ pub async fn run_with_tls(
         std::thread::Builder::new()
             .name(format!("grpc-{shard}"))
             .spawn(move || {
-                let _ = done.send(serve_shard(service, accepted, tls));
+                let _ = done.send(serve_shard(service, accepted, tls, max_streams));
             })
             .map_err(ServeError::Thread)?;
     }
     drop(done_tx);
     tokio::select! {
         () = signal => {}
-        () = accept_into(&listener, &shards) => {}
+        () = accept_into(&listener, &shards, &limit) => {}
     }
     // Stop accepting; each thread then drains its connections gracefully and ends.
     drop(listener);
@@ -219,15 +231,20 @@ pub async fn run_with_tls(
     result
 }
 
-/// Accepts connections for ever, handing each to the next of `shards`.
+/// A connection handed to a serving thread, with its place under the connection limit.
+type Accepted = (std::net::TcpStream, ConnectionPermit);
+
+/// Accepts connections for ever, handing each that `limit` admits to the next of `shards` (the
+/// others are closed at once).
 async fn accept_into(
     listener: &TcpListener,
-    shards: &[mpsc::UnboundedSender<std::net::TcpStream>],
+    shards: &[mpsc::UnboundedSender<Accepted>],
+    limit: &ConnectionLimit,
 ) {
     let mut next = 0usize;
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
                 tracing::warn!(%error, "cannot accept a connection");
@@ -235,11 +252,14 @@ async fn accept_into(
                 continue;
             }
         };
+        let Some(permit) = limit.admit(Some(peer)) else {
+            continue;
+        };
         nagle_off(&stream);
         // Leaves this runtime's reactor, to join the serving thread's.
         match stream.into_std() {
             Ok(stream) => {
-                let _ = shards[next % shards.len()].send(stream);
+                let _ = shards[next % shards.len()].send((stream, permit));
                 next = next.wrapping_add(1);
             }
             Err(error) => tracing::debug!(%error, "cannot hand over an accepted connection"),
@@ -249,11 +269,12 @@ async fn accept_into(
 
 /// One serving thread: a single-threaded runtime serving the connections it is handed (doing
 /// their TLS handshakes first, with `tls`) until their sender is dropped, then letting their
-/// calls finish.
+/// calls finish. Each connection keeps its permit until it ends.
 fn serve_shard(
-    service: ApiFirst,
-    accepted: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    service: TopService,
+    accepted: mpsc::UnboundedReceiver<Accepted>,
     tls: Option<ServerTls>,
+    max_streams: u32,
 ) -> Result<(), ServeError> {
     use futures::StreamExt as _;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -261,18 +282,20 @@ fn serve_shard(
         .build()
         .map_err(ServeError::Thread)?;
     runtime.block_on(async move {
-        let incoming = UnboundedReceiverStream::new(accepted).map(tokio::net::TcpStream::from_std);
+        let incoming = UnboundedReceiverStream::new(accepted).map(|(stream, permit)| {
+            tokio::net::TcpStream::from_std(stream).map(|stream| Limited::new(stream, permit))
+        });
         // The end of `incoming` stops the server; a shutdown signal is still needed (one that
         // never comes) for tonic to drain the connections instead of dropping them.
         let never = std::future::pending();
         match tls {
             None => {
-                builder()
+                builder(max_streams)
                     .serve_with_incoming_shutdown(service, incoming, never)
                     .await
             }
             Some(tls) => {
-                builder()
+                builder(max_streams)
                     .serve_with_incoming_shutdown(service, tls.incoming(incoming), never)
                     .await
             }
@@ -281,11 +304,15 @@ fn serve_shard(
     Ok(())
 }
 
-/// The HTTP/2 settings of every server.
-fn builder() -> tonic::transport::Server {
+/// The HTTP/2 settings of every server: keepalive, and at most `max_streams` streams open at
+/// once on one connection (`--max-concurrent-streams`, sent in SETTINGS_MAX_CONCURRENT_STREAMS:
+/// a client's further calls wait for a free stream, and hyper refuses the streams of a client
+/// that does not wait with REFUSED_STREAM).
+fn builder(max_streams: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(max_streams))
 }
 
 /// The top-level service, and the future that completes when `shutdown` has and the server
@@ -297,7 +324,7 @@ async fn prepare(
     metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
     tls: Option<&ServerTls>,
-) -> Result<(ApiFirst, impl Future<Output = ()> + Send + 'static), ServeError> {
+) -> Result<(TopService, impl Future<Output = ()> + Send + 'static), ServeError> {
     // The same rule as config validation, on the address really bound, for callers that
     // build `Settings` by hand. A client CA counts only when TLS really is on.
     if settings.tls_client_ca.is_some() && tls.is_none() {
@@ -316,7 +343,8 @@ async fn prepare(
         max_ttl: settings.max_ttl,
         max_session_bytes: settings.max_session_bytes,
     };
-    let service = SessionService::new(store.clone(), limits, metrics, stop_rx);
+    let service = SessionService::new(store.clone(), limits, metrics.clone(), stop_rx)
+        .with_max_watchers_per_namespace(settings.max_watchers_per_namespace);
     let max_message = settings
         .max_session_bytes
         .saturating_mul(2)
@@ -364,5 +392,10 @@ async fn prepare(
     let rest = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok((ApiFirst::new(api, auth, rest), signal))
+    let top = CallDeadline::new(
+        ApiFirst::new(api, auth, rest),
+        settings.call_timeout,
+        metrics,
+    );
+    Ok((top, signal))
 }

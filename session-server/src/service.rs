@@ -4,9 +4,13 @@
 //! Codes: NOT_FOUND (missing or expired), INVALID_ARGUMENT (malformed id, namespace, user, key,
 //! ttl, or a session over the size limit), ABORTED (compare-and-set conflict; a Restore the
 //! store wins), FAILED_PRECONDITION (a Restore of a session deleted or expired in the store's
-//! epoch), UNAVAILABLE (store unreachable), DEADLINE_EXCEEDED (store silent past its timeout),
-//! RESOURCE_EXHAUSTED (a watcher fell behind), INTERNAL (a bug), PERMISSION_DENIED (the call's
-//! token may not reach the namespace, or is read-only and the method writes: see `admit`).
+//! epoch), UNAVAILABLE (store unreachable), DEADLINE_EXCEEDED (store silent past its timeout;
+//! a call past `--call-timeout` gets it from the server's deadline, `deadline.rs`),
+//! RESOURCE_EXHAUSTED (a watcher fell behind; a Watch on a namespace that has its most
+//! watchers, see `watchers`; a session past the user's session cap under
+//! `--on-session-cap refuse`, see [`crate::store::cap`]), INTERNAL (a bug), PERMISSION_DENIED
+//! (the call's token may not reach the namespace, or is read-only and the method writes: see
+//! `admit`).
 //! UNAUTHENTICATED comes before the service, from the token check.
 //!
 //! # Epochs
@@ -19,7 +23,11 @@
 //! version: ABORTED), another or no epoch recreates it at version 1 through
 //! [`SessionStore::restore`] (present: ABORTED; a tombstone: FAILED_PRECONDITION).
 
+mod page;
 mod restore;
+mod watchers;
+
+pub use page::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -84,6 +92,8 @@ pub struct SessionService {
     metrics: Metrics,
     /// Flips to true at shutdown, ending Watch streams so graceful shutdown can finish.
     shutdown: watch::Receiver<bool>,
+    /// Watch streams open per namespace, and the most one may have.
+    watchers: Arc<watchers::Watchers>,
 }
 
 impl SessionService {
@@ -100,7 +110,16 @@ impl SessionService {
             limits,
             metrics,
             shutdown,
+            watchers: watchers::Watchers::new(crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE),
         }
+    }
+
+    /// The same service with at most `max` Watch streams open at once on one namespace
+    /// (`--max-watchers-per-namespace`); past it a Watch is RESOURCE_EXHAUSTED. Without it,
+    /// [`crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE`].
+    pub fn with_max_watchers_per_namespace(mut self, max: usize) -> Self {
+        self.watchers = watchers::Watchers::new(max);
+        self
     }
 
     /// Runs one call, recording its code and latency, and logging failures that are the
@@ -135,6 +154,10 @@ impl SessionService {
             StoreError::Conflict { .. } => return Status::aborted(error.to_string()),
             StoreError::TooLarge { .. } => return Status::invalid_argument(error.to_string()),
             StoreError::Deleted => return Status::failed_precondition(error.to_string()),
+            StoreError::SessionCap { .. } => {
+                self.metrics.session_cap("refused");
+                return Status::resource_exhausted(error.to_string());
+            }
             StoreError::Unavailable(_) => "unavailable",
             StoreError::Timeout(_) => "timeout",
             StoreError::IdTaken | StoreError::Internal(_) => "internal",
@@ -474,13 +497,17 @@ impl SessionStoreApi for SessionService {
         self.observed("ListByUser", async {
             let (req, namespace) = admit(request, "ListByUser", Access::Read, |r| &r.namespace)?;
             check_named_user(&req.user_id)?;
+            let size = page::page_size(req.page_size);
+            let after = page::start_after(&req.page_token)?;
             let records = self
                 .store
                 .list_by_user(&namespace, &req.user_id)
                 .await
                 .map_err(|e| self.status(e))?;
+            let (records, next_page_token) = page::page(records, after.as_deref(), size);
             Ok(Response::new(v1::ListByUserResponse {
                 sessions: records.into_iter().map(|r| self.session(r)).collect(),
+                next_page_token,
             }))
         })
         .await
@@ -523,6 +550,8 @@ impl SessionStoreApi for SessionService {
         self.observed("Watch", async {
             let (req, namespace) = admit(request, "Watch", Access::Read, |r| &r.namespace)?;
             check_user(&req.user_id)?;
+            // Counted until the stream ends, whoever ends it.
+            let open = self.watchers.admit(&namespace, &self.metrics)?;
             let user = req.user_id;
             let mut shutdown = self.shutdown.clone();
             let stopped = async move {
@@ -553,7 +582,13 @@ impl SessionStoreApi for SessionService {
                     *failed |= item.is_err();
                     std::future::ready(keep.then_some(item))
                 })
-                .take_until(Box::pin(stopped));
+                .take_until(Box::pin(stopped))
+                // The stream owns its place under the limit: tonic drops the stream when it
+                // ends or the client goes, and the place with it.
+                .map(move |item| {
+                    let _open = &open;
+                    item
+                });
             Ok(Response::new(Box::pin(events) as EventStream))
         })
         .await

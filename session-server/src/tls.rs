@@ -3,7 +3,8 @@
 //! handshakes of accepted connections, run concurrently and each with a deadline.
 //!
 //! tonic's own `ServerTlsConfig` cannot be reloaded, so the server does the handshakes itself
-//! (`ServerTls::incoming`, used by `server.rs`) and hands tonic finished TLS streams. A reload
+//! (`ServerTls::incoming`, used by `server.rs`) and hands tonic finished TLS streams; a
+//! handshake under way counts against `--max-connections` like an established connection. A reload
 //! changes only the handshakes that start after it: connections already up keep their session.
 
 use std::io;
@@ -22,16 +23,14 @@ use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 
 use crate::config::Settings;
+use crate::connections::Limited;
 
 /// Longest a client may take over its handshake once connected. Handshakes run side by side,
 /// so a slow or silent client holds only its own connection, and only this long. A loaded
-/// machine finishes a real handshake in milliseconds; 10 s is far from cutting one off.
+/// machine finishes a real handshake in milliseconds; 10 s is far from cutting one off. A
+/// connection under way holds its place under `--max-connections` (see `connections.rs`), so
+/// clients that connect and never finish cannot take every file descriptor either.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Handshakes under way at once, at most: past it a new connection is closed at once, so that
-/// clients that connect and never finish (each held up to [`HANDSHAKE_TIMEOUT`]) cannot take
-/// every file descriptor (nginx bounds the same with `worker_connections`).
-pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// The one application protocol offered: gRPC is HTTP/2.
 const ALPN_H2: &[u8] = b"h2";
@@ -185,23 +184,24 @@ impl ServerTls {
 
     /// The TLS streams of the TCP `connections`: each accepted connection's handshake runs in
     /// a task of its own on the runtime that polls the stream (so one slow client never holds
-    /// up the others), bounded by [`HANDSHAKE_TIMEOUT`]. A failed or timed-out handshake closes
-    /// that connection (logged at debug) and yields nothing. Accept errors pass through for the
-    /// server to handle. Ends when `connections` does; handshakes still running then are
-    /// dropped.
+    /// up the others), bounded by [`HANDSHAKE_TIMEOUT`], and keeps the connection's permit
+    /// (its place under the connection limit) throughout. A failed or timed-out handshake
+    /// closes that connection (logged at debug), gives its permit back and yields nothing.
+    /// Accept errors pass through for the server to handle. Ends when `connections` does;
+    /// handshakes still running then are dropped.
     pub(crate) fn incoming<S>(
         &self,
         connections: S,
-    ) -> impl Stream<Item = io::Result<TlsStream<TcpStream>>> + Send + 'static
+    ) -> impl Stream<Item = io::Result<Limited<TlsStream<TcpStream>>>> + Send + 'static
     where
-        S: Stream<Item = io::Result<TcpStream>> + Send + 'static,
+        S: Stream<Item = io::Result<Limited<TcpStream>>> + Send + 'static,
     {
         /// The stream's state between items.
         struct Handshaking<S> {
             /// Where TCP connections come from.
             connections: Pin<Box<S>>,
             /// Handshakes under way; each yields its stream, or `None` when it failed.
-            handshakes: JoinSet<Option<TlsStream<TcpStream>>>,
+            handshakes: JoinSet<Option<Limited<TlsStream<TcpStream>>>>,
             /// Whose configuration each new handshake takes.
             tls: ServerTls,
         }
@@ -214,15 +214,6 @@ impl ServerTls {
             loop {
                 tokio::select! {
                     accepted = state.connections.next() => match accepted {
-                        Some(Ok(tcp)) if state.handshakes.len() >= MAX_PENDING_HANDSHAKES => {
-                            // A flood of clients that never finish their handshake must not
-                            // take every file descriptor: past the cap, close at once.
-                            tracing::debug!(
-                                peer = ?tcp.peer_addr().ok(),
-                                pending = MAX_PENDING_HANDSHAKES,
-                                "too many TLS handshakes under way; connection closed"
-                            );
-                        }
                         Some(Ok(tcp)) => {
                             state.handshakes.spawn(handshake(state.tls.acceptor(), tcp));
                         }
@@ -240,14 +231,16 @@ impl ServerTls {
     }
 }
 
-/// One server-side handshake, at most [`HANDSHAKE_TIMEOUT`] long; `None` when it fails.
+/// One server-side handshake, at most [`HANDSHAKE_TIMEOUT`] long, the connection's permit
+/// held throughout and handed on to the TLS stream; `None` when it fails (the permit goes).
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
-    tcp: TcpStream,
-) -> Option<TlsStream<TcpStream>> {
+    tcp: Limited<TcpStream>,
+) -> Option<Limited<TlsStream<TcpStream>>> {
+    let (tcp, permit) = tcp.into_parts();
     let peer = tcp.peer_addr().ok();
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => Some(stream),
+        Ok(Ok(stream)) => Some(Limited::new(stream, permit)),
         Ok(Err(error)) => {
             tracing::debug!(?peer, %error, "TLS handshake failed; connection closed");
             None

@@ -260,7 +260,14 @@ async fn send(
             .await
             .map(|deleted| assert!(deleted.into_inner().deleted)),
         Method::ListByUser => client
-            .list_by_user(with_auth(auth, ListByUserRequest { namespace, user_id }))
+            .list_by_user(with_auth(
+                auth,
+                ListByUserRequest {
+                    namespace,
+                    user_id,
+                    ..Default::default()
+                },
+            ))
             .await
             .map(drop),
         Method::DeleteByUser => client

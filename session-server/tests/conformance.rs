@@ -9,6 +9,8 @@ mod support;
 
 #[path = "conformance/calls.rs"]
 mod calls;
+#[path = "conformance/cap.rs"]
+mod cap;
 #[path = "conformance/epochs.rs"]
 mod epochs;
 #[path = "conformance/expiry.rs"]
@@ -90,4 +92,10 @@ conformance!(
     epochs::restore_of_another_epoch_recreates_an_absent_session_at_version_1,
     epochs::restore_of_a_deleted_session_is_refused_in_every_epoch,
     epochs::a_store_that_lost_its_data_has_a_new_epoch,
+    cap::evict_oldest_keeps_the_newest_and_sends_deleted,
+    cap::refuse_is_resource_exhausted_and_writes_nothing,
+    cap::moving_a_session_to_a_user_at_the_cap_evicts_the_oldest,
+    cap::restore_with_a_user_is_capped,
+    cap::a_burst_of_creates_never_leaves_a_user_over_the_cap,
+    cap::a_burst_under_refuse_admits_exactly_the_cap,
 );

@@ -1,7 +1,8 @@
 //! Hashing a request key onto a backend (HAProxy `balance source | uri | url_param | hdr |
 //! rdp-cookie`, nginx `hash`): the key is the whole client address, the path (query excluded),
-//! one query parameter, one header or one cookie. A request without the key (no such parameter,
-//! header or cookie, or an empty value) goes round-robin, as in HAProxy.
+//! one query parameter, one header or one cookie (the last of its name, as the backends' cookie
+//! jar and the session lookup read it). A request without the key (no such parameter, header or
+//! cookie, or an empty value) goes round-robin, as in HAProxy.
 //!
 //! Keys are hashed with 64-bit FNV-1a finished by the murmur3 mixer (fast, stable across
 //! processes and releases, so several proxies agree), then mapped one of two ways:
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use parking_lot::RwLock;
 
-use super::cookie::cookie_values;
+use super::cookie::cookie_value;
 use super::hash_ring::Ring;
 use super::round_robin::RoundRobin;
 use super::{Balancer, HashType, RequestInfo};
@@ -41,7 +42,8 @@ pub enum HashKey {
     /// The values of this header (all of them, in order); `None` for a name that is not a valid
     /// header name, which then never matches.
     Header(Option<HeaderName>),
-    /// The value of this cookie (the first one carrying a value).
+    /// The value of the last cookie of this name (`crate::cookie::cookie_value`), as the
+    /// backends read it.
     Cookie(String),
 }
 
@@ -74,11 +76,10 @@ impl HashKey {
                     h.write(value.as_bytes());
                 }
             }
-            HashKey::Cookie(name) => h.write(
-                cookie_values(request.headers, name)
-                    .find(|v| !v.is_empty())?
-                    .as_bytes(),
-            ),
+            HashKey::Cookie(name) => {
+                let value = cookie_value(request.headers, name).filter(|v| !v.is_empty())?;
+                h.write(value.as_bytes());
+            }
         }
         Some(h.finish())
     }
@@ -257,6 +258,35 @@ mod tests {
         pieces.write(b"/ca");
         pieces.write(b"rt");
         assert_eq!(pieces.finish(), 0x5bd8_8173_f27a_4e79);
+    }
+
+    /// Of several cookies of the name, only the last is the key: the one a backend reads.
+    #[test]
+    fn the_cookie_key_is_the_last_cookie_of_its_name() {
+        let key = HashKey::Cookie("sid".into());
+        let uri = http::Uri::from_static("/");
+        let hash = |cookies: &[&'static str]| {
+            let mut headers = http::HeaderMap::new();
+            for cookie in cookies {
+                headers.append(http::header::COOKIE, http::HeaderValue::from_static(cookie));
+            }
+            key.hash(&RequestInfo {
+                client_ip: [10, 0, 0, 1].into(),
+                uri: &uri,
+                headers: &headers,
+            })
+        };
+        let b = hash(&["sid=b"]);
+        assert!(b.is_some());
+        assert_ne!(hash(&["sid=a"]), b);
+        assert_eq!(hash(&["sid=a; sid=b"]), b);
+        assert_eq!(hash(&["sid=a", "x=1; sid=b; y=2"]), b, "across headers");
+        assert_eq!(hash(&["sid=b; sid=a"]), hash(&["sid=a"]));
+        assert_eq!(
+            hash(&["sid=b; sid="]),
+            None,
+            "an empty last cookie is no key"
+        );
     }
 
     /// The backend (of s1, s2, s3, weight 1 each) that `balance uri` picks for known paths,

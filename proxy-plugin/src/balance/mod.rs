@@ -13,7 +13,8 @@
 //! - `hash` (and its ring, `hash_ring`): [`KeyHash`], map-based or consistent hashing of a
 //!   [`HashKey`] (client address, path, query parameter, header, cookie).
 //! - `sticky`: [`StickyCookie`], a signed cookie naming the backend.
-//! - The last two read `Cookie` headers with the crate's one parser (`crate::cookie`).
+//! - The last two read `Cookie` headers with the crate's one parser (`crate::cookie`) and,
+//!   like the backends' cookie jar and the session lookup, take the **last** cookie of a name.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -75,10 +76,9 @@ pub fn build(mode: &BalanceMode, backends: &[Arc<Backend>]) -> Box<dyn Balancer>
         BalanceMode::Source(kind) => hash(HashKey::Source, kind),
         BalanceMode::Uri(kind) => hash(HashKey::Uri, kind),
         BalanceMode::UrlParam(name, kind) => hash(HashKey::UrlParam(name.clone()), kind),
-        BalanceMode::Header(name, kind) => hash(
-            HashKey::Header(http::HeaderName::from_bytes(name.as_bytes()).ok()),
-            kind,
-        ),
+        BalanceMode::Header(name, kind) => {
+            hash(HashKey::Header(crate::config::header_name(name).ok()), kind)
+        }
         BalanceMode::CookieHash(name, kind) => hash(HashKey::Cookie(name.clone()), kind),
         BalanceMode::StickyCookie(config) => Box::new(StickyCookie::new(config, len)),
     }
@@ -105,7 +105,8 @@ pub enum HashType {
     Consistent,
 }
 
-/// The balancing algorithms, as configured.
+/// The balancing algorithms, as configured: what `--balance` (`balance =`) is parsed into,
+/// the hash type taken from `--hash-type` and the sticky-cookie settings from their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BalanceMode {
     /// Smooth weighted round-robin (nginx's), weights changeable at run time.
@@ -125,14 +126,45 @@ pub enum BalanceMode {
     Uri(HashType),
     /// Hash of one query parameter (HAProxy `url_param`); round-robin without it.
     UrlParam(String, HashType),
-    /// Hash of one header (HAProxy `hdr(name)`); round-robin without it.
+    /// Hash of one header (HAProxy `hdr(name)`, any case); round-robin without it, and for a
+    /// name that is not a valid header name (which the configuration refuses).
     Header(String, HashType),
-    /// Hash of one cookie's value (also what HAProxy's `rdp-cookie` maps to); round-robin
-    /// without it.
+    /// Hash of the last cookie of this name (also what HAProxy's `rdp-cookie` maps to);
+    /// round-robin without it, or when it is empty.
     CookieHash(String, HashType),
-    /// Insert a signed cookie naming the backend; requests carrying it go back there while it
-    /// is usable, otherwise to another backend (and the cookie is re-pinned).
+    /// Insert a signed cookie naming the backend; requests carrying it (as the last cookie of
+    /// its name) go back there while it is usable, otherwise to another backend (and the
+    /// cookie is re-pinned).
     StickyCookie(StickyConfig),
+}
+
+impl BalanceMode {
+    /// The mode's name as `--balance` and `balance =` take it, without its `:NAME`: the one
+    /// spelling of each mode, which the configuration parses (HAProxy's aliases aside) and
+    /// that logs and error messages print (rather than the mode's `Debug` form, which shows
+    /// its settings).
+    ///
+    /// ```
+    /// use proxy_plugin::balance::{BalanceMode, HashType};
+    ///
+    /// assert_eq!(BalanceMode::LeastConn.name(), "least-conn");
+    /// assert_eq!(BalanceMode::CookieHash("sid".into(), HashType::Map).name(), "cookie-hash");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        match self {
+            BalanceMode::RoundRobin => "round-robin",
+            BalanceMode::StaticRr => "static-rr",
+            BalanceMode::LeastConn => "least-conn",
+            BalanceMode::Random => "random",
+            BalanceMode::IpHash => "ip-hash",
+            BalanceMode::Source(_) => "source",
+            BalanceMode::Uri(_) => "uri",
+            BalanceMode::UrlParam(..) => "url-param",
+            BalanceMode::Header(..) => "header",
+            BalanceMode::CookieHash(..) => "cookie-hash",
+            BalanceMode::StickyCookie(_) => "sticky-cookie",
+        }
+    }
 }
 
 /// Settings of the sticky-cookie balancer.

@@ -1,9 +1,13 @@
 //! Sticky cookie (HAProxy `cookie SRV insert`, nginx-plus `sticky cookie`): the first response
 //! sets `<cookie>=<backend name>.<tag>`, the tag being HMAC-SHA256 of the name under the
-//! configured key, base64url. A request carrying a cookie whose tag verifies (in constant time)
-//! and whose backend is usable goes there; any other request goes round-robin and its response
+//! configured key, base64url. A request whose cookie of that name verifies (in constant time)
+//! and names a usable backend goes there; any other request goes round-robin and its response
 //! pins the backend it got. So a user whose backend died is re-pinned to the new one, and a
 //! client cannot choose (or spread an attack over) backends by writing the cookie itself.
+//!
+//! Of several cookies of that name (`srv=a; srv=b`: one a subdomain planted, or a stale one for
+//! another path) only the **last** counts, the one the backends' cookie jar (`tower-cookies`)
+//! and the session lookup read (`crate::cookie`), so proxy and backend agree on the request.
 //!
 //! The cookie is `Path=/; HttpOnly; SameSite=Lax`, and `Secure` when the request came over TLS
 //! (the proxy's own `X-Forwarded-Proto: https`), so a browser never sends the pin of an HTTPS
@@ -26,7 +30,7 @@ use http::header::SET_COOKIE;
 use http::{HeaderMap, HeaderValue};
 use ring::hmac;
 
-use super::cookie::cookie_values;
+use super::cookie::cookie_value;
 use super::round_robin::RoundRobin;
 use super::{Balancer, RequestInfo, StickyConfig};
 use crate::backend::Backend;
@@ -79,9 +83,10 @@ impl StickyCookie {
         )
     }
 
-    /// The backend names in the request's cookies whose tags verify, in header order.
-    fn pinned_names<'a>(&'a self, headers: &'a HeaderMap) -> impl Iterator<Item = String> + 'a {
-        cookie_values(headers, &self.cookie).filter_map(|value| self.verify(value))
+    /// The backend name the request is pinned to: the one in its last cookie of our name, if
+    /// that cookie's tag verifies.
+    fn pinned_name(&self, headers: &HeaderMap) -> Option<String> {
+        self.verify(cookie_value(headers, &self.cookie)?)
     }
 
     /// The backend name in a cookie value, if its tag verifies.
@@ -128,19 +133,16 @@ impl Balancer for StickyCookie {
         backends: &[Arc<Backend>],
         usable: &dyn Fn(&Backend) -> bool,
     ) -> Option<usize> {
-        for name in self.pinned_names(request.headers) {
-            if let Some(p) = backends.iter().position(|b| b.name == name && usable(b)) {
-                return Some(p);
-            }
+        if let Some(name) = self.pinned_name(request.headers)
+            && let Some(p) = backends.iter().position(|b| b.name == name && usable(b))
+        {
+            return Some(p);
         }
         self.fallback.next(backends, usable)
     }
 
     fn on_response(&self, request: &RequestInfo<'_>, chosen: &Backend, response: &mut HeaderMap) {
-        if self
-            .pinned_names(request.headers)
-            .any(|name| name == chosen.name)
-        {
+        if self.pinned_name(request.headers).as_deref() == Some(chosen.name.as_str()) {
             return;
         }
         let secure = if crate::proxy::forwarded_https(request.headers) {
@@ -210,6 +212,52 @@ mod tests {
             assert!(cookie.starts_with("srv=b1."), "{cookie}");
             assert_eq!(cookie.ends_with("; Secure"), secure, "{proto:?}: {cookie}");
         }
+    }
+
+    /// Of several cookies of the name, only the last pins, as only the last reaches a backend's
+    /// cookie jar: an earlier valid pin does not count when the last one does not verify.
+    #[test]
+    fn only_the_last_cookie_of_the_name_pins() {
+        let s = StickyCookie::new(
+            &StickyConfig {
+                cookie: "srv".into(),
+                key: b"k".to_vec(),
+            },
+            2,
+        );
+        let backends: Vec<Arc<Backend>> = (0..2)
+            .map(|i| Arc::new(Backend::new(i, format!("b{i}"), "127.0.0.1:1", 1)))
+            .collect();
+        let (b0, b1) = (s.cookie_value("b0"), s.cookie_value("b1"));
+        let uri = http::Uri::from_static("/");
+        // The backend picked and whether the response pins it.
+        let visit = |cookies: &[String]| {
+            let mut headers = HeaderMap::new();
+            for cookie in cookies {
+                headers.append(http::header::COOKIE, HeaderValue::from_str(cookie).unwrap());
+            }
+            let request = RequestInfo {
+                client_ip: [127, 0, 0, 1].into(),
+                uri: &uri,
+                headers: &headers,
+            };
+            let chosen = s.pick(&request, &backends, &|_| true).unwrap();
+            let mut response = HeaderMap::new();
+            s.on_response(&request, &backends[chosen], &mut response);
+            (chosen, response.contains_key(SET_COOKIE))
+        };
+        assert_eq!(visit(&[format!("srv={b0}; srv={b1}")]), (1, false));
+        assert_eq!(visit(&[format!("srv={b1}; srv={b0}")]), (0, false));
+        assert_eq!(
+            visit(&[format!("srv={b1}"), format!("a=1; srv={b0}")]),
+            (0, false),
+            "across headers"
+        );
+        // A last cookie that does not verify: round-robin, and every response re-pins.
+        let forged = [format!("srv={b0}; srv=b0.forged")];
+        let picks: Vec<_> = (0..2).map(|_| visit(&forged)).collect();
+        assert!(picks.iter().all(|(_, pinned)| *pinned), "{picks:?}");
+        assert_ne!(picks[0].0, picks[1].0, "round-robin: {picks:?}");
     }
 
     #[test]

@@ -9,12 +9,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use super::admin::AdminToken;
+use super::client_limits::FileRate;
 use super::values::{
-    AtLeastOne, AttrName, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed, SnapshotKey,
-    StickyKey, Token, backend,
+    AtLeastOne, AttrName, ByteRate, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed,
+    SnapshotKey, StickyKey, Token, backend,
 };
-use super::{BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure};
-use crate::balance::HashType;
+use super::{BackendConfig, HealthCheckKind, LookupFailure};
+use crate::balance::{BalanceMode, HashType};
 
 /// The TOML file: the same settings as the flags, grouped in tables, every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -25,9 +26,11 @@ pub(super) struct FileConfig {
     pub(super) admin_token: Option<Parsed<AdminToken>>,
     /// The admin token's file (a path, relative to the working directory).
     pub(super) admin_token_file: Option<PathBuf>,
-    pub(super) balance: Option<Parsed<BalanceSpec>>,
+    pub(super) balance: Option<Parsed<BalanceMode>>,
     pub(super) hash_type: Option<Parsed<HashType>>,
     pub(super) trusted_proxies: Option<Vec<Parsed<IpNet>>>,
+    /// `--allow-underscore-headers`.
+    pub(super) allow_underscore_headers: Option<bool>,
     #[serde(default, rename = "backend")]
     pub(super) backends: Vec<FileBackend>,
     #[serde(default)]
@@ -88,6 +91,17 @@ pub(super) struct FileLimits {
     pub(super) max_connections: Option<AtLeastOne<usize>>,
     pub(super) max_tries: Option<AtLeastOne<u32>>,
     pub(super) retry_buffer_bytes: Option<usize>,
+    pub(super) body_read_timeout: Option<Parsed<Duration>>,
+    /// Bytes per second: a number, or a string like `"1k"`.
+    pub(super) min_upload_rate: Option<ByteRate>,
+    pub(super) send_timeout: Option<Parsed<Duration>>,
+    pub(super) idle_timeout: Option<Parsed<Duration>>,
+    /// `--max-conns-per-ip` (0: off).
+    pub(super) max_conns_per_ip: Option<u32>,
+    /// `--rate-per-ip`: requests per second, or a string like `"30/m"`.
+    pub(super) rate_per_ip: Option<FileRate>,
+    /// `--burst`.
+    pub(super) burst: Option<u32>,
 }
 
 /// `[sticky]`.

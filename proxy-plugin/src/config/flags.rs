@@ -6,14 +6,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use clap::builder::RangedU64ValueParser;
+use clap::builder::{BoolishValueParser, RangedU64ValueParser};
 use ipnet::IpNet;
 
+use super::client_limits::RateSetting;
 use super::values::{
-    AttrName, CookieName, LookupUrl, Namespace, SecretArg, parse_setting, positive, secret_arg,
+    AttrName, CookieName, LookupUrl, Namespace, SecretArg, byte_rate, parse_setting, positive,
+    secret_arg,
 };
-use super::{BackendConfig, BalanceSpec, HealthCheckKind, LookupFailure, MIN_HEADER_BYTES};
-use crate::balance::HashType;
+use super::{BackendConfig, HealthCheckKind, LookupFailure, MIN_HEADER_BYTES};
+use crate::balance::{BalanceMode, HashType};
 
 /// Command-line flags; each has an environment-variable twin. Unset ones fall back to the file,
 /// then to the defaults.
@@ -81,9 +83,9 @@ pub struct Cli {
         long,
         value_name = "MODE",
         env = "STICKLESS_PROXY_BALANCE",
-        value_parser = parse_setting::<BalanceSpec>,
+        value_parser = parse_setting::<BalanceMode>,
     )]
-    pub balance: Option<BalanceSpec>,
+    pub balance: Option<BalanceMode>,
     /// How hashing modes (source, uri, url-param, header, cookie-hash) map keys to backends:
     /// map or consistent [default: map].
     #[arg(
@@ -112,7 +114,8 @@ pub struct Cli {
     )]
     pub sticky_key: Option<SecretArg>,
     /// Peers (CIDRs or addresses, comma-separated) whose X-Forwarded-For, Forwarded and
-    /// X-Forwarded-Proto: https are believed; from others Forwarded is dropped [default: none].
+    /// X-Forwarded-Proto: https are believed; from others X-Forwarded-For, Forwarded and
+    /// X-Real-IP are replaced by the peer's address [default: none].
     #[arg(
         long,
         value_name = "CIDR,...",
@@ -121,6 +124,19 @@ pub struct Cli {
         value_parser = parse_setting::<IpNet>,
     )]
     pub trusted_proxies: Option<Vec<IpNet>>,
+    /// Forward request headers whose names contain `_` (dropped by default, like nginx's
+    /// `underscores_in_headers off`); `x_session_*` spellings are dropped anyway. Takes an
+    /// optional `=true|false` [default: false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        env = "STICKLESS_PROXY_ALLOW_UNDERSCORE_HEADERS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new(),
+    )]
+    pub allow_underscore_headers: Option<bool>,
     /// Active health check: off, tcp or http:/PATH (GET expecting 2xx) [default: tcp].
     #[arg(
         long,
@@ -231,6 +247,62 @@ pub struct Cli {
     /// Largest request body kept so the request can be retried elsewhere [default: 65536].
     #[arg(long, value_name = "BYTES", env = "STICKLESS_PROXY_RETRY_BUFFER_BYTES")]
     pub retry_buffer_bytes: Option<usize>,
+    /// Longest wait for the next piece of a request body: 408 (or the backend request ended
+    /// if its response started), never held against the backend [default: 60s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_BODY_READ_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub body_read_timeout: Option<Duration>,
+    /// Slowest request body in bytes per second (`500`, `1k`), averaged over the time spent
+    /// waiting on the client: a body may take --body-read-timeout plus one second per RATE
+    /// bytes received, then gets 408 like a stalled one; 0: off [default: 500].
+    #[arg(
+        long,
+        value_name = "RATE",
+        env = "STICKLESS_PROXY_MIN_UPLOAD_RATE",
+        value_parser = byte_rate,
+    )]
+    pub min_upload_rate: Option<u64>,
+    /// Longest a client may take none of its response before the connection is cut and the
+    /// backend request ended [default: 60s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_SEND_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub send_timeout: Option<Duration>,
+    /// Longest an HTTP/1 keep-alive connection waits for its next request, and an HTTP/2
+    /// connection stays without an open stream (then GOAWAY), before being closed
+    /// [default: 75s].
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "STICKLESS_PROXY_IDLE_TIMEOUT",
+        value_parser = parse_setting::<Duration>,
+    )]
+    pub idle_timeout: Option<Duration>,
+    /// Most requests in flight at once from one client address (the trusted chain's; IPv6 by
+    /// /64), each counted from its head to the end of its response body; 429 with
+    /// Retry-After: 1 past it; 0: off [default: 0].
+    #[arg(long, value_name = "N", env = "STICKLESS_PROXY_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<u32>,
+    /// Requests per second (`10`, `10/s`) or minute (`30/m`) from one client address, as a
+    /// token bucket; past it and --burst, 429 with Retry-After; 0: off [default: off].
+    #[arg(
+        long,
+        value_name = "R[/s|/m]",
+        env = "STICKLESS_PROXY_RATE_PER_IP",
+        value_parser = parse_setting::<RateSetting>,
+    )]
+    pub rate_per_ip: Option<RateSetting>,
+    /// Requests over --rate-per-ip a client may send at once (nginx `burst` with `nodelay`:
+    /// B + 1 at once) [default: 0].
+    #[arg(long, value_name = "B", env = "STICKLESS_PROXY_BURST")]
+    pub burst: Option<u32>,
     /// Session server URL; turns the session-lookup plugin on. `https://` is always TLS (see
     /// `--session-ca`), `http://` cleartext.
     #[arg(

@@ -7,16 +7,17 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::builder::RangedU64ValueParser;
+use http::HeaderName;
 use ipnet::IpNet;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use session_client::cookie::MIN_KEY_BYTES;
 
 use super::{
-    BackendConfig, BalanceSpec, ConfigError, HealthCheckKind, LookupFailure, MAX_WEIGHT,
-    MIN_HEADER_BYTES, MIN_STICKY_KEY_BYTES,
+    BackendConfig, ConfigError, HealthCheckKind, LookupFailure, MAX_WEIGHT, MIN_HEADER_BYTES,
+    MIN_STICKY_KEY_BYTES,
 };
-use crate::balance::HashType;
+use crate::balance::{BalanceMode, HashType, StickyConfig};
 
 /// A value read from one piece of text.
 pub(super) trait ParseSetting: Sized {
@@ -175,52 +176,67 @@ impl ParseSetting for HealthCheckKind {
     }
 }
 
-impl ParseSetting for BalanceSpec {
-    /// The mode names (dashes or underscores; `roundrobin`, `leastconn` as in HAProxy), with
-    /// `:NAME` for the modes that hash one request field.
+/// One of each balancing mode, as `--balance` gives it before `resolve` completes it with the
+/// hash type and the sticky-cookie settings: hash type map, `:NAME` empty, no sticky settings.
+const BALANCE_MODES: [BalanceMode; 11] = [
+    BalanceMode::RoundRobin,
+    BalanceMode::StaticRr,
+    BalanceMode::LeastConn,
+    BalanceMode::Random,
+    BalanceMode::IpHash,
+    BalanceMode::Source(HashType::Map),
+    BalanceMode::Uri(HashType::Map),
+    BalanceMode::UrlParam(String::new(), HashType::Map),
+    BalanceMode::Header(String::new(), HashType::Map),
+    BalanceMode::CookieHash(String::new(), HashType::Map),
+    BalanceMode::StickyCookie(StickyConfig {
+        cookie: String::new(),
+        key: Vec::new(),
+    }),
+];
+
+impl ParseSetting for BalanceMode {
+    /// A mode by its [`BalanceMode::name`] (any case, `_` for `-`) or HAProxy's `roundrobin`,
+    /// `leastconn`, `hdr` and `rdp-cookie`, with `:NAME` for the modes that hash one request
+    /// field.
     fn parse_setting(text: &str) -> Result<Self, String> {
-        let (mode, arg) = match text.split_once(':') {
+        let (written, given) = match text.split_once(':') {
             Some((mode, arg)) => (mode, Some(arg.trim())),
             None => (text, None),
         };
-        let mode = mode.trim().to_ascii_lowercase().replace('_', "-");
-        let name = |kind: &str| match arg {
-            Some(name) if !name.is_empty() => Ok(name),
+        let written = written.trim().to_ascii_lowercase().replace('_', "-");
+        let name = match written.as_str() {
+            "roundrobin" => "round-robin",
+            "leastconn" => "least-conn",
+            "hdr" => "header",
+            "rdp-cookie" => "cookie-hash",
+            name => name,
+        };
+        let Some(mut mode) = BALANCE_MODES.into_iter().find(|mode| mode.name() == name) else {
+            return Err(format!(
+                "unknown balance mode {text:?}; expected round-robin, static-rr, least-conn, \
+                 random, ip-hash, source, uri, url-param:NAME, header:NAME, cookie-hash:NAME, \
+                 rdp-cookie:NAME or sticky-cookie"
+            ));
+        };
+        let arg = |kind: &str| match given {
+            Some(arg) if !arg.is_empty() => Ok(arg),
             _ => Err(format!(
-                "balance mode {mode} needs the {kind}'s name: {mode}:NAME"
+                "balance mode {written} needs the {kind}'s name: {written}:NAME"
             )),
         };
-        let spec = match mode.as_str() {
-            "url-param" => BalanceSpec::UrlParam(url_param(name("query parameter")?)?),
-            "header" | "hdr" => BalanceSpec::Header(header_name(name("header")?)?),
-            "cookie-hash" | "rdp-cookie" => {
-                BalanceSpec::CookieHash(CookieName::parse_setting(name("cookie")?)?.0)
+        match &mut mode {
+            BalanceMode::UrlParam(param, _) => *param = url_param(arg("query parameter")?)?,
+            BalanceMode::Header(header, _) => {
+                *header = header_name(arg("header")?)?.as_str().to_owned();
             }
-            plain => {
-                let spec = match plain {
-                    "round-robin" | "roundrobin" => BalanceSpec::RoundRobin,
-                    "static-rr" => BalanceSpec::StaticRr,
-                    "least-conn" | "leastconn" => BalanceSpec::LeastConn,
-                    "random" => BalanceSpec::Random,
-                    "ip-hash" => BalanceSpec::IpHash,
-                    "source" => BalanceSpec::Source,
-                    "uri" => BalanceSpec::Uri,
-                    "sticky-cookie" => BalanceSpec::StickyCookie,
-                    _ => {
-                        return Err(format!(
-                            "unknown balance mode {text:?}; expected round-robin, static-rr, \
-                             least-conn, random, ip-hash, source, uri, url-param:NAME, \
-                             header:NAME, cookie-hash:NAME, rdp-cookie:NAME or sticky-cookie"
-                        ));
-                    }
-                };
-                if arg.is_some() {
-                    return Err(format!("balance mode {plain} takes no :NAME"));
-                }
-                spec
+            BalanceMode::CookieHash(cookie, _) => {
+                *cookie = CookieName::parse_setting(arg("cookie")?)?.0;
             }
-        };
-        Ok(spec)
+            _ if given.is_some() => return Err(format!("balance mode {written} takes no :NAME")),
+            _ => {}
+        }
+        Ok(mode)
     }
 }
 
@@ -234,11 +250,36 @@ fn url_param(name: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
-/// A header name, lowercased (header names are case-insensitive).
-fn header_name(name: &str) -> Result<String, String> {
-    http::HeaderName::from_bytes(name.as_bytes())
-        .map(|h| h.as_str().to_owned())
+/// A header name from the configuration, lowercased (header names are case-insensitive): the
+/// one check of every configured header name (`header:NAME` balancing, the `x-session-attr-NAME`
+/// of a session attribute), and how the balancer and the session lookup make `HeaderName`s of
+/// them.
+pub(crate) fn header_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| format!("{name:?} is not a valid header name"))
+}
+
+#[cfg(test)]
+mod balance_mode_tests {
+    use super::{BALANCE_MODES, BalanceMode, ParseSetting};
+
+    /// `--balance` takes every mode by the name logs print, so the two never drift apart.
+    #[test]
+    fn every_mode_parses_from_its_name() {
+        for mode in BALANCE_MODES {
+            let name = mode.name();
+            let text = match mode {
+                BalanceMode::UrlParam(..)
+                | BalanceMode::Header(..)
+                | BalanceMode::CookieHash(..) => {
+                    format!("{name}:x")
+                }
+                _ => name.to_owned(),
+            };
+            let parsed = BalanceMode::parse_setting(&text);
+            assert_eq!(parsed.as_ref().map(BalanceMode::name), Ok(name), "{text}");
+        }
+    }
 }
 
 impl ParseSetting for BackendConfig {
@@ -432,9 +473,7 @@ pub struct AttrName(pub String);
 
 impl ParseSetting for AttrName {
     fn parse_setting(text: &str) -> Result<Self, String> {
-        if text.is_empty()
-            || http::HeaderName::from_bytes(format!("x-session-attr-{text}").as_bytes()).is_err()
-        {
+        if text.is_empty() || header_name(&format!("x-session-attr-{text}")).is_err() {
             return Err(format!(
                 "session attribute {text:?} cannot be a header name (x-session-attr-{text})"
             ));
@@ -459,5 +498,77 @@ impl ParseSetting for Token {
             return Err("session auth token must be non-empty visible ASCII".to_owned());
         }
         Ok(Token(text.to_owned()))
+    }
+}
+
+/// A rate in bytes per second (`--min-upload-rate`): `500`, `1k` (1024), `2m` (2 MiB), an
+/// optional `/s` after it; `0` turns the check off.
+pub(super) fn byte_rate(text: &str) -> Result<u64, String> {
+    let bad =
+        || format!("bad rate {text:?}; write bytes per second, e.g. \"500\", \"1k\" or \"0\"");
+    let number = text.trim().trim_end_matches("/s");
+    let (digits, unit) = match number.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => number.split_at(at),
+        None => (number, ""),
+    };
+    let factor: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    digits
+        .parse::<u64>()
+        .map_err(|_| bad())?
+        .checked_mul(factor)
+        .ok_or_else(|| format!("rate {text:?} is too large"))
+}
+
+/// The file's `min_upload_rate`: a number of bytes per second, or a string as the flag takes.
+#[derive(Debug)]
+pub(super) struct ByteRate(pub(super) u64);
+
+impl<'de> Deserialize<'de> for ByteRate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteRate;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes per second, as a number or a string like \"1k\"")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteRate, E> {
+                Ok(ByteRate(n))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteRate, E> {
+                u64::try_from(n)
+                    .map(ByteRate)
+                    .map_err(|_| E::custom(format!("rate {n} must not be negative")))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteRate, E> {
+                byte_rate(text).map(ByteRate).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod byte_rate_tests {
+    use super::byte_rate;
+
+    #[test]
+    fn rates_take_plain_numbers_and_binary_suffixes() {
+        assert_eq!(byte_rate("0"), Ok(0));
+        assert_eq!(byte_rate("500"), Ok(500));
+        assert_eq!(byte_rate("1k"), Ok(1024));
+        assert_eq!(byte_rate("2M/s"), Ok(2 * 1024 * 1024));
+        assert_eq!(byte_rate("10kb"), Ok(10 * 1024));
+        for bad in ["", "k", "1x", "-1", "1.5k", "99999999999999999999m"] {
+            assert!(byte_rate(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -18,8 +18,8 @@ use session_client::cookie::{
 use super::LookupError;
 use super::set_cookie::{clears_cookie, sets_cookie};
 use crate::config::LookupConfig;
-use crate::cookie::cookie_values;
-use crate::proxy::ResponseFilter;
+use crate::cookie::cookie_value;
+use crate::filter::ResponseFilter;
 
 /// The snapshot-cookie settings of an enabled plugin, shared with the response filters of
 /// requests in flight.
@@ -102,7 +102,7 @@ impl Snapshots {
 
     /// The request's snapshot cookie, checked against session `id` at `now`.
     pub(super) fn sent(&self, headers: &HeaderMap, id: &str, now: SystemTime) -> Sent {
-        let Some(value) = cookie_values(headers, &self.cookie).next() else {
+        let Some(value) = cookie_value(headers, &self.cookie) else {
             return Sent::Absent;
         };
         match self
@@ -117,9 +117,7 @@ impl Snapshots {
     /// Whether the request's snapshot cookie is signed with the current signing key (so one
     /// signed by a key rotating out is re-issued at once, not only at half its life).
     fn sent_is_current(&self, headers: &HeaderMap) -> bool {
-        cookie_values(headers, &self.cookie)
-            .next()
-            .is_some_and(|value| self.codec.is_current(value))
+        cookie_value(headers, &self.cookie).is_some_and(|value| self.codec.is_current(value))
     }
 
     /// The store answered with `session`: a snapshot confirmed by it, unless the request's is
@@ -172,7 +170,7 @@ impl Snapshots {
         headers: &HeaderMap,
         secure: bool,
     ) -> Option<SnapshotUpdate> {
-        cookie_values(headers, &self.cookie).next()?;
+        cookie_value(headers, &self.cookie)?;
         Some(self.update(SnapshotAction::Expire, true, secure))
     }
 

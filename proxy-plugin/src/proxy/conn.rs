@@ -1,5 +1,6 @@
-//! One client connection's socket: the request-head deadline (answered 408) and the socket
-//! handed back at the end for a lingering close.
+//! One client connection's socket: the request-head deadline (answered 408), the idle
+//! deadline between requests, the send deadline, and the socket handed back at the end for a
+//! lingering close.
 //!
 //! hyper's own `header_read_timeout` closes the connection without a word, and starts only
 //! once hyper-util has sniffed the protocol. [`ClientIo`] wraps the socket instead: a deadline
@@ -9,6 +10,19 @@
 //! take it) and fails the read; when nothing arrived (an idle keep-alive connection) it just
 //! ends the connection, like nginx. hyper's own header timer is off: it would arm one more
 //! sleep per request for what this already does.
+//!
+//! Between two HTTP/1 requests the deadline is `idle_timeout` (nginx `keepalive_timeout`)
+//! until the first byte of the next head arrives, then `header_read_timeout` from there. An
+//! HTTP/2 connection is idle while it has no open stream; [`http2_idle`] tells the connection
+//! task when that lasted `idle_timeout`, whatever PINGs the client sends. Writes that make no
+//! progress for `send_timeout` (nginx `send_timeout`: the client reads none of its response)
+//! fail, which ends the connection and with it the responses it carried, their backend
+//! requests included. An HTTP/2 client can also stop taking one stream's data (flow control)
+//! while the connection flows: [`http2_send_watch`] then ends that response's backend
+//! connection after `send_timeout`.
+//!
+//! Once a response switches protocols (a 101, see `proxy/tunnel.rs`) no head is due any more:
+//! the deadlines stop, and the tunnel bounds itself (the send deadline still applies).
 //!
 //! On a TLS listener the wrapper sits on the TLS stream ([`ClientStream::Tls`]), after the
 //! handshake: the deadline, the 408 and the lingering close then speak TLS too.
@@ -24,7 +38,12 @@ use futures::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio::time::{Instant, Sleep};
+
+use super::tunnel::Tunnel;
+use crate::config::Limits;
+use crate::metrics::{ClientTimeoutKind, ClientTimeouts};
 
 /// What a client that was too slow with its request head gets.
 const REQUEST_TIMEOUT_REPLY: &[u8] =
@@ -109,9 +128,26 @@ impl AsyncWrite for ClientStream {
 pub(crate) struct ConnState {
     /// Time a client gets to send a request head.
     header_timeout: Duration,
+    /// Time an HTTP/1 connection may wait for its next request, or an HTTP/2 one stay without
+    /// a stream.
+    idle_timeout: Duration,
+    /// Time a pending write may make no progress.
+    send_timeout: Duration,
     /// When the head awaited now must be complete; `None` while a request is being handled,
     /// and for good once the connection turned out to be HTTP/2 (h2 bounds its own frames).
     deadline: Mutex<Option<Instant>>,
+    /// The armed deadline is the idle one (HTTP/1, between requests, nothing of the next
+    /// head arrived yet).
+    idle: AtomicBool,
+    /// The connection was closed for `idle_timeout` between HTTP/1 requests.
+    idle_closed: AtomicBool,
+    /// A write made no progress for `send_timeout`: the connection was cut.
+    send_timed_out: AtomicBool,
+    /// The requests being handled (HTTP/2 streams), for [`http2_idle`].
+    streams: Mutex<Streams>,
+    /// HTTP/2 responses relayed from backends, by [`SendWatch`] slot, for
+    /// [`http2_send_watch`]; a freed slot is `None` and reused.
+    sends: Mutex<Vec<Option<SendEntry>>>,
     /// Some bytes arrived since the deadline was armed: a timeout gets a 408, not a silent close.
     partial_head: AtomicBool,
     /// The connection speaks HTTP/2.
@@ -125,39 +161,205 @@ pub(crate) struct ConnState {
     reader: AtomicWaker,
     /// The socket, handed back when hyper drops the connection.
     returned: Mutex<Option<ClientStream>>,
+    /// The connection is being switched to another protocol (a 101 is on its way): no more
+    /// request heads, so no more deadlines; the tunnel bounds itself.
+    upgraded: AtomicBool,
+    /// The tunnel to run once hyper hands the socket over, for the connection task to await.
+    tunnel: Mutex<Option<Tunnel>>,
+}
+
+/// The requests of a connection being handled.
+#[derive(Debug)]
+struct Streams {
+    /// Requests whose response is not done.
+    open: usize,
+    /// When `open` last dropped to 0 (or the connection was accepted).
+    idle_since: Instant,
+    /// Whether a request was received at all.
+    started: bool,
+}
+
+/// An HTTP/2 response relayed from a backend, as [`http2_send_watch`] sees it.
+#[derive(Debug)]
+struct SendEntry {
+    /// Since when its last piece waits for the client to take it; `None` while hyper asks for
+    /// more (or the body waits for the backend).
+    waiting_since: Option<Instant>,
+    /// The backend connection's task, while the response holds it.
+    upstream: Option<AbortHandle>,
+}
+
+/// A response body's slot in its connection's send watch (HTTP/2 only); freed on drop.
+#[derive(Debug)]
+pub(crate) struct SendWatch {
+    /// The connection.
+    conn: Arc<ConnState>,
+    /// The slot in [`ConnState::sends`].
+    slot: usize,
+}
+
+impl SendWatch {
+    /// Watches a response relayed over `upstream` on `conn`, if `conn` speaks HTTP/2 (HTTP/1
+    /// has no flow control of its own: the socket's send deadline covers it).
+    pub(crate) fn start(conn: &Arc<ConnState>, upstream: &AbortHandle) -> Option<SendWatch> {
+        if !conn.http2.load(Ordering::Relaxed) {
+            return None;
+        }
+        let entry = SendEntry {
+            waiting_since: None,
+            upstream: Some(upstream.clone()),
+        };
+        let mut sends = conn.sends.lock();
+        let slot = match sends.iter().position(Option::is_none) {
+            Some(free) => {
+                sends[free] = Some(entry);
+                free
+            }
+            None => {
+                sends.push(Some(entry));
+                sends.len() - 1
+            }
+        };
+        drop(sends);
+        Some(SendWatch {
+            conn: conn.clone(),
+            slot,
+        })
+    }
+
+    /// hyper asks for the next piece: the client took the last one.
+    pub(crate) fn polled(&self) {
+        if let Some(Some(entry)) = self.conn.sends.lock().get_mut(self.slot) {
+            entry.waiting_since = None;
+        }
+    }
+
+    /// What the poll gave hyper: `delivered` a piece (which now waits for the client), and
+    /// whether the response still holds its backend connection.
+    pub(crate) fn returned(&self, delivered: bool, holds_upstream: bool) {
+        if let Some(Some(entry)) = self.conn.sends.lock().get_mut(self.slot) {
+            entry.waiting_since = delivered.then(Instant::now);
+            if !holds_upstream {
+                entry.upstream = None;
+            }
+        }
+    }
+}
+
+impl Drop for SendWatch {
+    fn drop(&mut self) {
+        if let Some(entry) = self.conn.sends.lock().get_mut(self.slot) {
+            *entry = None;
+        }
+    }
+}
+
+/// Held from a request's head to the end of its response (dropped with the response body, or
+/// with the request if no response was made): the connection's next head is then due, and an
+/// HTTP/2 connection may become idle.
+#[derive(Debug)]
+pub(crate) struct RequestGuard {
+    /// The connection.
+    conn: Arc<ConnState>,
+}
+
+impl RequestGuard {
+    /// The connection the request came on.
+    pub(crate) fn conn(&self) -> &Arc<ConnState> {
+        &self.conn
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.conn.response_done();
+    }
 }
 
 impl ConnState {
-    /// State for a connection accepted now.
-    pub(crate) fn new(header_timeout: Duration) -> Arc<Self> {
+    /// State for a connection accepted now, under `limits`.
+    pub(crate) fn new(limits: &Limits) -> Arc<Self> {
+        let header_timeout = limits.header_read_timeout;
+        let now = Instant::now();
         Arc::new(ConnState {
             header_timeout,
-            deadline: Mutex::new(Some(Instant::now() + header_timeout)),
+            idle_timeout: limits.idle_timeout,
+            send_timeout: limits.send_timeout,
+            deadline: Mutex::new(Some(now + header_timeout)),
+            idle: AtomicBool::new(false),
+            idle_closed: AtomicBool::new(false),
+            send_timed_out: AtomicBool::new(false),
+            streams: Mutex::new(Streams {
+                open: 0,
+                idle_since: now,
+                started: false,
+            }),
+            sends: Mutex::new(Vec::new()),
             partial_head: AtomicBool::new(false),
             http2: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             linger: AtomicBool::new(false),
             reader: AtomicWaker::new(),
             returned: Mutex::new(None),
+            upgraded: AtomicBool::new(false),
+            tunnel: Mutex::new(None),
         })
     }
 
-    /// A whole request head arrived (the service was called): stop the clock.
-    pub(crate) fn head_received(&self, http2: bool) {
+    /// A whole request head arrived (the service was called): stop the clock until the
+    /// returned guard is dropped with the response.
+    pub(crate) fn request_started(self: &Arc<Self>, http2: bool) -> RequestGuard {
         if http2 {
             self.http2.store(true, Ordering::Relaxed);
         }
         *self.deadline.lock() = None;
+        let mut streams = self.streams.lock();
+        streams.open += 1;
+        streams.started = true;
+        drop(streams);
+        RequestGuard { conn: self.clone() }
     }
 
-    /// A response was sent: the next HTTP/1 head is due within the timeout.
-    pub(crate) fn response_done(&self) {
-        if self.http2.load(Ordering::Relaxed) {
+    /// A response was sent (or dropped): the next HTTP/1 head is due within the idle timeout,
+    /// then the head timeout once it begins.
+    fn response_done(&self) {
+        let now = Instant::now();
+        {
+            let mut streams = self.streams.lock();
+            streams.open = streams.open.saturating_sub(1);
+            if streams.open == 0 {
+                streams.idle_since = now;
+            }
+        }
+        if self.http2.load(Ordering::Relaxed) || self.upgraded.load(Ordering::Relaxed) {
             return;
         }
-        *self.deadline.lock() = Some(Instant::now() + self.header_timeout);
+        self.idle.store(true, Ordering::Relaxed);
+        *self.deadline.lock() = Some(now + self.idle_timeout);
         self.partial_head.store(false, Ordering::Relaxed);
         self.reader.wake();
+    }
+
+    /// The response being sent switches protocols: no request head is due any more, and
+    /// `tunnel` is to run on the socket once hyper hands it over ([`ConnState::take_tunnel`]).
+    pub(crate) fn start_tunnel(&self, tunnel: Tunnel) {
+        self.upgraded.store(true, Ordering::Relaxed);
+        *self.tunnel.lock() = Some(tunnel);
+    }
+
+    /// The tunnel the connection switched to, once hyper is done with the connection.
+    pub(crate) fn take_tunnel(&self) -> Option<Tunnel> {
+        self.tunnel.lock().take()
+    }
+
+    /// Whether the connection was closed for `idle_timeout` between HTTP/1 requests.
+    pub(crate) fn idle_closed(&self) -> bool {
+        self.idle_closed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection was cut for `send_timeout`.
+    pub(crate) fn send_timed_out(&self) -> bool {
+        self.send_timed_out.load(Ordering::Relaxed)
     }
 
     /// Asks for a lingering close at the end of the connection.
@@ -185,7 +387,12 @@ impl ConnState {
     }
 
     fn bytes_arrived(&self) {
-        if self.deadline.lock().is_some() {
+        let mut deadline = self.deadline.lock();
+        if deadline.is_some() {
+            if self.idle.swap(false, Ordering::Relaxed) {
+                // The next head begins: it gets the head timeout from now.
+                *deadline = Some(Instant::now() + self.header_timeout);
+            }
             self.partial_head.store(true, Ordering::Relaxed);
         }
     }
@@ -204,6 +411,10 @@ pub(crate) struct ClientIo {
     reply_written: Option<usize>,
     /// Whether the first bytes were looked at (for the HTTP/2 preface).
     sniffed: bool,
+    /// Fires `send_timeout` after a write started waiting; made at the first wait.
+    send_sleep: Option<Pin<Box<Sleep>>>,
+    /// A write is waiting for the client to take bytes (`send_sleep` is armed).
+    send_waiting: bool,
 }
 
 impl ClientIo {
@@ -216,7 +427,39 @@ impl ClientIo {
             sleep: Box::pin(tokio::time::sleep_until(first)),
             reply_written: None,
             sniffed: false,
+            send_sleep: None,
+            send_waiting: false,
         }
+    }
+
+    /// Passes on a write's outcome; a write pending for `send_timeout` in a row fails.
+    fn poll_sent<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.send_waiting = false;
+            return poll;
+        }
+        if !self.send_waiting {
+            self.send_waiting = true;
+            let deadline = Instant::now() + self.state.send_timeout;
+            match &mut self.send_sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.send_sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        if let Some(sleep) = &mut self.send_sleep
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            self.state.send_timed_out.store(true, Ordering::Relaxed);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of its response within send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     fn stream(&mut self) -> io::Result<Pin<&mut ClientStream>> {
@@ -249,8 +492,12 @@ impl ClientIo {
             self.reply_written = Some(0);
             self.sleep.as_mut().reset(Instant::now() + REPLY_GRACE);
             self.poll_reply(cx)
+        } else if self.state.idle.load(Ordering::Relaxed) {
+            self.state.idle_closed.store(true, Ordering::Relaxed);
+            tracing::debug!("keep-alive client connection closed after idle_timeout");
+            Poll::Ready(Ok(()))
         } else {
-            tracing::debug!("idle client connection closed after header_read_timeout");
+            tracing::debug!("silent client connection closed after header_read_timeout");
             Poll::Ready(Ok(()))
         }
     }
@@ -333,7 +580,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream()?.poll_write(cx, buf)
+        let this = self.get_mut();
+        let poll = this.stream()?.poll_write(cx, buf);
+        this.poll_sent(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -341,7 +590,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().stream()?.poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let poll = this.stream()?.poll_write_vectored(cx, bufs);
+        this.poll_sent(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -349,11 +600,44 @@ impl AsyncWrite for ClientIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream()?.poll_flush(cx)
+        let this = self.get_mut();
+        let poll = this.stream()?.poll_flush(cx);
+        this.poll_sent(cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().stream()?.poll_shutdown(cx)
+        let this = self.get_mut();
+        let poll = this.stream()?.poll_shutdown(cx);
+        this.poll_sent(cx, poll)
+    }
+}
+
+/// Resolves once the connection, speaking HTTP/2, has had no open stream for `timeout`,
+/// counted from `not_before` at the earliest. Never for an HTTP/1 connection: its idle time
+/// between requests is the read deadline's business. Looks at the connection once per
+/// `timeout` while streams are open, so a busy connection costs one timer.
+pub(crate) async fn http2_idle(state: &ConnState, timeout: Duration, not_before: Instant) {
+    let mut check = not_before + timeout;
+    loop {
+        tokio::time::sleep_until(check).await;
+        let (open, idle_since, started) = {
+            let streams = state.streams.lock();
+            (streams.open, streams.idle_since, streams.started)
+        };
+        let http2 = state.http2.load(Ordering::Relaxed);
+        if !http2 && started {
+            return std::future::pending().await;
+        }
+        let now = Instant::now();
+        if http2 && open == 0 {
+            let due = idle_since.max(not_before) + timeout;
+            if now >= due {
+                return;
+            }
+            check = due;
+        } else {
+            check = now + timeout;
+        }
     }
 }
 
@@ -361,6 +645,43 @@ impl Drop for ClientIo {
     fn drop(&mut self) {
         if let Some(stream) = self.stream.take() {
             *self.state.returned.lock() = Some(stream);
+        }
+    }
+}
+
+/// Ends the backend connection of every HTTP/2 response whose last piece has waited for the
+/// client for `timeout` (the client keeps the stream's flow-control window shut), counting
+/// each in `timeouts`; the stream itself fails once the client takes data again. Never ends.
+/// Wakes at most once per `timeout` when nothing waits, and at each deadline otherwise.
+pub(crate) async fn http2_send_watch(
+    state: &ConnState,
+    timeout: Duration,
+    timeouts: ClientTimeouts,
+) -> std::convert::Infallible {
+    let mut check = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(check).await;
+        if !state.http2.load(Ordering::Relaxed) && state.streams.lock().started {
+            return std::future::pending().await;
+        }
+        let now = Instant::now();
+        check = now + timeout;
+        let mut sends = state.sends.lock();
+        for entry in sends.iter_mut().flatten() {
+            let Some(since) = entry.waiting_since else {
+                continue;
+            };
+            let due = since + timeout;
+            if now < due {
+                check = check.min(due);
+            } else if let Some(upstream) = entry.upstream.take() {
+                upstream.abort();
+                timeouts.count(ClientTimeoutKind::Send);
+                tracing::warn!(
+                    ?timeout,
+                    "HTTP/2 client took none of a response in time: backend request ended"
+                );
+            }
         }
     }
 }

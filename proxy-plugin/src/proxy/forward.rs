@@ -13,17 +13,28 @@ use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
 use super::body::{
-    ClientBody, Download, InFlight, ResponseBody, UploadFault, UploadSlot, UpstreamBody,
+    BodyLimits, ClientBody, Download, InFlight, ResponseBody, Upload, UploadFault, UploadSlot,
+    UploadState, UpstreamBody,
 };
 use super::conn::ConnState;
-use super::headers::PeerHeaders;
+use super::tunnel::UpgradeRequest;
 use super::upstream::{Pool, Pooled, SendError};
-use super::{Generation, Proxy, ResponseFilter, headers};
+use super::{Generation, Proxy, headers};
 use crate::backend::Backend;
 use crate::balance::RequestInfo;
-use crate::client_ip;
 use crate::config::Limits;
-use crate::metrics::RejectReason;
+use crate::filter::{self, FilterContext, HeldUntilResponseEnd, Peer, Reject, ResponseFilter};
+use crate::metrics::{ClientTimeouts, RejectReason, UpgradeOutcome};
+
+/// What [`Proxy::send`] sends, besides the request head.
+struct Exchange {
+    /// The request body.
+    plan: BodyPlan,
+    /// The real client address, for the balancer.
+    client_ip: IpAddr,
+    /// The protocol switch the request asks for (WebSocket), if any.
+    upgrade: Option<UpgradeRequest>,
+}
 
 /// How a request body is sent to backends.
 enum BodyPlan {
@@ -90,13 +101,13 @@ impl Proxy {
     pub(crate) async fn handle(
         self: Arc<Self>,
         request: Request<Incoming>,
-        peer: Arc<PeerHeaders>,
+        peer: Arc<Peer>,
         conn: Arc<ConnState>,
         over_limit: bool,
     ) -> Result<Response<ClientBody>, Infallible> {
-        conn.head_received(request.version() == Version::HTTP_2);
+        let guard = conn.request_started(request.version() == Version::HTTP_2);
         let (parts, body) = request.into_parts();
-        let response = if over_limit {
+        let mut response = if over_limit {
             self.reject(
                 RejectReason::TooManyConnections,
                 &parts,
@@ -105,9 +116,11 @@ impl Proxy {
             )
         } else {
             let generation = self.current();
-            self.forward(&generation, parts, body, &peer, &conn).await
+            self.forward(&generation, parts, body, peer, &conn).await
         };
-        Ok(response.map(|body| ClientBody::new(body, conn)))
+        // What the response filters keep to the end of the body (a client's request slot).
+        let held = response.extensions_mut().remove::<HeldUntilResponseEnd>();
+        Ok(response.map(|body| ClientBody::new(body, guard).holding(held)))
     }
 
     async fn forward(
@@ -115,63 +128,64 @@ impl Proxy {
         generation: &Generation,
         mut parts: Parts,
         body: Incoming,
-        peer: &PeerHeaders,
+        peer: Arc<Peer>,
         conn: &ConnState,
     ) -> Response<ResponseBody> {
         let limits = &generation.config.limits;
-        let client_ip = client_ip::resolve(
-            peer.ip(),
-            &parts.headers,
-            &generation.config.trusted_proxies,
-        );
         if headers::head_size(&parts) > limits.max_header_bytes {
             conn.set_linger();
             let detail = "request head over max_header_bytes";
             return self.reject(RejectReason::HeaderTooLarge, &parts, detail, true);
         }
+        // Its `Connection: upgrade` and `Upgrade` are put back on the backend's request.
+        let upgrade = UpgradeRequest::take(&mut parts);
         headers::strip_hop_by_hop(&mut parts.headers);
-        // Before the filters, so that they see how the client connected (the snapshot
-        // cookie is `Secure` over TLS), as the balancer does.
-        let host = headers::request_host(&parts);
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(value) = &host
-        {
-            parts.headers.insert(header::HOST, value.clone());
-        }
-        let trusted = client_ip::is_trusted(peer.ip(), &generation.config.trusted_proxies);
-        headers::add_forwarding(&mut parts.headers, peer, host, trusted);
-        let mut hooks = Vec::new();
-        for filter in &generation.filters {
-            match filter.request_filter(&mut parts).await {
-                Ok(hook) => hooks.extend(hook),
-                Err(reason) => return self.reject(reason, &parts, "request filter", false),
+        // Read before the filters rewrite the forwarding headers.
+        let ctx = FilterContext::new(peer, &parts, &generation.config.trusted_proxies);
+        let hooks = match filter::run(&generation.filters, &mut parts, &ctx).await {
+            Ok(hooks) => hooks,
+            Err(reject) => {
+                if reject.close_connection {
+                    conn.set_linger();
+                }
+                return self.refuse(reject, &parts, "request filter");
             }
-        }
-        let plan = match plan_body(limits, body).await {
+        };
+        let timeouts = self.metrics.client_timeout_counters();
+        let plan = match plan_body(limits, body, timeouts).await {
             Ok(plan) => plan,
             Err(reason) => {
                 conn.set_linger();
                 return self.reject(reason, &parts, "request body", true);
             }
         };
-        self.send(generation, parts, plan, client_ip, conn, hooks)
-            .await
+        let exchange = Exchange {
+            plan,
+            client_ip: ctx.client_ip(),
+            upgrade,
+        };
+        self.send(generation, parts, exchange, conn, hooks).await
     }
 
     /// Tries backends until one answers, as far as retrying is safe and `max_tries` allows;
-    /// `hooks` run on the response head of the backend that answers.
+    /// `hooks` run on the response head of the backend that answers. An upgrade request goes
+    /// to another backend only when nothing reached the first.
     async fn send(
         &self,
         generation: &Generation,
         mut parts: Parts,
-        plan: BodyPlan,
-        client_ip: IpAddr,
+        exchange: Exchange,
         conn: &ConnState,
         hooks: Vec<Box<dyn ResponseFilter>>,
     ) -> Response<ResponseBody> {
+        let Exchange {
+            plan,
+            client_ip,
+            mut upgrade,
+        } = exchange;
         let limits = &generation.config.limits;
         let health = &generation.config.health;
-        let idempotent = is_idempotent(&parts.method);
+        let idempotent = is_idempotent(&parts.method) && upgrade.is_none();
         let max_tries = limits.max_tries.max(1);
         let mut tried = Tried::default();
         let mut last: Option<Failure> = None;
@@ -207,12 +221,25 @@ impl Proxy {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let request = upstream_request(&parts, headers, pool, body);
+            let mut request = upstream_request(&parts, headers, pool, body);
+            if let Some(upgrade) = &upgrade {
+                upgrade.restore(request.headers_mut());
+            }
             let in_flight = InFlight::start(backend.clone());
             let started = Instant::now();
-            let exchange = pool.send(request);
-            let failure = match tokio::time::timeout(limits.response_timeout, exchange).await {
+            let exchange = pool.send(request, upgrade.is_some());
+            let upload = match &plan {
+                BodyPlan::Buffered(_) => None,
+                BodyPlan::Streamed(slot) => Some(slot.state()),
+            };
+            let timeout = limits.response_timeout;
+            let failure = match on_backend_time(exchange, timeout, started, upload).await {
                 Ok(Ok((response, upstream))) => {
+                    if upgrade.is_none() && response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        // hyper would send it and close: a backend's error, not to relay.
+                        let detail = "101 Switching Protocols to a request asking for no upgrade";
+                        return self.reject(RejectReason::BadGateway, &parts, detail, false);
+                    }
                     let info = RequestInfo {
                         client_ip,
                         uri: &parts.uri,
@@ -223,24 +250,30 @@ impl Proxy {
                         info: &info,
                         backend: &backend,
                         hooks,
+                        upgrade: upgrade.take(),
+                        conn,
                     };
                     return relay.response(self, response, upstream, in_flight, started);
                 }
                 Ok(Err(error)) => Failure::from(error),
-                Err(_) => Failure::Timeout,
+                Err(timeout) => timeout,
             };
             drop(in_flight);
-            if let BodyPlan::Streamed(slot) = &plan
-                && let Some(fault) = slot.fault()
-            {
-                // The client's fault, not the backend's.
-                conn.set_linger();
-                let reason = match fault {
-                    UploadFault::TooLarge => RejectReason::BodyTooLarge,
-                    UploadFault::Stalled => RejectReason::ClientTimeout,
-                    UploadFault::Aborted => RejectReason::ClientAborted,
-                };
-                return self.reject(reason, &parts, "streamed request body", true);
+            if let BodyPlan::Streamed(slot) = &plan {
+                if let Some(fault) = slot.state().fault() {
+                    // The client's fault, not the backend's.
+                    conn.set_linger();
+                    return self.reject(fault_reason(fault), &parts, "streamed request body", true);
+                }
+                if slot.state().backend_since().is_none() {
+                    // The backend gave up on a body still arriving (its own body timeout,
+                    // most likely): a slow client's doing, not held against the backend.
+                    tracing::warn!(backend = %backend.name, method = %parts.method,
+                        path = parts.uri.path(), error = %failure,
+                        "upstream request failed while the client's body was still arriving");
+                    conn.set_linger();
+                    return self.reject(failure.reason(), &parts, &failure.to_string(), true);
+                }
             }
             if backend.report_failure(health.max_fails, health.fail_timeout) {
                 tracing::warn!(backend = %backend.name, max_fails = health.max_fails,
@@ -274,17 +307,9 @@ impl Proxy {
         detail: &str,
         close: bool,
     ) -> Response<ResponseBody> {
-        let status = reason.status();
-        tracing::warn!(status = status.as_u16(), reason = reason.label(), method = %parts.method,
-            path = parts.uri.path(), detail, "request answered by the proxy");
-        self.metrics.reject(reason);
-        let mut response = local_response(status, close);
-        if let Some(seconds) = reason.retry_after() {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
+        let mut reject = Reject::from(reason);
+        reject.close_connection = close;
+        self.refuse(reject, parts, detail)
     }
 }
 
@@ -308,32 +333,82 @@ pub(crate) fn local_response(status: StatusCode, close: bool) -> Response<Respon
     response
 }
 
+/// The status a client whose body went wrong gets.
+fn fault_reason(fault: UploadFault) -> RejectReason {
+    match fault {
+        UploadFault::TooLarge => RejectReason::BodyTooLarge,
+        UploadFault::Stalled | UploadFault::TooSlow => RejectReason::ClientTimeout,
+        UploadFault::Aborted => RejectReason::ClientAborted,
+    }
+}
+
 /// Decides how the body goes to backends: refused when its announced length is over
-/// `max_body_bytes`, buffered when it is at most `retry_buffer_bytes` (read within
-/// `header_read_timeout`), else streamed.
-async fn plan_body(limits: &Limits, body: Incoming) -> Result<BodyPlan, RejectReason> {
+/// `max_body_bytes`, buffered when it is at most `retry_buffer_bytes`, else streamed; either
+/// way timed by `body_read_timeout` and `min_upload_rate` (see [`Upload`]).
+async fn plan_body(
+    limits: &Limits,
+    body: Incoming,
+    timeouts: ClientTimeouts,
+) -> Result<BodyPlan, RejectReason> {
     if body.is_end_stream() {
         return Ok(BodyPlan::Buffered(Bytes::new()));
     }
-    if let Some(length) = body.size_hint().exact() {
+    let upload = Upload::new(body, BodyLimits::new(limits), timeouts);
+    if let Some(length) = upload.size_hint().exact() {
         if length > limits.max_body_bytes {
             return Err(RejectReason::BodyTooLarge);
         }
         if length <= limits.retry_buffer_bytes as u64 {
+            let state = upload.state().clone();
             // Boxed, so that requests without a body do not carry (and move) this future.
-            let read = Box::pin(tokio::time::timeout(
-                limits.header_read_timeout,
-                body.collect(),
-            ));
+            let read = Box::pin(upload.collect());
             return match read.await {
-                Ok(Ok(collected)) => Ok(BodyPlan::Buffered(collected.to_bytes())),
-                Ok(Err(_)) => Err(RejectReason::ClientAborted),
-                Err(_) => Err(RejectReason::ClientTimeout),
+                Ok(collected) => Ok(BodyPlan::Buffered(collected.to_bytes())),
+                Err(_) => Err(fault_reason(state.fault().unwrap_or(UploadFault::Aborted))),
             };
         }
     }
-    let slot = UploadSlot::new(body, limits.max_body_bytes, limits.header_read_timeout);
-    Ok(BodyPlan::Streamed(slot))
+    Ok(BodyPlan::Streamed(UploadSlot::new(upload)))
+}
+
+/// Runs `exchange` (a request to a backend, until its response head) for at most
+/// `response_timeout` of the backend's time: from `started` with a body in memory; with a
+/// streamed `upload`, from the client's last piece of body, the clock stopped while the proxy
+/// waits for the next (that is the client's time, bounded by `body_read_timeout`). `Err` when
+/// the backend took too long.
+async fn on_backend_time<F: Future>(
+    exchange: F,
+    response_timeout: std::time::Duration,
+    started: Instant,
+    upload: Option<&UploadState>,
+) -> Result<F::Output, Failure> {
+    let mut exchange = std::pin::pin!(exchange);
+    let mut check = started + response_timeout;
+    let sleep = tokio::time::sleep_until(check);
+    let mut sleep = std::pin::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            output = &mut exchange => return Ok(output),
+            () = &mut sleep => {}
+        }
+        let Some(upload) = upload else {
+            return Err(Failure::Timeout);
+        };
+        let now = Instant::now();
+        check = match upload.backend_since() {
+            // The client's turn: look again later.
+            None => now + response_timeout,
+            Some(since) => {
+                let due = since.max(started) + response_timeout;
+                if now >= due {
+                    return Err(Failure::Timeout);
+                }
+                due
+            }
+        };
+        sleep.as_mut().reset(check);
+    }
 }
 
 /// The request for one backend: origin-form target (authority-form for `CONNECT`), HTTP/1.1,
@@ -409,6 +484,10 @@ struct Relay<'a> {
     backend: &'a Arc<Backend>,
     /// The request filters' response hooks, in filter order.
     hooks: Vec<Box<dyn ResponseFilter>>,
+    /// The request's upgrade, when it asked for one.
+    upgrade: Option<UpgradeRequest>,
+    /// The client connection, handed to a tunnel after a 101.
+    conn: &'a ConnState,
 }
 
 impl Relay<'_> {
@@ -422,7 +501,20 @@ impl Relay<'_> {
     ) -> Response<ResponseBody> {
         let latency = started.elapsed();
         let (mut parts, body) = response.into_parts();
+        let switched = match self.upgrade {
+            Some(upgrade) if parts.status == StatusCode::SWITCHING_PROTOCOLS => {
+                Some(upgrade.switched(&mut parts))
+            }
+            Some(_) => {
+                proxy.metrics.tunnels().upgrade(UpgradeOutcome::Refused);
+                None
+            }
+            None => None,
+        };
         headers::strip_hop_by_hop(&mut parts.headers);
+        if let Some(switched) = &switched {
+            switched.restore(&mut parts.headers);
+        }
         self.generation
             .balancer
             .on_response(self.info, self.backend, &mut parts.headers);
@@ -439,9 +531,23 @@ impl Relay<'_> {
         }
         tracing::debug!(backend = %self.backend.name, status = parts.status.as_u16(), ?latency,
             "relaying response");
+        parts.version = Version::HTTP_11;
+        if let Some(switched) = switched {
+            // Both connections are the tunnel's once the 101 is written: never pooled.
+            drop((body, upstream));
+            let limits = &self.generation.config.limits;
+            let metrics = proxy.metrics.tunnels().clone();
+            let tunnel = switched.tunnel(
+                limits.idle_timeout,
+                metrics,
+                self.backend.clone(),
+                in_flight,
+            );
+            self.conn.start_tunnel(tunnel);
+            return Response::from_parts(parts, ResponseBody::full(Bytes::new()));
+        }
         let timeout = self.generation.config.limits.response_timeout;
         let body = Download::new(body, timeout, in_flight, upstream);
-        parts.version = Version::HTTP_11;
         Response::from_parts(parts, ResponseBody::Download(body))
     }
 }

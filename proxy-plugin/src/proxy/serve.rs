@@ -1,5 +1,6 @@
 //! The accept loop: connection limit, the TLS handshake on an HTTPS listener, per-connection
-//! protocol settings, graceful shutdown.
+//! protocol settings, the HTTP/2 idle timeout (GOAWAY), the tunnel of an upgraded connection,
+//! graceful shutdown.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,11 +16,12 @@ use hyper_util::server::conn::auto;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::Proxy;
 use super::conn::{self, ClientIo, ClientStream, ConnState};
-use super::headers::PeerHeaders;
-use crate::metrics::RejectReason;
+use crate::filter::Peer;
+use crate::metrics::{ClientTimeoutKind, RejectReason};
 use crate::tls::ListenerTls;
 
 /// Pause after a failed accept (out of file descriptors, most likely) so the loop does not spin
@@ -32,6 +34,9 @@ const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's smallest allowed read buffer (its `max_buf_size` panics below it).
 const MIN_READ_BUFFER: usize = 8192;
+/// After the GOAWAY of an idle HTTP/2 connection, longest it stays open without a stream (for
+/// the client to close it, or to finish a request that crossed the GOAWAY).
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Connections counted against `max_connections`, released on drop.
 struct Counted {
@@ -276,7 +281,7 @@ async fn connection(
     };
     // Read after the handshake, so a reload during it applies.
     let limits = proxy.current().config.limits.clone();
-    let state = ConnState::new(limits.header_read_timeout);
+    let state = ConnState::new(&limits);
     let io = TokioIo::new(ClientIo::new(stream, state.clone()));
     let over_limit = counted.is_none();
 
@@ -297,31 +302,66 @@ async fn connection(
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let service = {
         let (proxy, state) = (proxy.clone(), state.clone());
-        let peer = Arc::new(PeerHeaders::new(peer.ip(), https));
+        let peer = Arc::new(Peer::new(peer, https));
         service_fn(move |request| {
             proxy
                 .clone()
                 .handle(request, peer.clone(), state.clone(), over_limit)
         })
     };
+    // `alive` is held through an upgraded connection's tunnel too.
+    let Watcher {
+        stopped,
+        _alive: alive,
+    } = watcher;
     let result = {
-        let Watcher { stopped, _alive } = watcher;
-        let mut conn = std::pin::pin!(builder.serve_connection(io, service));
+        let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
+        let idle = conn::http2_idle(&state, limits.idle_timeout, Instant::now());
+        let timeouts = proxy.metrics.client_timeout_counters();
+        let send_watch = conn::http2_send_watch(&state, limits.send_timeout, timeouts);
         tokio::select! {
             result = conn.as_mut() => result,
+            // Never completes: ends the backend requests of streams the client does not read.
+            never = send_watch => match never {},
             // Shutdown, or the server itself dropped: finish either way.
             () = stopped => {
                 // Finish the request in flight (if any), then close.
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
+            // An HTTP/2 connection without a stream for idle_timeout, PINGs or not.
+            () = idle => {
+                proxy.metrics.client_timeout(ClientTimeoutKind::Idle);
+                tracing::debug!(%peer, timeout = ?limits.idle_timeout,
+                    "idle HTTP/2 connection: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = conn::http2_idle(&state, GOAWAY_GRACE, Instant::now()) => Ok(()),
+                }
+            }
         }
     };
+    // A 101 was sent: hyper has handed the socket over (or failed to), and the tunnel runs
+    // until a side closes or idle_timeout; a graceful shutdown waits for it like for a request.
+    if let Some(tunnel) = state.take_tunnel() {
+        tunnel.await;
+    }
+    drop(alive);
 
     if state.timed_out() {
         proxy.metrics.reject(RejectReason::ClientTimeout);
         tracing::warn!(%peer, timeout = ?limits.header_read_timeout,
             "request head not received in time: 408, connection closed");
+    }
+    if state.idle_closed() {
+        proxy.metrics.client_timeout(ClientTimeoutKind::Idle);
+    }
+    let send_timed_out = state.send_timed_out();
+    if send_timed_out {
+        proxy.metrics.client_timeout(ClientTimeoutKind::Send);
+        tracing::warn!(%peer, timeout = ?limits.send_timeout,
+            "client took none of its response in time: connection cut");
     }
     let failed = match &result {
         Ok(()) => false,
@@ -335,13 +375,15 @@ async fn connection(
                 Some(e) if e.is_timeout() && !state.timed_out() => {
                     tracing::warn!(%peer, "request head not received in time: connection closed");
                 }
-                _ if state.timed_out() => {}
+                _ if state.timed_out() || send_timed_out => {}
                 _ => tracing::debug!(%peer, %error, "client connection ended with an error"),
             }
             true
         }
     };
+    // A client that reads nothing would not read the end of a lingering close either.
     if (failed || state.wants_linger())
+        && !send_timed_out
         && let Some(stream) = state.take_stream()
     {
         conn::linger(stream).await;

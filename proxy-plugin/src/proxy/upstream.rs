@@ -14,7 +14,10 @@
 //! nothing reached the backend. The connection is parked again ([`Pooled::park`]) once the
 //! response body has been read to its end; a response cut short closes it, since HTTP/1 cannot
 //! abandon a response and reuse the connection. A sweeper task closes connections idle for
-//! [`POOL_IDLE_TIMEOUT`] and ends with the pools.
+//! [`POOL_IDLE_TIMEOUT`] and ends with the pools. A checked-out connection can also be ended
+//! at once from outside ([`Pooled::task`]: a client that takes none of its HTTP/2 response).
+//! An upgrade request (WebSocket) gets a new connection of its own that can switch protocols,
+//! and is never parked, whatever the answer (see `proxy/tunnel.rs`).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -27,6 +30,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::body::UpstreamBody;
@@ -72,6 +76,8 @@ pub(crate) struct Pool {
 struct Idle {
     /// The connection's request handle (its I/O runs in a task of its own).
     sender: SendRequest<UpstreamBody>,
+    /// That task.
+    task: AbortHandle,
     /// When it was parked.
     since: Instant,
 }
@@ -81,8 +87,13 @@ struct Idle {
 pub(crate) struct Pooled {
     /// The connection's request handle.
     sender: SendRequest<UpstreamBody>,
+    /// The task doing the connection's I/O: aborting it closes the connection.
+    task: AbortHandle,
     /// Where it goes back.
     pool: Arc<Pool>,
+    /// Whether it may go back: not a connection made for an upgrade request, whatever its
+    /// answer.
+    reusable: bool,
 }
 
 impl Pool {
@@ -112,12 +123,14 @@ impl Pool {
     }
 
     /// Sends `request` on a pooled or new connection; the response head and the connection,
-    /// to park once the response body is read.
+    /// to park once the response body is read. An `upgrade` request (WebSocket) goes on a new
+    /// connection that can switch protocols and is never parked.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
+        upgrade: bool,
     ) -> Result<(Response<Incoming>, Pooled), SendError> {
-        if let Some(mut conn) = self.checkout().await {
+        if !upgrade && let Some(mut conn) = self.checkout().await {
             match conn.sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(mut error) => match error.take_message() {
@@ -130,15 +143,16 @@ impl Pool {
         }
         // Boxed: connecting is the rare case, and its future would make every request's
         // future (moved as it is polled) larger.
-        Box::pin(self.send_on_new(request)).await
+        Box::pin(self.send_on_new(request, upgrade)).await
     }
 
-    /// Sends `request` on a new connection.
+    /// Sends `request` on a new connection (one for an `upgrade`, see [`Pool::send`]).
     async fn send_on_new(
         self: &Arc<Self>,
         request: Request<UpstreamBody>,
+        upgrade: bool,
     ) -> Result<(Response<Incoming>, Pooled), SendError> {
-        let mut conn = self.connect().await?;
+        let mut conn = self.connect(upgrade).await?;
         match conn.sender.send_request(request).await {
             Ok(response) => Ok((response, conn)),
             Err(error) => Err(SendError::Exchange(error_chain(&error))),
@@ -148,7 +162,11 @@ impl Pool {
     /// The most recently parked connection that is open and ready.
     async fn checkout(self: &Arc<Self>) -> Option<Pooled> {
         loop {
-            let Idle { mut sender, since } = self.idle.lock().pop()?;
+            let Idle {
+                mut sender,
+                task,
+                since,
+            } = self.idle.lock().pop()?;
             if sender.is_closed() || since.elapsed() >= POOL_IDLE_TIMEOUT {
                 continue;
             }
@@ -157,15 +175,18 @@ impl Pool {
             if sender.ready().await.is_ok() {
                 return Some(Pooled {
                     sender,
+                    task,
                     pool: self.clone(),
+                    reusable: true,
                 });
             }
         }
     }
 
     /// A new connection (TCP, then TLS for an `https://` backend, both within
-    /// `connect_timeout`), its I/O spawned.
-    async fn connect(self: &Arc<Self>) -> Result<Pooled, SendError> {
+    /// `connect_timeout`), its I/O spawned; one that can switch protocols and is never parked
+    /// for an `upgrade` request.
+    async fn connect(self: &Arc<Self>, upgrade: bool) -> Result<Pooled, SendError> {
         let authority = self.authority.as_str();
         let connecting = async {
             let stream = TcpStream::connect(authority)
@@ -184,9 +205,9 @@ impl Pool {
                 )),
             }
         };
-        let sender = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(Dialled::Plain(stream))) => handshake(stream).await?,
-            Ok(Ok(Dialled::Tls(stream))) => handshake(stream).await?,
+        let (sender, task) = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(Dialled::Plain(stream))) => handshake(stream, upgrade).await?,
+            Ok(Ok(Dialled::Tls(stream))) => handshake(stream, upgrade).await?,
             Ok(Err(error)) => return Err(SendError::Connect(error)),
             Err(_) => {
                 return Err(SendError::Connect(format!(
@@ -197,7 +218,9 @@ impl Pool {
         };
         Ok(Pooled {
             sender,
+            task,
             pool: self.clone(),
+            reusable: !upgrade,
         })
     }
 
@@ -210,15 +233,22 @@ impl Pool {
 }
 
 impl Pooled {
+    /// The connection's I/O task: aborting it ends the exchange and closes the connection
+    /// (only while this is checked out: a parked connection may serve another request).
+    pub(crate) fn task(&self) -> &AbortHandle {
+        &self.task
+    }
+
     /// Puts the connection back for the next request (its response was read to the end).
     pub(crate) fn park(self) {
-        if self.sender.is_closed() {
+        if !self.reusable || self.sender.is_closed() {
             return;
         }
         let mut idle = self.pool.idle.lock();
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push(Idle {
                 sender: self.sender,
+                task: self.task,
                 since: Instant::now(),
             });
         }
@@ -233,8 +263,12 @@ enum Dialled {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// HTTP/1.1 on a new connection to a backend, its I/O spawned in a task of its own.
-async fn handshake<S>(stream: S) -> Result<SendRequest<UpstreamBody>, SendError>
+/// HTTP/1.1 on a new connection to a backend, its I/O spawned in a task of its own; with
+/// `upgrade`, a 101 hands the connection over (`hyper::upgrade::on` the response).
+async fn handshake<S>(
+    stream: S,
+    upgrade: bool,
+) -> Result<(SendRequest<UpstreamBody>, AbortHandle), SendError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -242,12 +276,17 @@ where
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|error| SendError::Connect(error_chain(&error)))?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
+    let task = tokio::spawn(async move {
+        let ended = if upgrade {
+            connection.with_upgrades().await
+        } else {
+            connection.await
+        };
+        if let Err(error) = ended {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok((sender, task.abort_handle()))
 }
 
 /// Starts the task closing the idle connections of `pools`; it ends once they are all gone.

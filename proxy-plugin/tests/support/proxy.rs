@@ -23,6 +23,8 @@ pub fn config(backends: &[&TestBackend]) -> ProxyConfig {
         backends: backends.iter().map(|b| b.config()).collect(),
         balance: BalanceMode::RoundRobin,
         trusted_proxies: Vec::new(),
+        allow_underscore_headers: false,
+        client_limits: proxy_plugin::config::ClientLimits::default(),
         health: HealthConfig {
             kind: HealthCheckKind::Off,
             interval: Duration::from_millis(100),
@@ -41,6 +43,11 @@ pub fn config(backends: &[&TestBackend]) -> ProxyConfig {
             max_connections: 100,
             max_tries: 3,
             retry_buffer_bytes: 64 * 1024,
+            body_read_timeout: Duration::from_secs(5),
+            min_upload_rate: 0,
+            send_timeout: Duration::from_secs(10),
+            // What the head deadline gave an idle keep-alive connection before there was one.
+            idle_timeout: Duration::from_secs(5),
         },
         lookup: None,
         tls: None,

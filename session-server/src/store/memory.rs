@@ -25,6 +25,10 @@
 //!   write within the longest ttl.
 //! - `users`: the per-user index that serves `ListByUser`/`DeleteByUser`, updated while the
 //!   session's shard lock is held.
+//! - `admission`: the per-user session cap ([`crate::store::cap`]): a write that makes a
+//!   session join a user holds that user's admission lock while it counts the user's sessions,
+//!   evicts the oldest and writes, with every shard it touches write-locked at once.
+//! - `regenerate`: the move of a session to a new id, both shards write-locked at once.
 //!
 //! Deletes leave a tombstone (key and creation time only) for one ttl so that `restore` can
 //! refuse to bring the session back.
@@ -34,7 +38,9 @@
 //! every start is a new epoch. Restore's epoch read and its write are two calls here too, but
 //! the epoch of one store never changes, so nothing can come between them.
 
+mod admission;
 mod packed;
+mod regenerate;
 mod shard;
 #[cfg(test)]
 mod tests;
@@ -51,9 +57,11 @@ use parking_lot::RwLock;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use self::admission::{Admission, CapState};
 use self::packed::{Head, Packed, text};
 use self::shard::{Entry, Reaped, Shard, key_hash};
 use self::users::UserIndex;
+use super::cap::SessionCap;
 use super::{
     EVENT_BUFFER, EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
     StoreError, StoreResult, attrs_size,
@@ -100,6 +108,8 @@ pub struct MemoryStore {
     store_epoch: Arc<str>,
     /// The background reaper, aborted on drop.
     reaper: JoinHandle<()>,
+    /// The per-user session cap, its admission locks and its eviction count.
+    cap: CapState,
 }
 
 impl MemoryStore {
@@ -143,7 +153,14 @@ impl MemoryStore {
             inner,
             store_epoch,
             reaper,
+            cap: CapState::new(SessionCap::UNLIMITED),
         }
+    }
+
+    /// This store with a per-user session cap (none by default); see [`crate::store::cap`].
+    pub fn with_session_cap(mut self, cap: SessionCap) -> Self {
+        self.cap = CapState::new(cap);
+        self
     }
 }
 
@@ -288,12 +305,20 @@ impl SessionStore for MemoryStore {
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
         inner.check_size(attrs_size(&new.attrs))?;
+        let admission = inner.admit(&self.cap, &new.namespace, &new.user_id, &new.id)?;
         let now = inner.now();
         let hash = inner.hash(&new.namespace, &new.id);
-        let mut shard = inner.shard(hash).write();
-        if shard.find(hash, &new.namespace, &new.id).is_some() {
+        let mut locked = inner.lock_shards(hash, &admission);
+        if locked
+            .of(inner, hash)?
+            .find(hash, &new.namespace, &new.id)
+            .is_some()
+        {
             return Err(StoreError::IdTaken);
         }
+        let evicted = inner.evict(&mut locked, &new.namespace, &admission, now);
+        self.cap.evicted.add(evicted);
+        let shard = locked.of(inner, hash)?;
         let created_at = SystemTime::now();
         let head = Head {
             namespace: &new.namespace,
@@ -329,57 +354,75 @@ impl SessionStore for MemoryStore {
 
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
         let inner = &self.inner;
+        let admission = match patch.user_id.as_deref() {
+            Some(user) => self.admit_existing(namespace, user, id)?,
+            None => Admission::default(),
+        };
         let now = inner.now();
         let hash = inner.hash(namespace, id);
-        let mut shard = inner.shard(hash).write();
+        let mut locked = inner.lock_shards(hash, &admission);
+        // Checked and merged first: a session joining a capped user evicts only once the
+        // patch is known to apply.
+        let (packed, mut attrs, user_id, old_user, created_at) = {
+            let shard = locked.of(inner, hash)?;
+            let entry = shard
+                .get(hash, namespace, id)
+                .filter(|e| e.is_live(now))
+                .ok_or(StoreError::NotFound)?;
+            if let Some(expected) = patch.expected_version
+                && expected != entry.version
+            {
+                return Err(StoreError::Conflict {
+                    expected,
+                    actual: entry.version,
+                });
+            }
+            // The merged attributes: the stored ones neither set nor removed, then the set
+            // ones. A key both set and removed ends up set; a key removed twice is removed once.
+            let (old_user_id, attrs) = entry.packed.owner_and_attrs();
+            let removed: HashSet<&[u8]> = patch.remove.iter().map(|name| name.as_bytes()).collect();
+            // Collected once: the filter hashes each name, and the merge is walked four times.
+            let kept: Vec<(&[u8], &[u8])> = attrs
+                .filter(|(name, _)| !removed.contains(name) && !patch.set.contains_key(text(name)))
+                .collect();
+            let merged = kept.iter().copied().chain(
+                patch
+                    .set
+                    .iter()
+                    .map(|(name, value)| (name.as_bytes(), value.as_slice())),
+            );
+            // Size of the merged result, checked before anything changes.
+            inner.check_size(merged.clone().map(|(n, v)| n.len() + v.len()).sum())?;
+
+            let user_id = patch.user_id.as_deref().unwrap_or(old_user_id);
+            let old_user = (user_id != old_user_id).then(|| old_user_id.to_owned());
+            let created_at = entry.packed.created_at();
+            let head = Head {
+                namespace,
+                id,
+                user_id,
+                created_at,
+                deleted: false,
+            };
+            let packed = Packed::new(&head, merged);
+            // The record's map: the kept attributes decoded, the set ones moved in below.
+            let mut attrs = HashMap::with_capacity(kept.len() + patch.set.len());
+            attrs.extend(
+                kept.into_iter()
+                    .map(|(name, value)| (text(name).to_owned(), value.to_vec())),
+            );
+            (packed, attrs, user_id.to_owned(), old_user, created_at)
+        };
+        attrs.extend(patch.set);
+        if old_user.is_some() {
+            let evicted = inner.evict(&mut locked, namespace, &admission, now);
+            self.cap.evicted.add(evicted);
+        }
+        let shard = locked.of(inner, hash)?;
         let mut live = shard
             .live_mut(hash, namespace, id, now)
             .ok_or(StoreError::NotFound)?;
         let entry = &mut *live.entry;
-        if let Some(expected) = patch.expected_version
-            && expected != entry.version
-        {
-            return Err(StoreError::Conflict {
-                expected,
-                actual: entry.version,
-            });
-        }
-        // The merged attributes: the stored ones neither set nor removed, then the set ones.
-        // A key both set and removed ends up set; a key removed twice is removed once.
-        let (old_user_id, attrs) = entry.packed.owner_and_attrs();
-        let removed: HashSet<&[u8]> = patch.remove.iter().map(|name| name.as_bytes()).collect();
-        // Collected once: the filter hashes each name, and the merge is walked four times.
-        let kept: Vec<(&[u8], &[u8])> = attrs
-            .filter(|(name, _)| !removed.contains(name) && !patch.set.contains_key(text(name)))
-            .collect();
-        let merged = kept.iter().copied().chain(
-            patch
-                .set
-                .iter()
-                .map(|(name, value)| (name.as_bytes(), value.as_slice())),
-        );
-        // Size of the merged result, checked before anything changes.
-        inner.check_size(merged.clone().map(|(n, v)| n.len() + v.len()).sum())?;
-
-        let user_id = patch.user_id.as_deref().unwrap_or(old_user_id);
-        let old_user = (user_id != old_user_id).then(|| old_user_id.to_owned());
-        let created_at = entry.packed.created_at();
-        let head = Head {
-            namespace,
-            id,
-            user_id,
-            created_at,
-            deleted: false,
-        };
-        let packed = Packed::new(&head, merged);
-        // The record's map: the kept attributes decoded, the set ones moved in.
-        let mut attrs = HashMap::with_capacity(kept.len() + patch.set.len());
-        attrs.extend(
-            kept.into_iter()
-                .map(|(name, value)| (text(name).to_owned(), value.to_vec())),
-        );
-        let user_id = user_id.to_owned();
-        attrs.extend(patch.set);
         entry.packed = packed;
         entry.version = entry.version.wrapping_add(1);
         if let Some(ttl) = patch.ttl {
@@ -436,64 +479,7 @@ impl SessionStore for MemoryStore {
         old_id: &str,
         new_id: &str,
     ) -> StoreResult<SessionRecord> {
-        let inner = &self.inner;
-        let now = inner.now();
-        let (old_hash, new_hash) = (inner.hash(namespace, old_id), inner.hash(namespace, new_id));
-        let (old_index, new_index) = (inner.shard_index(old_hash), inner.shard_index(new_hash));
-        // Both shards locked (in index order, so two regenerates never deadlock) for the whole
-        // move: nobody sees the session under both ids, or under neither.
-        let (mut first, mut second) = match old_index.cmp(&new_index) {
-            std::cmp::Ordering::Equal => (inner.shards[old_index].write(), None),
-            std::cmp::Ordering::Less => {
-                let a = inner.shards[old_index].write();
-                (a, Some(inner.shards[new_index].write()))
-            }
-            std::cmp::Ordering::Greater => {
-                let b = inner.shards[new_index].write();
-                (inner.shards[old_index].write(), Some(b))
-            }
-        };
-        let old_shard: &mut Shard = &mut first;
-        let old_slot = old_shard
-            .find(old_hash, namespace, old_id)
-            .filter(|&slot| old_shard.entry(slot).is_some_and(|e| e.is_live(now)))
-            .ok_or(StoreError::NotFound)?;
-        let new_taken = match second.as_deref() {
-            Some(new_shard) => new_shard.find(new_hash, namespace, new_id).is_some(),
-            None => old_shard.find(new_hash, namespace, new_id).is_some(),
-        };
-        if new_taken {
-            return Err(StoreError::IdTaken);
-        }
-        let Some(old) = old_shard.entry(old_slot) else {
-            return Err(StoreError::NotFound);
-        };
-        let head = Head {
-            id: new_id,
-            ..old.packed.head()
-        };
-        let deadline = now.saturating_add(old.ttl);
-        let moved = Entry::new(
-            Packed::new(&head, old.packed.attrs()),
-            old.version.wrapping_add(1),
-            old.ttl,
-            deadline,
-        );
-        let record = moved.record(namespace, new_id, deadline, now);
-        match second.as_deref_mut() {
-            Some(new_shard) => new_shard.insert(new_hash, moved)?,
-            None => old_shard.insert(new_hash, moved)?,
-        }
-        // The old id becomes a tombstone: its snapshot cookies can never restore it.
-        if let Some(mut old) = old_shard.entry_mut(old_slot) {
-            old.bury(now);
-        }
-        let (user_id, version) = (&record.user_id, record.version);
-        inner.users.remove(namespace, user_id, old_id);
-        inner.users.add(namespace, user_id, new_id);
-        inner.emit(EventKind::Created, namespace, new_id, user_id, version);
-        inner.emit(EventKind::Deleted, namespace, old_id, user_id, version);
-        Ok(record)
+        self.regenerate_in(namespace, old_id, new_id)
     }
 
     async fn delete(&self, namespace: &str, id: &str) -> StoreResult<bool> {
@@ -543,21 +529,21 @@ impl SessionStore for MemoryStore {
         let inner = &self.inner;
         inner.check_size(attrs_size(&record.attrs))?;
         let (namespace, id) = (record.namespace.as_str(), record.id.as_str());
-        let now = inner.now();
         let hash = inner.hash(namespace, id);
-        let mut shard = inner.shard(hash).write();
-        let slot = shard.find(hash, namespace, id);
-        if let Some(existing) = slot.and_then(|slot| shard.entry(slot))
-            && existing.deadline() > now
-        {
-            if existing.packed.is_deleted() {
-                return Err(StoreError::Deleted);
+        let admission = match inner.admit(&self.cap, namespace, &record.user_id, id) {
+            Err(refused @ StoreError::SessionCap { .. }) => {
+                // The id's own state answers first, as it would without a cap.
+                restorable_slot(&inner.shard(hash).read(), hash, namespace, id, inner.now())?;
+                return Err(refused);
             }
-            return Err(StoreError::Conflict {
-                expected: 0,
-                actual: existing.version,
-            });
-        }
+            admitted => admitted?,
+        };
+        let now = inner.now();
+        let mut locked = inner.lock_shards(hash, &admission);
+        let slot = restorable_slot(locked.of(inner, hash)?, hash, namespace, id, now)?;
+        let evicted = inner.evict(&mut locked, namespace, &admission, now);
+        self.cap.evicted.add(evicted);
+        let shard = locked.of(inner, hash)?;
         let head = Head {
             namespace,
             id,
@@ -605,4 +591,32 @@ impl SessionStore for MemoryStore {
     fn live_sessions(&self) -> Option<u64> {
         Some(self.inner.live.load(Ordering::Relaxed))
     }
+
+    fn session_cap_evictions(&self) -> u64 {
+        self.cap.evicted.get()
+    }
+}
+
+/// The slot a restore of `namespace`/`id` may write (`None`: a new one): refused while the id
+/// holds a live session ([`StoreError::Conflict`]) or a tombstone ([`StoreError::Deleted`]).
+fn restorable_slot(
+    shard: &Shard,
+    hash: u64,
+    namespace: &str,
+    id: &str,
+    now: u64,
+) -> StoreResult<Option<u32>> {
+    let slot = shard.find(hash, namespace, id);
+    if let Some(existing) = slot.and_then(|slot| shard.entry(slot))
+        && existing.deadline() > now
+    {
+        if existing.packed.is_deleted() {
+            return Err(StoreError::Deleted);
+        }
+        return Err(StoreError::Conflict {
+            expected: 0,
+            actual: existing.version,
+        });
+    }
+    Ok(slot)
 }

@@ -7,7 +7,8 @@
 //!
 //! The network stores are cargo features of this crate, both on by default: [`redis`]
 //! (`redis-store`: Redis and Redis Cluster) and [`mysql`] (`mysql-store`: MySQL and MariaDB).
-//! [`memory`] is always built.
+//! [`memory`] is always built. [`cap`] is the per-user session cap (`--max-sessions-per-user`)
+//! that every store keeps in its writes, each in its own way (see the stores' docs).
 //!
 //! # Epochs and Restore
 //! Every store has an epoch ([`SessionStore::epoch`]): 128 random bits made once with the
@@ -32,6 +33,7 @@
 //! between carry the old epoch, see the Redis store's `epoch` module.) Versions stay bounded:
 //! the patch bumps the stored version by one, and a recreation starts at 1.
 
+pub mod cap;
 pub mod memory;
 #[cfg(feature = "mysql-store")]
 pub mod mysql;
@@ -186,6 +188,17 @@ pub enum StoreError {
         /// The configured limit.
         limit: usize,
     },
+    /// The session would join a user who already has `max` live sessions in its namespace,
+    /// and the cap refuses rather than evicts (RESOURCE_EXHAUSTED); nothing was written. See
+    /// [`cap`].
+    #[error(
+        "the user already has {max} live sessions in this namespace, the most allowed \
+         (max-sessions-per-user): end one of them first"
+    )]
+    SessionCap {
+        /// The cap (`--max-sessions-per-user`).
+        max: u32,
+    },
     /// The backend could not be reached or answered with an I/O error (UNAVAILABLE).
     #[error("session store unavailable: {0}")]
     Unavailable(String),
@@ -221,7 +234,9 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn current_epoch(&self) -> StoreResult<Arc<str>>;
 
     /// Stores a new session (version 1). [`StoreError::IdTaken`] if the id exists,
-    /// [`StoreError::TooLarge`] if the attributes exceed the limit.
+    /// [`StoreError::TooLarge`] if the attributes exceed the limit. A session with a user is
+    /// subject to the store's session cap ([`cap`]): the user's oldest sessions are deleted
+    /// first, or [`StoreError::SessionCap`].
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord>;
 
     /// Reads a live session; with `touch`, also slides its expiry by its own ttl (one expiry
@@ -229,6 +244,8 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord>;
 
     /// Applies an attribute-level patch atomically, bumps the version and slides the expiry.
+    /// A patch that gives the session another (non-empty) user is subject to the session cap
+    /// as a create is ([`cap`]).
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord>;
 
     /// Slides the expiry to now + ttl (the given one becomes the session's ttl), version
@@ -265,7 +282,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// live session ([`StoreError::Conflict`] with that session's version: restored already)
     /// or a tombstone ([`StoreError::Deleted`]: deleted less than one ttl ago). An expired
     /// session not yet removed counts as absent. Deletes (delete, delete-by-user, the old id of
-    /// regenerate) leave the tombstone for one ttl so that this check can be made.
+    /// regenerate) leave the tombstone for one ttl so that this check can be made. A record
+    /// with a user is subject to the session cap as a create is ([`cap`]).
     async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord>;
 
     /// A receiver of every event of every namespace from now on, in the order applied.
@@ -274,6 +292,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// How many sessions are live, when the store can tell cheaply (memory store only).
     fn live_sessions(&self) -> Option<u64> {
         None
+    }
+
+    /// How many sessions this store instance has deleted to keep users under their session
+    /// cap ([`cap::OnCap::EvictOldest`]) since it was made.
+    fn session_cap_evictions(&self) -> u64 {
+        0
     }
 }
 

@@ -59,6 +59,10 @@
 //!   clocks in sync; a skew shifts expiry by as much). A create whose id is held by an expired
 //!   row replaces it. The reaper deletes expired rows every [`MysqlConfig::reap_interval`] in
 //!   batches of [`MysqlConfig::reap_batch`], at most [`REAP_BATCHES_PER_TICK`] per turn.
+//! - **Session cap**: a write that makes a session join a user (see [`crate::store::cap`])
+//!   counts the user's live rows, evicts the oldest as tombstones and writes in one REPEATABLE
+//!   READ transaction that holds the user's rows and the gap after them locked (see `cap`), so
+//!   concurrent logins of one user, on any number of servers, never leave one session too many.
 //! - **Tombstones**: a deleted session (Delete, DeleteByUser, the old id of Regenerate) keeps
 //!   its row for one ttl, flagged `deleted` with user and attributes cleared, so that Restore
 //!   refuses to bring it back; nothing else sees it, and the reaper removes it silently.
@@ -85,11 +89,13 @@
 //! - this file: [`MysqlConfig`], [`MysqlStore`] and its [`SessionStore`] methods;
 //! - `url`: the URL's parameters checked, TLS mode, connect options;
 //! - `sessions`: the statements each call runs; `restore`: Restore and tombstones; `epoch`:
-//!   the epoch row, read and refreshed;
+//!   the epoch row, read and refreshed; `cap`: the per-user session cap, counted and kept in
+//!   the write's transaction with the user's rows locked;
 //! - `reaper`: the background deletes;
 //! - `schema`: migration at start-up; `statements`: SQL text; `codec`: row encoding;
 //! - `error`: error mapping and retries; `locks`: per-session write order inside the process.
 
+mod cap;
 mod codec;
 mod epoch;
 mod error;
@@ -118,6 +124,7 @@ use tokio::task::JoinHandle;
 use self::locks::WriteLocks;
 use self::statements::Statements;
 use self::url::MysqlUrl;
+use super::cap::{Evictions, SessionCap};
 use super::{
     EVENT_BUFFER, EpochCell, EventKind, NewSession, Patch, SessionEvent, SessionRecord,
     SessionStore, StoreError, StoreResult,
@@ -149,6 +156,9 @@ pub struct MysqlConfig {
     pub reap_batch: u32,
     /// Limit on the total attribute size of a session.
     pub max_session_bytes: usize,
+    /// The per-user session cap (see `cap`: kept in the write's transaction, the user's rows
+    /// locked).
+    pub session_cap: SessionCap,
 }
 
 impl std::fmt::Debug for MysqlConfig {
@@ -162,6 +172,7 @@ impl std::fmt::Debug for MysqlConfig {
             .field("reap_interval", &self.reap_interval)
             .field("reap_batch", &self.reap_batch)
             .field("max_session_bytes", &self.max_session_bytes)
+            .field("session_cap", &self.session_cap)
             .finish()
     }
 }
@@ -177,13 +188,14 @@ impl MysqlConfig {
             reap_interval: Duration::from_secs(1),
             reap_batch: 500,
             max_session_bytes,
+            session_cap: SessionCap::UNLIMITED,
         }
     }
 
     /// The settings of the MySQL store that `settings` describe: URL, table, pool size, reaper,
-    /// store timeout and session size limit. The one place they are read, for the server and
-    /// for every test harness (which then changes what it needs, such as the table). The URL
-    /// is checked as by [`check_url`] (its `ssl-ca` file read).
+    /// store timeout, session size limit and session cap. The one place they are read, for the
+    /// server and for every test harness (which then changes what it needs, such as the
+    /// table). The URL is checked as by [`check_url`] (its `ssl-ca` file read).
     pub fn from_settings(settings: &Settings) -> Result<MysqlConfig, ConfigError> {
         check_url(&settings.mysql_url).map_err(ConfigError::Invalid)?;
         Ok(MysqlConfig {
@@ -194,6 +206,7 @@ impl MysqlConfig {
             reap_interval: settings.mysql_reap_interval,
             reap_batch: settings.mysql_reap_batch,
             max_session_bytes: settings.max_session_bytes,
+            session_cap: SessionCap::from_settings(settings),
         })
     }
 }
@@ -221,6 +234,10 @@ struct Inner {
     events: broadcast::Sender<SessionEvent>,
     /// Per-session write order inside this process (see `locks`).
     locks: WriteLocks,
+    /// Per-user turns of the writes the session cap admits, inside this process (see `cap`).
+    user_locks: WriteLocks,
+    /// Sessions evicted for the session cap so far.
+    evicted: Evictions,
     /// The epoch last read from [`EPOCHS_TABLE`].
     epoch: EpochCell,
 }
@@ -316,6 +333,8 @@ impl MysqlStore {
             sql: Statements::new(table),
             events: broadcast::channel(EVENT_BUFFER).0,
             locks: WriteLocks::new(),
+            user_locks: WriteLocks::new(),
+            evicted: Evictions::default(),
             epoch: EpochCell::default(),
             config,
         });
@@ -460,5 +479,9 @@ impl SessionStore for MysqlStore {
 
     fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
         self.inner.events.subscribe()
+    }
+
+    fn session_cap_evictions(&self) -> u64 {
+        self.inner.evicted.get()
     }
 }

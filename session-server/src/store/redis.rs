@@ -12,6 +12,8 @@
 //! - `{prefix}:{ns}:u:{<user>}`: set of the ids of one user's sessions. Kept alive at least as
 //!   long as its longest-lived member; may hold ids of sessions that are gone or changed owner,
 //!   which readers skip and remove.
+//! - `{prefix}:{ns}:c:{<user>}`: on a cluster, the lease a write holds while it makes a session
+//!   join a user under the session cap (see `cap`); lives at most the store timeout.
 //! - `{prefix}:epoch`: the store's epoch (see `epoch`), a string with no expiry made by the
 //!   first store that reads it; a Redis that lost it (flushed, replaced) gets a new one.
 //! - `{prefix}:events`: pub/sub channel of the events, published by the scripts themselves so
@@ -20,7 +22,9 @@
 //!
 //! The braces are Redis Cluster hash tags: a session and its tombstone share the slot of the
 //! id, a user's index lives in the slot of the user. A script touches only the keys of one id
-//! (`KEYS[1]` routes it), so every script runs in one slot. Regenerate spans two sessions: it
+//! (`KEYS[1]` routes it), so every script runs in one slot; the one exception is the session
+//! cap on one server, where create, update and restore also count and evict the user's
+//! other sessions in the same script (see `cap`). Regenerate spans two sessions: it
 //! writes the new one before it deletes the old one (only at the version it copied), so a
 //! crash in between leaves both (the new one unknown to anyone, and expiring) and never loses
 //! data; if the old one was written or deleted meanwhile, the copy is deleted again and the
@@ -75,8 +79,11 @@
 //! - `config`: [`RedisConfig`]; `events`: the subscriber task (`events/cluster.rs` on a
 //!   cluster, with `topology` reading `CLUSTER NODES`); `user_index`: the per-user sets;
 //!   `regenerate`: the move to a new id; `restore`: recreating a session from a client's
-//!   snapshot; `epoch`: the epoch key, read and refreshed.
+//!   snapshot; `epoch`: the epoch key, read and refreshed; `cap`: the per-user session cap,
+//!   in the write's script on one server and under a per-user lease on a cluster (with its
+//!   bounds).
 
+mod cap;
 mod codec;
 mod config;
 mod connection;
@@ -102,6 +109,7 @@ use self::codec::Reply;
 use self::connection::{Connection, Connections, redis_error};
 use self::epoch::Epoch;
 use self::script::{OpIds, Scripts};
+use super::cap::Evictions;
 use super::{
     EVENT_BUFFER, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
     StoreResult,
@@ -126,6 +134,8 @@ pub struct RedisStore {
     epoch: Arc<Epoch>,
     /// The task that reads the epoch again every few seconds, aborted on drop.
     epoch_refresh: JoinHandle<()>,
+    /// Sessions evicted for the session cap so far (see `cap`).
+    evicted: Evictions,
 }
 
 impl RedisStore {
@@ -158,6 +168,7 @@ impl RedisStore {
             subscriber,
             epoch,
             epoch_refresh,
+            evicted: Evictions::default(),
         })
     }
 
@@ -266,7 +277,7 @@ impl RedisStore {
             .arg(only.owner.unwrap_or_default())
             .arg(number(only.event_version))
             .arg(self.ops.next())
-            .arg(codec::ttl_ms(self.config.timeout.saturating_mul(2)).max(1_000))
+            .arg(self.tombstone_ms())
             .invoke_async(conn)
             .await;
         self.parse(reply)
@@ -314,10 +325,15 @@ impl RedisStore {
                 size,
                 limit: self.config.max_session_bytes,
             }),
+            Reply::Capped => Err(StoreError::SessionCap {
+                max: self.config.session_cap.max,
+            }),
         }
     }
 
-    /// Runs `create.lua`: stores `record` (user, attrs, version, created, ttl) under `id`.
+    /// Runs `create.lua`: stores `record` (user, attrs, version, created, ttl) under `id`,
+    /// under the session cap when `capped` (see `cap`).
+    #[allow(clippy::too_many_arguments)]
     async fn insert(
         &self,
         conn: &mut Connection,
@@ -326,8 +342,12 @@ impl RedisStore {
         record: &SessionRecord,
         limit: usize,
         now: u64,
+        capped: bool,
     ) -> StoreResult<SessionRecord> {
         let mut call = self.scripts.create.key(self.session_key(namespace, id));
+        if capped && let Some(cap) = self.cap_arg(namespace, &record.user_id, record.ttl) {
+            call.arg(cap);
+        }
         call.arg(self.channel())
             .arg(namespace)
             .arg(id)
@@ -344,6 +364,7 @@ impl RedisStore {
         }
         let reply = self.parse(call.invoke_async(conn).await)?;
         let values = self.expect_ok(reply, namespace, id)?;
+        self.count_evicted(values.get(2));
         self.record(namespace, id, now, &values)
     }
 
@@ -442,7 +463,8 @@ impl SessionStore for RedisStore {
     }
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
-        self.bounded(async {
+        let (namespace, user, id) = (new.namespace.clone(), new.user_id.clone(), new.id.clone());
+        let write = async {
             let mut conn = self.conn().await?;
             let now = now_ms();
             // Index first: a crash after it leaves a stale index entry (skipped by readers),
@@ -460,10 +482,20 @@ impl SessionStore for RedisStore {
                 ttl: new.ttl,
             };
             let limit = self.config.max_session_bytes;
-            self.insert(&mut conn, &new.namespace, &new.id, &record, limit, now)
-                .await
-        })
-        .await
+            self.insert(
+                &mut conn,
+                &new.namespace,
+                &new.id,
+                &record,
+                limit,
+                now,
+                true,
+            )
+            .await
+        };
+        let joins = async { Ok(true) };
+        self.bounded(self.capped(&namespace, &user, &id, joins, write))
+            .await
     }
 
     async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord> {
@@ -472,10 +504,14 @@ impl SessionStore for RedisStore {
     }
 
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
-        self.bounded(async {
+        let user = patch.user_id.as_deref().unwrap_or_default();
+        let write = async {
             let mut conn = self.conn().await?;
             let now = now_ms();
             let mut call = self.scripts.update.key(self.session_key(namespace, id));
+            if let Some(cap) = self.cap_arg(namespace, user, patch.ttl.unwrap_or_default()) {
+                call.arg(cap);
+            }
             call.arg(self.channel())
                 .arg(namespace)
                 .arg(id)
@@ -512,6 +548,7 @@ impl SessionStore for RedisStore {
             };
             let record = self.record(namespace, id, now, &values)?;
             let old_user = values.get(2).and_then(codec::text).unwrap_or_default();
+            self.count_evicted(values.get(3));
             self.index_add(&mut conn, namespace, &record.user_id, id, record.ttl)
                 .await?;
             if old_user != record.user_id {
@@ -519,8 +556,10 @@ impl SessionStore for RedisStore {
                     .await?;
             }
             Ok(record)
-        })
-        .await
+        };
+        let joins = self.update_joins(namespace, id, user, &patch);
+        self.bounded(self.capped(namespace, user, id, joins, write))
+            .await
     }
 
     async fn touch(
@@ -589,6 +628,10 @@ impl SessionStore for RedisStore {
 
     fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
         self.events.subscribe()
+    }
+
+    fn session_cap_evictions(&self) -> u64 {
+        self.evicted.get()
     }
 }
 

@@ -52,6 +52,7 @@ pub async fn every_answer_carries_the_store_epoch(backend: Backend) {
         .list_by_user(ListByUserRequest {
             namespace: "".into(),
             user_id: "eve".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -146,6 +147,7 @@ pub async fn restore_of_another_epoch_recreates_an_absent_session_at_version_1(b
         .list_by_user(ListByUserRequest {
             namespace: "".into(),
             user_id: "ivy".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -77,6 +77,7 @@ pub async fn regenerate_moves_data_and_kills_old_id(backend: Backend) {
         .list_by_user(ListByUserRequest {
             namespace: "shop".into(),
             user_id: "bob".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -129,6 +130,7 @@ pub async fn namespaces_are_isolated(backend: Backend) {
         .list_by_user(ListByUserRequest {
             namespace: "app-a".into(),
             user_id: "frank".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

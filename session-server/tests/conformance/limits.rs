@@ -32,6 +32,7 @@ pub async fn oversized_session_is_refused_and_nothing_stored(backend: Backend) {
         .list_by_user(ListByUserRequest {
             namespace: "".into(),
             user_id: "gina".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -82,6 +82,7 @@ pub async fn restore_in_the_same_epoch_applies_offline_changes_once(backend: Bac
         .list_by_user(ListByUserRequest {
             namespace: "".into(),
             user_id: "ann2".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

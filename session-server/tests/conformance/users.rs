@@ -32,6 +32,7 @@ pub async fn user_index_lists_and_deletes_all(backend: Backend) {
                 .list_by_user(ListByUserRequest {
                     namespace: "".into(),
                     user_id: user,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -73,6 +74,7 @@ pub async fn user_index_lists_and_deletes_all(backend: Backend) {
         .list_by_user(ListByUserRequest {
             namespace: "".into(),
             user_id: "".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);

@@ -12,6 +12,7 @@ use session_server::config::Settings;
 use session_server::metrics::Metrics;
 use session_server::server::{self, ServeError};
 use session_server::store::SessionStore;
+use session_server::store::cap::SessionCap;
 use session_server::store::memory::MemoryStore;
 #[cfg(feature = "redis-store")]
 use session_server::store::redis::{RedisConfig, RedisStore};
@@ -58,7 +59,8 @@ pub async fn store_for(
             let store = MemoryStore::with_reap_interval(
                 settings.max_session_bytes,
                 Duration::from_millis(20),
-            );
+            )
+            .with_session_cap(SessionCap::from_settings(settings));
             Some((Arc::new(store), Box::new(()), None))
         }
         #[cfg(feature = "redis-store")]

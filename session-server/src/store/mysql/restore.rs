@@ -13,6 +13,7 @@ use sqlx::Row as _;
 use sqlx::mysql::MySqlConnection;
 
 use super::Inner;
+use super::cap::{CapCheck, Capped, begin_locking, settle};
 use super::codec::{
     StoredRow, encode_attrs, expiry_ms, from_unix_ms, from_unix_ns, ttl_ms, unix_ns,
 };
@@ -35,28 +36,86 @@ impl Inner {
         self.check_size(attrs_size(&snapshot.attrs))?;
         let blob = encode_attrs(&snapshot.attrs).map_err(StoreError::Internal)?;
         let (namespace, id) = (snapshot.namespace.as_str(), snapshot.id.as_str());
+        let user = snapshot.user_id.as_str();
+        if self.config.session_cap.applies_to(user) {
+            let admitted = self
+                .under_cap(namespace, user, id, |stripes, force| {
+                    self.restore_capped(&snapshot, &blob, stripes, force)
+                })
+                .await?;
+            let at = SystemTime::now();
+            self.emit_evicted(namespace, user, &admitted, at);
+            let (replaced, stored) = admitted.value;
+            self.emit_restored(namespace, id, replaced, &stored, at);
+            return Ok(stored);
+        }
         let _order = self.locks.lock(namespace, &[id]).await;
-        let (replaced, stored) = retrying(|| async {
+        let restored = retrying(|| async {
             let mut tx = self.pool.begin().await?;
-            let restored = self.restore_locked(&mut tx, &snapshot, &blob).await;
+            let restored = self.restore_locked(&mut tx, &snapshot, &blob, None).await;
             finish(tx, restored).await
         })
         .await?;
+        let Capped::Done((replaced, stored), _) = restored else {
+            return Err(StoreError::Internal(
+                "mysql: uncapped restore relocked".into(),
+            ));
+        };
         let at = SystemTime::now();
+        self.emit_restored(namespace, id, replaced, &stored, at);
+        Ok(stored)
+    }
+
+    /// A restore under the session cap: [`Self::restore_locked`] with the admission, in a
+    /// REPEATABLE READ transaction.
+    async fn restore_capped(
+        &self,
+        snapshot: &SessionRecord,
+        blob: &[u8],
+        stripes: Vec<String>,
+        force: bool,
+    ) -> StoreResult<Capped<(Replaced, SessionRecord)>> {
+        retrying(|| async {
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = begin_locking(&mut conn).await?;
+            let check = CapCheck {
+                user: &snapshot.user_id,
+                id: &snapshot.id,
+                stripes: &stripes,
+                force,
+            };
+            let restored = self
+                .restore_locked(&mut tx, snapshot, blob, Some(&check))
+                .await;
+            settle(tx, restored).await
+        })
+        .await
+    }
+
+    /// The events of a restore: EXPIRED for an expired session it replaced, then CREATED.
+    fn emit_restored(
+        &self,
+        namespace: &str,
+        id: &str,
+        replaced: Replaced,
+        stored: &SessionRecord,
+        at: SystemTime,
+    ) {
         if let Replaced::Expired(owner) = replaced {
             self.emit(EventKind::Expired, namespace, id, &owner, 0, at);
         }
         self.emit(EventKind::Created, namespace, id, &stored.user_id, 1, at);
-        Ok(stored)
     }
 
-    /// One attempt of a restore in transaction `tx`.
+    /// One attempt of a restore in transaction `tx`; under `cap`, the session is admitted to
+    /// its user (see `cap`) once the id is known to be free.
     async fn restore_locked(
         &self,
         tx: &mut MySqlConnection,
         snapshot: &SessionRecord,
         blob: &[u8],
-    ) -> Result<(Replaced, SessionRecord), Failure> {
+        cap: Option<&CapCheck<'_>>,
+    ) -> Result<Capped<(Replaced, SessionRecord)>, Failure> {
         let (namespace, id) = (snapshot.namespace.as_str(), snapshot.id.as_str());
         let now = now_ms();
         let row = fixed(&self.sql.any_for_update)
@@ -84,6 +143,13 @@ impl Inner {
                 replaced = Replaced::Expired(stored.user_id);
             }
         }
+        let victims = match cap {
+            Some(check) => match self.admit_locked(tx, namespace, check, now).await? {
+                Err(unheld) => return Ok(Capped::Relock(unheld)),
+                Ok(victims) => victims,
+            },
+            None => Vec::new(),
+        };
         let ttl = ttl_ms(snapshot.ttl);
         let row = NewRow {
             namespace,
@@ -120,6 +186,6 @@ impl Inner {
             expires_at: from_unix_ms(row.expires_ms),
             ttl: Duration::from_millis(ttl),
         };
-        Ok((replaced, stored))
+        Ok(Capped::Done((replaced, stored), victims))
     }
 }

@@ -11,6 +11,7 @@ use sqlx::mysql::{MySql, MySqlConnection, MySqlRow};
 use sqlx::{Row as _, Transaction};
 
 use super::Inner;
+use super::cap::{CapCheck, Capped, begin_locking, settle};
 use super::codec::{
     StoredRow, encode_attrs, expiry_ms, from_unix_ms, from_unix_ns, ttl_ms, unix_ms, unix_ns,
 };
@@ -103,12 +104,32 @@ impl Inner {
             expires_ms: expiry_ms(now, ttl),
             ttl_ms: ttl,
         };
-        let _order = self.locks.lock(&new.namespace, &[new.id.as_str()]).await;
-        let replaced = retrying(|| async {
-            let mut conn = self.pool.acquire().await?;
-            self.insert_row(&mut conn, &row, now).await
-        })
-        .await?;
+        let capped = if self.config.session_cap.applies_to(&new.user_id) {
+            let admitted = self
+                .under_cap(&new.namespace, &new.user_id, &new.id, |stripes, force| {
+                    self.create_capped(&row, stripes, force, now)
+                })
+                .await?;
+            let at = SystemTime::now();
+            self.emit_evicted(&new.namespace, &new.user_id, &admitted, at);
+            Some(admitted)
+        } else {
+            None
+        };
+        let _order = match &capped {
+            Some(_) => Vec::new(),
+            None => self.locks.lock(&new.namespace, &[new.id.as_str()]).await,
+        };
+        let replaced = match &capped {
+            Some(admitted) => admitted.value,
+            None => {
+                retrying(|| async {
+                    let mut conn = self.pool.acquire().await?;
+                    self.insert_row(&mut conn, &row, now).await
+                })
+                .await?
+            }
+        };
         let at = SystemTime::now();
         if replaced {
             self.emit(EventKind::Expired, &new.namespace, &new.id, "", 0, at);
@@ -132,6 +153,42 @@ impl Inner {
             expires_at: from_unix_ms(expires_ms),
             ttl: Duration::from_millis(ttl),
         })
+    }
+
+    /// A create under the session cap: in one transaction, the admission (see `cap`) and the
+    /// insert. Returns whether an expired session held the id.
+    async fn create_capped(
+        &self,
+        row: &NewRow<'_>,
+        stripes: Vec<String>,
+        force: bool,
+        now: i64,
+    ) -> StoreResult<Capped<bool>> {
+        retrying(|| async {
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = begin_locking(&mut conn).await?;
+            let check = CapCheck {
+                user: row.user_id,
+                id: row.id,
+                stripes: &stripes,
+                force,
+            };
+            let written = async {
+                match self
+                    .admit_locked(&mut tx, row.namespace, &check, now)
+                    .await?
+                {
+                    Err(unheld) => Ok(Capped::Relock(unheld)),
+                    Ok(victims) => {
+                        let replaced = self.insert_row(&mut tx, row, now).await?;
+                        Ok(Capped::Done(replaced, victims))
+                    }
+                }
+            }
+            .await;
+            settle(tx, written).await
+        })
+        .await
     }
 
     /// Inserts `row`. When its id is taken by an expired row (not yet reaped), that row is
@@ -239,13 +296,38 @@ impl Inner {
         id: &str,
         patch: &Patch,
     ) -> StoreResult<SessionRecord> {
+        let cap = self.config.session_cap;
+        if let Some(user) = patch.user_id.as_deref().filter(|u| cap.applies_to(u)) {
+            let admitted = self
+                .under_cap(namespace, user, id, |stripes, force| {
+                    self.update_capped(namespace, id, patch, user, stripes, force)
+                })
+                .await?;
+            let at = SystemTime::now();
+            self.emit_evicted(namespace, user, &admitted, at);
+            let record = admitted.value;
+            self.emit(
+                EventKind::Updated,
+                namespace,
+                id,
+                &record.user_id,
+                record.version,
+                at,
+            );
+            return Ok(record);
+        }
         let _order = self.locks.lock(namespace, &[id]).await;
         let record = retrying(|| async {
             let mut tx = self.pool.begin().await?;
-            let patched = self.patch_locked(&mut tx, namespace, id, patch).await;
+            let patched = self.patch_locked(&mut tx, namespace, id, patch, None).await;
             finish(tx, patched).await
         })
         .await?;
+        let Capped::Done(record, _) = record else {
+            return Err(StoreError::Internal(
+                "mysql: uncapped patch relocked".into(),
+            ));
+        };
         let at = SystemTime::now();
         self.emit(
             EventKind::Updated,
@@ -258,15 +340,45 @@ impl Inner {
         Ok(record)
     }
 
+    /// An update that gives the session `user` under the session cap: one attempt of
+    /// [`Self::patch_locked`] with the admission, in a REPEATABLE READ transaction.
+    async fn update_capped(
+        &self,
+        namespace: &str,
+        id: &str,
+        patch: &Patch,
+        user: &str,
+        stripes: Vec<String>,
+        force: bool,
+    ) -> StoreResult<Capped<SessionRecord>> {
+        retrying(|| async {
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = begin_locking(&mut conn).await?;
+            let check = CapCheck {
+                user,
+                id,
+                stripes: &stripes,
+                force,
+            };
+            let patched = self
+                .patch_locked(&mut tx, namespace, id, patch, Some(&check))
+                .await;
+            settle(tx, patched).await
+        })
+        .await
+    }
+
     /// One attempt of a patch in transaction `tx`: lock the row, check the version, merge
-    /// (removals first, then sets), check the size, write back at the version read plus one.
+    /// (removals first, then sets), check the size, admit the session to its new user under
+    /// `cap` (if any, and if the user changes), write back at the version read plus one.
     async fn patch_locked(
         &self,
         tx: &mut MySqlConnection,
         namespace: &str,
         id: &str,
         patch: &Patch,
-    ) -> Result<SessionRecord, Failure> {
+        cap: Option<&CapCheck<'_>>,
+    ) -> Result<Capped<SessionRecord>, Failure> {
         let now = now_ms();
         let row = fixed(&self.sql.select_for_update)
             .bind(namespace)
@@ -292,6 +404,14 @@ impl Inner {
         }
         self.check_size(attrs_size(&record.attrs))?;
         let blob = encode_attrs(&record.attrs).map_err(StoreError::Internal)?;
+        let joins = patch.user_id.as_ref().is_some_and(|u| *u != record.user_id);
+        let victims = match cap {
+            Some(check) if joins => match self.admit_locked(tx, namespace, check, now).await? {
+                Err(unheld) => return Ok(Capped::Relock(unheld)),
+                Ok(victims) => victims,
+            },
+            _ => Vec::new(),
+        };
         if let Some(user_id) = &patch.user_id {
             record.user_id.clone_from(user_id);
         }
@@ -320,7 +440,7 @@ impl Inner {
         }
         record.expires_at = from_unix_ms(expires);
         record.ttl = Duration::from_millis(ttl);
-        Ok(record)
+        Ok(Capped::Done(record, victims))
     }
 
     pub(super) async fn regenerate(

@@ -54,6 +54,14 @@ pub(super) struct Statements {
     pub(super) list_by_user: Arc<str>,
     /// The ids of a user's live sessions: `(namespace, user_id, now)`.
     pub(super) ids_by_user: Arc<str>,
+    /// Ids and creation times of a user's live sessions, a plain read (the session cap's guess
+    /// at its victims): `(namespace, user_id, now)`.
+    pub(super) ages_by_user: Arc<str>,
+    /// Ids, creation times and versions of a user's live sessions, with every row of the user
+    /// and the gap after them locked through the `by_user` index, so that no session can join
+    /// the user until the transaction ends (the session cap's count): `(namespace, user_id,
+    /// now)`.
+    pub(super) ages_by_user_for_update: Arc<str>,
     /// The reaper's next batch (sessions and tombstones), soonest expiry first, row-locked:
     /// `(now, limit)`.
     pub(super) reap_select: Arc<str>,
@@ -102,6 +110,11 @@ impl Statements {
             )),
             list_by_user: text(format!("SELECT id, {ROW_COLUMNS} FROM {t} WHERE {by_user}")),
             ids_by_user: text(format!("SELECT id FROM {t} WHERE {by_user}")),
+            ages_by_user: text(format!("SELECT id, created_ns FROM {t} WHERE {by_user}")),
+            ages_by_user_for_update: text(format!(
+                "SELECT id, created_ns, version FROM {t} FORCE INDEX (by_user) \
+                 WHERE {by_user} FOR UPDATE"
+            )),
             reap_select: text(format!(
                 "SELECT namespace, id, user_id, deleted FROM {t} WHERE expires_ms <= ? \
                  ORDER BY expires_ms LIMIT ? FOR UPDATE"

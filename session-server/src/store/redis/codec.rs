@@ -27,6 +27,12 @@ pub(crate) fn user_key(prefix: &str, namespace: &str, user: &str) -> String {
     format!("{prefix}:{namespace}:u:{{{user}}}")
 }
 
+/// The lease of one user's session cap on a cluster: `{prefix}:{ns}:c:{<user>}`, in the slot of
+/// the user's index (see `cap.rs`).
+pub(crate) fn cap_lease_key(prefix: &str, namespace: &str, user: &str) -> String {
+    format!("{prefix}:{namespace}:c:{{{user}}}")
+}
+
 /// The tombstone a delete leaves for one ttl: `{prefix}:{ns}:t:{<id>}`, in the slot of the
 /// session (see `delete.lua`).
 pub(crate) fn tombstone_key(prefix: &str, namespace: &str, id: &str) -> String {
@@ -94,6 +100,9 @@ pub(crate) enum Reply {
     Mismatch,
     /// Restore found the id's tombstone: deleted less than one ttl ago.
     Deleted,
+    /// The session would join a user at the session cap, which refuses (`admit` in
+    /// `common.lua`); nothing was written.
+    Capped,
 }
 
 /// Decodes the `{status, ...}` array every session script returns. `Err` is an answer of an
@@ -112,6 +121,7 @@ pub(crate) fn parse_reply(value: Value) -> Result<Reply, String> {
         Some("taken") => Reply::Taken,
         Some("mismatch") => Reply::Mismatch,
         Some("deleted") => Reply::Deleted,
+        Some("capped") => Reply::Capped,
         Some("corrupt") => Reply::Corrupt(first.as_ref().and_then(text).unwrap_or_default()),
         Some("conflict") => Reply::Conflict(number(&first).ok_or("conflict without version")?),
         Some("toolarge") => {

@@ -1,6 +1,7 @@
 //! The settings of the Redis store.
 
 use crate::config::{ConfigError, Settings, StoreKind};
+use crate::store::cap::SessionCap;
 use crate::store::redact_url as redacted;
 use ::redis::{Client, IntoConnectionInfo, RedisResult, TlsCertificates};
 use std::time::Duration;
@@ -29,6 +30,9 @@ pub struct RedisConfig {
     /// `rediss://` URL; `None`: the system's root certificates. A `rediss://` URL is always
     /// TLS, a `redis://` one never is, and a CA with a `redis://` URL is an error.
     pub tls_ca: Option<Vec<u8>>,
+    /// The per-user session cap (see `cap`: kept by the write's own script on one server,
+    /// under a per-user lease on a cluster).
+    pub session_cap: SessionCap,
 }
 
 impl RedisConfig {
@@ -42,12 +46,14 @@ impl RedisConfig {
             timeout: Duration::from_secs(2),
             max_session_bytes,
             tls_ca: None,
+            session_cap: SessionCap::UNLIMITED,
         }
     }
 
     /// The settings of the Redis store that `settings` describe: URL (seeds when
     /// `settings.store` is `redis-cluster`, which sets [`RedisConfig::cluster`]), key prefix,
-    /// pool size, store timeout, session size limit and the `redis-ca` file's certificates.
+    /// pool size, store timeout, session size limit, session cap and the `redis-ca` file's
+    /// certificates.
     /// The one place they are read, for the server and for every test harness (which then
     /// changes what it needs, such as the key prefix). An unreadable CA file is an error.
     pub fn from_settings(settings: &Settings) -> Result<RedisConfig, ConfigError> {
@@ -65,6 +71,7 @@ impl RedisConfig {
             timeout: settings.store_timeout,
             max_session_bytes: settings.max_session_bytes,
             tls_ca,
+            session_cap: SessionCap::from_settings(settings),
         })
     }
 
@@ -98,6 +105,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("timeout", &self.timeout)
             .field("max_session_bytes", &self.max_session_bytes)
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "set"))
+            .field("session_cap", &self.session_cap)
             .finish()
     }
 }

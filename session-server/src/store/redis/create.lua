@@ -3,8 +3,11 @@
 -- ARGV: channel, ns, id, now_ms, ttl_ms, max_bytes, user, created_ms, version,
 --       op (this call's unique id, '' for none), created_ns (nanoseconds past created_ms),
 --       then attribute key/value pairs.
--- Replies {'taken'}, {'toolarge', size} or the session. A session this very call wrote (same
--- op: a cluster client retried the call after a lost reply) is answered as created.
+-- Before ARGV, optionally: the session cap (see take_cap in common.lua), removed here.
+-- Replies {'taken'}, {'toolarge', size}, {'capped'} or the session followed by how many
+-- sessions the cap evicted. A session this very call wrote (same op: a cluster client retried
+-- the call after a lost reply) is answered as created.
+local cap = take_cap()
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[10] ~= '' and redis.pcall('HGET', KEYS[1], 'op') == ARGV[10] then
     return reply_session(KEYS[1])
@@ -17,6 +20,10 @@ for i = 12, #ARGV, 2 do
 end
 if size > tonumber(ARGV[6]) then
   return {'toolarge', size}
+end
+local evicted = admit(cap, ARGV[7], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
+if not evicted then
+  return {'capped'}
 end
 local fields = {'fmt', '1', 'user', ARGV[7], 'ver', ARGV[9], 'created', ARGV[8], 'ttl', ARGV[5]}
 if ARGV[10] ~= '' then
@@ -34,4 +41,6 @@ end
 call_chunked('HSET', KEYS[1], fields, 200)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[7], ARGV[9], ARGV[4])
-return reply_session(KEYS[1])
+local reply = reply_session(KEYS[1])
+reply[4] = evicted
+return reply

@@ -25,7 +25,15 @@ impl RedisStore {
             .await?;
         // Data is unchanged, so a limit lowered since it was written does not apply.
         let new = self
-            .insert(&mut conn, namespace, new_id, &moving, usize::MAX, now)
+            .insert(
+                &mut conn,
+                namespace,
+                new_id,
+                &moving,
+                usize::MAX,
+                now,
+                false,
+            )
             .await?;
         let only = DeleteIf {
             version: Some(read_version),

@@ -8,8 +8,10 @@
 -- ARGV: channel, ns, id, now_ms, max_bytes, user, created_ms, ttl_ms,
 --       created_ns (nanoseconds past created_ms), op ('' for none), then attribute key/value
 --       pairs.
--- Replies {'deleted'}, {'corrupt', reason}, {'conflict', stored_version}, {'toolarge', size}
--- or the session.
+-- Before ARGV, optionally: the session cap (see take_cap in common.lua), removed here.
+-- Replies {'deleted'}, {'corrupt', reason}, {'conflict', stored_version}, {'toolarge', size},
+-- {'capped'} or the session followed by how many sessions the cap evicted.
+local cap = take_cap()
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'deleted'}
 end
@@ -30,6 +32,10 @@ end
 if size > tonumber(ARGV[5]) then
   return {'toolarge', size}
 end
+local evicted = admit(cap, ARGV[6], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
+if not evicted then
+  return {'capped'}
+end
 local fields = {'fmt', '1', 'user', ARGV[6], 'ver', '1', 'created', ARGV[7], 'ttl', ARGV[8]}
 if ARGV[9] ~= '0' then
   fields[#fields + 1] = 'created_ns'
@@ -46,4 +52,6 @@ end
 call_chunked('HSET', KEYS[1], fields, 200)
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[6], 1, ARGV[4])
-return reply_session(KEYS[1])
+local reply = reply_session(KEYS[1])
+reply[4] = evicted
+return reply

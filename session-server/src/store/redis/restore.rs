@@ -8,8 +8,23 @@ use super::{RedisStore, now_ms};
 use crate::store::{SessionRecord, StoreError, StoreResult};
 
 impl RedisStore {
-    /// Runs `restore.lua` and keeps the user indexes in step with what it did.
+    /// Runs `restore.lua` under the session cap (see `cap`) and keeps the user indexes in step
+    /// with what it did.
     pub(super) async fn restore_in(&self, record: SessionRecord) -> StoreResult<SessionRecord> {
+        let (namespace, id) = (record.namespace.as_str(), record.id.as_str());
+        let joins = self.restore_joins(namespace, id);
+        self.capped(
+            namespace,
+            &record.user_id,
+            id,
+            joins,
+            self.recreate(&record),
+        )
+        .await
+    }
+
+    /// One run of `restore.lua` for `record`, with its index entries.
+    async fn recreate(&self, record: &SessionRecord) -> StoreResult<SessionRecord> {
         let mut conn = self.conn().await?;
         let (namespace, id) = (record.namespace.as_str(), record.id.as_str());
         let now = now_ms();
@@ -19,8 +34,11 @@ impl RedisStore {
             .await?;
         let prefix = &self.config.key_prefix;
         let mut call = self.scripts.restore.key(self.session_key(namespace, id));
-        call.key(codec::tombstone_key(prefix, namespace, id))
-            .arg(self.channel())
+        call.key(codec::tombstone_key(prefix, namespace, id));
+        if let Some(cap) = self.cap_arg(namespace, &record.user_id, record.ttl) {
+            call.arg(cap);
+        }
+        call.arg(self.channel())
             .arg(namespace)
             .arg(id)
             .arg(now)
@@ -50,6 +68,7 @@ impl RedisStore {
             }
             reply => self.expect_ok(reply, namespace, id)?,
         };
+        self.count_evicted(values.get(2));
         self.record(namespace, id, now, &values)
     }
 }

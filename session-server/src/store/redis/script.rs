@@ -30,6 +30,12 @@ pub(super) struct Scripts {
     pub(super) restore: LuaScript,
     /// `index_add.lua`: add an id to a user's index and keep the index alive.
     pub(super) index_add: LuaScript,
+    /// `lease_take.lua`: take a user's session-cap lease unless another call holds it (see
+    /// `cap`).
+    pub(super) lease_take: LuaScript,
+    /// `lease_release.lua`: end a user's session-cap lease if it is still the caller's (see
+    /// `cap`).
+    pub(super) lease_release: LuaScript,
 }
 
 impl Scripts {
@@ -45,6 +51,8 @@ impl Scripts {
             delete: with_helpers(include_str!("delete.lua")),
             restore: with_helpers(include_str!("restore.lua")),
             index_add: LuaScript::new(include_str!("index_add.lua").to_string()),
+            lease_take: LuaScript::new(include_str!("lease_take.lua").to_string()),
+            lease_release: LuaScript::new(include_str!("lease_release.lua").to_string()),
         }
     }
 }

@@ -5,10 +5,14 @@
 --       set_user ('1' or '0'), user, ttl_ms ('' keeps the stored one), n (number of set pairs),
 --       op (this call's unique id, '' for none), then n key/value pairs to set, then the keys
 --       to remove.
+-- Before ARGV, optionally: the session cap (see take_cap in common.lua), removed here; it
+-- applies when the patch gives the session another user.
 -- Replies {'notfound'}, {'corrupt', reason}, {'conflict', stored_version},
--- {'toolarge', size} or the session followed by the previous user. If the last write was this
+-- {'toolarge', size}, {'capped'} or the session followed by the previous user and how many
+-- sessions the cap evicted. If the last write was this
 -- very call (same op: a cluster client retried it after a lost reply), nothing is written again
 -- and the session is the reply, as if just written.
+local cap = take_cap()
 local h, reason = load_session(KEYS[1])
 if not h then
   return missing(reason)
@@ -50,6 +54,13 @@ end
 if size > tonumber(ARGV[5]) then
   return {'toolarge', size}
 end
+local evicted = 0
+if ARGV[7] == '1' and ARGV[8] ~= h['user'] then
+  evicted = admit(cap, ARGV[8], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
+  if not evicted then
+    return {'capped'}
+  end
+end
 call_chunked('HDEL', KEYS[1], dels, 200)
 call_chunked('HSET', KEYS[1], sets, 200)
 local user = h['user']
@@ -70,4 +81,5 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 publish(ARGV[1], 'updated', ARGV[2], ARGV[3], user, ver, ARGV[4])
 local reply = reply_session(KEYS[1])
 reply[4] = h['user']
+reply[5] = evicted
 return reply

@@ -16,7 +16,7 @@ use crate::store::{SessionRecord, StoreResult};
 
 /// Extra life given to an index over its sessions: the index is written just before or after
 /// the session, and must never expire before it.
-const INDEX_SLACK: Duration = Duration::from_secs(60);
+pub(super) const INDEX_SLACK: Duration = Duration::from_secs(60);
 
 impl RedisStore {
     /// Adds `id` to the user's index (no-op for anonymous sessions) and keeps the index alive
