@@ -27,23 +27,30 @@ use crate::filter::forwarding::X_FORWARDED_FOR;
 ///
 /// - `peer` not in `trusted`: `peer` (its `X-Forwarded-For` is ignored: anyone can write one).
 /// - `peer` trusted: walking `X-Forwarded-For` from the right, the first entry not in
-///   `trusted`. When every entry is trusted, the left-most one. When an entry cannot be parsed
-///   (`unknown`, garbage), the chain cannot be followed past it: the last trusted hop is
-///   returned, never anything left of the garbage.
+///   `trusted`. When every entry is trusted, the left-most one. Entries are split on `,` in the
+///   raw bytes, so only the items that cannot be parsed (`unknown`, garbage, non-ASCII) are
+///   unreadable, not the whole line around them. An unreadable entry stops the walk: if it is
+///   reached, no readable untrusted entry stands right of it, it sits where the client's
+///   address should be, and the client is unknown; the nearest trusted hop (the one that
+///   wrote it, right of it) is returned, never anything left of the garbage. Garbage a client
+///   sends itself never gets that far: the trusted proxy it reached appended the client's
+///   real address right of it, and the walk stops there.
 pub fn resolve(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
     let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
+    // Split on the raw bytes: a line with a non-ASCII item still has readable items around it
+    // (a trusted nginx appends the real address to the client's own line, garbage and all).
     let mut entries = Vec::new();
     for value in headers.get_all(X_FORWARDED_FOR) {
-        let Ok(value) = value.to_str() else {
-            // Non-ASCII bytes: treat the whole line as one unparseable entry.
-            entries.push(None);
-            continue;
-        };
-        entries.extend(value.split(',').map(parse_entry));
+        entries.extend(
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(|item| std::str::from_utf8(item).ok().and_then(parse_entry)),
+        );
     }
     let mut nearest = peer;
     for entry in entries.into_iter().rev() {
@@ -148,6 +155,34 @@ mod tests {
         assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
         let h = headers(&[""]);
         assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+    }
+
+    #[test]
+    fn non_ascii_items_are_unreadable_entries_not_whole_lines() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let raw = |lines: &[&[u8]]| {
+            let mut map = HeaderMap::new();
+            for line in lines {
+                map.append(X_FORWARDED_FOR, HeaderValue::from_bytes(line).unwrap());
+            }
+            map
+        };
+        // The client sent `\x80`; the trusted nginx appended its real address to that line.
+        let h = raw(&[b"\x80, 203.0.113.9"]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("203.0.113.9"));
+        let h = raw(&[b"\x80, 203.0.113.9, 10.0.0.7"]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("203.0.113.9"));
+        // Nothing readable left of the trusted hop that follows the garbage: the client is
+        // unknown and the nearest trusted hop stands in, never the forged entry left of it.
+        let h = raw(&[b"6.6.6.6, \xff\xfe, 10.0.0.7"]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.7"));
+        let h = raw(&[b"6.6.6.6", b"\x80"]);
+        assert_eq!(resolve(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+        // An untrusted peer's header, garbage or not, is never read.
+        assert_eq!(
+            resolve(ip("198.51.100.7"), &raw(&[b"\x80, 10.0.0.7"]), &trusted),
+            ip("198.51.100.7")
+        );
     }
 
     #[test]

@@ -383,8 +383,16 @@ impl Proxy {
             close_connection,
             headers,
         } = reject;
-        tracing::warn!(status = status.as_u16(), reason = %reason, method = %parts.method,
-            path = parts.uri.path(), detail, "request answered by the proxy");
+        // The proxy's own failures (502, 503, 504) are warnings; the client's doing (400, 408,
+        // 413, 429, ...) is counted in the metrics and logged at debug only, so that a flood
+        // the limits answer is not a flood of log lines.
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), reason = %reason, method = %parts.method,
+                path = parts.uri.path(), detail, "request answered by the proxy");
+        } else {
+            tracing::debug!(status = status.as_u16(), reason = %reason, method = %parts.method,
+                path = parts.uri.path(), detail, "request answered by the proxy");
+        }
         self.metrics.reject_with(status, &reason);
         let mut response = forward::local_response(status, close_connection);
         for (name, value) in headers {

@@ -3,7 +3,10 @@
 //! (kept with `allow_underscore_headers`), every `x-session-*` spelling is dropped, a client
 //! that is not a trusted proxy cannot inject `X-Forwarded-For`, `X-Real-IP` or `Forwarded`
 //! entries (a trusted one's chain is kept and the peer appended), `X-Forwarded-Proto` is the
-//! real scheme, bad `Host` headers are a 400, HTTP/2 cookie crumbs reach the backend as one
+//! real scheme, other scheme and client-address claims (`X-Forwarded-Ssl`, `True-Client-IP`,
+//! …) and `_` spellings of forwarding headers are dropped, a non-ASCII `X-Forwarded-For` item
+//! does not hide the client, bad `Host` headers (and an HTTP/2 `:authority` with userinfo) are
+//! a 400, HTTP/2 cookie crumbs reach the backend as one
 //! `Cookie`, and the session lookup reads the last `sid`. Each test also checks that honest
 //! traffic still goes through.
 
@@ -249,6 +252,108 @@ async fn a_trusted_proxys_chain_is_kept_and_the_peer_appended() {
         ["for=127.0.0.1;proto=http;host=shop.test"]
     );
     assert_eq!(lines(h, "x-forwarded-proto"), ["http"]);
+}
+
+/// Scheme and client-address headers beyond the rebuilt ones, and `_` spellings of
+/// forwarding headers, that a client sends in [`other_claims_reach_the_backend_only_from_a_trusted_peer`].
+const OTHER_CLAIMS: [(&str, &str); 13] = [
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Url-Scheme", "https"),
+    ("Front-End-Https", "on"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("True-Client-IP", "6.6.6.6"),
+    ("X-Client-IP", "6.6.6.6"),
+    ("X-Cluster-Client-IP", "6.6.6.6"),
+    ("X-Original-Forwarded-For", "6.6.6.6"),
+    ("CF-Connecting-IP", "6.6.6.6"),
+    ("Fastly-Client-IP", "6.6.6.6"),
+    ("X-Forwarded-Host", "bank.test"),
+];
+
+/// A proxy over `backend` that keeps `_` names and trusts `trusted` (a CIDR, or none).
+async fn permissive_proxy(backend: &TestBackend, trusted: Option<&str>) -> TestProxy {
+    let mut cfg: ProxyConfig = config(&[backend]);
+    cfg.allow_underscore_headers = true;
+    cfg.trusted_proxies = trusted
+        .map(|n| n.parse().expect("CIDR"))
+        .into_iter()
+        .collect();
+    TestProxy::start(cfg).await
+}
+
+#[tokio::test]
+async fn other_claims_reach_the_backend_only_from_a_trusted_peer() {
+    let backend = TestBackend::start("a", Behaviour::Echo).await;
+    let claims: String = OTHER_CLAIMS
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: shop.test\r\n{claims}X_Forwarded_Proto: https\r\n\
+        X_Real_IP: 6.6.6.6\r\nX_Custom: 1\r\nConnection: close\r\n\r\n"
+    );
+    for trusted in [None, Some("127.0.0.0/8")] {
+        let proxy = permissive_proxy(&backend, trusted).await;
+        let (response, seen) = raw(&proxy, &backend, &request).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let h = seen.expect("forwarded").headers;
+        for (name, value) in &OTHER_CLAIMS[..OTHER_CLAIMS.len() - 1] {
+            let want: &[&str] = if trusted.is_some() { &[value] } else { &[] };
+            assert_eq!(lines(&h, name), want, "{name}, trusted {trusted:?}");
+        }
+        assert_eq!(lines(&h, "x-forwarded-host"), ["shop.test"], "rebuilt");
+        // `_` spellings go even from a trusted peer with underscores allowed; others stay.
+        assert!(!h.contains_key("x_forwarded_proto"), "{h:?}");
+        assert!(!h.contains_key("x_real_ip"), "{h:?}");
+        assert_eq!(lines(&h, "x_custom"), ["1"]);
+        assert_eq!(lines(&h, "x-forwarded-proto"), ["http"]);
+        assert_eq!(lines(&h, "x-real-ip"), ["127.0.0.1"]);
+        proxy.shutdown(PATIENCE).await.expect("proxy shutdown");
+    }
+}
+
+#[tokio::test]
+async fn a_non_ascii_forwarded_for_item_does_not_hide_the_client() {
+    let backend = TestBackend::start("a", Behaviour::Echo).await;
+    let proxy = permissive_proxy(&backend, Some("127.0.0.0/8")).await;
+    // The client sent `X-Forwarded-For: é`; the trusted proxy in front appended its address.
+    let request = "GET / HTTP/1.1\r\nHost: shop.test\r\n\
+        X-Forwarded-For: \u{e9}, 203.0.113.9\r\nConnection: close\r\n\r\n";
+    let (response, seen) = raw(&proxy, &backend, request).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let h = seen.expect("forwarded").headers;
+    assert_eq!(
+        lines(&h, "x-real-ip"),
+        ["203.0.113.9"],
+        "not the trusted peer"
+    );
+    assert_eq!(
+        lines(&h, "x-forwarded-for"),
+        ["unknown, 203.0.113.9, 127.0.0.1"]
+    );
+    proxy.shutdown(PATIENCE).await.expect("proxy shutdown");
+}
+
+#[tokio::test]
+async fn an_http2_authority_with_userinfo_is_a_400() {
+    let backend = TestBackend::start("a", Behaviour::Echo).await;
+    let proxy = proxy_with(&backend, false).await;
+    let metrics = proxy.proxy.metrics();
+    let before = backend.hits();
+    let status = h2_get(&proxy, "http://user@shop.test/h2", &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(backend.hits(), before, "it never reached the backend");
+    assert!(metrics.rejects_with(StatusCode::BAD_REQUEST, "invalid_host") >= 1);
+    // The same request without userinfo goes through, its `:authority` as `Host`.
+    let status = h2_get(&proxy, "http://shop.test/h2", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        lines(&backend.last().expect("forwarded").headers, "host"),
+        ["shop.test"]
+    );
+    proxy.shutdown(PATIENCE).await.expect("proxy shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,6 +242,56 @@ async fn connections_over_max_connections_get_503() {
 }
 
 #[tokio::test]
+async fn an_http2_connection_over_max_connections_gets_503_then_goaway() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let backend = TestBackend::start("a", Behaviour::Echo).await;
+    let mut cfg = config(&[&backend]);
+    cfg.limits.max_connections = 1;
+    // Far past the patience: only the GOAWAY of the over-limit connection can end it in time.
+    cfg.limits.idle_timeout = Duration::from_secs(600);
+    let proxy = TestProxy::start(cfg).await;
+    let mut held = TcpStream::connect(proxy.addr).await.unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut held, PATIENCE).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // HTTP/2 with prior knowledge, over the limit: 503, then the proxy closes the connection.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri("http://x/")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request))
+        .await
+        .expect("a response within the patience")
+        .expect("a response");
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let _ = response.into_body().collect().await;
+    let ended = tokio::time::timeout(PATIENCE, driver).await;
+    assert!(
+        ended.is_ok(),
+        "the HTTP/2 connection over max_connections stayed open"
+    );
+    assert!(
+        proxy
+            .proxy
+            .metrics()
+            .rejects(RejectReason::TooManyConnections)
+            >= 1
+    );
+    drop(held);
+}
+
+#[tokio::test]
 async fn keep_alive_connections_get_a_fresh_head_deadline_after_each_response() {
     let backend = TestBackend::start("a", Behaviour::Echo).await;
     let mut cfg = config(&[&backend]);

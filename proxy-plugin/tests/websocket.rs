@@ -4,7 +4,10 @@
 //! side closes, or both sides are closed after `--idle-timeout` without a byte. A backend that
 //! answers anything else has its answer relayed as a normal response; an upgrade request is
 //! never replayed on another backend once it reached one; the filters run on it (session
-//! headers); other requests are served meanwhile; a tunnel open at SIGTERM is let finish.
+//! headers); other requests are served meanwhile; a tunnel open at SIGTERM is let finish. Only
+//! `websocket` is tunnelled: an `h2c` (or other) upgrade goes to the backend as a normal
+//! request, without its upgrade headers. An open tunnel keeps its client's slot under
+//! `--max-conns-per-ip`.
 //!
 //! The backend here is hyper with upgrades on (no WebSocket crate: the tunnel is bytes), the
 //! client a raw socket. Timing assertions are one-sided.
@@ -44,7 +47,8 @@ const GREETING: &[u8] = b"hello from the backend\n";
 /// `--idle-timeout` of the idle test.
 const IDLE: Duration = Duration::from_millis(500);
 
-/// A backend that switches protocols: `/ws` answers 101 (`Upgrade: echo`), writes
+/// A backend that switches protocols: `/ws` and `/h2c` asked for an upgrade answer 101
+/// (`Upgrade: echo`, whatever was asked), write
 /// [`GREETING`] and then echoes every byte until the client closes its half; `/refuse`
 /// answers 403 `refused`; anything else 200 `ok`. It records every request head.
 struct UpgradeBackend {
@@ -127,7 +131,7 @@ fn answer(mut request: Request<Incoming>, shared: Arc<Shared>) -> Response<Full<
         .lock()
         .push((path.clone(), request.headers().clone()));
     let (status, body) = match path.as_str() {
-        "/ws" => {
+        "/ws" | "/h2c" if request.headers().contains_key("upgrade") => {
             tokio::spawn(echo(hyper::upgrade::on(&mut request), shared));
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -194,7 +198,7 @@ async fn upgrade(proxy: SocketAddr, path: &str, extra: &str) -> (TcpStream, Stri
         .await
         .expect("connect to the proxy");
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\
+        "GET {path} HTTP/1.1\r\nHost: chat.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          {extra}\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("write");
@@ -304,7 +308,7 @@ async fn a_websocket_upgrade_is_relayed_and_bytes_flow_both_ways_until_a_side_cl
     assert_eq!(seen.len(), 1);
     let headers = &seen[0];
     assert_eq!(headers["connection"], "upgrade");
-    assert_eq!(headers["upgrade"], "echo");
+    assert_eq!(headers["upgrade"], "websocket");
     assert!(headers.get("x-client-hop").is_none(), "{headers:?}");
     assert!(headers.get("keep-alive").is_none(), "{headers:?}");
     assert!(headers.get("x-forwarded-for").is_some(), "{headers:?}");
@@ -384,7 +388,7 @@ async fn a_backend_refusing_the_upgrade_has_its_answer_relayed_and_the_connectio
     // The backend was asked for the upgrade.
     let seen = backend.seen("/refuse");
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0]["upgrade"], "echo");
+    assert_eq!(seen[0]["upgrade"], "websocket");
 
     // Still HTTP: the next request on the same connection is served.
     stream
@@ -484,7 +488,7 @@ async fn the_backend_of_a_websocket_gets_the_session_headers() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0]["x-session-user"], "alice", "{:?}", seen[0]);
     assert_eq!(seen[0]["x-session-id"], session.id);
-    assert_eq!(seen[0]["upgrade"], "echo");
+    assert_eq!(seen[0]["upgrade"], "websocket");
     drop(stream);
     proxy.terminate().await;
 }
@@ -509,4 +513,71 @@ async fn a_tunnel_open_at_sigterm_is_let_finish_then_the_proxy_exits_0() {
     assert!(closed_by_peer(&mut stream).await);
     let (status, logs) = proxy.wait_exit(PATIENCE).await;
     assert!(status.success(), "{status}: {logs}");
+}
+
+#[tokio::test]
+async fn an_h2c_or_other_upgrade_reaches_the_backend_as_a_normal_request() {
+    let backend = UpgradeBackend::start().await;
+    let proxy = start_proxy(&[backend.flag()], &[]);
+    let attempts = [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        "Connection: upgrade\r\nUpgrade: H2C\r\n",
+        "Connection: upgrade\r\nUpgrade: websocket, h2c\r\n",
+        "Connection: upgrade\r\nUpgrade: echo\r\n",
+    ];
+    for (n, headers) in attempts.iter().enumerate() {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        let request = format!("GET /h2c HTTP/1.1\r\nHost: chat.example\r\n{headers}\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let head = read_head(&mut stream, PATIENCE).await;
+        // The backend would have switched, had it been asked: it was not, and no 101 came.
+        assert!(head.starts_with("HTTP/1.1 200 "), "{headers}: {head}");
+        assert!(
+            !head_lines(&head).iter().any(|l| l.starts_with("upgrade:")),
+            "{head}"
+        );
+        assert_eq!(read_exact(&mut stream, 2).await, b"ok");
+        let seen = backend.seen("/h2c");
+        assert_eq!(seen.len(), n + 1);
+        let headers = &seen[n];
+        for name in ["upgrade", "connection", "http2-settings"] {
+            assert!(headers.get(name).is_none(), "{name}: {headers:?}");
+        }
+    }
+    assert_eq!(
+        metric(&proxy, r#"proxy_upgrades_total{outcome="tunnel"}"#).await,
+        0.0
+    );
+    proxy.terminate().await;
+}
+
+#[tokio::test]
+async fn an_open_tunnel_keeps_its_clients_slot_under_max_conns_per_ip() {
+    let backend = UpgradeBackend::start().await;
+    let proxy = start_proxy(&[backend.flag()], &["--max-conns-per-ip", "1"]);
+    let http = http_client();
+    let mut tunnel = open_tunnel(proxy.addr, "").await;
+    round_trip(&mut tunnel, b"open").await;
+    // The tunnel is this address's request in flight: a second one is refused.
+    let response = http.get(proxy.url("/page")).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert!(backend.seen("/page").is_empty());
+    round_trip(&mut tunnel, b"still open").await;
+
+    // Once the tunnel is closed, the slot is free again.
+    tunnel.shutdown().await.expect("half-close");
+    assert!(closed_by_peer(&mut tunnel).await);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let response = http.get(proxy.url("/page")).send().await.unwrap();
+        if response.status() == 200 {
+            break;
+        }
+        assert_eq!(response.status(), 429);
+        assert!(Instant::now() < deadline, "the slot was never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(backend.seen("/page").len(), 1);
+    proxy.terminate().await;
 }

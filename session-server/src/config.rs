@@ -41,6 +41,12 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default Watch streams open at once on one namespace: each costs a task and a broadcast
 /// receiver, and a deployment needs a handful per backend.
 pub const DEFAULT_MAX_WATCHERS_PER_NAMESPACE: usize = 1000;
+/// Default Watch streams open at once over all namespaces, so that many namespaces cannot
+/// get round `--max-watchers-per-namespace`.
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
+/// Default bound on a new connection's TLS handshake and on the wait for its first bytes (the
+/// HTTP/2 preface): a client that connects and stays silent gives its place back after it.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = crate::tls::HANDSHAKE_TIMEOUT;
 /// Default deadline of one call (every method but Watch): five times the default store timeout,
 /// so a Restore's several store calls fit, and a stuck call still ends.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -256,6 +262,14 @@ pub struct Cli {
     /// [default: 1000].
     #[arg(long, env = "STICKLESS_MAX_WATCHERS_PER_NAMESPACE")]
     pub max_watchers_per_namespace: Option<usize>,
+    /// Watch streams open at once over all namespaces; past it a Watch is RESOURCE_EXHAUSTED
+    /// [default: 10000].
+    #[arg(long, env = "STICKLESS_MAX_WATCHERS")]
+    pub max_watchers: Option<usize>,
+    /// Longest a new connection may take over its TLS handshake and then to send its first
+    /// bytes (the HTTP/2 preface); past it the connection is closed [default: 10s].
+    #[arg(long, env = "STICKLESS_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
     /// Deadline of every call but Watch (a shorter `grpc-timeout` of the caller wins); past it
     /// the call ends with DEADLINE_EXCEEDED [default: 10s].
     #[arg(long, env = "STICKLESS_CALL_TIMEOUT", value_parser = parse_duration)]
@@ -309,6 +323,9 @@ struct FileConfig {
     max_concurrent_streams: Option<u32>,
     max_connections: Option<usize>,
     max_watchers_per_namespace: Option<usize>,
+    max_watchers: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     call_timeout: Option<Duration>,
     tls_cert: Option<PathBuf>,
@@ -438,6 +455,10 @@ pub struct Settings {
     pub max_connections: usize,
     /// Watch streams open at once on one namespace.
     pub max_watchers_per_namespace: usize,
+    /// Watch streams open at once over all namespaces.
+    pub max_watchers: usize,
+    /// Bound on a new connection's TLS handshake and on the wait for its first bytes.
+    pub handshake_timeout: Duration,
     /// Deadline of every call but Watch.
     pub call_timeout: Duration,
     /// PEM certificate chain of the gRPC listener; with `tls_key`, gRPC is served over TLS.
@@ -560,6 +581,14 @@ impl Settings {
                 .max_watchers_per_namespace
                 .or(file.max_watchers_per_namespace)
                 .unwrap_or(DEFAULT_MAX_WATCHERS_PER_NAMESPACE),
+            max_watchers: cli
+                .max_watchers
+                .or(file.max_watchers)
+                .unwrap_or(DEFAULT_MAX_WATCHERS),
+            handshake_timeout: cli
+                .handshake_timeout
+                .or(file.handshake_timeout)
+                .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
             call_timeout: cli
                 .call_timeout
                 .or(file.call_timeout)
@@ -630,15 +659,19 @@ impl Settings {
         if self.max_concurrent_streams == 0
             || self.max_connections == 0
             || self.max_watchers_per_namespace == 0
+            || self.max_watchers == 0
         {
             return invalid(
-                "max-concurrent-streams, max-connections and max-watchers-per-namespace must be \
-                 at least 1"
+                "max-concurrent-streams, max-connections, max-watchers-per-namespace and \
+                 max-watchers must be at least 1"
                     .into(),
             );
         }
         if self.call_timeout.is_zero() {
             return invalid("call-timeout must be above zero".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake-timeout must be above zero".into());
         }
         if self.redis_pool_size == 0 {
             return invalid("redis-pool-size must be at least 1".into());
@@ -792,8 +825,11 @@ mod tests {
             DEFAULT_MAX_WATCHERS_PER_NAMESPACE
         );
         assert_eq!(s.call_timeout, DEFAULT_CALL_TIMEOUT);
+        assert_eq!(s.max_watchers, DEFAULT_MAX_WATCHERS);
+        assert_eq!(s.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         let file = "max_concurrent_streams = 8\nmax_connections = 20\n\
-                    max_watchers_per_namespace = 3\ncall_timeout = \"250ms\"\n";
+                    max_watchers_per_namespace = 3\ncall_timeout = \"250ms\"\n\
+                    max_watchers = 7\nhandshake_timeout = \"2s\"\n";
         let s = Settings::resolve(Cli::default(), Some(file)).unwrap();
         assert_eq!(
             (s.max_concurrent_streams, s.max_connections),
@@ -802,6 +838,8 @@ mod tests {
         );
         assert_eq!(s.max_watchers_per_namespace, 3);
         assert_eq!(s.call_timeout, Duration::from_millis(250));
+        assert_eq!(s.max_watchers, 7);
+        assert_eq!(s.handshake_timeout, Duration::from_secs(2));
         let flags = cli(&[
             "--max-concurrent-streams",
             "16",
@@ -811,15 +849,22 @@ mod tests {
             "5",
             "--call-timeout",
             "2s",
+            "--max-watchers",
+            "9",
+            "--handshake-timeout",
+            "500ms",
         ]);
         let s = Settings::resolve(flags, Some(file)).unwrap();
         assert_eq!((s.max_concurrent_streams, s.max_connections), (16, 40));
         assert_eq!(s.max_watchers_per_namespace, 5);
         assert_eq!(s.call_timeout, Duration::from_secs(2));
+        assert_eq!(s.max_watchers, 9);
+        assert_eq!(s.handshake_timeout, Duration::from_millis(500));
         for zero in [
             "--max-concurrent-streams",
             "--max-connections",
             "--max-watchers-per-namespace",
+            "--max-watchers",
         ] {
             assert!(
                 Settings::resolve(cli(&[zero, "0"]), None).is_err(),
@@ -827,6 +872,7 @@ mod tests {
             );
         }
         assert!(Settings::resolve(cli(&["--call-timeout", "0s"]), None).is_err());
+        assert!(Settings::resolve(cli(&["--handshake-timeout", "0s"]), None).is_err());
     }
 
     #[test]

@@ -4,18 +4,26 @@
 //! and counted (`stickless_connections_refused_total`), so clients that connect and never speak,
 //! or never finish their handshake, cannot take every file descriptor of the process (nginx
 //! bounds the same with `worker_connections`, HAProxy with `maxconn`).
+//!
+//! A connection admitted must then speak within `--handshake-timeout`: its TLS handshake is
+//! bounded by it (see `tls.rs`), and so is the wait for its first bytes (the HTTP/2 preface),
+//! on plaintext from the accept and over TLS from the end of the handshake. A connection still
+//! silent then is closed and its permit given back, so silent sockets cannot hold every permit
+//! (nginx `client_header_timeout`, HAProxy `timeout http-request`).
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt as _};
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 
 use crate::metrics::Metrics;
@@ -28,17 +36,21 @@ pub(crate) struct ConnectionLimit {
     permits: Arc<Semaphore>,
     /// The limit, for the log line of a refusal.
     max: usize,
+    /// Bound on each connection's TLS handshake and on the wait for its first bytes.
+    handshake_timeout: Duration,
     /// Where open and refused connections are counted.
     metrics: Metrics,
 }
 
 impl ConnectionLimit {
-    /// At most `max` connections at once (at least 1; clamped to what a semaphore holds).
-    pub(crate) fn new(max: usize, metrics: Metrics) -> Self {
+    /// At most `max` connections at once (at least 1; clamped to what a semaphore holds),
+    /// each to finish its TLS handshake and send its first bytes within `handshake_timeout`.
+    pub(crate) fn new(max: usize, handshake_timeout: Duration, metrics: Metrics) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         ConnectionLimit {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            handshake_timeout,
             metrics,
         }
     }
@@ -53,6 +65,7 @@ impl ConnectionLimit {
                 Some(ConnectionPermit {
                     _permit: permit,
                     open,
+                    handshake_timeout: self.handshake_timeout,
                 })
             }
             Err(_) => {
@@ -97,6 +110,15 @@ pub(crate) struct ConnectionPermit {
     _permit: OwnedSemaphorePermit,
     /// `stickless_connections_open`, moved up when the permit was taken.
     open: IntGauge,
+    /// Bound on the connection's TLS handshake and on the wait for its first bytes.
+    handshake_timeout: Duration,
+}
+
+impl ConnectionPermit {
+    /// How long the connection may take over its TLS handshake (`--handshake-timeout`).
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
 }
 
 impl Drop for ConnectionPermit {
@@ -106,19 +128,38 @@ impl Drop for ConnectionPermit {
 }
 
 /// A connection's I/O with its permit: the permit goes when the connection does (after the
-/// socket is closed, since fields drop in order).
+/// socket is closed, since fields drop in order). Until the connection's first byte arrives,
+/// a read past the first-bytes deadline fails (`TimedOut`), which makes the server close it.
 #[derive(Debug)]
 pub(crate) struct Limited<IO> {
     /// The connection (TCP, or TLS over TCP).
     io: IO,
     /// Its place under the limit.
     permit: ConnectionPermit,
+    /// The first-bytes deadline, until a first byte has been read.
+    first_bytes: Option<FirstBytes>,
+}
+
+/// When a connection that has sent nothing yet is closed.
+#[derive(Debug)]
+struct FirstBytes {
+    /// The deadline.
+    at: Instant,
+    /// Its timer, made at the first read that has to wait (on the runtime serving the
+    /// connection).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<IO> Limited<IO> {
-    /// `io` holding `permit`.
+    /// `io` holding `permit`; its first bytes are due within the permit's handshake timeout
+    /// from now.
     pub(crate) fn new(io: IO, permit: ConnectionPermit) -> Self {
-        Limited { io, permit }
+        let at = Instant::now() + permit.handshake_timeout;
+        Limited {
+            io,
+            permit,
+            first_bytes: Some(FirstBytes { at, timer: None }),
+        }
     }
 
     /// The connection and its permit apart (to run a TLS handshake on the connection while
@@ -138,11 +179,40 @@ impl<IO: Connected> Connected for Limited<IO> {
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(first_bytes) = &mut this.first_bytes else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.first_bytes = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(done) => Poll::Ready(done),
+            Poll::Pending => {
+                let at = first_bytes.at;
+                let timer = first_bytes
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at.into())));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                tracing::debug!(
+                    timeout = ?this.permit.handshake_timeout,
+                    "no bytes from the client within the handshake timeout; connection closed"
+                );
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no bytes from the client within --handshake-timeout",
+                )))
+            }
+        }
     }
 }
 
@@ -183,7 +253,7 @@ mod tests {
     #[test]
     fn a_permit_is_refused_past_the_limit_and_given_back_on_drop() {
         let metrics = Metrics::new();
-        let limit = ConnectionLimit::new(2, metrics.clone());
+        let limit = ConnectionLimit::new(2, Duration::from_secs(10), metrics.clone());
         let first = limit.admit(None).expect("first");
         let _second = limit.admit(None).expect("second");
         assert_eq!(metrics.connections_open(), 2);

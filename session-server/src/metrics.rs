@@ -89,7 +89,7 @@ pub struct Metrics {
     /// `stickless_watchers`: Watch streams open, all namespaces.
     watchers: IntGauge,
     /// `stickless_watchers_refused_total`: Watch calls refused over
-    /// `--max-watchers-per-namespace`.
+    /// `--max-watchers-per-namespace` or `--max-watchers`.
     watchers_refused: IntCounter,
     /// The series of every method in [`METHODS`].
     methods: Arc<[MethodSeries]>,
@@ -174,7 +174,8 @@ impl Metrics {
             IntGauge::new("stickless_watchers", "Watch streams open").expect("valid metric");
         let watchers_refused = IntCounter::new(
             "stickless_watchers_refused_total",
-            "Watch calls refused because their namespace had --max-watchers-per-namespace open",
+            "Watch calls refused because their namespace had --max-watchers-per-namespace open, or the \
+             server --max-watchers",
         )
         .expect("valid metric");
         for metric in [

@@ -177,7 +177,11 @@ pub async fn run_with_tls(
     threads: usize,
     tls: Option<ServerTls>,
 ) -> Result<(), ServeError> {
-    let limit = ConnectionLimit::new(settings.max_connections, metrics.clone());
+    let limit = ConnectionLimit::new(
+        settings.max_connections,
+        settings.handshake_timeout,
+        metrics.clone(),
+    );
     let max_streams = settings.max_concurrent_streams;
     let (service, signal) =
         prepare(&listener, settings, store, metrics, shutdown, tls.as_ref()).await?;
@@ -344,7 +348,7 @@ async fn prepare(
         max_session_bytes: settings.max_session_bytes,
     };
     let service = SessionService::new(store.clone(), limits, metrics.clone(), stop_rx)
-        .with_max_watchers_per_namespace(settings.max_watchers_per_namespace);
+        .with_max_watchers(settings.max_watchers_per_namespace, settings.max_watchers);
     let max_message = settings
         .max_session_bytes
         .saturating_mul(2)

@@ -110,15 +110,25 @@ impl SessionService {
             limits,
             metrics,
             shutdown,
-            watchers: watchers::Watchers::new(crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE),
+            watchers: watchers::Watchers::new(
+                crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE,
+                crate::config::DEFAULT_MAX_WATCHERS,
+            ),
         }
     }
 
     /// The same service with at most `max` Watch streams open at once on one namespace
     /// (`--max-watchers-per-namespace`); past it a Watch is RESOURCE_EXHAUSTED. Without it,
     /// [`crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE`].
-    pub fn with_max_watchers_per_namespace(mut self, max: usize) -> Self {
-        self.watchers = watchers::Watchers::new(max);
+    pub fn with_max_watchers_per_namespace(self, max: usize) -> Self {
+        self.with_max_watchers(max, crate::config::DEFAULT_MAX_WATCHERS)
+    }
+
+    /// The same service with at most `per_namespace` Watch streams open at once on one
+    /// namespace (`--max-watchers-per-namespace`) and `total` over all namespaces
+    /// (`--max-watchers`); past either a Watch is RESOURCE_EXHAUSTED.
+    pub fn with_max_watchers(mut self, per_namespace: usize, total: usize) -> Self {
+        self.watchers = watchers::Watchers::new(per_namespace, total);
         self
     }
 

@@ -25,7 +25,8 @@ use tokio_rustls::server::TlsStream;
 use crate::config::Settings;
 use crate::connections::Limited;
 
-/// Longest a client may take over its handshake once connected. Handshakes run side by side,
+/// Longest a client may take over its handshake once connected, by default
+/// (`--handshake-timeout`, which also bounds the wait for the first bytes after it). Handshakes run side by side,
 /// so a slow or silent client holds only its own connection, and only this long. A loaded
 /// machine finishes a real handshake in milliseconds; 10 s is far from cutting one off. A
 /// connection under way holds its place under `--max-connections` (see `connections.rs`), so
@@ -184,7 +185,8 @@ impl ServerTls {
 
     /// The TLS streams of the TCP `connections`: each accepted connection's handshake runs in
     /// a task of its own on the runtime that polls the stream (so one slow client never holds
-    /// up the others), bounded by [`HANDSHAKE_TIMEOUT`], and keeps the connection's permit
+    /// up the others), bounded by `--handshake-timeout` ([`HANDSHAKE_TIMEOUT`] by default,
+    /// carried by the connection's permit), and keeps the connection's permit
     /// (its place under the connection limit) throughout. A failed or timed-out handshake
     /// closes that connection (logged at debug), gives its permit back and yields nothing.
     /// Accept errors pass through for the server to handle. Ends when `connections` does;
@@ -231,7 +233,7 @@ impl ServerTls {
     }
 }
 
-/// One server-side handshake, at most [`HANDSHAKE_TIMEOUT`] long, the connection's permit
+/// One server-side handshake, at most the permit's handshake timeout long, the connection's permit
 /// held throughout and handed on to the TLS stream; `None` when it fails (the permit goes).
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
@@ -239,14 +241,19 @@ async fn handshake(
 ) -> Option<Limited<TlsStream<TcpStream>>> {
     let (tcp, permit) = tcp.into_parts();
     let peer = tcp.peer_addr().ok();
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let timeout = permit.handshake_timeout();
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => Some(Limited::new(stream, permit)),
         Ok(Err(error)) => {
             tracing::debug!(?peer, %error, "TLS handshake failed; connection closed");
             None
         }
         Err(_) => {
-            tracing::debug!(?peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out; connection closed");
+            tracing::debug!(
+                ?peer,
+                ?timeout,
+                "TLS handshake timed out; connection closed"
+            );
             None
         }
     }

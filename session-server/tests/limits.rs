@@ -1,8 +1,9 @@
 //! The session server's resource limits, as README's Configuration table describes them:
 //! `--max-concurrent-streams` (one connection cannot open more streams, however it tries),
 //! `--max-connections` (TLS handshakes under way included; past it a connection is closed at
-//! once), `--max-watchers-per-namespace` (RESOURCE_EXHAUSTED past it, a place back when a
-//! stream ends), `--call-timeout` (DEADLINE_EXCEEDED, the caller's shorter `grpc-timeout`
+//! once), `--handshake-timeout` (a silent socket closed, its place back),
+//! `--max-watchers-per-namespace` and `--max-watchers` (RESOURCE_EXHAUSTED past them, a place
+//! back when a stream ends), `--call-timeout` (DEADLINE_EXCEEDED, the caller's shorter `grpc-timeout`
 //! honoured, Watch not bounded) and ListByUser's pages. In-process servers run both on the
 //! caller's runtime (1 thread) and on serving threads (2) where the accept path matters.
 
@@ -172,6 +173,128 @@ async fn connections_past_max_connections_are_closed_until_one_ends() {
     }
 }
 
+/// A silent socket: the server may write to it (its HTTP/2 SETTINGS), but must close it (EOF
+/// or an error) within `WITHIN`.
+async fn closed_by_the_server(mut socket: TcpStream, what: &str) {
+    let mut bytes = [0u8; 1024];
+    let closed = tokio::time::timeout(WITHIN, async {
+        loop {
+            match socket.read(&mut bytes).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "{what}: still open past the first-bytes deadline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_are_closed_after_the_handshake_timeout_and_give_their_place_back() {
+    let dir = PemDir::new("limits_first_bytes");
+    let ca = Ca::new("limits first bytes ca");
+    for (tls_on, threads) in [(false, 1), (false, 2), (true, 1), (true, 2)] {
+        let base = if tls_on {
+            tls::settings(&dir, &ca, None)
+        } else {
+            Settings::default()
+        };
+        let settings = Settings {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(300),
+            ..base
+        };
+        let what = format!("tls {tls_on}, {threads} thread(s)");
+        let server = start(settings, threads).await;
+        // Two clients that connect and never send a byte hold both permits...
+        let silent = [
+            TcpStream::connect(server.addr).await.expect("connect"),
+            TcpStream::connect(server.addr).await.expect("connect"),
+        ];
+        eventually("both permits taken", WITHIN, || {
+            let open = server.metrics.connections_open();
+            async move { (open == 2).then_some(()) }
+        })
+        .await;
+        // ...only until the deadline: the server closes them and their places come back.
+        for socket in silent {
+            closed_by_the_server(socket, &what).await;
+        }
+        eventually("the silent sockets' places come back", WITHIN, || {
+            let open = server.metrics.connections_open();
+            async move { (open == 0).then_some(()) }
+        })
+        .await;
+        // An honest client is served, and a call that takes longer than the deadline on an
+        // established connection is not cut by it (its first bytes came in time).
+        let created = if tls_on {
+            create_over_tls(server.addr, ca.cert_pem(), None).await
+        } else {
+            create_in_plaintext(server.addr).await
+        };
+        assert!(created.is_ok(), "{what}: {created:?}");
+        if !tls_on {
+            let channel = server.channel().await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            create_on(channel)
+                .await
+                .expect("an established connection outlives the first-bytes deadline");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_its_tls_handshake_is_closed_after_the_handshake_timeout() {
+    use rustls::pki_types::pem::PemObject as _;
+    let dir = PemDir::new("limits_first_bytes_after_tls");
+    let ca = Ca::new("limits first bytes after tls ca");
+    let settings = Settings {
+        max_connections: 1,
+        handshake_timeout: Duration::from_millis(300),
+        ..tls::settings(&dir, &ca, None)
+    };
+    let server = start(settings, 1).await;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_der = rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes())
+        .expect("the CA certificate");
+    roots.add(ca_der).expect("a trust anchor");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).expect("a name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the handshake");
+    // Handshake done, then nothing: closed once the deadline passes, its place back.
+    let mut bytes = [0u8; 1024];
+    let closed = tokio::time::timeout(WITHIN, async {
+        loop {
+            match stream.read(&mut bytes).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open past the first-bytes deadline");
+    eventually("its place comes back", WITHIN, || {
+        let open = server.metrics.connections_open();
+        async move { (open == 0).then_some(()) }
+    })
+    .await;
+    let created = create_over_tls(server.addr, ca.cert_pem(), None).await;
+    assert!(created.is_ok(), "{created:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshakes_under_way_count_against_max_connections() {
     let dir = PemDir::new("limits_tls_handshakes");
@@ -248,6 +371,34 @@ async fn watches_past_max_watchers_per_namespace_are_resource_exhausted_until_on
         .expect("the stream")
         .expect("not ended");
     assert_eq!(event.id, created.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_namespaces_do_not_get_round_max_watchers() {
+    let settings = Settings {
+        max_watchers_per_namespace: 2,
+        max_watchers: 3,
+        ..Settings::default()
+    };
+    let server = start(settings, 1).await;
+    let mut client = server.client().await;
+    let first = client.watch(watch("n1")).await.expect("n1").into_inner();
+    let _second = client.watch(watch("n2")).await.expect("n2").into_inner();
+    let _third = client.watch(watch("n3")).await.expect("n3").into_inner();
+    let refused = client
+        .watch(watch("n4"))
+        .await
+        .expect_err("a fourth, on a namespace of its own");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-watchers)"), "{refused:?}");
+    assert_eq!(server.metrics.watchers_refused(), 1);
+    assert_eq!(server.metrics.watchers(), 3);
+    drop(first);
+    eventually_ok("a cancelled Watch gives its place back", WITHIN, || {
+        let mut client = client.clone();
+        async move { client.watch(watch("n4")).await }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

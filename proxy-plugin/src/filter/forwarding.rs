@@ -131,11 +131,12 @@ fn rebuild(headers: &mut HeaderMap, ctx: &FilterContext, host: Option<HeaderValu
     let peer = &ctx.peer().forwarding;
     let element = peer.forwarded_element(host.as_ref(), ctx.peer().tls());
     if ctx.trusted_peer() {
-        append_to_list(headers, X_FORWARDED_FOR, &peer.forwarded_for);
+        append_to_list(headers, X_FORWARDED_FOR, &peer.forwarded_for, "unknown");
         if let Some(element) = element {
-            append_to_list(headers, header::FORWARDED, &element);
+            append_to_list(headers, header::FORWARDED, &element, "for=unknown");
         }
     } else {
+        strip_client_claims(headers);
         headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone());
         match element {
             Some(element) => headers.insert(header::FORWARDED, element),
@@ -157,6 +158,45 @@ fn rebuild(headers: &mut HeaderMap, ctx: &FilterContext, host: Option<HeaderValu
         None => {
             headers.remove(X_FORWARDED_HOST);
         }
+    }
+}
+
+/// Headers other proxies and CDNs set to say who the client is or how it connected, which
+/// some frameworks believe; besides these, every `X-Forwarded-*` name is one.
+const CLIENT_CLAIMS: [&str; 7] = [
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-url-scheme",
+    "front-end-https",
+];
+
+/// Whether header `name` (lower case, `_` already folded to `-`) says something about an
+/// earlier hop: the forwarding headers this filter rebuilds, every `X-Forwarded-*`
+/// (`-Ssl`, `-Scheme`, `-Port`, `-Prefix`, …), `X-Original-Forwarded-For`, and the
+/// [`CLIENT_CLAIMS`].
+pub(crate) fn is_forwarding_header(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || name == "forwarded"
+        || name == "x-real-ip"
+        || name == "x-original-forwarded-for"
+        || CLIENT_CLAIMS.contains(&name)
+}
+
+/// Drops what an untrusted peer says about earlier hops beyond the headers [`rebuild`]
+/// replaces: `X-Forwarded-Ssl: on`, `True-Client-IP`, `X-Forwarded-Prefix` and the like (see
+/// [`is_forwarding_header`]).
+fn strip_client_claims(headers: &mut HeaderMap) {
+    // One pass over the names; nothing is allocated unless there is something to drop.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_forwarding_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
     }
 }
 
@@ -183,8 +223,14 @@ pub(crate) fn says_https(headers: &HeaderMap) -> bool {
 }
 
 /// Joins every existing line of list header `name` and `item` into one line (many backends
-/// read only the first line of `X-Forwarded-For`).
-fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue) {
+/// read only the first line of `X-Forwarded-For`); `unknown` stands in for each item of a
+/// line that is not ASCII.
+fn append_to_list(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    item: &HeaderValue,
+    unknown: &'static str,
+) {
     let mut entry = match headers.entry(name) {
         Entry::Vacant(vacant) => {
             vacant.insert(item.clone());
@@ -196,12 +242,22 @@ fn append_to_list(headers: &mut HeaderMap, name: HeaderName, item: &HeaderValue)
         entry.append(item.clone());
         return;
     };
-    let mut parts: Vec<&str> = entry
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .map(str::trim)
-        .filter(|value| !value.is_empty())
-        .collect();
+    let mut parts: Vec<&str> = Vec::new();
+    for value in entry.iter() {
+        match value.to_str() {
+            Ok(value) => parts.push(value.trim()),
+            // A line with non-ASCII bytes keeps its place in the chain: its readable items are
+            // kept and each unreadable one becomes `unknown`, so a backend walking the chain
+            // stops where this proxy's [`crate::client_ip`] walk did.
+            Err(_) => parts.extend(value.as_bytes().split(|&b| b == b',').map(|item| {
+                match std::str::from_utf8(item) {
+                    Ok(text) if text.bytes().all(|b| b.is_ascii() && b != 0x7f) => text.trim(),
+                    _ => unknown,
+                }
+            })),
+        }
+    }
+    parts.retain(|part| !part.is_empty());
     parts.push(item_text);
     match HeaderValue::from_str(&parts.join(", ")) {
         Ok(value) => {
@@ -354,6 +410,60 @@ mod tests {
             let h = forwarded(&headers, &peer("10.0.0.2", false), None, &["10.0.0.0/8"]);
             assert_eq!(forwarded_https(&h), https, "{sent:?}: {h:?}");
         }
+    }
+
+    #[test]
+    fn other_client_claims_are_dropped_from_untrusted_peers_only() {
+        let sent = [
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-scheme", "https"),
+            ("x-url-scheme", "https"),
+            ("front-end-https", "on"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-client-ip", "6.6.6.6"),
+            ("x-cluster-client-ip", "6.6.6.6"),
+            ("x-original-forwarded-for", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+            ("fastly-client-ip", "6.6.6.6"),
+            ("x-forwarded-hostname", "kept-only-if-trusted"),
+            ("x-honest", "yes"),
+        ];
+        let h = forwarded(&sent, &peer("192.0.2.7", false), Some("shop.test"), &[]);
+        for (name, _) in &sent[..sent.len() - 1] {
+            assert!(!h.contains_key(*name), "{name}: {h:?}");
+        }
+        assert_eq!(h["x-honest"], "yes");
+        assert_eq!(h[X_FORWARDED_HOST], "shop.test");
+
+        let h = forwarded(
+            &sent,
+            &peer("192.0.2.7", false),
+            Some("shop.test"),
+            &["192.0.2.0/24"],
+        );
+        for (name, value) in &sent {
+            assert_eq!(h[*name], *value, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_non_ascii_line_keeps_its_readable_items_in_the_chain() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\x80, 203.0.113.9").unwrap(),
+        );
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.3"));
+        append_to_list(
+            &mut headers,
+            X_FORWARDED_FOR,
+            &HeaderValue::from_static("10.0.0.2"),
+            "unknown",
+        );
+        let lines: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+        assert_eq!(lines, ["unknown, 203.0.113.9, 10.0.0.3, 10.0.0.2"]);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! - **Names with `_`** are dropped (nginx `underscores_in_headers off`, `ignore_invalid_headers
 //!   on`): CGI-style servers map `X-User-Id` and `X_User_Id` to the same variable, so a client
-//!   could otherwise shadow a header the proxy sets. `allow_underscore_headers` keeps them.
+//!   could otherwise shadow a header the proxy sets. `allow_underscore_headers` keeps them,
+//!   except the `_` spellings of forwarding headers (`X_Forwarded_Proto`, `X_Real_IP`, see
+//!   [`is_forwarding_header`]), which are dropped always, from trusted peers too.
 //! - **Every `x-session-*` spelling** (`x-session-…`, `x_session_…`, `x-session_…`) is
 //!   dropped, always: those headers are the session-lookup plugin's word, set after this filter
 //!   runs, and a client must never be able to claim a user, not even under a spelling that a
@@ -11,7 +13,8 @@
 //!   request without one, for one that is not a `host[:port]`, and for one that names another
 //!   authority than an absolute-form target (`GET http://a.example/ HTTP/1.1`) or an HTTP/2
 //!   `:authority` (hyper checks none of this). An HTTP/2 request without `Host` gets its
-//!   `:authority` as `Host`, for the HTTP/1.1 backend.
+//!   `:authority` as `Host`, for the HTTP/1.1 backend; a target authority with userinfo
+//!   (`user@host`) is a 400 like such a `Host`.
 //! - **Cookie crumbs**: an HTTP/2 client may split its cookies into one `cookie` field each
 //!   (RFC 9113 §8.2.3); they are joined with `"; "` into one `Cookie` header before going to
 //!   an HTTP/1.1 backend, which expects one. Several HTTP/1 `Cookie` lines are joined the same
@@ -24,6 +27,7 @@ use http::header::{self, Entry, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Version};
 
+use super::forwarding::is_forwarding_header;
 use super::{FilterContext, FilterFactory, Filtered, Reject, RequestFilter};
 use crate::lookup::SESSION_HEADER_PREFIX;
 
@@ -79,12 +83,17 @@ impl HeaderHygiene {
             .keys()
             .filter(|name| {
                 let name = name.as_str();
-                is_session_header(name) || (!self.allow_underscores && name.contains('_'))
+                is_session_header(name)
+                    || (name.contains('_')
+                        && (!self.allow_underscores || is_forwarding_spelling(name)))
             })
             .cloned()
             .collect();
         if !doomed.is_empty() {
-            tracing::debug!(headers = ?doomed, "request headers dropped (underscores or x-session-*)");
+            tracing::debug!(
+                headers = ?doomed,
+                "request headers dropped (underscores, x-session-* or forwarding spellings)"
+            );
         }
         for name in doomed {
             headers.remove(name);
@@ -105,6 +114,12 @@ pub(crate) fn strip_session_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` (containing `_`) is a forwarding header spelled with `_` for `-`
+/// (`x_forwarded_proto`, `x_real_ip`): a CGI-style backend reads it as the real one.
+fn is_forwarding_spelling(name: &str) -> bool {
+    is_forwarding_header(&name.replace('_', "-"))
+}
+
 /// Whether a header name (lower case, as `HeaderName`s are) is `x-session-…` with any of its
 /// dashes written `_`.
 fn is_session_header(name: &str) -> bool {
@@ -116,8 +131,20 @@ fn is_session_header(name: &str) -> bool {
             .all(|(&b, &p)| b == p || (p == b'-' && b == b'_'))
 }
 
+/// Whether `authority` can name the host of a request: a host, no userinfo (`user@`).
+fn valid_host(authority: &Authority) -> bool {
+    !authority.host().is_empty() && !authority.as_str().contains('@')
+}
+
 /// The `Host` rules; an HTTP/2 request without `Host` gets its `:authority`.
 fn check_host(head: &mut http::request::Parts) -> Result<(), Reject> {
+    // The target's authority (HTTP/2 `:authority`, HTTP/1 absolute form) passes the same
+    // check as `Host`: it may become `Host` below, and RFC 9110 §4.2.4 makes userinfo an error.
+    if let Some(target) = head.uri.authority()
+        && !valid_host(target)
+    {
+        return Err(Reject::bad_request("invalid_host"));
+    }
     let mut lines = head.headers.get_all(header::HOST).iter();
     let (host, second) = (lines.next(), lines.next());
     if second.is_some() {
@@ -139,7 +166,7 @@ fn check_host(head: &mut http::request::Parts) -> Result<(), Reject> {
         };
     };
     let host = match Authority::try_from(host.as_bytes()) {
-        Ok(host) if !host.host().is_empty() && !host.as_str().contains('@') => host,
+        Ok(host) if valid_host(&host) => host,
         _ => return Err(Reject::bad_request("invalid_host")),
     };
     if let Some(target) = head.uri.authority()
@@ -236,6 +263,21 @@ mod tests {
         let mut names: Vec<_> = allowed.headers.keys().map(|n| n.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["accept", "host", "x-sessionless", "x_custom"]);
+
+        // Forwarding headers spelled with `_` go even when underscores are allowed.
+        let forged = [
+            ("host", "example.com"),
+            ("x_forwarded_proto", "https"),
+            ("x_real_ip", "6.6.6.6"),
+            ("x-forwarded_ssl", "on"),
+            ("true_client_ip", "6.6.6.6"),
+            ("x_custom", "1"),
+        ];
+        let mut allowed = head(Version::HTTP_11, "/", &forged);
+        HeaderHygiene::new(true).apply(&mut allowed).unwrap();
+        let mut names: Vec<_> = allowed.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["host", "x_custom"]);
     }
 
     #[test]
@@ -333,6 +375,20 @@ mod tests {
             "https://shop.test/",
             &["shop.test", "shop.test"],
             "duplicate_host",
+        );
+        // Userinfo in the target's authority, with or without a `Host`.
+        refused(V::HTTP_2, "https://user@shop.test/", &[], "invalid_host");
+        refused(
+            V::HTTP_2,
+            "https://evil@shop.test/",
+            &["shop.test"],
+            "invalid_host",
+        );
+        refused(
+            V::HTTP_11,
+            "http://u:p@a.example/p",
+            &["a.example"],
+            "invalid_host",
         );
     }
 

@@ -537,11 +537,15 @@ impl Relay<'_> {
             drop((body, upstream));
             let limits = &self.generation.config.limits;
             let metrics = proxy.metrics.tunnels().clone();
+            // What the response filters hold to the end of the response (the client's slot
+            // among its requests in flight) is held to the end of the tunnel: the 101's empty
+            // body would release it at once.
+            let held = parts.extensions.remove::<HeldUntilResponseEnd>();
             let tunnel = switched.tunnel(
                 limits.idle_timeout,
                 metrics,
                 self.backend.clone(),
-                in_flight,
+                (in_flight, held),
             );
             self.conn.start_tunnel(tunnel);
             return Response::from_parts(parts, ResponseBody::full(Bytes::new()));

@@ -16,12 +16,19 @@ use http::{HeaderMap, HeaderValue};
 
 /// Whether a header (its lower-case name) describes one connection, not the message (RFC 9110
 /// §7.6.1), so that a proxy must not forward it whatever `Connection` says: `Connection`,
-/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade` and every `proxy-*` header.
-/// Matched as strings, which is cheaper than comparing `HeaderName`s.
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, `HTTP2-Settings` (the `h2c`
+/// upgrade's, RFC 7540 §3.2.1, never forwarded) and every `proxy-*` header. Matched as
+/// strings, which is cheaper than comparing `HeaderName`s.
 fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
-        "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+        "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "http2-settings"
     ) || name.starts_with("proxy-")
 }
 
@@ -168,6 +175,7 @@ mod tests {
             header::TRAILER,
             header::TRANSFER_ENCODING,
             header::UPGRADE,
+            HeaderName::from_static("http2-settings"),
         ];
         assert!(names.iter().all(|name| is_hop_by_hop(name.as_str())));
         assert!(is_hop_by_hop("proxy-authorization"));

@@ -37,6 +37,9 @@ const MIN_READ_BUFFER: usize = 8192;
 /// After the GOAWAY of an idle HTTP/2 connection, longest it stays open without a stream (for
 /// the client to close it, or to finish a request that crossed the GOAWAY).
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// How often a connection over `max_connections` is looked at until it has sent its 503 over
+/// HTTP/2 (then GOAWAY); such connections are few (bounded) and short-lived.
+const OVER_LIMIT_CHECK: Duration = Duration::from_millis(100);
 
 /// Connections counted against `max_connections`, released on drop.
 struct Counted {
@@ -319,6 +322,15 @@ async fn connection(
         let idle = conn::http2_idle(&state, limits.idle_timeout, Instant::now());
         let timeouts = proxy.metrics.client_timeout_counters();
         let send_watch = conn::http2_send_watch(&state, limits.send_timeout, timeouts);
+        // `keep_alive(false)` closes an HTTP/1 connection over the limit after its 503; an
+        // HTTP/2 one gets GOAWAY once its first stream (the 503) is over.
+        let served = async {
+            if over_limit {
+                conn::http2_idle(&state, OVER_LIMIT_CHECK, Instant::now()).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             result = conn.as_mut() => result,
             // Never completes: ends the backend requests of streams the client does not read.
@@ -328,6 +340,15 @@ async fn connection(
                 // Finish the request in flight (if any), then close.
                 conn.as_mut().graceful_shutdown();
                 conn.await
+            }
+            // Over max_connections, speaking HTTP/2, its 503 sent: GOAWAY.
+            () = served => {
+                tracing::debug!(%peer, "HTTP/2 connection over max_connections: GOAWAY");
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = conn.as_mut() => result,
+                    () = conn::http2_idle(&state, GOAWAY_GRACE, Instant::now()) => Ok(()),
+                }
             }
             // An HTTP/2 connection without a stream for idle_timeout, PINGs or not.
             () = idle => {

@@ -1,8 +1,14 @@
-//! Upgraded connections: WebSocket, and any other HTTP/1.1 `Upgrade` (RFC 9110 §7.8).
+//! Upgraded connections: WebSocket, the only HTTP/1.1 `Upgrade` (RFC 9110 §7.8) tunnelled.
 //!
-//! An HTTP/1.1 request whose `Connection` names `upgrade` and that carries `Upgrade` keeps those
-//! two headers on its way to the backend (every other hop-by-hop header still goes), sent on a
-//! connection of its own that is never pooled. It goes through the request filters like any
+//! Only `Upgrade: websocket` (any case) is an upgrade here. Any other protocol, `h2c` above
+//! all (the client would then speak HTTP/2 straight to the backend, past every filter: h2c
+//! smuggling), has the request forwarded as a normal one, its `Upgrade`, `Connection` and
+//! `HTTP2-Settings` stripped as hop-by-hop headers (what nginx does when the upgrade is not
+//! configured): the backend sees no upgrade, and no 101 is relayed.
+//!
+//! An HTTP/1.1 websocket request whose `Connection` names `upgrade` and that carries `Upgrade`
+//! keeps those two headers on its way to the backend (every other hop-by-hop header still
+//! goes), sent on a connection of its own that is never pooled. It goes through the request filters like any
 //! request (the backend of a WebSocket sees the `x-session-*` headers), and to another backend
 //! only when nothing reached the first (a connect failure), whatever its method.
 //!
@@ -16,7 +22,8 @@
 //! The tunnel runs in the client connection's task once hyper is done with the connection, so
 //! it counts against `max_connections` like the connection it was, and a graceful shutdown
 //! waits for it as for a request in flight (the binary's shutdown grace ends it). Its backend
-//! counts a request in flight until it ends (least-conn sees open WebSockets).
+//! counts a request in flight until it ends (least-conn sees open WebSockets), and its client
+//! keeps its slot under `max_conns_per_ip` until it ends.
 //!
 //! HTTP/2 has no `Upgrade`, and its extended CONNECT (RFC 8441) is not supported: the
 //! `Upgrade` and `Connection` of an HTTP/2 request are dropped like any hop-by-hop header, and
@@ -41,6 +48,7 @@ use tokio::time::Instant;
 
 use super::body::InFlight;
 use crate::backend::Backend;
+use crate::filter::HeldUntilResponseEnd;
 use crate::metrics::{TunnelEnd, TunnelMetrics, UpgradeOutcome};
 
 /// An upgrade request: the protocols it asks for, kept apart from the hop-by-hop headers that
@@ -69,6 +77,15 @@ impl UpgradeRequest {
         }
         let protocols = upgrade_values(&parts.headers);
         if protocols.is_empty() {
+            return None;
+        }
+        if !only_websocket(&protocols) {
+            // `h2c` would have the client speak HTTP/2 straight to the backend, past every
+            // filter (h2c smuggling); other protocols are not vouched for either. Like nginx
+            // without the upgrade configured: a normal request, `Upgrade` and `Connection`
+            // (and `HTTP2-Settings`) stripped as hop-by-hop headers.
+            tracing::debug!(upgrade = ?protocols, "upgrade to a protocol other than websocket: \
+                forwarded as a normal request");
             return None;
         }
         Some(UpgradeRequest { protocols, client })
@@ -107,14 +124,15 @@ impl Switched {
         restore(headers, &self.protocols);
     }
 
-    /// The tunnel between the two connections, to run once the 101 is written; `in_flight`
-    /// (the backend's request count) is held until it ends.
+    /// The tunnel between the two connections, to run once the 101 is written; `held` (the
+    /// backend's request count, and what the response filters hold to the end of the response,
+    /// e.g. the client's slot under `max_conns_per_ip`) is kept until it ends.
     pub(crate) fn tunnel(
         self,
         idle_timeout: Duration,
         metrics: TunnelMetrics,
         backend: Arc<Backend>,
-        in_flight: InFlight,
+        held: (InFlight, Option<HeldUntilResponseEnd>),
     ) -> Tunnel {
         let Switched {
             client,
@@ -123,7 +141,7 @@ impl Switched {
         } = self;
         Tunnel(Box::pin(async move {
             let end = relay(client, upstream, idle_timeout, &metrics).await;
-            drop(in_flight);
+            drop(held);
             if let Some(end) = end {
                 metrics.ended(end);
                 tracing::debug!(backend = %backend.name, reason = end.label(), "tunnel ended");
@@ -206,6 +224,24 @@ fn names_upgrade(headers: &HeaderMap) -> bool {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Whether the `Upgrade` values name `websocket` (any case) and nothing else: the only
+/// protocol tunnelled.
+fn only_websocket(protocols: &[HeaderValue]) -> bool {
+    let mut any = false;
+    for value in protocols {
+        let Ok(value) = value.to_str() else {
+            return false;
+        };
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if !token.eq_ignore_ascii_case("websocket") {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// Every `Upgrade` value.
@@ -352,6 +388,25 @@ mod tests {
                 Method::GET,
                 &[("connection", "upgrade")][..],
             ),
+            // Only websocket is tunnelled: never h2c (smuggling), nor any other protocol.
+            (
+                Version::HTTP_11,
+                Method::GET,
+                &[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                ][..],
+            ),
+            (
+                Version::HTTP_11,
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "websocket, h2c")][..],
+            ),
+            (
+                Version::HTTP_11,
+                Method::GET,
+                &[("connection", "upgrade"), ("upgrade", "echo")][..],
+            ),
         ] {
             let mut parts = request(version, method.clone(), headers);
             assert!(
@@ -359,6 +414,12 @@ mod tests {
                 "{version:?} {method} {headers:?}"
             );
         }
+        let mut parts = request(
+            Version::HTTP_11,
+            Method::GET,
+            &[("connection", "upgrade"), ("upgrade", "WebSocket")],
+        );
+        assert!(UpgradeRequest::take(&mut parts).is_some(), "any case");
         // Without hyper's marker (an HTTP/2 request, or one hyper did not prepare): none.
         let mut parts = request(Version::HTTP_11, Method::GET, &websocket);
         parts.extensions.clear();

@@ -93,9 +93,11 @@ struct Lease {
 }
 
 impl Lease {
-    /// Ends the lease if it is still this call's. A failure only leaves it to run out.
+    /// Ends the lease if it is still this call's. `connections` is cleared only once the
+    /// release has succeeded: if this call is abandoned mid-release (or the release fails),
+    /// the drop that follows releases the lease from a task of its own instead of leaving it
+    /// behind until it runs out.
     async fn end(mut self, store: &RedisStore) {
-        self.connections = None;
         let ended = async {
             let mut conn = store.conn().await?;
             store
@@ -107,8 +109,11 @@ impl Lease {
                 .await
                 .map_err(redis_error)
         };
-        if let Err(error) = ended.await {
-            tracing::debug!(%error, key = %self.key, "session-cap lease left to run out");
+        match ended.await {
+            Ok(_) => self.connections = None,
+            Err(error) => {
+                tracing::debug!(%error, key = %self.key, "session-cap lease release failed; retried from a task");
+            }
         }
     }
 }
