@@ -23,24 +23,15 @@ use tonic::codegen::http::{HeaderMap, Request, Response};
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use crate::metrics::Metrics;
+use crate::metrics::{METHODS, Metrics};
 use crate::service::SessionService;
 
 /// The header of a caller's deadline (gRPC over HTTP/2).
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// The SessionStore methods the deadline bounds: every one but the Watch stream.
-const UNARY_METHODS: [&str; 9] = [
-    "Create",
-    "Get",
-    "Update",
-    "Touch",
-    "Delete",
-    "Regenerate",
-    "Restore",
-    "ListByUser",
-    "DeleteByUser",
-];
+/// The one SessionStore method the deadline does not bound: the Watch stream lives as long as
+/// its caller wants.
+const STREAMING_METHOD: &str = "Watch";
 
 /// What a call that has a deadline answers, boxed: the deadline's timer cannot be pinned in
 /// place without unsafe code or a projection crate.
@@ -75,7 +66,9 @@ fn bounded_method(path: &str) -> Option<&'static str> {
         .strip_prefix('/')?
         .strip_prefix(<SessionStoreServer<SessionService> as NamedService>::NAME)?
         .strip_prefix('/')?;
-    UNARY_METHODS.into_iter().find(|&known| known == method)
+    METHODS
+        .into_iter()
+        .find(|&known| known == method && known != STREAMING_METHOD)
 }
 
 /// The caller's deadline from its `grpc-timeout` header: 1 to 8 digits and a unit (`H`, `M`,

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use crate::store::SessionStore;
 
 /// The API's methods, as the service names them when it records a call.
-const METHODS: [&str; 10] = [
+pub(crate) const METHODS: [&str; 10] = [
     "Create",
     "Get",
     "Update",
