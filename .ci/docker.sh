@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Docker image in CI: when a Docker engine runs here, build the image (`docker build -t
 # stickless:ci .`) and smoke-test it: the image's session-server, with a demo-app from the same
-# image in front of it (in the server's network namespace), and a login through that demo-app
-# read back from the session server. Without an engine, say so and succeed.
+# image in front of it (in the server's network namespace), the health checks docker-compose.yml
+# gives them, and a login through that demo-app read back from the session server. Without an
+# engine, say so and succeed.
 #
 #   bash .ci/docker.sh
 #
@@ -109,6 +110,21 @@ CONTAINERS+=("$app")
 http=$(docker port "$server" 8080/tcp | head -n 1)
 [ -n "$http" ] || fail "port 8080 is not published"
 until_ok 60 curl -fsS --max-time 2 "http://$http/healthz" || fail "demo-app did not answer /healthz"
+
+# The health checks of docker-compose.yml, run in the image as Compose runs them: the server's
+# own subcommand (and its failure against a port nobody serves), and deploy/compose/http-ok.sh
+# with the image's bash (given on stdin: no bind mount, which a remote engine could not see).
+in_image() { docker run --rm -i --network "container:$server" "$IMAGE" "$@"; }
+in_image session-server healthcheck --addr http://127.0.0.1:50051 </dev/null \
+  || fail "session-server healthcheck did not report SERVING"
+if in_image session-server healthcheck --addr http://127.0.0.1:1 </dev/null; then
+  fail "session-server healthcheck succeeded against a closed port"
+fi
+in_image bash -s 8080 /healthz <deploy/compose/http-ok.sh \
+  || fail "deploy/compose/http-ok.sh did not see demo-app's /healthz"
+if in_image bash -s 8080 /no-such-path <deploy/compose/http-ok.sh; then
+  fail "deploy/compose/http-ok.sh succeeded on a 404"
+fi
 
 jar=$(mktemp)
 trap 'cleanup; rm -f "$jar"' EXIT

@@ -60,9 +60,11 @@ struct Cli {
     #[arg(long, env = "DEMO_SESSIONS", value_enum, default_value = "store")]
     sessions: SessionMode,
     /// Session server URL (with `--sessions store` or `proxy`): `https://` is always TLS,
-    /// `http://` cleartext.
+    /// `http://` cleartext. Several servers over one store: comma-separated
+    /// (`http://a:50051,http://b:50051`), balanced over and failed over between.
     #[arg(
         long,
+        value_name = "URL[,URL...]",
         env = "DEMO_SESSION_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]

@@ -178,8 +178,8 @@ pub enum LookupFailure {
 /// token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LookupConfig {
-    /// Session server URL (`http://host:port`).
-    pub session_server: String,
+    /// Session server URLs (`http://host:port`), several servers over one store.
+    pub session_servers: Vec<String>,
     /// Session namespace.
     pub namespace: String,
     /// Name of the cookie holding the session id.
@@ -216,7 +216,7 @@ pub struct LookupConfig {
 impl std::fmt::Debug for LookupConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LookupConfig")
-            .field("session_server", &self.session_server)
+            .field("session_servers", &self.session_servers)
             .field("namespace", &self.namespace)
             .field("cookie", &self.cookie)
             .field("attrs", &self.attrs)

@@ -243,7 +243,7 @@ fn a_file_alone_configures_everything() {
                 idle_timeout: Duration::from_secs(120),
             },
             lookup: Some(LookupConfig {
-                session_server: "http://127.0.0.1:50051".into(),
+                session_servers: vec!["http://127.0.0.1:50051".into()],
                 namespace: "shop".into(),
                 cookie: "session".into(),
                 attrs: vec!["cart".into(), "role".into()],
@@ -411,7 +411,7 @@ fn session_lookup_is_on_with_a_url_and_has_defaults() {
     assert_eq!(
         config.lookup,
         Some(LookupConfig {
-            session_server: "https://sessions.internal:50051".into(),
+            session_servers: vec!["https://sessions.internal:50051".into()],
             namespace: "default".into(),
             cookie: "sid".into(),
             attrs: vec![],

@@ -1,10 +1,15 @@
 //! The typed gRPC client of the session server.
 //!
-//! One [`SessionClient`] holds one tonic `Channel` (HTTP/2, multiplexed), so clones share the
-//! connection. The namespace and the auth token are set once in [`ClientConfig`]. Every call is
-//! bounded by a timeout; idempotent calls (get, touch, delete, list, delete-by-user, restore) are
-//! retried with exponential backoff when the server is unavailable; writes that are not
-//! idempotent (create, update, regenerate) are never replayed.
+//! One [`SessionClient`] holds one tonic `Channel` (HTTP/2, multiplexed) per session server, so
+//! clones share the connections. Several session servers over one store are one logical store:
+//! each call goes to the less busy of two healthy ones, an unreachable one is ejected and probed
+//! back with `grpc.health.v1` (see [`crate::endpoints`]). The namespace and the auth token are set
+//! once in [`ClientConfig`]. Every call is bounded by a timeout; idempotent calls (get, touch,
+//! delete, list, delete-by-user, restore, and update with `expected_version`) that find a server
+//! unreachable are tried once more at once on another server, then retried with exponential
+//! backoff; writes that are not idempotent (create, update without `expected_version`,
+//! regenerate) are never replayed, except on another server when the first could not even be
+//! connected to (the call was never sent).
 //!
 //! The endpoint's scheme decides the transport, and nothing else does: `https://` is always
 //! TLS ([`ClientConfig::tls`], the system's roots when it is `None`), `http://` is cleartext
@@ -21,13 +26,16 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::endpoints::{EndpointState, Endpoints, Member};
 use crate::tls::ClientTls;
 
 /// Where and how to reach the session server. Its `Debug` output never shows the token.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// `https://host:port` (TLS) or `http://host:port` (cleartext) of the session server.
-    pub endpoint: String,
+    /// The session servers, one logical store: each `https://host:port` (TLS) or
+    /// `http://host:port` (cleartext). A host name that resolves to several addresses is one
+    /// server per address, re-resolved every `resolve_interval`.
+    pub endpoints: Vec<String>,
     /// TLS settings of an `https://` endpoint: the CA bundle its certificate must chain to and
     /// the client identity for mTLS. `None` with `https://`: the system's roots, no client
     /// certificate. Given with an `http://` endpoint, it is a configuration error.
@@ -44,12 +52,14 @@ pub struct ClientConfig {
     pub retries: u32,
     /// Wait before the first retry; doubles each time.
     pub backoff: Duration,
+    /// How often the host names of `endpoints` are resolved again.
+    pub resolve_interval: Duration,
 }
 
 impl std::fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientConfig")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("tls", &self.tls)
             .field("namespace", &self.namespace)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))
@@ -57,16 +67,19 @@ impl std::fmt::Debug for ClientConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
+            .field("resolve_interval", &self.resolve_interval)
             .finish()
     }
 }
 
 impl ClientConfig {
-    /// Defaults: namespace `default`, no token, 1 s per call, 2 retries from 25 ms; for an
-    /// `https://` endpoint, the system's roots.
-    pub fn new(endpoint: impl Into<String>) -> Self {
+    /// Settings for the session servers `endpoints`: one URL, or several comma-separated
+    /// (`http://a:50051,http://b:50051`). Defaults: namespace `default`, no token, 1 s per call,
+    /// 2 retries from 25 ms, names resolved again every 30 s; for `https://` endpoints, the
+    /// system's roots.
+    pub fn new(endpoints: impl AsRef<str>) -> Self {
         ClientConfig {
-            endpoint: endpoint.into(),
+            endpoints: split_endpoints(endpoints.as_ref()),
             tls: None,
             namespace: String::new(),
             auth_token: None,
@@ -74,92 +87,108 @@ impl ClientConfig {
             connect_timeout: Duration::from_millis(500),
             retries: 2,
             backoff: Duration::from_millis(25),
+            resolve_interval: Duration::from_secs(30),
         }
     }
 
-    /// Checks everything short of connecting, as [`SessionClient::connect_lazy`] does: the
-    /// endpoint is `http://` or `https://` with a host, TLS settings come only with
+    /// Checks everything short of connecting, as [`SessionClient::connect_lazy`] does: at
+    /// least one endpoint, each `http://` or `https://` with a host, TLS settings only with
     /// `https://`, their PEM holds what it should, the client key fits its certificate, an
     /// `https://` endpoint without a CA bundle finds system roots, the token is ASCII. A binary
     /// calls it to refuse a bad configuration at start.
     pub fn validate(&self) -> Result<(), ClientError> {
-        self.parts().map(|_| ())
+        if self.endpoints.is_empty() {
+            return Err(ClientError::Config(
+                "no session server endpoint given".into(),
+            ));
+        }
+        for url in &self.endpoints {
+            self.endpoint_for(url, None)?;
+        }
+        self.auth().map(|_| ())
     }
 
-    /// The tonic endpoint (TLS set up for `https://`) and the `authorization` value.
-    fn parts(&self) -> Result<(Endpoint, Option<MetadataValue<Ascii>>), ClientError> {
-        let transport = self.transport()?;
-        let mut endpoint = Endpoint::from_shared(self.endpoint.clone())
-            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", self.endpoint)))?;
+    /// The `authorization` value of every call.
+    fn auth(&self) -> Result<Option<MetadataValue<Ascii>>, ClientError> {
+        match &self.auth_token {
+            Some(token) => Ok(Some(
+                MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| ClientError::Config("auth token is not valid ASCII".into()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The tonic endpoint of one session server `url` (TLS set up for `https://`). `named` is
+    /// the host and URL a resolved address stands for: TLS verifies that host's certificate and
+    /// requests name it, not the address.
+    pub(crate) fn endpoint_for(
+        &self,
+        url: &str,
+        named: Option<(&str, &http::Uri)>,
+    ) -> Result<Endpoint, ClientError> {
+        let transport = self.transport(url)?;
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ClientError::Config(format!("bad endpoint {url:?}: {e}")))?;
+        if let Some((_, origin)) = named {
+            endpoint = endpoint.origin(origin.clone());
+        }
         if transport == Transport::Tls {
             let tls = self.tls.clone().unwrap_or_default();
-            endpoint = endpoint
-                .tls_config(tls.tonic_config(self.connect_timeout))
-                .map_err(|e| {
-                    let roots = if tls.ca_pem.is_some() {
-                        "the given CA bundle"
-                    } else {
-                        "the system's roots, as no CA bundle is given"
-                    };
-                    let identity = if tls.identity.is_some() {
-                        ", presenting the client certificate"
-                    } else {
-                        ""
-                    };
-                    ClientError::Config(format!(
-                        "cannot set up TLS for {:?} (trusting {roots}{identity}): {}",
-                        self.endpoint,
-                        error_chain(&e)
-                    ))
-                })?;
+            let mut tls_config = tls.tonic_config(self.connect_timeout);
+            if let Some((host, _)) = named {
+                tls_config = tls_config.domain_name(host);
+            }
+            endpoint = endpoint.tls_config(tls_config).map_err(|e| {
+                let roots = if tls.ca_pem.is_some() {
+                    "the given CA bundle"
+                } else {
+                    "the system's roots, as no CA bundle is given"
+                };
+                let identity = if tls.identity.is_some() {
+                    ", presenting the client certificate"
+                } else {
+                    ""
+                };
+                ClientError::Config(format!(
+                    "cannot set up TLS for {url:?} (trusting {roots}{identity}): {}",
+                    error_chain(&e)
+                ))
+            })?;
         }
         // No channel-wide `timeout`: tonic fails a call past it as CANCELLED, which would read as
         // an outage; every call is bounded by the client's own timer instead (`TimedOut`).
-        let endpoint = endpoint
+        Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let auth = match &self.auth_token {
-            Some(token) => Some(
-                MetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| ClientError::Config("auth token is not valid ASCII".into()))?,
-            ),
-            None => None,
-        };
-        Ok((endpoint, auth))
+            .keep_alive_timeout(Duration::from_secs(10)))
     }
 
     /// The transport the endpoint's scheme asks for, once the scheme, the host and the TLS
     /// settings' PEM are checked.
-    fn transport(&self) -> Result<Transport, ClientError> {
-        let uri: http::Uri = self
-            .endpoint
+    fn transport(&self, url: &str) -> Result<Transport, ClientError> {
+        let uri: http::Uri = url
             .parse()
-            .map_err(|e| ClientError::Config(format!("bad endpoint {:?}: {e}", self.endpoint)))?;
+            .map_err(|e| ClientError::Config(format!("bad endpoint {url:?}: {e}")))?;
         let transport = match uri.scheme_str() {
             Some("https") => Transport::Tls,
             Some("http") if self.tls.is_some() => {
                 return Err(ClientError::Config(format!(
                     "TLS settings (CA bundle or client certificate) are given for the cleartext \
-                     endpoint {:?}: use an https:// URL for TLS, or drop the TLS settings",
-                    self.endpoint
+                     endpoint {url:?}: use an https:// URL for TLS, or drop the TLS settings"
                 )));
             }
             Some("http") => Transport::Cleartext,
             _ => {
                 return Err(ClientError::Config(format!(
-                    "endpoint {:?} must be https://host:port (TLS) or http://host:port \
-                     (cleartext)",
-                    self.endpoint
+                    "endpoint {url:?} must be https://host:port (TLS) or http://host:port \
+                     (cleartext)"
                 )));
             }
         };
         if uri.host().is_none_or(str::is_empty) {
-            return Err(ClientError::Config(format!(
-                "endpoint {:?} has no host",
-                self.endpoint
-            )));
+            return Err(ClientError::Config(format!("endpoint {url:?} has no host")));
         }
         if let Some(tls) = &self.tls {
             tls.check()?;
@@ -396,15 +425,47 @@ impl Patch {
     }
 }
 
-/// The typed client. Cheap to clone: clones share one connection.
+/// The typed client. Cheap to clone: clones share the connections.
 #[derive(Debug, Clone)]
 pub struct SessionClient {
-    /// The generated client over the shared channel.
-    inner: SessionStoreClient<Channel>,
+    /// The session servers and their connections.
+    endpoints: Arc<Endpoints>,
     /// Settings.
     config: Arc<ClientConfig>,
     /// `Bearer <token>`, ready to attach.
     auth: Option<MetadataValue<Ascii>>,
+}
+
+/// Whether a call may be sent again after a failure that may have reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// Idempotent: retried (once at once on another server, then with backoff).
+    Safe,
+    /// Not idempotent: sent again only when it never left the client (no connection).
+    Unsent,
+}
+
+/// Comma-separated session server URLs, trimmed (and without a trailing `/`), empty items
+/// dropped: what [`ClientConfig::new`] and the binaries' `--session-server` lists take.
+pub fn split_endpoints(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(|url| url.trim().trim_end_matches('/').to_owned())
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// Whether a status says the call never reached a server: the connection could not be made
+/// (tonic turns its connector's error into UNAVAILABLE, keeping the connector's message).
+fn never_sent(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+        && [
+            "tcp connect error",
+            "error trying to connect",
+            "dns error",
+            "Connection refused",
+        ]
+        .iter()
+        .any(|sign| status.message().contains(sign))
 }
 
 /// An error and its sources, `: `-separated (tonic's transport errors say little at the top).
@@ -432,12 +493,13 @@ fn duration(d: Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
 
-/// One call of the generated client: a fresh clone of the channel and request per attempt.
+/// One call of the generated client: a fresh client over the chosen server's channel, and a
+/// fresh request, per attempt.
 macro_rules! rpc {
-    ($self:ident, $idempotent:expr, $method:ident, $message:ident) => {
+    ($self:ident, $replay:expr, $method:ident, $message:ident) => {
         $self
-            .call($idempotent, || {
-                let mut client = $self.inner.clone();
+            .call($replay, |channel| {
+                let mut client = SessionStoreClient::new(channel);
                 let request = $self.request($message.clone());
                 async move { client.$method(request).await }
             })
@@ -447,15 +509,24 @@ macro_rules! rpc {
 
 impl SessionClient {
     /// A client that connects on first use (and reconnects after failures), so a backend starts
-    /// even while the session server is down. Refuses what [`ClientConfig::validate`] refuses,
-    /// saying why.
+    /// even while the session servers are down. Refuses what [`ClientConfig::validate`]
+    /// refuses, saying why. Host names are resolved in the background (when called within a
+    /// tokio runtime, as tonic's channels require anyway).
     pub fn connect_lazy(config: ClientConfig) -> Result<Self, ClientError> {
-        let (endpoint, auth) = config.parts()?;
+        config.validate()?;
+        let auth = config.auth()?;
+        let config = Arc::new(config);
         Ok(SessionClient {
-            inner: SessionStoreClient::new(endpoint.connect_lazy()),
-            config: Arc::new(config),
+            endpoints: Arc::new(Endpoints::new(config.clone())?),
+            config,
             auth,
         })
+    }
+
+    /// How each session server looks from this client: healthy or ejected, calls in flight,
+    /// calls answered.
+    pub fn endpoints(&self) -> Vec<EndpointState> {
+        self.endpoints.states()
     }
 
     /// The namespace every call uses.
@@ -472,39 +543,63 @@ impl SessionClient {
         request
     }
 
-    /// Runs one call within the timeout; with `idempotent`, retries it while unavailable.
-    async fn call<T, F, Fut>(&self, idempotent: bool, mut attempt: F) -> Result<T, ClientError>
+    /// Runs one call within the timeout on the server [`Endpoints::pick`] chooses. A server
+    /// that cannot be reached is ejected; the call is then tried once at once on another one
+    /// (when `replay` allows it), then retried with backoff (idempotent calls, `retries`
+    /// times), each try preferring a server not tried yet.
+    async fn call<T, F, Fut>(&self, replay: Replay, mut attempt: F) -> Result<T, ClientError>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let tries = if idempotent {
-            self.config.retries + 1
-        } else {
-            1
+        let retries = match replay {
+            Replay::Safe => self.config.retries,
+            Replay::Unsent => 0,
         };
         let mut wait = self.config.backoff;
-        let mut last = ClientError::Unavailable("no attempt made".into());
-        for n in 0..tries {
-            if n > 0 {
-                tokio::time::sleep(wait).await;
-                wait = wait.saturating_mul(2);
-            }
-            let result = tokio::time::timeout(self.config.timeout, attempt()).await;
-            match result {
-                Ok(Ok(response)) => return Ok(response.into_inner()),
-                Ok(Err(status)) => last = ClientError::from(status),
-                Err(_) => {
-                    last =
-                        ClientError::TimedOut(format!("no answer within {:?}", self.config.timeout))
+        let mut tried: Vec<Arc<Member>> = Vec::new();
+        let mut failover = true;
+        let mut retried = 0;
+        loop {
+            let member = self.endpoints.pick(&tried);
+            let in_flight = member.start();
+            let result = tokio::time::timeout(self.config.timeout, attempt(member.channel())).await;
+            drop(in_flight);
+            let (error, sent) = match result {
+                Ok(Ok(response)) => {
+                    self.endpoints.answered(&member);
+                    return Ok(response.into_inner());
                 }
+                Ok(Err(status)) => {
+                    let sent = !never_sent(&status);
+                    (ClientError::from(status), sent)
+                }
+                Err(_) => (
+                    ClientError::TimedOut(format!("no answer within {:?}", self.config.timeout)),
+                    true,
+                ),
+            };
+            if error.is_unavailable() {
+                self.endpoints.eject(&member, &error);
+            } else if !error.is_timeout() {
+                self.endpoints.answered(&member);
             }
-            if !last.is_retryable() {
-                break;
+            if !error.is_retryable() || (replay == Replay::Unsent && sent) {
+                return Err(error);
             }
-            tracing::debug!(try_ = n + 1, error = %last, "session call failed");
+            tracing::debug!(endpoint = member.label(), %error, "session call failed");
+            tried.push(member);
+            if failover && error.is_unavailable() && self.endpoints.has_untried(&tried) {
+                failover = false;
+                continue;
+            }
+            if retried >= retries {
+                return Err(error);
+            }
+            retried += 1;
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
         }
-        Err(last)
     }
 
     /// Creates a session.
@@ -520,7 +615,7 @@ impl SessionClient {
             attrs,
             ttl: ttl.and_then(duration),
         };
-        let session = rpc!(self, false, create, message)?;
+        let session = rpc!(self, Replay::Unsent, create, message)?;
         Ok(session.into())
     }
 
@@ -531,12 +626,18 @@ impl SessionClient {
             id: id.to_owned(),
             touch,
         };
-        let session = rpc!(self, true, get, message)?;
+        let session = rpc!(self, Replay::Safe, get, message)?;
         Ok(session.into())
     }
 
     /// Applies an attribute-level patch.
     pub async fn update(&self, id: &str, patch: Patch) -> Result<SessionData, ClientError> {
+        // Compare-and-set is safe to send again: applied once, a replay finds the version moved.
+        let replay = if patch.expected_version.is_some() {
+            Replay::Safe
+        } else {
+            Replay::Unsent
+        };
         let message = v1::UpdateRequest {
             namespace: self.config.namespace.clone(),
             id: id.to_owned(),
@@ -546,7 +647,7 @@ impl SessionClient {
             user_id: patch.user_id,
             ttl: patch.ttl.and_then(duration),
         };
-        let session = rpc!(self, false, update, message)?;
+        let session = rpc!(self, replay, update, message)?;
         Ok(session.into())
     }
 
@@ -557,7 +658,7 @@ impl SessionClient {
             id: id.to_owned(),
             ttl: ttl.and_then(duration),
         };
-        let session = rpc!(self, true, touch, message)?;
+        let session = rpc!(self, Replay::Safe, touch, message)?;
         Ok(session.into())
     }
 
@@ -567,7 +668,7 @@ impl SessionClient {
             namespace: self.config.namespace.clone(),
             id: id.to_owned(),
         };
-        let session = rpc!(self, false, regenerate, message)?;
+        let session = rpc!(self, Replay::Unsent, regenerate, message)?;
         Ok(session.into())
     }
 
@@ -577,7 +678,7 @@ impl SessionClient {
             namespace: self.config.namespace.clone(),
             id: id.to_owned(),
         };
-        let reply = rpc!(self, true, delete, message)?;
+        let reply = rpc!(self, Replay::Safe, delete, message)?;
         Ok(reply.deleted)
     }
 
@@ -622,7 +723,7 @@ impl SessionClient {
             page_size,
             page_token: page_token.unwrap_or_default().to_owned(),
         };
-        let reply = rpc!(self, true, list_by_user, message)?;
+        let reply = rpc!(self, Replay::Safe, list_by_user, message)?;
         Ok(SessionPage {
             sessions: reply.sessions.into_iter().map(SessionData::from).collect(),
             next_page_token: Some(reply.next_page_token).filter(|token| !token.is_empty()),
@@ -635,7 +736,7 @@ impl SessionClient {
             namespace: self.config.namespace.clone(),
             user_id: user_id.to_owned(),
         };
-        let reply = rpc!(self, true, delete_by_user, message)?;
+        let reply = rpc!(self, Replay::Safe, delete_by_user, message)?;
         Ok(reply.deleted)
     }
 
@@ -665,7 +766,7 @@ impl SessionClient {
             remove: request.remove,
             user_id: request.user_id,
         };
-        let session = rpc!(self, true, restore, message)?;
+        let session = rpc!(self, Replay::Safe, restore, message)?;
         Ok(session.into())
     }
 }

@@ -35,8 +35,11 @@
 //! ```
 //!
 //! # Layout
-//! - [`client`]: [`SessionClient`], the typed gRPC client (one channel, timeouts, retries of
+//! - [`client`]: [`SessionClient`], the typed gRPC client (a channel per server, timeouts, retries of
 //!   idempotent calls, errors told apart).
+//! - [`endpoints`]: several session servers as one store: power of two choices over the healthy
+//!   ones, ejection of an unreachable one and `grpc.health.v1` probes to take it back, DNS names
+//!   resolved to every address and re-resolved.
 //! - [`cookie`]: [`cookie::CookieCodec`], the signed (optionally sealed) snapshot cookie with key
 //!   rotation, and the one snapshot policy its every writer follows ([`cookie::Snapshot`]).
 //! - [`layer`]: [`SessionLayer`] and the [`Session`] extractor for axum/tower, with the fallback
@@ -46,6 +49,7 @@
 
 pub mod client;
 pub mod cookie;
+pub mod endpoints;
 pub mod layer;
 pub mod outage;
 pub mod tls;
@@ -54,6 +58,7 @@ pub use client::{
     ClientConfig, ClientError, EPOCH_METADATA, Patch, RestoreRequest, SessionClient, SessionData,
     SessionPage,
 };
+pub use endpoints::EndpointState;
 pub use layer::{
     DEFAULT_OUTAGE_GRACE, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,
 };

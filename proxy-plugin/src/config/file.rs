@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 
 use super::admin::AdminToken;
 use super::client_limits::FileRate;
 use super::values::{
     AtLeastOne, AttrName, ByteRate, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed,
-    SnapshotKey, StickyKey, Token, backend,
+    SnapshotKey, StickyKey, Token, backend, parse_setting,
 };
 use super::{BackendConfig, HealthCheckKind, LookupFailure};
 use crate::balance::{BalanceMode, HashType};
@@ -121,11 +122,33 @@ pub(super) struct FileTls {
     pub(super) key: Option<PathBuf>,
 }
 
+/// `[session_lookup] url`: one URL, a comma-separated list, or an array of URLs.
+#[derive(Debug)]
+pub(super) struct FileUrls(pub(super) Vec<String>);
+
+impl<'de> Deserialize<'de> for FileUrls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Shape {
+            One(String),
+            Many(Vec<String>),
+        }
+        let text = match Shape::deserialize(d)? {
+            Shape::One(text) => text,
+            Shape::Many(list) => list.join(","),
+        };
+        parse_setting::<LookupUrl>(&text)
+            .map(|urls| FileUrls(urls.0))
+            .map_err(D::Error::custom)
+    }
+}
+
 /// `[session_lookup]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileLookup {
-    pub(super) url: Option<Parsed<LookupUrl>>,
+    pub(super) url: Option<FileUrls>,
     pub(super) namespace: Option<Parsed<Namespace>>,
     pub(super) cookie: Option<Parsed<CookieName>>,
     pub(super) attrs: Option<Vec<Parsed<AttrName>>>,

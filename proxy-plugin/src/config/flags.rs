@@ -303,15 +303,17 @@ pub struct Cli {
     /// B + 1 at once) [default: 0].
     #[arg(long, value_name = "B", env = "STICKLESS_PROXY_BURST")]
     pub burst: Option<u32>,
-    /// Session server URL; turns the session-lookup plugin on. `https://` is always TLS (see
+    /// Session server URL; turns the session-lookup plugin on. Several servers over one store:
+    /// repeat the flag or comma-separate (`http://a:50051,http://b:50051`); a host name is
+    /// every address it resolves to, re-resolved every 30 s. `https://` is always TLS (see
     /// `--session-ca`), `http://` cleartext.
     #[arg(
         long,
-        value_name = "URL",
+        value_name = "URL[,URL...]",
         env = "STICKLESS_PROXY_SESSION_LOOKUP",
         value_parser = parse_setting::<LookupUrl>,
     )]
-    pub session_lookup: Option<LookupUrl>,
+    pub session_lookup: Vec<LookupUrl>,
     /// Session namespace [default: default].
     #[arg(
         long,

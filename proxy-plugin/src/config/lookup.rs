@@ -24,12 +24,17 @@ pub(super) fn resolve(
     file: Option<FileLookup>,
 ) -> Result<Option<LookupConfig>, ConfigError> {
     let file = file.unwrap_or_default();
-    let Some(url) = cli
+    let flags: Vec<String> = cli
         .session_lookup
-        .clone()
-        .map(|u| u.0)
-        .or(file.url.map(|u| u.0.0))
-    else {
+        .iter()
+        .flat_map(|urls| urls.0.iter().cloned())
+        .collect();
+    let urls = if flags.is_empty() {
+        file.url.map(|u| u.0).unwrap_or_default()
+    } else {
+        flags
+    };
+    if urls.is_empty() {
         let stray = [
             ("--session-namespace", cli.session_namespace.is_some()),
             ("--session-cookie", cli.session_cookie.is_some()),
@@ -73,15 +78,24 @@ pub(super) fn resolve(
             )));
         }
         return Ok(None);
-    };
+    }
+    if let Some(twice) = urls
+        .iter()
+        .enumerate()
+        .find_map(|(i, url)| urls[..i].contains(url).then_some(url))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "--session-lookup names the session server {twice} twice"
+        )));
+    }
     let tls = tls(
-        &url,
+        &urls,
         cli.session_ca.clone().or(file.ca),
         cli.session_client_cert.clone().or(file.client_cert),
         cli.session_client_key.clone().or(file.client_key),
     )?;
     let config = LookupConfig {
-        session_server: url,
+        session_servers: urls,
         tls,
         namespace: cli
             .session_namespace
@@ -169,7 +183,7 @@ pub(super) fn resolve(
 /// Reads the TLS files of the session server at `url`: refused with an `http://` URL, and
 /// when a file cannot be read or holds no usable PEM (the message names the file).
 fn tls(
-    url: &str,
+    urls: &[String],
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -179,10 +193,12 @@ fn tls(
         ("--session-client-cert / client_cert", cert.is_some()),
         ("--session-client-key / client_key", key.is_some()),
     ];
-    if let Some((what, _)) = given.iter().find(|(_, given)| *given)
-        && !url
-            .get(..8)
+    let cleartext = urls.iter().find(|url| {
+        !url.get(..8)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    });
+    if let Some((what, _)) = given.iter().find(|(_, given)| *given)
+        && let Some(url) = cleartext
     {
         return Err(ConfigError::Invalid(format!(
             "{what} is for an https:// session server, but the session server is {url}: use \
@@ -212,6 +228,68 @@ mod tests {
             .chain(args);
         let cli = Cli::try_parse_from(args).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         resolve_all(cli, file).map(|config| config.lookup)
+    }
+
+    #[test]
+    fn several_session_servers_come_repeated_comma_separated_or_as_a_file_list() {
+        let servers = |args: &[&str], file: Option<&str>| {
+            resolve(args, file).map(|c| c.expect("lookup on").session_servers)
+        };
+        let two = ["http://a:1".to_owned(), "http://b:2".to_owned()];
+        assert_eq!(
+            servers(&["--session-lookup", "http://a:1,http://b:2/"], None).unwrap(),
+            two
+        );
+        assert_eq!(
+            servers(
+                &[
+                    "--session-lookup",
+                    "http://a:1",
+                    "--session-lookup",
+                    "http://b:2"
+                ],
+                None
+            )
+            .unwrap(),
+            two
+        );
+        let array = "[session_lookup]\nurl = [\"http://a:1\", \"http://b:2\"]\n";
+        assert_eq!(servers(&[], Some(array)).unwrap(), two);
+        let list = "[session_lookup]\nurl = \"http://a:1, http://b:2\"\n";
+        assert_eq!(servers(&[], Some(list)).unwrap(), two);
+        // Flags win over the file, whole.
+        assert_eq!(
+            servers(&["--session-lookup", "http://c:3"], Some(array)).unwrap(),
+            ["http://c:3".to_owned()]
+        );
+        for bad in [
+            "http://a:1,",
+            "http://a:1,ftp://b:2",
+            "http://a:1,http://a:1",
+        ] {
+            assert!(servers(&["--session-lookup", bad], None).is_err(), "{bad}");
+        }
+        let twice = servers(
+            &[
+                "--session-lookup",
+                "http://a:1",
+                "--session-lookup",
+                "http://a:1",
+            ],
+            None,
+        );
+        assert!(twice.unwrap_err().to_string().contains("twice"));
+        // TLS files need every server to be https://.
+        let mixed = resolve(
+            &[
+                "--session-lookup",
+                "https://a:1,http://b:2",
+                "--session-ca",
+                "/nonexistent",
+            ],
+            None,
+        );
+        assert!(mixed.unwrap_err().to_string().contains("http://b:2"));
     }
 
     #[test]

@@ -428,23 +428,32 @@ fn key_material(text: &str, what: &str, min: usize) -> Result<Vec<u8>, String> {
         .map_err(|error| format!("{what} {error}"))
 }
 
-/// The session server's URL, `http(s)://host[:port]`.
+/// Session server URLs, `http(s)://host[:port]`, comma-separated: several servers over one
+/// store, which the plugin balances over and fails over between.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupUrl(pub String);
+pub struct LookupUrl(pub Vec<String>);
 
 impl ParseSetting for LookupUrl {
     fn parse_setting(text: &str) -> Result<Self, String> {
-        let shape = || format!("session server URL {text:?} must look like http://host:port");
-        let uri: http::Uri = text.parse().map_err(|_| shape())?;
-        let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-        let host_ok = uri
-            .authority()
-            .is_some_and(|a| !a.host().is_empty() && !a.as_str().contains('@'));
-        let path_ok = matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/"));
-        if !(scheme_ok && host_ok && path_ok) {
-            return Err(shape());
+        let mut urls = Vec::new();
+        for item in text.split(',').map(str::trim) {
+            let shape = || format!("session server URL {item:?} must look like http://host:port");
+            let uri: http::Uri = item.parse().map_err(|_| shape())?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+            let host_ok = uri
+                .authority()
+                .is_some_and(|a| !a.host().is_empty() && !a.as_str().contains('@'));
+            let path_ok = matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/"));
+            if !(scheme_ok && host_ok && path_ok) {
+                return Err(shape());
+            }
+            let url = item.trim_end_matches('/').to_owned();
+            if urls.contains(&url) {
+                return Err(format!("session server URL {item:?} is given twice"));
+            }
+            urls.push(url);
         }
-        Ok(LookupUrl(text.trim_end_matches('/').to_owned()))
+        Ok(LookupUrl(urls))
     }
 }
 

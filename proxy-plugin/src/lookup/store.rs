@@ -13,10 +13,13 @@ use session_client::{ClientConfig, ClientError, OutageGrace, SessionClient, Sess
 use super::LookupError;
 use crate::config::LookupConfig;
 
+/// How often the host names of the session servers are resolved again.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
 /// The session store as the plugin sees it.
 #[derive(Debug)]
 pub(super) struct Store {
-    /// The one client every request shares (one HTTP/2 connection).
+    /// The one client every request shares (one HTTP/2 connection per session server).
     client: SessionClient,
     /// Bound on one call (`LookupConfig::timeout`).
     timeout: Duration,
@@ -43,7 +46,7 @@ pub(super) struct Stored {
 impl Store {
     pub(super) fn new(config: &LookupConfig) -> Result<Self, LookupError> {
         let client = SessionClient::connect_lazy(ClientConfig {
-            endpoint: config.session_server.clone(),
+            endpoints: config.session_servers.clone(),
             tls: config.tls.clone(),
             namespace: config.namespace.clone(),
             auth_token: config.auth_token.clone(),
@@ -53,10 +56,12 @@ impl Store {
             // backstop past the plugin's.
             timeout: config.timeout.saturating_mul(2),
             connect_timeout: config.timeout,
-            // A request waits for the lookup: one bounded try, no backoff. The lazy channel
-            // reconnects by itself for the next request.
+            // A request waits for the lookup: one bounded try (and, for a server that cannot
+            // be reached, one more on another server), no backoff. The lazy channels reconnect
+            // by themselves for the next request.
             retries: 0,
             backoff: Duration::ZERO,
+            resolve_interval: RESOLVE_INTERVAL,
         })
         .map_err(LookupError::Client)?;
         Ok(Store {

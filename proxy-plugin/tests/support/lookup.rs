@@ -24,7 +24,7 @@ pub const NAMESPACE: &str = "shop";
 /// `sid_snap` with `keys` (signing key first; none turns the snapshot off).
 pub fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) -> LookupConfig {
     LookupConfig {
-        session_server: server.to_owned(),
+        session_servers: session_client::client::split_endpoints(server),
         namespace: NAMESPACE.to_owned(),
         cookie: "sid".to_owned(),
         attrs: vec!["cart".to_owned()],
