@@ -39,4 +39,8 @@ USER stickless
 WORKDIR /var/lib/stickless
 # 50051: session-server gRPC; 8080: session-proxy or demo-app HTTP.
 EXPOSE 50051 8080
+# The default command's probe (grpc.health.v1 SERVING: the server is up and its store answers);
+# containers running another binary of the image set their own (docker-compose.yml does).
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["session-server", "healthcheck", "--addr", "http://127.0.0.1:50051"]
 CMD ["session-server", "--listen", "0.0.0.0:50051"]

@@ -208,6 +208,9 @@ impl Endpoints {
     /// among all when every member was tried.
     pub(crate) fn pick(&self, tried: &[Arc<Member>]) -> Arc<Member> {
         let members = self.shared.members.read().clone();
+        if let [only] = members.as_slice() {
+            return only.clone();
+        }
         let untried = |m: &&Arc<Member>| !tried.iter().any(|t| Arc::ptr_eq(t, m));
         let healthy: Vec<&Arc<Member>> = members
             .iter()

@@ -50,6 +50,10 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = crate::tls::HANDSHAKE_TIMEOUT;
 /// Default deadline of one call (every method but Watch): five times the default store timeout,
 /// so a Restore's several store calls fit, and a stuck call still ends.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time between two checks of the store by the health service (see `health.rs`): an
+/// outage shows as NOT_SERVING, and a return as SERVING, within about this plus the store
+/// timeout.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A secret setting (a bearer token): its text for the code that uses it ([`std::ops::Deref`]
 /// to `str`), and a `Debug` that says a value is set without ever showing it, so settings can
@@ -103,6 +107,9 @@ pub enum StoreKind {
     Redis,
     /// A Redis Cluster (`--redis-url` lists seed nodes, comma-separated).
     RedisCluster,
+    /// One Redis primary found through Redis Sentinel (`--redis-url` lists the sentinels,
+    /// comma-separated; `--redis-sentinel-master` names the master they monitor).
+    RedisSentinel,
     /// MySQL or MariaDB (`--mysql-url`); durable, schema migrated at start-up.
     Mysql,
 }
@@ -114,6 +121,7 @@ impl StoreKind {
             StoreKind::Memory => "memory",
             StoreKind::Redis => "redis",
             StoreKind::RedisCluster => "redis-cluster",
+            StoreKind::RedisSentinel => "redis-sentinel",
             StoreKind::Mysql => "mysql",
         }
     }
@@ -122,7 +130,9 @@ impl StoreKind {
     pub fn feature(self) -> Option<&'static str> {
         match self {
             StoreKind::Memory => None,
-            StoreKind::Redis | StoreKind::RedisCluster => Some("redis-store"),
+            StoreKind::Redis | StoreKind::RedisCluster | StoreKind::RedisSentinel => {
+                Some("redis-store")
+            }
             StoreKind::Mysql => Some("mysql-store"),
         }
     }
@@ -131,7 +141,9 @@ impl StoreKind {
     pub fn is_built(self) -> bool {
         match self {
             StoreKind::Memory => true,
-            StoreKind::Redis | StoreKind::RedisCluster => cfg!(feature = "redis-store"),
+            StoreKind::Redis | StoreKind::RedisCluster | StoreKind::RedisSentinel => {
+                cfg!(feature = "redis-store")
+            }
             StoreKind::Mysql => cfg!(feature = "mysql-store"),
         }
     }
@@ -171,9 +183,14 @@ pub struct Cli {
     /// Session store [default: memory].
     #[arg(long, env = "STICKLESS_STORE")]
     pub store: Option<StoreKind>,
-    /// Redis URL for `--store redis` [default: redis://127.0.0.1:6379].
+    /// Redis URL for `--store redis`; for `redis-cluster` the seed nodes, for `redis-sentinel`
+    /// the sentinels, comma-separated [default: redis://127.0.0.1:6379].
     #[arg(long, env = "STICKLESS_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Name of the master the sentinels monitor (`sentinel monitor NAME ...`), for
+    /// `--store redis-sentinel` (required there, refused with any other store).
+    #[arg(long, env = "STICKLESS_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
     /// PEM CA certificates trusted for a `rediss://` `--redis-url`, instead of the system's
     /// root certificates [default: the system's].
     #[arg(long, env = "STICKLESS_REDIS_CA")]
@@ -274,6 +291,10 @@ pub struct Cli {
     /// the call ends with DEADLINE_EXCEEDED [default: 10s].
     #[arg(long, env = "STICKLESS_CALL_TIMEOUT", value_parser = parse_duration)]
     pub call_timeout: Option<Duration>,
+    /// Time between two background checks of the store (a cheap read, bounded by the store
+    /// timeout) that set `grpc.health.v1` to SERVING or NOT_SERVING [default: 1s].
+    #[arg(long, env = "STICKLESS_HEALTH_INTERVAL", value_parser = parse_duration)]
+    pub health_interval: Option<Duration>,
     /// PEM certificate chain for gRPC over TLS (with `--tls-key`); re-read on SIGHUP
     /// [default: plaintext].
     #[arg(long, env = "STICKLESS_TLS_CERT")]
@@ -294,6 +315,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     store: Option<StoreKind>,
     redis_url: Option<String>,
+    redis_sentinel_master: Option<String>,
     redis_ca: Option<PathBuf>,
     redis_prefix: Option<String>,
     redis_pool_size: Option<usize>,
@@ -328,6 +350,8 @@ struct FileConfig {
     handshake_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     call_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    health_interval: Option<Duration>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
@@ -402,8 +426,11 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Which store.
     pub store: StoreKind,
-    /// Redis URL (used with `store = redis`), or seed nodes (`store = redis-cluster`).
+    /// Redis URL (used with `store = redis`), or seed nodes (`store = redis-cluster`), or
+    /// sentinels (`store = redis-sentinel`).
     pub redis_url: String,
+    /// The master the sentinels monitor (`store = redis-sentinel` only).
+    pub redis_sentinel_master: Option<String>,
     /// PEM CA certificates trusted for a `rediss://` Redis URL instead of the system's roots.
     pub redis_ca: Option<PathBuf>,
     /// MySQL URL (used with `store = mysql`).
@@ -461,6 +488,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// Deadline of every call but Watch.
     pub call_timeout: Duration,
+    /// Time between two background checks of the store by the health service.
+    pub health_interval: Duration,
     /// PEM certificate chain of the gRPC listener; with `tls_key`, gRPC is served over TLS.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -513,6 +542,7 @@ impl Settings {
                 .redis_url
                 .or(file.redis_url)
                 .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()),
+            redis_sentinel_master: cli.redis_sentinel_master.or(file.redis_sentinel_master),
             redis_ca: cli.redis_ca.or(file.redis_ca),
             mysql_url: cli
                 .mysql_url
@@ -593,6 +623,10 @@ impl Settings {
                 .call_timeout
                 .or(file.call_timeout)
                 .unwrap_or(DEFAULT_CALL_TIMEOUT),
+            health_interval: cli
+                .health_interval
+                .or(file.health_interval)
+                .unwrap_or(DEFAULT_HEALTH_INTERVAL),
             tls_cert: cli.tls_cert.or(file.tls_cert),
             tls_key: cli.tls_key.or(file.tls_key),
             tls_client_ca: cli.tls_client_ca.or(file.tls_client_ca),
@@ -611,7 +645,10 @@ impl Settings {
             StoreKind::Memory => {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
             }
-            StoreKind::Redis | StoreKind::RedisCluster | StoreKind::Mysql => 1,
+            StoreKind::Redis
+            | StoreKind::RedisCluster
+            | StoreKind::RedisSentinel
+            | StoreKind::Mysql => 1,
         })
     }
 
@@ -670,6 +707,9 @@ impl Settings {
         if self.call_timeout.is_zero() {
             return invalid("call-timeout must be above zero".into());
         }
+        if self.health_interval.is_zero() {
+            return invalid("health-interval must be above zero".into());
+        }
         if self.handshake_timeout.is_zero() {
             return invalid("handshake-timeout must be above zero".into());
         }
@@ -696,8 +736,43 @@ impl Settings {
         {
             return invalid(msg);
         }
+        match (self.store, &self.redis_sentinel_master) {
+            (StoreKind::RedisSentinel, None) => {
+                return invalid(
+                    "store redis-sentinel needs redis-sentinel-master: the name the sentinels \
+                     monitor the primary under (`sentinel monitor NAME ...`)"
+                        .into(),
+                );
+            }
+            (StoreKind::RedisSentinel, Some(name))
+                if name.is_empty()
+                    || name.contains(|c: char| c.is_whitespace() || c.is_control()) =>
+            {
+                return invalid(format!(
+                    "redis-sentinel-master must be a non-empty name without spaces, got {name:?}"
+                ));
+            }
+            (StoreKind::RedisSentinel, Some(_)) | (_, None) => {}
+            (other, Some(_)) => {
+                return invalid(format!(
+                    "redis-sentinel-master is only for store redis-sentinel (store is {other}): \
+                     use --store redis-sentinel, or drop redis-sentinel-master"
+                ));
+            }
+        }
+        if self.store == StoreKind::RedisSentinel
+            && self
+                .redis_url
+                .split(',')
+                .all(|entry| entry.trim().is_empty())
+        {
+            return invalid("store redis-sentinel needs redis-url to list the sentinels".into());
+        }
         if let Some(ca) = &self.redis_ca
-            && matches!(self.store, StoreKind::Redis | StoreKind::RedisCluster)
+            && matches!(
+                self.store,
+                StoreKind::Redis | StoreKind::RedisCluster | StoreKind::RedisSentinel
+            )
         {
             // A CA only makes sense for TLS; never connect in cleartext when one was given.
             let cleartext = |seed: &str| seed.contains("://") && !seed.starts_with("rediss://");

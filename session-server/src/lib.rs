@@ -14,6 +14,10 @@
 //! - [`metrics`]: Prometheus counters and histograms, and their `/metrics` listener.
 //! - [`tls`]: the listener's certificate, key and client CA from PEM files, reloadable while
 //!   serving, and TLS handshakes run side by side with a deadline.
+//! - `health`: `grpc.health.v1` following the store (checked in the background every
+//!   `--health-interval`) and shutdown; its Watch streams end when the server stops.
+//! - [`healthcheck`]: the `session-server healthcheck` probe (one Health/Check, exit 0 or 1),
+//!   for Docker's HEALTHCHECK and other orchestrators.
 //! - [`server`]: builds the store and serves the API with health and reflection until shutdown,
 //!   in plaintext or over TLS.
 //! - `connections`: the limit on client connections open at once, a permit each connection's
@@ -33,6 +37,8 @@ pub mod config;
 mod connections;
 mod deadline;
 mod dispatch;
+mod health;
+pub mod healthcheck;
 pub mod id;
 pub mod metrics;
 pub mod server;

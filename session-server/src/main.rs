@@ -18,12 +18,17 @@
 //! the end of `--shutdown-grace`), 2 for a configuration error (message on stderr), TLS files
 //! that cannot be read or used at start-up included, 1 when the server cannot start or fails
 //! (a store it cannot set up, an address it cannot bind).
+//!
+//! `session-server healthcheck [--addr URL] …`: the health probe instead of the server (see
+//! `session_server::healthcheck`): exit 0 when the server's `session.v1.SessionStore` is
+//! SERVING, 1 otherwise, for Docker's `HEALTHCHECK` with no other tool in the image.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{CommandFactory as _, FromArgMatches as _};
 use session_server::config::{Cli, LogFormat, Settings};
+use session_server::healthcheck;
 use session_server::metrics::Metrics;
 use session_server::server;
 use session_server::tls::ServerTls;
@@ -149,9 +154,31 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+fn main() -> ExitCode {
+    // `session-server healthcheck …`: the probe, on a runtime of its own. The server's flags
+    // take no positional argument, so this word never meant anything else.
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args
+        .peek()
+        .is_some_and(|word| word == healthcheck::SUBCOMMAND)
+    {
+        return healthcheck::main(args);
+    }
+    run_server()
+}
+
+/// The server's flags, with `--help` naming the `healthcheck` subcommand.
+fn parse_cli() -> Cli {
+    let command = Cli::command().after_help(
+        "Health probe: `session-server healthcheck [--addr URL]` exits 0 when the server is \
+         SERVING, 1 otherwise (`session-server healthcheck --help`).",
+    );
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|error| error.exit())
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
-    let settings = match Settings::load(Cli::parse()) {
+async fn run_server() -> ExitCode {
+    let settings = match Settings::load(parse_cli()) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("session-server: {error}");

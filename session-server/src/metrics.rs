@@ -1,6 +1,7 @@
 //! Prometheus metrics: calls by method and code, call latency, store errors, Restore outcomes,
 //! live sessions, open and refused connections, open and refused Watch streams, sessions the
-//! per-user session cap evicted or refused.
+//! per-user session cap evicted or refused, and whether the store answered the last health
+//! check.
 //!
 //! Served as text on `GET /metrics` of their own listener (`--metrics-listen`, off by default),
 //! so scraping never competes with gRPC traffic for the same port or auth.
@@ -91,6 +92,9 @@ pub struct Metrics {
     /// `stickless_watchers_refused_total`: Watch calls refused over
     /// `--max-watchers-per-namespace` or `--max-watchers`.
     watchers_refused: IntCounter,
+    /// `stickless_store_up`: 1 when the store answered the health service's last check, 0
+    /// when it did not (see `health.rs`).
+    store_up: IntGauge,
     /// The series of every method in [`METHODS`].
     methods: Arc<[MethodSeries]>,
 }
@@ -178,6 +182,12 @@ impl Metrics {
              server --max-watchers",
         )
         .expect("valid metric");
+        let store_up = IntGauge::new(
+            "stickless_store_up",
+            "1 when the session store answered the last health check (every --health-interval), \
+             else 0",
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -189,6 +199,7 @@ impl Metrics {
             Box::new(connections_refused.clone()),
             Box::new(watchers.clone()),
             Box::new(watchers_refused.clone()),
+            Box::new(store_up.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
         }
@@ -214,6 +225,7 @@ impl Metrics {
             connections_refused,
             watchers,
             watchers_refused,
+            store_up,
         }
     }
 
@@ -278,6 +290,16 @@ impl Metrics {
     /// Records one Watch refused over the per-namespace limit.
     pub(crate) fn watcher_refused(&self) {
         self.watchers_refused.inc();
+    }
+
+    /// Records whether the store answered the health service's last check.
+    pub(crate) fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
+    }
+
+    /// Whether the store answered the health service's last check (1) or not (0).
+    pub fn store_up(&self) -> i64 {
+        self.store_up.get()
     }
 
     /// Client connections open now, TLS handshakes under way included.

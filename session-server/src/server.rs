@@ -14,13 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::service::Routes;
-use tonic_health::ServingStatus;
 
 use crate::auth::BearerAuth;
 use crate::config::{ConfigError, Settings, StoreKind};
 use crate::connections::{ConnectionLimit, ConnectionPermit, Limited};
 use crate::deadline::CallDeadline;
 use crate::dispatch::ApiFirst;
+use crate::health::StoreChecker;
 use crate::metrics::Metrics;
 use crate::service::{Limits, SessionService};
 use crate::store::SessionStore;
@@ -114,7 +114,7 @@ pub async fn build_store(settings: &Settings) -> Result<Arc<dyn SessionStore>, S
                 .with_session_cap(SessionCap::from_settings(settings)),
         ),
         #[cfg(feature = "redis-store")]
-        StoreKind::Redis | StoreKind::RedisCluster => {
+        StoreKind::Redis | StoreKind::RedisCluster | StoreKind::RedisSentinel => {
             Arc::new(RedisStore::new(RedisConfig::from_settings(settings)?)?)
         }
         #[cfg(feature = "mysql-store")]
@@ -358,11 +358,15 @@ async fn prepare(
         .max_encoding_message_size(usize::MAX);
     let auth = BearerAuth::from_settings(settings).map_err(|_| ServeError::Random)?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(session_proto::SERVICE_NAME, ServingStatus::Serving)
-        .await;
+    // SERVING while the store answers, NOT_SERVING while it does not (checked in the
+    // background, see `health.rs`), NOT_SERVING for good from shutdown on.
+    let (health, checker) = StoreChecker::start(
+        store.clone(),
+        metrics.clone(),
+        settings.health_interval,
+        settings.store_timeout,
+    );
+    let health_service = health.service();
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(session_proto::FILE_DESCRIPTOR_SET)
@@ -385,12 +389,11 @@ async fn prepare(
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: refusing new calls, finishing in-flight ones");
-        // Both names a probe may ask about: the server as a whole and the API service.
-        for service in ["", session_proto::SERVICE_NAME] {
-            health
-                .set_service_status(service, ServingStatus::NotServing)
-                .await;
-        }
+        // Both names a probe may ask about, the server as a whole and the API service, are
+        // NOT_SERVING from here on (no later store check changes that), and health Watch
+        // streams end, as the API's Watch streams do.
+        health.stop();
+        drop(checker);
         let _ = stop_tx.send(true);
     };
     let rest = Routes::new(health_service)

@@ -232,9 +232,16 @@ async fn shutdown_with_a_call_in_flight(threads: usize) {
         let status = next_within(stream, "the health status after shutdown").await;
         assert_eq!(status.status(), ServingStatus::NotServing, "{service:?}");
     }
-    // A health Watch never ends by itself, and an open one would hold the drain: let go, as a
-    // probe that has its answer does.
-    drop(health);
+    // Each health Watch ends after its NOT_SERVING (an open one never holds the drain).
+    for (stream, service) in &mut health {
+        let end = tokio::time::timeout(PATIENCE, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("the {service:?} health Watch did not end at shutdown"));
+        assert!(
+            !matches!(end, Some(Ok(_))),
+            "{service:?}: nothing after NOT_SERVING"
+        );
+    }
 
     let end = tokio::time::timeout(PATIENCE, watch.next())
         .await

@@ -70,11 +70,28 @@
 //! dead node or subscribes a newly promoted master (at most about a second) are lost, as with
 //! any pub/sub reconnect.
 //!
+//! # Redis Sentinel
+//! With [`RedisConfig::sentinel_master`], `url` lists sentinels and the store is the one-server
+//! store above, scripts, events, epoch and session cap alike, on whichever server the sentinels
+//! name as the primary: every connect of a lane, and of the event subscriber, asks them (see
+//! `sentinel`) and checks with `ROLE` that the server is a master. When the primary dies, calls
+//! fail with [`StoreError::Unavailable`] (or [`StoreError::Timeout`]) until the sentinels have
+//! promoted a replica (their `down-after-milliseconds` plus the election, a few seconds), then
+//! reach the new primary without a restart. A lane never writes to a replica: a write there
+//! answers `READONLY`, which is Unavailable and makes the lane reconnect through the sentinels
+//! (a demoted primary's clients are also disconnected by the sentinels themselves). Plain
+//! reads on a lane that still reaches a server being demoted could answer in that instant, as
+//! with any Sentinel client. Replication is asynchronous, so a write acknowledged just before
+//! the primary dies may be missing on the replica that takes over (as on a cluster); unlike a
+//! cluster's client, the lanes never resend a command, so no op ids are needed. The events
+//! subscription moves with the primary: events published while it reconnects are lost.
+//!
 //! # Layout
 //! - this file: [`RedisStore`], the [`SessionStore`] methods and the calls of the scripts;
 //! - `redis/*.lua`: the scripts, with the helpers of `common.lua` prepended to each; `script`:
 //!   how they are sent;
 //! - `connection`: the standalone pool or the cluster connection, and error mapping;
+//!   `sentinel`: finding the primary through the sentinels;
 //! - `codec`: key names, decoding of script replies and of published events;
 //! - `config`: [`RedisConfig`]; `events`: the subscriber task (`events/cluster.rs` on a
 //!   cluster, with `topology` reading `CLUSTER NODES`); `user_index`: the per-user sets;
@@ -92,6 +109,7 @@ mod events;
 mod regenerate;
 mod restore;
 mod script;
+mod sentinel;
 mod topology;
 mod user_index;
 
@@ -115,7 +133,8 @@ use super::{
     StoreResult,
 };
 
-/// A [`SessionStore`] on Redis, standalone or Cluster.
+/// A [`SessionStore`] on Redis: one server (at a fixed URL or found through Sentinel) or a
+/// Cluster.
 pub struct RedisStore {
     /// Where commands and scripts go: a pool (standalone; broken connections fail the recycle
     /// PING and are replaced) or the cluster connection (which repairs itself).
@@ -439,10 +458,12 @@ impl Drop for RedisStore {
     }
 }
 
-/// The store's name for logs and metrics.
+/// The store's name for logs and metrics: its `--store` name.
 fn kind_of(config: &RedisConfig) -> &'static str {
     if config.cluster {
         "redis-cluster"
+    } else if config.sentinel_master.is_some() {
+        "redis-sentinel"
     } else {
         "redis"
     }

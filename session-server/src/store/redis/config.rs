@@ -10,11 +10,17 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct RedisConfig {
     /// Where Redis is: `redis://host:port[/db]`; with `cluster`, a comma-separated list of
-    /// seed nodes (`redis://h1:p1,redis://h2:p2` or `redis://h1:p1,h2:p2`).
+    /// seed nodes (`redis://h1:p1,redis://h2:p2` or `redis://h1:p1,h2:p2`); with
+    /// `sentinel_master`, the sentinels, listed the same way (`redis://s1:26379,s2:26379[/db]`:
+    /// the first entry's credentials, database and TLS also reach the primary).
     pub url: String,
     /// Talk to a Redis Cluster (slot routing, MOVED/ASK redirects, failover) instead of one
     /// server.
     pub cluster: bool,
+    /// Find the one server through Redis Sentinel: the name the sentinels of `url` monitor it
+    /// under. Every (re)connect asks them for the current primary (see `sentinel`), so the store
+    /// follows a failover. Not with `cluster`.
+    pub sentinel_master: Option<String>,
     /// First part of every key and of the events channel, so several deployments (or tests)
     /// can share one Redis.
     pub key_prefix: String,
@@ -41,6 +47,7 @@ impl RedisConfig {
         RedisConfig {
             url: url.into(),
             cluster: false,
+            sentinel_master: None,
             key_prefix: "stickless".to_string(),
             pool_size: 32,
             timeout: Duration::from_secs(2),
@@ -51,7 +58,8 @@ impl RedisConfig {
     }
 
     /// The settings of the Redis store that `settings` describe: URL (seeds when
-    /// `settings.store` is `redis-cluster`, which sets [`RedisConfig::cluster`]), key prefix,
+    /// `settings.store` is `redis-cluster`, which sets [`RedisConfig::cluster`]; sentinels when
+    /// it is `redis-sentinel`, which sets [`RedisConfig::sentinel_master`]), key prefix,
     /// pool size, store timeout, session size limit, session cap and the `redis-ca` file's
     /// certificates.
     /// The one place they are read, for the server and for every test harness (which then
@@ -66,6 +74,10 @@ impl RedisConfig {
         Ok(RedisConfig {
             url: settings.redis_url.clone(),
             cluster: settings.store == StoreKind::RedisCluster,
+            sentinel_master: match settings.store {
+                StoreKind::RedisSentinel => settings.redis_sentinel_master.clone(),
+                _ => None,
+            },
             key_prefix: settings.redis_prefix.clone(),
             pool_size: settings.redis_pool_size,
             timeout: settings.store_timeout,
@@ -100,6 +112,7 @@ impl std::fmt::Debug for RedisConfig {
         f.debug_struct("RedisConfig")
             .field("url", &redacted(&self.url))
             .field("cluster", &self.cluster)
+            .field("sentinel_master", &self.sentinel_master)
             .field("key_prefix", &self.key_prefix)
             .field("pool_size", &self.pool_size)
             .field("timeout", &self.timeout)

@@ -1,12 +1,16 @@
 //! How the Redis store reaches Redis: a few shared multiplexed connections ("lanes") to one
-//! server, or one cluster connection; and how Redis errors become [`StoreError`]s.
+//! server (at a fixed URL, or the primary the sentinels name), or one cluster connection; and
+//! how Redis errors become [`StoreError`]s.
 //!
 //! A standalone store does not check a connection out of a pool per call. A multiplexed
 //! connection already carries any number of concurrent calls, pipelining them on one socket, so
 //! every call takes a clone of one of [`RedisConfig::pool_size`] lanes, round robin. A lane
 //! connects on first use (callers of a lane that is connecting wait for that one attempt) and
-//! is dropped when a call on it sees the connection break, so the next call reconnects. This
-//! replaced `deadpool_redis`, whose recycle check PINGs the connection on every checkout: one
+//! is dropped when a call on it sees the connection break or answers `READONLY`/`MASTERDOWN`
+//! (the server is a replica now), so the next call reconnects: with Sentinel, to whichever
+//! server the sentinels name then (see `sentinel`). The other lanes' connections of that moment
+//! are retired with it (they reach the same server, so they are broken or on a replica too),
+//! so each reconnects on its next use instead of failing a call first. This replaced `deadpool_redis`, whose recycle check PINGs the connection on every checkout: one
 //! extra round trip per call, and no pipelining across calls since each call held its
 //! connection alone (`BENCHMARKS.md` has the before and after).
 //!
@@ -29,6 +33,7 @@ use ::redis::{
 };
 
 use super::config::{RedisConfig, seed_urls};
+use super::sentinel::Sentinels;
 use crate::store::{StoreError, StoreResult};
 
 /// Shortest wait before the cluster client retries a command (after a refused connection,
@@ -52,25 +57,47 @@ pub(super) enum Connections {
 
 impl Connections {
     /// Builds the lanes or the cluster connection without connecting. Errors are malformed
-    /// URLs.
+    /// URLs, and Sentinel with a cluster.
     pub(super) fn new(config: &RedisConfig) -> Result<Self, RedisError> {
         if config.cluster {
+            if config.sentinel_master.is_some() {
+                return Err(RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "a redis cluster is not found through sentinels",
+                )));
+            }
             return Ok(Connections::Cluster(cluster(config)?));
         }
-        let client = config.client(config.url.as_str())?;
+        let target = match &config.sentinel_master {
+            Some(master) => Target::Sentinel(Arc::new(Sentinels::new(config, master)?)),
+            None => Target::Server(Box::new(config.client(config.url.as_str())?)),
+        };
         let settings = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout));
         let lanes = (0..config.pool_size.max(1))
             .map(|_| tokio::sync::Mutex::new(None))
             .collect();
-        Ok(Connections::Standalone(Arc::new(Lanes {
-            client,
-            settings,
-            runtime: tokio::runtime::Handle::try_current().ok(),
-            lanes,
-            next: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Ok(Connections::Standalone(Arc::new_cyclic(|this| {
+            let switches = match (&target, &runtime) {
+                (Target::Sentinel(sentinels), Some(runtime)) => Some(Lanes::follow_switches(
+                    this.clone(),
+                    sentinels.clone(),
+                    runtime,
+                )),
+                _ => None,
+            };
+            Lanes {
+                target,
+                settings,
+                runtime,
+                lanes,
+                next: AtomicUsize::new(0),
+                generation: AtomicU64::new(0),
+                retired_before: AtomicU64::new(0),
+                switches,
+            }
         })))
     }
 
@@ -98,10 +125,40 @@ impl std::fmt::Debug for Connections {
 /// A lane's connection and the number that tells it from the lane's earlier connections.
 type Lane = Option<(u64, MultiplexedConnection)>;
 
+/// Where a standalone store's lanes connect.
+enum Target {
+    /// One server at a fixed address.
+    Server(Box<Client>),
+    /// Whichever server the sentinels name as the primary at the time of the connect.
+    Sentinel(Arc<Sentinels>),
+}
+
+impl Target {
+    /// A new connection to the server.
+    async fn connect(self, settings: AsyncConnectionConfig) -> StoreResult<MultiplexedConnection> {
+        match self {
+            Target::Server(client) => client
+                .get_multiplexed_async_connection_with_config(&settings)
+                .await
+                .map_err(redis_error),
+            Target::Sentinel(sentinels) => Ok(sentinels.primary().await?.1),
+        }
+    }
+}
+
+impl Clone for Target {
+    fn clone(&self) -> Self {
+        match self {
+            Target::Server(client) => Target::Server(client.clone()),
+            Target::Sentinel(sentinels) => Target::Sentinel(sentinels.clone()),
+        }
+    }
+}
+
 /// The shared connections of a standalone store.
 pub(super) struct Lanes {
     /// Where to connect.
-    client: Client,
+    target: Target,
     /// Connect and response timeouts of every connection.
     settings: AsyncConnectionConfig,
     /// The runtime the store was built on, where connections are made, so that each one's
@@ -114,6 +171,24 @@ pub(super) struct Lanes {
     next: AtomicUsize,
     /// Source of connection numbers.
     generation: AtomicU64,
+    /// Connections numbered below this are retired: each lane reconnects on its next use. Set
+    /// when a lane's connection ends (see [`ends_lane`]): a server that closed one connection
+    /// (it died, restarted, or was demoted and had the sentinels disconnect its clients) has
+    /// closed the others too, and a server that answers `READONLY` on one is a replica on all,
+    /// so every lane finds the server (the primary) again on its next call instead of each
+    /// failing one call first.
+    retired_before: AtomicU64,
+    /// With Sentinel, the task that retires every connection when a sentinel announces that
+    /// the master moved (see [`Sentinels::watch_switches`]); aborted on drop.
+    switches: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        if let Some(task) = &self.switches {
+            task.abort();
+        }
+    }
 }
 
 impl Lanes {
@@ -121,29 +196,52 @@ impl Lanes {
     async fn get(self: &Arc<Self>) -> StoreResult<Connection> {
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let mut lane = self.lanes[index].lock().await;
-        if let Some((generation, conn)) = lane.as_ref() {
+        if let Some((generation, conn)) = lane.as_ref()
+            && *generation >= self.retired_before.load(Ordering::Relaxed)
+        {
             return Ok(self.lane_connection(index, *generation, conn.clone()));
         }
-        let connect = {
-            let (client, settings) = (self.client.clone(), self.settings.clone());
-            async move {
-                client
-                    .get_multiplexed_async_connection_with_config(&settings)
-                    .await
-            }
-        };
+        *lane = None;
+        let connect = self.target.clone().connect(self.settings.clone());
         let conn = match &self.runtime {
             Some(runtime) => runtime.spawn(connect).await.map_err(|error| {
                 StoreError::Unavailable(format!("connecting to Redis was cut short: {error}"))
             })?,
             None => connect.await,
-        }
-        .map_err(redis_error)?;
+        }?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *lane = Some((generation, conn.clone()));
         drop(lane);
         tracing::debug!(lane = index, "redis connection established");
         Ok(self.lane_connection(index, generation, conn))
+    }
+
+    /// Retires every connection made so far: each lane reconnects on its next use.
+    fn retire_all(&self) {
+        let newest = self.generation.load(Ordering::Relaxed);
+        self.retired_before.fetch_max(newest, Ordering::Relaxed);
+    }
+
+    /// Starts the task that retires every connection when the sentinels announce a new
+    /// primary, so no lane keeps writing to the old one (still a master until the sentinels
+    /// reconfigure it, when it was not dead: a switchover) after the switch. Ends with the
+    /// lanes.
+    fn follow_switches(
+        lanes: std::sync::Weak<Lanes>,
+        sentinels: Arc<Sentinels>,
+        runtime: &tokio::runtime::Handle,
+    ) -> tokio::task::JoinHandle<()> {
+        runtime.spawn(async move {
+            sentinels
+                .watch_switches(|| match lanes.upgrade() {
+                    Some(lanes) => {
+                        lanes.retire_all();
+                        true
+                    }
+                    None => false,
+                })
+                .await;
+        })
     }
 
     fn lane_connection(
@@ -160,15 +258,16 @@ impl Lanes {
         })
     }
 
-    /// Forgets lane `index`'s connection if it is still number `generation`, so the lane's
-    /// next call reconnects.
+    /// Forgets lane `index`'s connection if it is still number `generation`, and retires every
+    /// connection made so far, so each lane's next call reconnects.
     async fn discard(&self, index: usize, generation: u64) {
+        self.retire_all();
         let mut lane = self.lanes[index].lock().await;
         if lane.as_ref().is_some_and(|(g, _)| *g == generation) {
             *lane = None;
             tracing::warn!(
                 lane = index,
-                "redis connection broken; reconnecting on next use"
+                "redis connection broken or no longer to the primary; reconnecting on next use"
             );
         }
     }
@@ -187,18 +286,27 @@ pub(super) struct LaneConnection {
 }
 
 impl LaneConnection {
-    /// Drops the lane's connection when `result` shows it broken (not on a timeout: a slow
-    /// reply leaves the connection usable).
+    /// Drops the lane's connection when `result` shows it should go (see [`ends_lane`]).
     async fn check<T>(&self, result: &Result<T, RedisError>) {
         if let Err(error) = result
-            && (error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_unrecoverable_error())
-            && !error.is_timeout()
+            && ends_lane(error)
         {
             self.lanes.discard(self.index, self.generation).await;
         }
     }
+}
+
+/// Whether `error` means a lane's connection is done with: broken (not on a timeout: a slow
+/// reply leaves the connection usable), or to a server that is no longer the primary
+/// (`READONLY`, `MASTERDOWN`: a demoted primary, or a URL that now leads to a replica), so the
+/// next connect finds the primary again.
+fn ends_lane(error: &RedisError) -> bool {
+    ((error.is_io_error() || error.is_connection_dropped() || error.is_unrecoverable_error())
+        && !error.is_timeout())
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+        )
 }
 
 /// The cluster connection: per-node timeouts of `config.timeout`, no overall timeout of its
@@ -350,6 +458,23 @@ mod tests {
         assert!(matches!(redis_error(silent), StoreError::Timeout(_)));
     }
 
+    #[test]
+    fn a_replica_or_a_broken_connection_ends_a_lane_and_a_slow_or_script_error_does_not() {
+        let ends = |kind: ErrorKind| ends_lane(&RedisError::from((kind, "test")));
+        assert!(ends(ErrorKind::Server(ServerErrorKind::ReadOnly)));
+        assert!(ends(ErrorKind::Server(ServerErrorKind::MasterDown)));
+        assert!(ends(ErrorKind::Io));
+        assert!(!ends(ErrorKind::Server(ServerErrorKind::ResponseError)));
+        assert!(!ends(ErrorKind::Server(ServerErrorKind::BusyLoading)));
+        let silent = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(!ends_lane(&silent));
+        let readonly = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            "You can't write against a read only replica.",
+        ));
+        assert!(matches!(redis_error(readonly), StoreError::Unavailable(_)));
+    }
+
     #[tokio::test]
     async fn malformed_cluster_seeds_are_errors_and_dead_ones_are_not() {
         let mut config = RedisConfig::new("redis://127.0.0.1:1,127.0.0.1:2", 1024);
@@ -359,5 +484,10 @@ mod tests {
         assert!(Connections::new(&config).is_err());
         config.url = " , ".into();
         assert!(Connections::new(&config).is_err());
+        config.url = "redis://127.0.0.1:1".into();
+        config.sentinel_master = Some("main".into());
+        assert!(Connections::new(&config).is_err(), "sentinel and cluster");
+        config.cluster = false;
+        assert!(Connections::new(&config).is_ok(), "sentinel");
     }
 }

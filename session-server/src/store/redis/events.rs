@@ -3,7 +3,10 @@
 //! into [`SessionEvent`]s on the store's broadcast channel. It reconnects forever with capped
 //! backoff; the store aborts it when dropped.
 //!
-//! On one server, one connection subscribes to both channels. On a cluster (see
+//! On one server, one connection subscribes to both channels; with Sentinel, on the primary
+//! the sentinels name at each (re)connect, so the subscription follows a failover (the old
+//! primary's death, or the sentinels' disconnecting of its clients when it is demoted, ends
+//! it). On a cluster (see
 //! `events/cluster.rs`), the events channel is heard on any one node, since a cluster forwards
 //! every PUBLISH to all its nodes, and expiries on every master, since each node notifies only
 //! the expiries of its own keys.
@@ -21,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::codec;
 use super::config::{RedisConfig, seed_urls};
+use super::sentinel::Sentinels;
 use crate::store::{EventKind, SessionEvent};
 
 /// First wait before reconnecting: short, so a restarted Redis is picked up quickly.
@@ -34,6 +38,8 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 enum Source {
     /// One server.
     Standalone(Box<Client>),
+    /// The primary the sentinels name.
+    Sentinel(Box<Sentinels>),
     /// A cluster, found from its seed nodes (whose settings reach every node).
     Cluster(Vec<ConnectionInfo>),
 }
@@ -67,6 +73,11 @@ impl Subscriber {
                 .collect::<Result<Vec<_>, RedisError>>()?;
             // A cluster has only database 0.
             (Source::Cluster(seeds), 0)
+        } else if let Some(master) = &config.sentinel_master {
+            let sentinels = Sentinels::new(config, master)?;
+            let client = config.client(config.url.as_str())?;
+            let db = client.get_connection_info().redis_settings().db();
+            (Source::Sentinel(Box::new(sentinels)), db)
         } else {
             let client = config.client(config.url.as_str())?;
             let db = client.get_connection_info().redis_settings().db();
@@ -88,29 +99,60 @@ impl Subscriber {
         let subscriber = Arc::new(self);
         runtime.spawn(async move {
             match &subscriber.source {
-                Source::Standalone(client) => subscriber.run_standalone(client).await,
+                Source::Standalone(_) | Source::Sentinel(_) => subscriber.run_standalone().await,
                 Source::Cluster(seeds) => cluster::run(subscriber.clone(), seeds).await,
             }
         })
     }
 
-    async fn run_standalone(&self, client: &Client) {
+    /// Subscribes on the one server, again whenever the subscription ends; with Sentinel, also
+    /// whenever the sentinels announce a new primary (see `sentinel`), so that events
+    /// published on it are not missed while the old one waits to be demoted.
+    async fn run_standalone(&self) {
+        let switched = tokio::sync::Notify::new();
+        let watch_switches = async {
+            match &self.source {
+                Source::Sentinel(sentinels) => {
+                    sentinels
+                        .watch_switches(|| {
+                            switched.notify_one();
+                            true
+                        })
+                        .await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = watch_switches => {}
+            () = self.resubscribe_forever(&switched) => {}
+        }
+    }
+
+    async fn resubscribe_forever(&self, switched: &tokio::sync::Notify) {
         let mut backoff = MIN_BACKOFF;
         let mut checked_notifications = false;
         let mut was_connected = true;
         let channels = [self.events.as_str(), self.expired.as_str()];
         loop {
-            match self.subscribe(client, &channels).await {
-                Ok(pubsub) => {
+            let subscribed = match self.server().await {
+                Ok(client) => self
+                    .subscribe(&client, &channels)
+                    .await
+                    .map(|pubsub| (pubsub, client)),
+                Err(error) => Err(error),
+            };
+            match subscribed {
+                Ok((pubsub, client)) => {
                     tracing::info!(channel = %self.events, "redis event subscription established");
                     backoff = MIN_BACKOFF;
                     was_connected = true;
                     if !checked_notifications {
                         checked_notifications = true;
-                        self.check_notifications(client).await;
+                        self.check_notifications(&client).await;
                     }
-                    self.listen(pubsub).await;
-                    tracing::warn!(channel = %self.events, "redis event subscription lost; reconnecting");
+                    self.listen_until(pubsub, switched.notified()).await;
+                    tracing::warn!(channel = %self.events, "redis event subscription lost or moved; reconnecting");
                 }
                 Err(error) if was_connected => {
                     was_connected = false;
@@ -120,6 +162,22 @@ impl Subscriber {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// A client of the one server to subscribe on: the URL's, or the primary the sentinels
+    /// name now.
+    async fn server(&self) -> Result<Client, String> {
+        match &self.source {
+            Source::Standalone(client) => Ok(client.as_ref().clone()),
+            Source::Sentinel(sentinels) => {
+                let (info, _checked) = tokio::time::timeout(self.timeout, sentinels.primary())
+                    .await
+                    .map_err(|_| format!("no primary found within {:?}", self.timeout))?
+                    .map_err(|e| e.to_string())?;
+                Client::open(info).map_err(|e| e.to_string())
+            }
+            Source::Cluster(_) => Err("a cluster has no one server".into()),
         }
     }
 
@@ -144,11 +202,18 @@ impl Subscriber {
 
     /// Forwards messages until the connection ends or stops answering pings.
     async fn listen(&self, pubsub: ::redis::aio::PubSub) {
+        self.listen_until(pubsub, std::future::pending()).await;
+    }
+
+    /// Like `listen`, ending also when `until` completes.
+    async fn listen_until(&self, pubsub: ::redis::aio::PubSub, until: impl Future<Output = ()>) {
         let (mut sink, mut stream) = pubsub.split();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.reset();
+        let mut until = std::pin::pin!(until);
         loop {
             tokio::select! {
+                () = &mut until => return,
                 message = stream.next() => match message {
                     Some(message) => self.forward(&message),
                     None => return,
