@@ -1,5 +1,7 @@
-//! The cluster under test, as real processes on loopback: one `session-server`, N `demo-app`
-//! backends and one front proxy (`session-proxy`, or an external nginx/HAProxy). Processes,
+//! The cluster under test, as real processes on loopback: one or two `session-server`s (see
+//! [`SessionTier`]; with two, every backend and the proxy are given both), N `demo-app`
+//! backends and one front proxy (`session-proxy`, or an external nginx/HAProxy), and the Redis
+//! processes the session tier needs when the harness provides its store ([`redis`]). Processes,
 //! not in-process tasks, so that killing a backend really cuts its connections.
 //!
 //! Every child is a [`Proc`], killed (SIGKILL) and reaped when dropped, so a harness that
@@ -7,12 +9,14 @@
 //! they listen (`listening <role> <addr>` on stdout, see [`crate::binaries`]), so no port is
 //! picked and raced for; only a restart that must come back on its old address (a backend in
 //! a rolling restart, the session server after an outage: the others know them by it) names
-//! that address, and is started again when the address is taken meanwhile. nginx and HAProxy
-//! cannot report a port-0 bind: [`external::start_retrying`] picks a port and tries another
-//! when it is taken. Each start waits for the process with a deadline; each child's stdout and
-//! stderr go to a log file in the run's directory, whose end a failed start quotes.
+//! that address, and is started again when the address is taken meanwhile. nginx, HAProxy and
+//! Redis cannot report a port-0 bind: [`external::start_retrying`] and [`redis`] pick a port
+//! and try another when it is taken. Each start waits for the process with a deadline; each
+//! child's stdout and stderr go to a log file in the run's directory, whose end a failed start
+//! quotes.
 
 pub(crate) mod proc;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use crate::binaries::Binaries;
 use crate::external::{self, ExternalProxy};
 use crate::mode::{COOKIE_KEY, Mode, StoreChoice};
 use proc::Proc;
+use redis::OwnRedis;
 
 /// Bound on any one process becoming ready: debug builds on a busy 2-core machine start in
 /// well under a second, so this only catches a process that will never come up.
@@ -70,6 +75,10 @@ pub enum ClusterError {
     /// The external proxy could not be started.
     #[error("external proxy: {0}")]
     External(String),
+    /// Something the cluster needs is missing (`redis-server`), or was asked of a cluster
+    /// that does not have it.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
@@ -86,6 +95,40 @@ struct Backend {
     addr: SocketAddr,
     /// The running process, if any.
     proc: Option<Proc>,
+}
+
+/// One session server slot: an address that survives restarts of its process.
+#[derive(Debug)]
+struct SessionServer {
+    /// Where it listens: port 0 until its first start reports the real one (the backends and
+    /// the proxy know it by this address).
+    addr: SocketAddr,
+    /// The running process, if any.
+    proc: Option<Proc>,
+}
+
+/// How many session servers a cluster runs, and on which store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionTier {
+    /// One session server on the run's store ([`ClusterSpec::store`]).
+    One,
+    /// Two session servers on one shared store: the run's store, or, when that is the memory
+    /// store (which two servers cannot share), a private Redis the cluster starts.
+    TwoShared,
+    /// Two session servers on a Redis primary with one replica, found through one Sentinel;
+    /// all three started by the cluster, whatever the run's store.
+    TwoOnSentinel,
+}
+
+impl SessionTier {
+    /// Whether this tier, on `store`, needs a Redis the cluster starts (`redis-server`).
+    pub fn starts_redis(self, store: &StoreChoice) -> bool {
+        match self {
+            SessionTier::One => false,
+            SessionTier::TwoShared => *store == StoreChoice::Memory,
+            SessionTier::TwoOnSentinel => true,
+        }
+    }
 }
 
 /// The proxy in front.
@@ -113,8 +156,10 @@ pub struct ClusterSpec {
     pub bins: Binaries,
     /// The routing mode (flags of the backends and the proxy).
     pub mode: Mode,
-    /// The session server's store.
+    /// The run's store (what the session servers use, unless the tier says otherwise).
     pub store: StoreChoice,
+    /// The session servers.
+    pub session_tier: SessionTier,
     /// Backends at start.
     pub backends: usize,
     /// Directory for logs and configuration files (must exist).
@@ -130,11 +175,12 @@ pub struct Cluster {
     spec: ClusterSpec,
     /// A plain client for readiness probes (no cookies).
     http: reqwest::Client,
-    /// Where the session server listens (port 0 until its first start; kept across its
-    /// restarts, since the backends and the proxy know it by this address).
-    store_addr: SocketAddr,
-    /// The session server, when running.
-    store: Option<Proc>,
+    /// The Redis processes the cluster started for its session tier, if any.
+    redis: Option<OwnRedis>,
+    /// The store the session servers run on: the spec's, or the cluster's own Redis.
+    store: StoreChoice,
+    /// The session servers, in the order the backends and the proxy are given them.
+    session_servers: Vec<SessionServer>,
     /// Every backend slot ever configured, in order.
     backends: Vec<Backend>,
     /// Where clients connect (port 0 until the front has started).
@@ -152,15 +198,16 @@ impl Cluster {
             .build()
             .map_err(|e| io_error("building an HTTP client")(std::io::Error::other(e)))?;
         let mut cluster = Cluster {
-            store_addr: ANY_PORT,
-            store: None,
+            redis: None,
+            store: spec.store.clone(),
+            session_servers: Vec::new(),
             backends: Vec::new(),
             listen: ANY_PORT,
             front: Front::None,
             http,
             spec,
         };
-        cluster.start_store().await?;
+        cluster.start_session_tier().await?;
         for _ in 0..cluster.spec.backends {
             cluster.backends.push(Backend {
                 name: format!("s{}", cluster.backends.len() + 1),
@@ -193,32 +240,80 @@ impl Cluster {
         self.spec.dir.join(format!("{}-{what}.log", self.spec.tag))
     }
 
-    fn session_server_url(&self) -> String {
-        format!("http://{}", self.store_addr)
+    /// The session servers' URLs, comma-separated, as `demo-app --session-server` and
+    /// `session-proxy --session-lookup` take them.
+    fn session_server_urls(&self) -> String {
+        let urls: Vec<String> = self
+            .session_servers
+            .iter()
+            .map(|server| format!("http://{}", server.addr))
+            .collect();
+        urls.join(",")
     }
 
-    /// Starts the session server: on a port of its choosing the first time, on the same
-    /// address again after [`Cluster::kill_store`].
-    pub async fn start_store(&mut self) -> Result<(), ClusterError> {
-        let mut args = vec!["--listen".to_owned(), self.store_addr.to_string()];
-        args.extend(self.spec.store.server_args(&self.spec.tag));
-        let (proc, addr) = Proc::start_listening(
-            &self.spec.bins.session_server,
-            &args,
-            "session-server",
-            &self.log("session-server"),
-            "grpc",
-            self.store_addr.port() != 0,
-        )
-        .await?;
-        self.store_addr = addr;
-        self.store = Some(proc);
+    /// Starts the Redis processes the tier needs, then its session servers.
+    async fn start_session_tier(&mut self) -> Result<(), ClusterError> {
+        let tier = self.spec.session_tier;
+        if tier.starts_redis(&self.spec.store) {
+            let binary = redis::redis_server().map_err(ClusterError::Unavailable)?;
+            let log = |what: &str| self.log(what);
+            let own = match tier {
+                SessionTier::TwoOnSentinel => OwnRedis::with_sentinel(&binary, log).await?,
+                _ => OwnRedis::standalone(&binary, log).await?,
+            };
+            self.store = own.store();
+            self.redis = Some(own);
+        }
+        let count = if tier == SessionTier::One { 1 } else { 2 };
+        for index in 0..count {
+            self.session_servers.push(SessionServer {
+                addr: ANY_PORT,
+                proc: None,
+            });
+            self.start_session_server(index).await?;
+        }
         Ok(())
     }
 
-    /// Kills the session server (SIGKILL: an outage, not a shutdown).
-    pub fn kill_store(&mut self) {
-        self.store = None;
+    /// Starts session server `index`: on a port of its choosing the first time, on the same
+    /// address again after [`Cluster::kill_session_server`].
+    pub async fn start_session_server(&mut self, index: usize) -> Result<(), ClusterError> {
+        let addr = self.session_servers[index].addr;
+        let mut args = vec!["--listen".to_owned(), addr.to_string()];
+        args.extend(self.store.server_args(&self.spec.tag));
+        let name = format!("session-server-{}", index + 1);
+        let (proc, addr) = Proc::start_listening(
+            &self.spec.bins.session_server,
+            &args,
+            &name,
+            &self.log(&name),
+            "grpc",
+            addr.port() != 0,
+        )
+        .await?;
+        self.session_servers[index] = SessionServer {
+            addr,
+            proc: Some(proc),
+        };
+        Ok(())
+    }
+
+    /// Kills session server `index` (SIGKILL: an outage, not a shutdown).
+    pub fn kill_session_server(&mut self, index: usize) {
+        if let Some(server) = self.session_servers.get_mut(index) {
+            server.proc = None;
+        }
+    }
+
+    /// Kills the Redis primary of a [`SessionTier::TwoOnSentinel`] cluster (SIGKILL) and
+    /// waits until the Sentinel has promoted the replica; an error for other tiers.
+    pub async fn fail_over_store(&mut self) -> Result<(), ClusterError> {
+        match &mut self.redis {
+            Some(redis) => redis.fail_over().await,
+            None => Err(ClusterError::Unavailable(
+                "this cluster has no Redis of its own to fail over".to_owned(),
+            )),
+        }
     }
 
     fn backend_args(&self, index: usize) -> Vec<String> {
@@ -230,7 +325,7 @@ impl Cluster {
             backend.name.clone(),
             "--insecure-cookies".to_owned(),
         ];
-        args.extend(self.spec.mode.demo_args(&self.session_server_url()));
+        args.extend(self.spec.mode.demo_args(&self.session_server_urls()));
         args
     }
 
@@ -381,7 +476,7 @@ impl Cluster {
             args.extend(["--sticky-key".to_owned(), COOKIE_KEY.to_owned()]);
         }
         args.extend(self.spec.mode.proxy_args(
-            &self.session_server_url(),
+            &self.session_server_urls(),
             self.spec.bins.proxy_snapshot_key,
         ));
         let log = self.log("session-proxy");

@@ -19,11 +19,13 @@
 //! - [`mode`]: the routing modes and stores, as flags of `session-proxy` and `demo-app`.
 //! - [`binaries`]: finding (or building) `session-server`, `demo-app`, `session-proxy`.
 //! - [`cluster`]: the processes of one run, killed on drop; kill, restart, add a backend,
-//!   stop and start the store.
+//!   stop and start a session server, fail the Redis primary over; [`cluster::redis`]: the
+//!   Redis (standalone, or primary + replica + Sentinel) a run starts itself.
 //! - [`external`]: a real nginx or HAProxy in front instead of `session-proxy`.
 //! - [`users`]: simulated users (own cookie jar, own `X-Forwarded-For`), what they count.
 //! - [`scenarios`]: the scenarios' timelines; running one pair or the whole matrix.
-//! - [`report`]: one [`Row`] per run, the Markdown table and the JSON.
+//! - [`report`]: one [`Row`] per run (users sent to log in, users who lost items, requests
+//!   answered "please log in", lost items, load, latency), the Markdown tables and the JSON.
 //! - [`svg`]: the charts.
 //! - [`soak`]: the proxy and session server under hostile clients (slowloris, slow uploads,
 //!   a Watch flood), honest latency and errors measured before and during the attack.

@@ -112,14 +112,14 @@ impl Mode {
         }
     }
 
-    /// `demo-app` flags of this mode, given the session server's URL.
-    pub(crate) fn demo_args(self, session_server: &str) -> Vec<String> {
+    /// `demo-app` flags of this mode, given the session servers' URLs (comma-separated).
+    pub(crate) fn demo_args(self, session_servers: &str) -> Vec<String> {
         let mut args: Vec<String> = Vec::new();
         let mut push = |list: &[&str]| args.extend(list.iter().map(|s| (*s).to_owned()));
         match self.sessions() {
             BackendSessions::Local => push(&["--sessions", "local"]),
             BackendSessions::Store { fallback } => {
-                push(&["--sessions", "store", "--session-server", session_server]);
+                push(&["--sessions", "store", "--session-server", session_servers]);
                 if fallback {
                     push(&["--fallback", "on-outage", "--cookie-key", COOKIE_KEY]);
                 }
@@ -127,16 +127,17 @@ impl Mode {
             BackendSessions::Proxy => {
                 // The key lets the app refresh the snapshot cookie after its own writes, so the
                 // proxy's outage fallback never lags an acknowledged change.
-                push(&["--sessions", "proxy", "--session-server", session_server]);
+                push(&["--sessions", "proxy", "--session-server", session_servers]);
                 push(&["--cookie-key", COOKIE_KEY]);
             }
         }
         args
     }
 
-    /// `session-proxy` flags of this mode besides listeners and backends. `snapshot_key`: the
+    /// `session-proxy` flags of this mode besides listeners and backends, given the session
+    /// servers' URLs (comma-separated). `snapshot_key`: the
     /// proxy binary has `--session-snapshot-key` (the lookup plugin's store-outage fallback).
-    pub(crate) fn proxy_args(self, session_server: &str, snapshot_key: bool) -> Vec<String> {
+    pub(crate) fn proxy_args(self, session_servers: &str, snapshot_key: bool) -> Vec<String> {
         let mut args = Vec::new();
         if let Some(balance) = self.balance() {
             args.extend(["--balance".to_owned(), balance.to_owned()]);
@@ -144,7 +145,7 @@ impl Mode {
         if self == Mode::ProxyLookup {
             for arg in [
                 "--session-lookup",
-                session_server,
+                session_servers,
                 "--session-namespace",
                 "demo",
                 "--session-attr",
@@ -197,6 +198,13 @@ pub enum StoreChoice {
     RedisCluster(String),
     /// MySQL/MariaDB at this URL.
     Mysql(String),
+    /// A Redis primary with replicas, found through a Sentinel (`--store redis-sentinel`).
+    RedisSentinel {
+        /// The Sentinel's URL.
+        url: String,
+        /// The name the Sentinel knows the primary by.
+        master: String,
+    },
 }
 
 impl StoreChoice {
@@ -207,6 +215,7 @@ impl StoreChoice {
             StoreChoice::Redis(_) => "redis",
             StoreChoice::RedisCluster(_) => "redis-cluster",
             StoreChoice::Mysql(_) => "mysql",
+            StoreChoice::RedisSentinel { .. } => "redis-sentinel",
         }
     }
 
@@ -214,14 +223,20 @@ impl StoreChoice {
     /// other users of the same Redis (key prefix) or database (table).
     pub(crate) fn server_args(&self, tag: &str) -> Vec<String> {
         let mut args = vec!["--store".to_owned(), self.name().to_owned()];
+        let prefix = [
+            "--redis-prefix".to_owned(),
+            format!("stickless-bench-{tag}"),
+        ];
         match self {
             StoreChoice::Memory => {}
             StoreChoice::Redis(url) | StoreChoice::RedisCluster(url) => {
                 args.extend(["--redis-url".to_owned(), url.clone()]);
-                args.extend([
-                    "--redis-prefix".to_owned(),
-                    format!("stickless-bench-{tag}"),
-                ]);
+                args.extend(prefix);
+            }
+            StoreChoice::RedisSentinel { url, master } => {
+                args.extend(["--redis-url".to_owned(), url.clone()]);
+                args.extend(["--redis-sentinel-master".to_owned(), master.clone()]);
+                args.extend(prefix);
             }
             StoreChoice::Mysql(url) => {
                 args.extend(["--mysql-url".to_owned(), url.clone()]);

@@ -10,17 +10,30 @@
 //! - `middle-proxy`: every user arrives from one address (ip-hash sees one client);
 //! - `nat`: users behind four addresses;
 //! - `store-outage`: the session server is killed at 30% and started again, empty when it is
-//!   the memory store, at 60%.
+//!   the memory store, at 60%;
+//! - `session-server-dies`: two session servers on one shared store (the run's store; a
+//!   private Redis the harness starts when that is the memory store), both given to every
+//!   backend and to the proxy; the first is killed (SIGKILL) at 40% and stays dead;
+//! - `store-failover`: two session servers on a Redis primary with one replica, watched by one
+//!   Sentinel (`down-after-milliseconds` 1000), all started by the harness whatever the run's
+//!   store; the primary is killed (SIGKILL) at 40% and stays dead, the Sentinel promotes the
+//!   replica (about 3 s at idle). The users keep going until 60% of the run's duration after
+//!   the promotion (a 2 s run lasts about 5 s), so the promoted replica serves them too, and
+//!   the carts are read after it.
+//!
+//! Modes that keep sessions in the backends run every scenario too (the session tier changes
+//! nothing for them), so the table is complete.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::binaries::Binaries;
-use crate::cluster::{Cluster, ClusterError, ClusterSpec, ensure_dir};
+use crate::cluster::{Cluster, ClusterError, ClusterSpec, SessionTier, ensure_dir};
 use crate::mode::{Mode, StoreChoice};
 use crate::report::Row;
 use crate::users::{self, Addressing, LoadSettings};
@@ -29,6 +42,12 @@ use crate::users::{self, Addressing, LoadSettings};
 pub const BACKENDS: usize = 3;
 /// Time a rolling restart leaves a backend down (a real restart is not instant either).
 const RESTART_GAP: Duration = Duration::from_millis(150);
+/// Bound on the users' wait for a scenario that moves their deadline once it knows it (a
+/// Sentinel failover): far past any failover, only reached when the timeline fails, which
+/// ends the load at once anyway.
+const OPEN_ENDED: Duration = Duration::from_secs(120);
+/// Share of the run's duration the users keep going after a failover.
+const AFTER_FAILOVER: f64 = 0.6;
 
 /// A scenario: what happens to the cluster, or to the clients, during a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,11 +66,15 @@ pub enum Scenario {
     Nat,
     /// The session store is down for a while.
     StoreOutage,
+    /// One of two session servers on a shared store dies.
+    SessionServerDies,
+    /// The Redis primary dies; Sentinel promotes its replica.
+    StoreFailover,
 }
 
 impl Scenario {
     /// Every scenario, in table order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Steady,
         Scenario::BackendDies,
         Scenario::ScaleOut,
@@ -59,6 +82,8 @@ impl Scenario {
         Scenario::MiddleProxy,
         Scenario::Nat,
         Scenario::StoreOutage,
+        Scenario::SessionServerDies,
+        Scenario::StoreFailover,
     ];
 
     /// Its name in flags, tables and JSON.
@@ -71,7 +96,23 @@ impl Scenario {
             Scenario::MiddleProxy => "middle-proxy",
             Scenario::Nat => "nat",
             Scenario::StoreOutage => "store-outage",
+            Scenario::SessionServerDies => "session-server-dies",
+            Scenario::StoreFailover => "store-failover",
         }
+    }
+
+    /// The session servers this scenario runs, and on which store.
+    pub fn session_tier(self) -> SessionTier {
+        match self {
+            Scenario::SessionServerDies => SessionTier::TwoShared,
+            Scenario::StoreFailover => SessionTier::TwoOnSentinel,
+            _ => SessionTier::One,
+        }
+    }
+
+    /// Whether this scenario, on `store`, needs `redis-server` (a Redis the harness starts).
+    pub fn needs_redis_server(self, store: &StoreChoice) -> bool {
+        self.session_tier().starts_redis(store)
     }
 
     /// The users' client addresses in this scenario.
@@ -100,7 +141,8 @@ impl FromStr for Scenario {
             .ok_or_else(|| {
                 format!(
                     "unknown scenario {text:?}; expected steady, backend-dies, scale-out, \
-                     rolling-restart, middle-proxy, nat or store-outage"
+                     rolling-restart, middle-proxy, nat, store-outage, session-server-dies or \
+                     store-failover"
                 )
             })
     }
@@ -179,6 +221,7 @@ pub async fn run_one(
         bins: settings.bins.clone(),
         mode,
         store: settings.store.clone(),
+        session_tier: scenario.session_tier(),
         backends: BACKENDS,
         dir: settings.dir.clone(),
         tag: tag.clone(),
@@ -187,17 +230,32 @@ pub async fn run_one(
     let base = cluster.url();
     let load = LoadSettings {
         users: settings.users,
-        duration: settings.duration,
         max_requests: settings.max_requests,
         think: settings.think,
         addressing: scenario.addressing(),
         tag,
     };
     let started = Instant::now();
-    let (users, played) = tokio::join!(
-        users::drive(&base, &load),
-        play(&mut cluster, scenario, started, settings.duration),
-    );
+    // The failover's end is not known in advance: its users go on until the timeline says.
+    let until = match scenario {
+        Scenario::StoreFailover => OPEN_ENDED,
+        _ => settings.duration,
+    };
+    let (deadline, users_deadline) = watch::channel(started + until);
+    let (users, played) = tokio::join!(users::drive(&base, &load, users_deadline), async {
+        let played = play(
+            &mut cluster,
+            scenario,
+            started,
+            settings.duration,
+            &deadline,
+        )
+        .await;
+        if played.is_err() {
+            deadline.send_replace(Instant::now());
+        }
+        played
+    },);
     let elapsed = started.elapsed();
     played.map_err(cluster_error)?;
     let reports = users::verify(&base, users?).await;
@@ -256,12 +314,14 @@ pub async fn run_matrix(
     Ok(rows)
 }
 
-/// Plays `scenario`'s timeline on `cluster`, from `started`, over `duration`.
+/// Plays `scenario`'s timeline on `cluster`, from `started`, over `duration`; sets the users'
+/// `deadline` when the timeline decides it.
 async fn play(
     cluster: &mut Cluster,
     scenario: Scenario,
     started: Instant,
     duration: Duration,
+    deadline: &watch::Sender<Instant>,
 ) -> Result<(), ClusterError> {
     let at = |fraction: f64| tokio::time::sleep_until(started + duration.mul_f64(fraction));
     match scenario {
@@ -288,10 +348,23 @@ async fn play(
         Scenario::StoreOutage => {
             at(0.3).await;
             tracing::info!(at = ?started.elapsed(), "killing the session server");
-            cluster.kill_store();
+            cluster.kill_session_server(0);
             at(0.6).await;
             tracing::info!(at = ?started.elapsed(), "starting the session server again");
-            cluster.start_store().await?;
+            cluster.start_session_server(0).await?;
+        }
+        Scenario::SessionServerDies => {
+            at(0.4).await;
+            tracing::info!(at = ?started.elapsed(), "killing session server 1 of 2");
+            cluster.kill_session_server(0);
+        }
+        Scenario::StoreFailover => {
+            at(0.4).await;
+            tracing::info!(at = ?started.elapsed(), "killing the Redis primary");
+            cluster.fail_over_store().await?;
+            tracing::info!(at = ?started.elapsed(), "the Sentinel promoted the replica");
+            let end = (Instant::now() + duration.mul_f64(AFTER_FAILOVER)).max(started + duration);
+            deadline.send_replace(end);
         }
     }
     Ok(())
@@ -307,5 +380,22 @@ mod tests {
             assert_eq!(scenario.name().parse::<Scenario>(), Ok(scenario));
         }
         assert!("meteor".parse::<Scenario>().is_err());
+    }
+
+    #[test]
+    fn only_the_two_server_scenarios_start_a_redis_of_their_own_and_only_when_needed() {
+        let memory = StoreChoice::Memory;
+        let redis = StoreChoice::Redis("redis://127.0.0.1:6379".into());
+        let starts: Vec<Scenario> = Scenario::ALL
+            .into_iter()
+            .filter(|s| s.needs_redis_server(&memory))
+            .collect();
+        assert_eq!(
+            starts,
+            [Scenario::SessionServerDies, Scenario::StoreFailover]
+        );
+        // On a store two servers can share, only the failover needs its own Redis set.
+        assert!(!Scenario::SessionServerDies.needs_redis_server(&redis));
+        assert!(Scenario::StoreFailover.needs_redis_server(&redis));
     }
 }

@@ -1,5 +1,6 @@
-//! The `--svg` charts, drawn with plotters' SVG backend: session loss by mode and scenario, and
-//! load spread (busiest backend over the mean) by mode and scenario, as grouped bars.
+//! The `--svg` charts, drawn with plotters' SVG backend, as grouped bars by mode and scenario:
+//! first the share of users sent back to the login page (what people feel), then the share of
+//! requests answered "please log in", then load spread (busiest backend over the mean).
 //!
 //! Only the `svg_backend` feature is used: text goes into the SVG as `<text>` elements that the
 //! viewer renders, so no font library is needed at build or run time (plotters then sizes text
@@ -14,8 +15,8 @@ use plotters::prelude::*;
 
 use crate::report::Row;
 
-/// Width and height of the whole SVG, in pixels.
-const SIZE: (u32, u32) = (1280, 960);
+/// Width and height of the whole SVG, in pixels: three panels of 480.
+const SIZE: (u32, u32) = (1280, 1440);
 /// One colour per mode, in the order modes first appear in the rows.
 const PALETTE: [RGBColor; 10] = [
     RGBColor(214, 39, 40),
@@ -53,27 +54,36 @@ fn draw(path: &Path, rows: &[Row]) -> Result<(), String> {
     let scenarios = first_seen(rows.iter().map(|r| r.scenario.as_str()));
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (top, bottom) = root.split_vertically(SIZE.1 / 2);
-    let loss_max = rows
-        .iter()
-        .map(|r| r.session_loss * 100.0)
-        .fold(1.0, f64::max);
+    let panels = root.split_evenly((3, 1));
+    let percent_max = |value: fn(&Row) -> f64| rows.iter().map(value).fold(1.0, f64::max);
+    let users = |r: &Row| r.users_sent_to_login * 100.0;
     grouped_bars(
-        &top,
-        "Session loss: % of a logged-in user's requests answered \"please log in\"",
-        "session loss %",
+        &panels[0],
+        "Users sent back to the login page at least once (%)",
+        "users %",
         &modes,
         &scenarios,
         rows,
-        |r| r.session_loss * 100.0,
-        loss_max * 1.4,
+        users,
+        percent_max(users) * 1.4,
+    )?;
+    let requests = |r: &Row| r.session_loss * 100.0;
+    grouped_bars(
+        &panels[1],
+        "Session loss: % of a logged-in user's requests answered \"please log in\"",
+        "requests %",
+        &modes,
+        &scenarios,
+        rows,
+        requests,
+        percent_max(requests) * 1.4,
     )?;
     let load_max = rows
         .iter()
         .map(|r| r.load_max_over_mean)
         .fold(1.0, f64::max);
     grouped_bars(
-        &bottom,
+        &panels[2],
         "Load spread: busiest backend's requests / mean per backend (1 = even)",
         "max / mean",
         &modes,
@@ -196,6 +206,9 @@ mod tests {
         Row {
             mode: mode.into(),
             scenario: scenario.into(),
+            users: 10,
+            users_sent_to_login: (loss * 1.4).min(1.0),
+            users_lost_writes: 0.0,
             requests: 100,
             session_loss: loss,
             lost_writes: 0,
@@ -226,10 +239,14 @@ mod tests {
             "ip-hash",
             "steady",
             "middle-proxy",
+            "Users sent back to the login page",
             "Session loss",
+            "Load spread",
         ] {
             assert!(svg.contains(name), "{name} missing");
         }
-        assert!(svg.matches("<rect").count() >= 8);
+        // The users panel comes first, above the requests panel.
+        assert!(svg.find("Users sent back").unwrap() < svg.find("Session loss").unwrap());
+        assert!(svg.matches("<rect").count() >= 12);
     }
 }

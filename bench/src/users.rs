@@ -3,7 +3,8 @@
 //! proxy, so `ip-hash` sees many clients while everything stays on loopback).
 //!
 //! A user logs in under a unique name, then alternates `GET /me` and `POST /cart/add` with
-//! think time, until the run's duration or its request budget is used up. It counts:
+//! think time, until the run's deadline (which a scenario may push back while it runs) or its
+//! request budget is used up. It counts:
 //! - a **session loss** each time the site forgets it although it was logged in: `/me`
 //!   answered 401, or `/cart/add` answered from a new session (a fresh `sid` cookie, or a cart
 //!   without the items this session already acknowledged). Like a real user it then logs in
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use reqwest::StatusCode;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 /// Most items a user keeps in one session's cart: the demo refuses more than 100.
@@ -60,8 +62,6 @@ impl Addressing {
 pub struct LoadSettings {
     /// Number of simulated users.
     pub users: usize,
-    /// How long users keep making requests.
-    pub duration: Duration,
     /// Most requests one user makes.
     pub max_requests: usize,
     /// Mean pause between two requests of one user (jittered ±50%).
@@ -263,13 +263,20 @@ impl SimUser {
         self.logged_in = false;
     }
 
-    /// Requests until `deadline` or the budget is spent.
-    async fn run(mut self, base: String, settings: LoadSettings, deadline: Instant) -> SimUser {
+    /// Requests until the deadline (read before each request) or the budget is spent.
+    async fn run(
+        mut self,
+        base: String,
+        settings: LoadSettings,
+        deadline: watch::Receiver<Instant>,
+    ) -> SimUser {
         self.started = Instant::now();
         // Spread the users' first requests over one think time, so they do not march in step.
         let first = settings.think.mul_f64(self.rng.unit());
         tokio::time::sleep(first).await;
-        while Instant::now() < deadline && self.report.requests < settings.max_requests as u64 {
+        while Instant::now() < *deadline.borrow()
+            && self.report.requests < settings.max_requests as u64
+        {
             self.report.requests += 1;
             if !self.logged_in {
                 self.login(&base).await;
@@ -319,17 +326,20 @@ fn cart_items(body: &[u8]) -> Option<HashSet<String>> {
     )
 }
 
-/// Runs `settings.users` users against `base` until the duration or their budget is spent;
-/// returns them for [`verify`].
-pub async fn drive(base: &str, settings: &LoadSettings) -> Result<Vec<SimUser>, reqwest::Error> {
-    let deadline = Instant::now() + settings.duration;
+/// Runs `settings.users` users against `base` until `deadline` (which may be moved while they
+/// run) or their budget is spent; returns them for [`verify`].
+pub async fn drive(
+    base: &str,
+    settings: &LoadSettings,
+    deadline: watch::Receiver<Instant>,
+) -> Result<Vec<SimUser>, reqwest::Error> {
     let mut tasks = Vec::with_capacity(settings.users);
     for index in 0..settings.users {
         let user = SimUser::new(index, settings)?;
         tasks.push(tokio::spawn(user.run(
             base.to_owned(),
             settings.clone(),
-            deadline,
+            deadline.clone(),
         )));
     }
     let mut users = Vec::with_capacity(tasks.len());

@@ -375,7 +375,7 @@ fn codec() -> CookieCodec {
 /// `session_url`, with snapshot keys [`KEY`] and `snapshot_max_age`.
 async fn start_proxy(backend: &Served, session_url: &str, snapshot_max_age: Duration) -> Served {
     let lookup = LookupConfig {
-        session_server: session_url.to_owned(),
+        session_servers: vec![session_url.to_owned()],
         namespace: NS.to_owned(),
         cookie: "sid".to_owned(),
         attrs: vec!["cart".to_owned()],

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bench::binaries::{Binaries, Reported};
-use session_client::{ClientConfig, Patch, SessionClient};
+use session_client::{ClientConfig, ClientError, Patch, SessionClient};
 
 /// Simulated users.
 const USERS: usize = 20;
@@ -187,6 +187,9 @@ struct Tally {
     failures: Vec<String>,
     /// Writes acknowledged.
     acknowledged: u64,
+    /// Compare-and-set writes answered ABORTED: a replay on the other server of a write the
+    /// dying server may have applied before it could answer (applied or not: unknown).
+    uncertain: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,7 +198,7 @@ async fn a_client_of_two_session_servers_loses_nothing_when_one_is_killed() {
     let Some((bins, prefix)) = setup(test) else {
         return;
     };
-    let mut servers = vec![
+    let mut servers = [
         Some(Server::start(&bins, ([127, 0, 0, 1], 0).into(), &prefix)),
         Some(Server::start(&bins, ([127, 0, 0, 1], 0).into(), &prefix)),
     ];
@@ -244,6 +247,7 @@ async fn a_client_of_two_session_servers_loses_nothing_when_one_is_killed() {
                 };
                 match client.update(&id, patch).await {
                     Ok(_) => tally.acknowledged += 1,
+                    Err(ClientError::Conflict(_)) => tally.uncertain += 1,
                     Err(e) => tally.failures.push(format!("update: {e}")),
                 }
                 tokio::time::sleep(THINK).await;
@@ -260,7 +264,7 @@ async fn a_client_of_two_session_servers_loses_nothing_when_one_is_killed() {
     for task in tasks {
         let tally = task.await.expect("user task");
         failures.extend(tally.failures);
-        acknowledged.push(tally.acknowledged);
+        acknowledged.push((tally.acknowledged, tally.uncertain));
     }
     assert!(
         failures.is_empty(),
@@ -269,15 +273,20 @@ async fn a_client_of_two_session_servers_loses_nothing_when_one_is_killed() {
         calls.load(Ordering::Relaxed),
         &failures[..failures.len().min(5)]
     );
-    // No acknowledged write lost: each counter is exactly the number of acknowledged writes.
-    for (id, acknowledged) in ids.iter().zip(&acknowledged) {
+    // No acknowledged write lost, none applied twice: each counter is the number of
+    // acknowledged writes, plus at most the one write whose outcome the kill left unknown (a
+    // user's increments are sequential; its replay on the other server found the version
+    // moved and was ABORTED).
+    for (id, (acknowledged, uncertain)) in ids.iter().zip(&acknowledged) {
         let session = client.get(id, false).await.expect("read after the load");
-        assert_eq!(counter(&session.attrs), *acknowledged, "session {id}");
+        let n = counter(&session.attrs);
+        assert!(
+            (*acknowledged..=acknowledged + uncertain).contains(&n) && *uncertain <= 1,
+            "session {id}: counter {n}, {acknowledged} acknowledged, {uncertain} uncertain"
+        );
     }
-    assert!(
-        acknowledged.iter().sum::<u64>() > USERS as u64,
-        "the load ran"
-    );
+    let total: u64 = acknowledged.iter().map(|(a, _)| a).sum();
+    assert!(total > USERS as u64, "the load ran");
     let states = client.endpoints();
     let victim = states
         .iter()
@@ -334,7 +343,7 @@ async fn the_proxy_and_its_backends_lose_nobody_when_one_of_two_session_servers_
     let Some((bins, prefix)) = setup(test) else {
         return;
     };
-    let mut servers = vec![
+    let mut servers = [
         Some(Server::start(&bins, ([127, 0, 0, 1], 0).into(), &prefix)),
         Some(Server::start(&bins, ([127, 0, 0, 1], 0).into(), &prefix)),
     ];

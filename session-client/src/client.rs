@@ -416,6 +416,21 @@ pub struct Patch {
 }
 
 impl Patch {
+    /// Whether `session` holds what this patch writes (values set, keys removed, the user).
+    fn applied_to(&self, session: &SessionData) -> bool {
+        self.set
+            .iter()
+            .all(|(key, value)| session.attrs.get(key) == Some(value))
+            && self
+                .remove
+                .iter()
+                .all(|key| !session.attrs.contains_key(key))
+            && self
+                .user_id
+                .as_ref()
+                .is_none_or(|user| &session.user_id == user)
+    }
+
     /// Whether the patch changes nothing.
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
@@ -547,7 +562,22 @@ impl SessionClient {
     /// that cannot be reached is ejected; the call is then tried once at once on another one
     /// (when `replay` allows it), then retried with backoff (idempotent calls, `retries`
     /// times), each try preferring a server not tried yet.
-    async fn call<T, F, Fut>(&self, replay: Replay, mut attempt: F) -> Result<T, ClientError>
+    async fn call<T, F, Fut>(&self, replay: Replay, attempt: F) -> Result<T, ClientError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_noting(replay, &mut false, attempt).await
+    }
+
+    /// [`SessionClient::call`], setting `unknown` when a try failed after it may have reached
+    /// a server (so a later try's answer may be about a state that try already changed).
+    async fn call_noting<T, F, Fut>(
+        &self,
+        replay: Replay,
+        unknown: &mut bool,
+        mut attempt: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -579,6 +609,7 @@ impl SessionClient {
                     true,
                 ),
             };
+            *unknown |= sent && error.is_retryable();
             if error.is_unavailable() {
                 self.endpoints.eject(&member, &error);
             } else if !error.is_timeout() {
@@ -631,6 +662,13 @@ impl SessionClient {
     }
 
     /// Applies an attribute-level patch.
+    ///
+    /// A compare-and-set update (`expected_version`) is sent again when a try may not have
+    /// reached the store; a replay answered ABORTED after a try whose outcome is unknown (the
+    /// server died, or lost its store, after the write and before the answer) reads the session:
+    /// when it is at `expected_version + 1` with the patch's values, the first try was applied
+    /// and that session is the answer, never a conflict the caller would retry into a second
+    /// copy of its change.
     pub async fn update(&self, id: &str, patch: Patch) -> Result<SessionData, ClientError> {
         // Compare-and-set is safe to send again: applied once, a replay finds the version moved.
         let replay = if patch.expected_version.is_some() {
@@ -641,14 +679,36 @@ impl SessionClient {
         let message = v1::UpdateRequest {
             namespace: self.config.namespace.clone(),
             id: id.to_owned(),
-            set: patch.set,
-            remove: patch.remove,
+            set: patch.set.clone(),
+            remove: patch.remove.clone(),
             expected_version: patch.expected_version,
-            user_id: patch.user_id,
+            user_id: patch.user_id.clone(),
             ttl: patch.ttl.and_then(duration),
         };
-        let session = rpc!(self, replay, update, message)?;
-        Ok(session.into())
+        let mut unknown = false;
+        let result = self
+            .call_noting(replay, &mut unknown, |channel| {
+                let mut client = SessionStoreClient::new(channel);
+                let request = self.request(message.clone());
+                async move { client.update(request).await }
+            })
+            .await;
+        match (result, patch.expected_version) {
+            (Ok(session), _) => Ok(session.into()),
+            (Err(ClientError::Conflict(reason)), Some(expected)) if unknown => {
+                match self.get(id, false).await {
+                    Ok(stored) if stored.version == expected + 1 && patch.applied_to(&stored) => {
+                        tracing::debug!(
+                            version = stored.version,
+                            "a compare-and-set whose answer was lost had been applied"
+                        );
+                        Ok(stored)
+                    }
+                    _ => Err(ClientError::Conflict(reason)),
+                }
+            }
+            (Err(error), _) => Err(error),
+        }
     }
 
     /// Slides a session's expiry (optionally to a new ttl).

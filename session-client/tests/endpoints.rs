@@ -11,9 +11,12 @@
 mod support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use session_client::{ClientConfig, ClientError, Patch, SessionClient};
+use session_server::config::Settings;
+use session_server::store::memory::MemoryStore;
 use support::counting_server::{CountingServer, Method};
 
 /// An address where nothing listens: a port the OS gave and took back.
@@ -149,6 +152,39 @@ async fn calls_spread_over_healthy_servers() {
     assert_eq!(ca + cb, 200);
     // Sequential calls leave both idle, so each draw is a coin toss between them.
     assert!(ca >= 40 && cb >= 40, "{ca} / {cb}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_set_applied_before_its_reply_was_lost_is_not_a_conflict() {
+    // Two servers over one store; a's answer to the update is lost after the store applied it.
+    let store = Arc::new(MemoryStore::new(Settings::default().max_session_bytes));
+    let a = CountingServer::start_on(store.clone()).await;
+    let b = CountingServer::start_on(store).await;
+    let client = client(&[a.url(), b.url()], 0);
+    let session = client.create("u", HashMap::new(), None).await.unwrap();
+    a.lose_reply_next(Method::Update, 1000);
+    b.lose_reply_next(Method::Update, 1000);
+    let cas = |n: &str, version| Patch {
+        set: HashMap::from([("n".to_owned(), n.as_bytes().to_vec())]),
+        expected_version: Some(version),
+        ..Patch::default()
+    };
+    // Applied on the first server, replayed on the other, ABORTED there: the client reads the
+    // session, finds its own write, and answers with it.
+    let updated = client
+        .update(&session.id, cas("1", session.version))
+        .await
+        .expect("the applied write is not a conflict");
+    assert_eq!(updated.version, session.version + 1);
+    assert_eq!(updated.attrs["n"], b"1");
+    assert_eq!(
+        a.count(Method::Update) + b.count(Method::Update),
+        2,
+        "sent, then replayed once"
+    );
+    // A real conflict stays one: another writer's version with other values.
+    let stale = client.update(&session.id, cas("2", session.version)).await;
+    assert!(matches!(stale, Err(ClientError::Conflict(_))), "{stale:?}");
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! `compare`: runs every scenario for every routing mode on a loopback cluster of the
-//! project's own binaries and prints a Markdown table of session loss, lost writes, load
-//! spread, latency and errors (`--json`, `--svg` for files).
+//! project's own binaries and prints two Markdown tables: the summary (one line per mode: the
+//! users sent back to log in, the requests answered "please log in", the cart items lost), then
+//! every measure of every run (load spread, latency, errors too; `--json`, `--svg` for files).
 //!
-//! `cargo run --release -p bench --bin compare` runs the default matrix (6 modes × 7
-//! scenarios, 20 users for 2 s each) in about two minutes on two cores.
+//! `cargo run --release -p bench --bin compare` runs the default matrix (6 modes × 9
+//! scenarios, 20 users for 2 s each) in about three minutes on two cores. The scenarios with
+//! two session servers need `redis-server` (a private Redis, or a primary, a replica and a
+//! Sentinel); without it they are skipped with a message.
 
 // The table on stdout is this command's output.
 #![allow(clippy::print_stdout)]
@@ -41,7 +44,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     modes: Vec<Mode>,
     /// Scenarios to run, comma-separated [default: steady,backend-dies,scale-out,
-    /// rolling-restart,middle-proxy,nat,store-outage].
+    /// rolling-restart,middle-proxy,nat,store-outage,session-server-dies,store-failover].
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<Scenario>,
     /// Simulated users per run.
@@ -68,7 +71,7 @@ struct Cli {
     /// Also write the rows as a JSON array to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
-    /// Also draw the charts (session loss, load spread) to this SVG file.
+    /// Also draw the charts (users sent to log in, session loss, load spread) to this SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Also run nginx (ip_hash, cookie hash) in front of local-session backends.
@@ -155,6 +158,8 @@ async fn run(cli: Cli) -> ExitCode {
     } else {
         cli.scenarios.clone()
     };
+    let store = store_choice(&cli);
+    let scenarios = runnable(scenarios, &store);
     if modes.is_empty() || scenarios.is_empty() {
         eprintln!("compare: nothing to run");
         return ExitCode::from(2);
@@ -197,12 +202,7 @@ async fn run(cli: Cli) -> ExitCode {
     let mut settings = RunSettings::new(bins, dir.clone(), cli.users, cli.duration);
     settings.think = cli.think;
     settings.max_requests = cli.max_requests;
-    settings.store = match cli.store {
-        StoreKind::Memory => StoreChoice::Memory,
-        StoreKind::Redis => StoreChoice::Redis(cli.redis_url.clone()),
-        StoreKind::RedisCluster => StoreChoice::RedisCluster(cli.redis_url.clone()),
-        StoreKind::Mysql => StoreChoice::Mysql(cli.mysql_url.clone()),
-    };
+    settings.store = store;
     let interactive = std::io::stderr().is_terminal();
     let rows = bench::run_matrix(&settings, &modes, &scenarios, |p| {
         progress_line(p, started, interactive)
@@ -224,13 +224,16 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     println!(
-        "Store: {}; {} users × {:?} per run; {} runs in {:.0?}\n",
+        "Store: {}{}; {} users × {:?} per run; {} runs in {:.0?}\n",
         settings.store.name(),
+        own_stores(&scenarios, &settings.store),
         settings.users,
         settings.duration,
         rows.len(),
         started.elapsed()
     );
+    println!("{}\n", report::SUMMARY_LEGEND);
+    println!("{}", report::summary(&rows));
     print!("{}", report::markdown(&rows));
     let mut code = ExitCode::SUCCESS;
     if let Some(path) = &cli.json
@@ -248,6 +251,65 @@ async fn run(cli: Cli) -> ExitCode {
     code
 }
 
+/// The run's store, from the flags.
+fn store_choice(cli: &Cli) -> StoreChoice {
+    match cli.store {
+        StoreKind::Memory => StoreChoice::Memory,
+        StoreKind::Redis => StoreChoice::Redis(cli.redis_url.clone()),
+        StoreKind::RedisCluster => StoreChoice::RedisCluster(cli.redis_url.clone()),
+        StoreKind::Mysql => StoreChoice::Mysql(cli.mysql_url.clone()),
+    }
+}
+
+/// The scenarios that can run here: those that start a Redis of their own are skipped, with a
+/// message, when `redis-server` is missing; the ones that do start one say so.
+fn runnable(mut scenarios: Vec<Scenario>, store: &StoreChoice) -> Vec<Scenario> {
+    let redis = bench::cluster::redis::redis_server();
+    scenarios.retain(|scenario| {
+        if !scenario.needs_redis_server(store) {
+            return true;
+        }
+        match &redis {
+            Ok(_) if *scenario == Scenario::SessionServerDies => {
+                eprintln!(
+                    "compare: {scenario}: two session servers cannot share the memory store; \
+                     they run on a private Redis this harness starts"
+                );
+                true
+            }
+            Ok(_) => true,
+            Err(why) => {
+                eprintln!("compare: skipping {scenario}: {why}");
+                false
+            }
+        }
+    });
+    scenarios
+}
+
+/// What the scenarios that run on a store of their own run on, for the header line.
+fn own_stores(scenarios: &[Scenario], store: &StoreChoice) -> String {
+    let mut notes = Vec::new();
+    for &scenario in scenarios {
+        if !scenario.needs_redis_server(store) {
+            continue;
+        }
+        notes.push(match scenario {
+            Scenario::StoreFailover => {
+                format!("{scenario} on a Redis primary + replica + Sentinel of its own")
+            }
+            _ => format!(
+                "{scenario} on a Redis of its own, as two servers cannot share the memory store"
+            ),
+        });
+    }
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", notes.join("; "))
+    }
+}
+
 /// One progress line on stderr: rewritten in place at a terminal, one line per run otherwise.
 fn progress_line(progress: Progress<'_>, started: Instant, interactive: bool) {
     let elapsed = started.elapsed().as_secs();
@@ -255,9 +317,11 @@ fn progress_line(progress: Progress<'_>, started: Instant, interactive: bool) {
         .last
         .map(|r| {
             format!(
-                "  (last: {} / {}: loss {:.1}%, lost writes {}, {} errors)",
+                "  (last: {} / {}: {:.0}% users sent to log in, loss {:.1}% of requests, \
+                 lost writes {}, {} errors)",
                 r.mode,
                 r.scenario,
+                r.users_sent_to_login * 100.0,
                 r.session_loss * 100.0,
                 r.lost_writes,
                 r.errors

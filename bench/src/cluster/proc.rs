@@ -165,8 +165,13 @@ impl Proc {
             .map_err(|errno| io_error(format!("SIGHUP to {}", self.what))(errno.into()))
     }
 
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An error if the process has exited.
-    fn check_alive(&mut self) -> Result<(), ClusterError> {
+    pub(crate) fn check_alive(&mut self) -> Result<(), ClusterError> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(self.not_ready(format!("exited ({status})"))),
@@ -174,7 +179,8 @@ impl Proc {
         }
     }
 
-    fn not_ready(&self, why: String) -> ClusterError {
+    /// The error saying it is not ready, and `why`, with the end of its log.
+    pub(crate) fn not_ready(&self, why: String) -> ClusterError {
         ClusterError::NotReady {
             what: self.what.clone(),
             why,
@@ -185,7 +191,7 @@ impl Proc {
 
     /// Whether the process has exited because its listen address was taken (EADDRINUSE, as
     /// every one of our binaries words it in its last message).
-    fn lost_its_address(&mut self) -> bool {
+    pub(crate) fn lost_its_address(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_))) && {
             let tail = self.log_tail();
             tail.contains("Address already in use") || tail.contains("os error 98")

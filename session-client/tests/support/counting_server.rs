@@ -58,6 +58,8 @@ struct Record {
     calls: Vec<Method>,
     /// Calls of each method still to be answered UNAVAILABLE without reaching the store.
     faults: HashMap<Method, u32>,
+    /// Calls still to be applied and then answered UNAVAILABLE (a reply lost).
+    lost_replies: HashMap<Method, u32>,
     /// The `Update` requests, as received.
     updates: Vec<v1::UpdateRequest>,
     /// The `Create` requests, as received.
@@ -109,7 +111,15 @@ impl SessionStoreApi for Front {
     ) -> Result<Response<v1::Session>, Status> {
         self.record.lock().updates.push(request.get_ref().clone());
         self.arrive(Method::Update)?;
-        self.inner.update(request).await
+        let answer = self.inner.update(request).await;
+        let mut record = self.record.lock();
+        match record.lost_replies.get_mut(&Method::Update) {
+            Some(left) if *left > 0 && answer.is_ok() => {
+                *left -= 1;
+                Err(Status::unavailable("injected: applied, reply lost"))
+            }
+            _ => answer,
+        }
     }
 
     async fn touch(
@@ -189,7 +199,13 @@ impl CountingServer {
     /// Starts a front over a fresh, empty memory store on `127.0.0.1:0`.
     pub async fn start() -> CountingServer {
         let settings = Settings::default();
-        let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
+        CountingServer::start_on(Arc::new(MemoryStore::new(settings.max_session_bytes))).await
+    }
+
+    /// Starts a front over `store` (two fronts over one store are two session servers over
+    /// one shared store).
+    pub async fn start_on(store: Arc<MemoryStore>) -> CountingServer {
+        let settings = Settings::default();
         let limits = Limits {
             default_ttl: settings.default_ttl,
             max_ttl: settings.max_ttl,
@@ -238,6 +254,12 @@ impl CountingServer {
         config.timeout = Duration::from_secs(20);
         config.connect_timeout = Duration::from_secs(10);
         SessionClient::connect_lazy(config).expect("valid endpoint")
+    }
+
+    /// Applies the next `n` calls of `method` (only Update so far), then answers them
+    /// UNAVAILABLE, as a server that died between the store's answer and its own.
+    pub fn lose_reply_next(&self, method: Method, n: u32) {
+        self.record.lock().lost_replies.insert(method, n);
     }
 
     /// Answers the next `n` calls of `method` UNAVAILABLE without reaching the store.
