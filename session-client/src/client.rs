@@ -469,18 +469,19 @@ pub fn split_endpoints(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a status says the call never reached a server: the connection could not be made
-/// (tonic turns its connector's error into UNAVAILABLE, keeping the connector's message).
+/// Whether a status says the call never reached a server: tonic could not make the connection
+/// (its connector's `ConnectError`, refused or timed out, TLS handshake included, is in the
+/// status's source chain). A status a server sent has no source, whatever its message says (a
+/// server's own "store unavailable: Connection refused" is an answer: the call reached it).
 fn never_sent(status: &Status) -> bool {
-    status.code() == Code::Unavailable
-        && [
-            "tcp connect error",
-            "error trying to connect",
-            "dns error",
-            "Connection refused",
-        ]
-        .iter()
-        .any(|sign| status.message().contains(sign))
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// An error and its sources, `: `-separated (tonic's transport errors say little at the top).

@@ -195,10 +195,16 @@ impl Endpoints {
             config,
             seed: AtomicU64::new(seed),
         });
-        if shared.targets.iter().any(|t| t.is_name)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(resolve_loop(Arc::downgrade(&shared)));
+        if shared.targets.iter().any(|t| t.is_name) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(resolve_loop(Arc::downgrade(&shared)));
+                }
+                Err(_) => tracing::warn!(
+                    "session client built outside a tokio runtime: host names are resolved by \
+                     each connection, never spread over their addresses nor re-resolved"
+                ),
+            }
         }
         Ok(Endpoints { shared })
     }
@@ -265,7 +271,7 @@ impl Endpoints {
 
     /// `member` could not be reached: out of the rotation, probed until it says SERVING.
     pub(crate) fn eject(&self, member: &Arc<Member>, error: &ClientError) {
-        if member.ejected.swap(true, Ordering::Relaxed) {
+        if member.ejected.swap(true, Ordering::SeqCst) {
             return;
         }
         let members = self.shared.members.read().len();
@@ -275,10 +281,14 @@ impl Endpoints {
             members,
             "session server ejected: probing it with grpc.health.v1"
         );
-        if !member.probing.swap(true, Ordering::Relaxed)
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(probe(Arc::downgrade(&self.shared), member.clone()));
+        if !member.probing.swap(true, Ordering::SeqCst) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(probe(Arc::downgrade(&self.shared), member.clone()));
+                }
+                // No runtime to probe on: an answer to a call takes it back.
+                Err(_) => member.probing.store(false, Ordering::SeqCst),
+            }
         }
     }
 
@@ -417,7 +427,15 @@ async fn resolve_loop(shared: Weak<Shared>) {
     }
 }
 
-/// Probes an ejected member until it says SERVING (back in the rotation), it is back by a call
+/// Ends a member's probe; `false` when the member was ejected again meanwhile (an ejection
+/// that found the probe still running started none), so the probe goes on.
+fn stop_probing(member: &Member) -> bool {
+    member.probing.store(false, Ordering::SeqCst);
+    !(member.ejected.load(Ordering::SeqCst) && !member.probing.swap(true, Ordering::SeqCst))
+}
+
+/// Probes an ejected member until it says SERVING (back in the rotation; a server without the
+/// health service that answers UNIMPLEMENTED is reachable, so back too), it is back by a call
 /// that got an answer, it is no longer a member, or the client is gone.
 async fn probe(shared: Weak<Shared>, member: Arc<Member>) {
     let mut pause = PROBE_MIN;
@@ -425,9 +443,15 @@ async fn probe(shared: Weak<Shared>, member: Arc<Member>) {
         tokio::time::sleep(pause).await;
         let Some(live) = shared.upgrade() else { return };
         let still_member = live.members.read().iter().any(|m| Arc::ptr_eq(m, &member));
-        if !still_member || !member.ejected.load(Ordering::Relaxed) {
-            member.probing.store(false, Ordering::Relaxed);
+        if !still_member {
+            member.probing.store(false, Ordering::SeqCst);
             return;
+        }
+        if !member.ejected.load(Ordering::SeqCst) {
+            if stop_probing(&member) {
+                return;
+            }
+            continue;
         }
         let timeout = live.config.timeout;
         drop(live);
@@ -436,30 +460,37 @@ async fn probe(shared: Weak<Shared>, member: Arc<Member>) {
             service: session_proto::SERVICE_NAME.to_owned(),
         });
         request.set_timeout(timeout);
-        let status = tokio::time::timeout(timeout, health.check(request)).await;
-        match status {
-            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => {
-                member.ejected.store(false, Ordering::Relaxed);
-                member.probing.store(false, Ordering::Relaxed);
-                tracing::info!(
-                    endpoint = member.label,
-                    "session server SERVING again: back in the rotation"
-                );
-                return;
-            }
+        let back = match tokio::time::timeout(timeout, health.check(request)).await {
+            Ok(Ok(reply)) if reply.get_ref().status == ServingStatus::Serving as i32 => true,
+            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => true,
             Ok(Ok(reply)) => {
                 tracing::debug!(
                     endpoint = member.label,
                     status = reply.get_ref().status,
                     "session server probed: not serving"
                 );
+                false
             }
             Ok(Err(status)) => {
                 tracing::debug!(endpoint = member.label, %status, "session server probe failed");
+                false
             }
             Err(_) => {
                 tracing::debug!(endpoint = member.label, "session server probe timed out");
+                false
             }
+        };
+        if back {
+            member.ejected.store(false, Ordering::SeqCst);
+            tracing::info!(
+                endpoint = member.label,
+                "session server answers its probe: back in the rotation"
+            );
+            if stop_probing(&member) {
+                return;
+            }
+            pause = PROBE_MIN;
+            continue;
         }
         pause = (pause * 2).min(PROBE_MAX);
     }

@@ -82,7 +82,12 @@ impl Front {
         match record.faults.get_mut(&method) {
             Some(left) if *left > 0 => {
                 *left -= 1;
-                Err(Status::unavailable(format!("injected fault on {method:?}")))
+                // The words of a server whose store refused it: the call reached this server
+                // all the same (never taken for a connection the client could not make).
+                Err(Status::unavailable(format!(
+                    "injected fault on {method:?}: session store unavailable: tcp connect \
+                     error: Connection refused (os error 111)"
+                )))
             }
             _ => Ok(()),
         }
