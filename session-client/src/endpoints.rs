@@ -431,7 +431,7 @@ async fn resolve_loop(shared: Weak<Shared>) {
 /// that found the probe still running started none), so the probe goes on.
 fn stop_probing(member: &Member) -> bool {
     member.probing.store(false, Ordering::SeqCst);
-    !(member.ejected.load(Ordering::SeqCst) && !member.probing.swap(true, Ordering::SeqCst))
+    !member.ejected.load(Ordering::SeqCst) || member.probing.swap(true, Ordering::SeqCst)
 }
 
 /// Probes an ejected member until it says SERVING (back in the rotation; a server without the

@@ -391,7 +391,7 @@ async fn pipeline(port: u16, commands: &[&[&str]]) -> Option<Resp> {
 /// RESP).
 fn parse(bytes: &[u8]) -> Option<(Resp, usize)> {
     let end = bytes.windows(2).position(|w| w == b"\r\n")?;
-    let line = std::str::from_utf8(&bytes[1..end]).ok()?;
+    let line = std::str::from_utf8(bytes.get(1..end)?).ok()?;
     let rest = end + 2;
     match bytes.first()? {
         b'+' => Some((Resp::Text(line.to_owned()), rest)),
@@ -401,11 +401,12 @@ fn parse(bytes: &[u8]) -> Option<(Resp, usize)> {
             let Ok(len) = usize::try_from(line.parse::<i64>().ok()?) else {
                 return Some((Resp::Nil, rest));
             };
-            let body = bytes.get(rest..rest + len)?;
-            bytes.get(rest + len..rest + len + 2)?;
+            let end = rest.checked_add(len)?;
+            let body = bytes.get(rest..end)?;
+            bytes.get(end..end.checked_add(2)?)?;
             Some((
                 Resp::Text(String::from_utf8_lossy(body).into_owned()),
-                rest + len + 2,
+                end + 2,
             ))
         }
         b'*' => {
@@ -431,6 +432,9 @@ mod tests {
 
     #[test]
     fn replies_parse_whole_and_wait_for_the_rest() {
+        // Garbage never panics: no type byte, a length past any buffer.
+        assert_eq!(parse(b"\r\n"), None);
+        assert_eq!(parse(b"$18446744073709551615\r\nabc\r\n"), None);
         let reply = b"*2\r\n$9\r\n127.0.0.1\r\n$4\r\n6380\r\n";
         assert_eq!(
             parse(reply),

@@ -202,6 +202,9 @@ impl Lanes {
             return Ok(self.lane_connection(index, *generation, conn.clone()));
         }
         *lane = None;
+        // Numbered before it connects, so a retirement announced while it connects (a
+        // sentinel's switch: the address it asked for may be the old primary) retires it too.
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let connect = self.target.clone().connect(self.settings.clone());
         let conn = match &self.runtime {
             Some(runtime) => runtime.spawn(connect).await.map_err(|error| {
@@ -209,7 +212,6 @@ impl Lanes {
             })?,
             None => connect.await,
         }?;
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         *lane = Some((generation, conn.clone()));
         drop(lane);
         tracing::debug!(lane = index, "redis connection established");
@@ -259,9 +261,11 @@ impl Lanes {
     }
 
     /// Forgets lane `index`'s connection if it is still number `generation`, and retires every
-    /// connection made so far, so each lane's next call reconnects.
+    /// connection made up to it, so each lane's next call reconnects; a late error on an old
+    /// connection retires nothing made after it.
     async fn discard(&self, index: usize, generation: u64) {
-        self.retire_all();
+        self.retired_before
+            .fetch_max(generation.saturating_add(1), Ordering::Relaxed);
         let mut lane = self.lanes[index].lock().await;
         if lane.as_ref().is_some_and(|(g, _)| *g == generation) {
             *lane = None;

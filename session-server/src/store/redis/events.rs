@@ -171,9 +171,12 @@ impl Subscriber {
         match &self.source {
             Source::Standalone(client) => Ok(client.as_ref().clone()),
             Source::Sentinel(sentinels) => {
-                let (info, _checked) = tokio::time::timeout(self.timeout, sentinels.primary())
+                // Each sentinel asked, and the primary it names, get the store timeout: a dead
+                // first sentinel must not use up the time of the others.
+                let within = self.timeout.saturating_mul(sentinels.count() as u32 + 1);
+                let (info, _checked) = tokio::time::timeout(within, sentinels.primary())
                     .await
-                    .map_err(|_| format!("no primary found within {:?}", self.timeout))?
+                    .map_err(|_| format!("no primary found within {within:?}"))?
                     .map_err(|e| e.to_string())?;
                 Client::open(info).map_err(|e| e.to_string())
             }

@@ -40,6 +40,10 @@ use super::connection::redis_error;
 use super::topology::Node;
 use crate::store::{StoreError, StoreResult};
 
+/// How often the subscription to a sentinel's announcements is pinged: one that does not
+/// answer within the store timeout is given up for the next sentinel.
+const PING_EVERY: Duration = Duration::from_secs(15);
+
 /// The channels on which a sentinel announces a failover's new primary: `+promoted-slave` when
 /// the replica it chose answers as a master (from then on it names that one), `+switch-master`
 /// when the failover ends.
@@ -99,6 +103,11 @@ impl Sentinels {
             timeout: config.timeout,
             last: Mutex::new(None),
         })
+    }
+
+    /// How many sentinels are configured.
+    pub(super) fn count(&self) -> usize {
+        self.sentinels.len()
     }
 
     /// A connection to the current primary, checked with `ROLE`, and how it was reached.
@@ -169,13 +178,28 @@ impl Sentinels {
                         return;
                     }
                     heard_before = true;
-                    let mut messages = pubsub.into_on_message();
-                    while let Some(message) = messages.next().await {
-                        let payload = String::from_utf8_lossy(message.get_payload_bytes());
-                        if self.announces_switch(message.get_channel_name(), &payload) {
-                            tracing::info!(switch = %payload, "redis sentinel announced a new primary; reconnecting");
-                            if !switched() {
-                                return;
+                    // Pinged every PING_EVERY: a sentinel gone silent without closing the
+                    // connection is left for another, not listened to for ever.
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut ping = tokio::time::interval(PING_EVERY);
+                    ping.reset();
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => {
+                                let Some(message) = message else { break };
+                                let payload = String::from_utf8_lossy(message.get_payload_bytes());
+                                if self.announces_switch(message.get_channel_name(), &payload) {
+                                    tracing::info!(switch = %payload, "redis sentinel announced a new primary; reconnecting");
+                                    if !switched() {
+                                        return;
+                                    }
+                                }
+                            }
+                            _ = ping.tick() => {
+                                let answer = tokio::time::timeout(self.timeout, sink.ping::<::redis::Value>()).await;
+                                if !matches!(answer, Ok(Ok(_))) {
+                                    break;
+                                }
                             }
                         }
                     }
