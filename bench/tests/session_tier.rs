@@ -39,42 +39,30 @@ const WITHIN: Duration = Duration::from_secs(30);
 
 /// A `session-server` process on the shared Redis; killed (SIGKILL) when dropped.
 struct Server {
-    child: Child,
+    _proc: Proc,
     addr: SocketAddr,
 }
 
 impl Server {
     /// Starts one on `listen` (port 0: a port of its choosing) with Redis key prefix `prefix`.
     fn start(bins: &Binaries, listen: SocketAddr, prefix: &str) -> Server {
-        let mut child = Command::new(&bins.session_server)
-            .args([
-                "--listen",
-                &listen.to_string(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--store", "redis", "--redis-url", "redis://127.0.0.1:6379"])
-            .args(["--redis-prefix", prefix])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("session-server starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let reported = Reported::tee(stdout, std::io::sink());
-        let deadline = Instant::now() + WITHIN;
-        loop {
-            if let Some(addr) = reported.get("grpc") {
-                return Server { child, addr };
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("session-server on {listen} exited before listening: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session-server never reported its address"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let args: Vec<String> = [
+            "--listen",
+            &listen.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--store",
+            "redis",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-prefix",
+            prefix,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let (proc, addr) = Proc::start(&bins.session_server, &args, "grpc");
+        Server { _proc: proc, addr }
     }
 
     /// `http://addr`.
@@ -83,20 +71,14 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Another process of the test (proxy, backend); killed when dropped.
+/// A process of the test (session server, proxy, backend); killed (SIGKILL) when dropped.
 struct Proc {
     child: Child,
     reported: Reported,
 }
 
 impl Proc {
+    /// Starts `program` with `args` and waits for its `listening <role>` address.
     fn start(program: &std::path::Path, args: &[String], role: &str) -> (Proc, SocketAddr) {
         let mut child = Command::new(program)
             .args(args)
@@ -105,7 +87,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("{} starts: {e}", program.display()));
         let stdout = child.stdout.take().expect("piped stdout");
-        let proc = Proc {
+        let mut proc = Proc {
             reported: Reported::tee(stdout, std::io::sink()),
             child,
         };
@@ -113,6 +95,12 @@ impl Proc {
         loop {
             if let Some(addr) = proc.reported.get(role) {
                 return (proc, addr);
+            }
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                panic!(
+                    "{} {args:?} exited before listening: {status}",
+                    program.display()
+                );
             }
             assert!(
                 Instant::now() < deadline,
