@@ -37,7 +37,9 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use session_client::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
-use session_client::{ClientError, OutageGrace, Patch, SessionClient, SessionConfig, SessionData};
+use session_client::{
+    ClientError, OutageGrace, Patch, SessionClient, SessionConfig, SessionData, new_write_id,
+};
 
 use crate::{Cart, CartAdd, Instance, JsonOrForm, Login, MAX_CART_ITEMS, not_logged_in};
 
@@ -484,6 +486,7 @@ async fn cart_add(
             return (status, Json(body)).into_response();
         }
         cart.items.push(body.item.clone());
+        let write_id = new_write_id();
         let patch = Patch {
             set: [(
                 "cart".to_owned(),
@@ -491,6 +494,7 @@ async fn cart_add(
             )]
             .into(),
             expected_version: Some(current.version),
+            write_id: Some(write_id.clone()),
             ..Patch::default()
         };
         match state.call(client.update(id, patch)).await {
@@ -499,7 +503,23 @@ async fn cart_add(
                 return state.confirmed_snapshot(&session, response);
             }
             Err(ClientError::Conflict(_)) => continue,
-            Err(error) => return state.write_offline(&headers, id, error, offline),
+            Err(error) => {
+                // The store may have applied the write before going away: when the snapshot
+                // stands for the version it was sent against, it records the write as its own
+                // (so a `Restore` finding it applied rebases onto it instead of dropping the
+                // item).
+                let unsure = |snapshot: &mut Snapshot| {
+                    let at_base = !snapshot.has_offline_changes()
+                        && snapshot.base_version == current.version
+                        && snapshot.epoch == current.epoch;
+                    let answer = offline(snapshot)?;
+                    if at_base {
+                        snapshot.record_unsure_write(&write_id);
+                    }
+                    Ok(answer)
+                };
+                return state.write_offline(&headers, id, error, unsure);
+            }
         }
     }
     (StatusCode::CONFLICT, "too many concurrent cart changes").into_response()

@@ -333,6 +333,9 @@ pub struct SessionData {
     /// The epoch of the store that holds it (see `Restore` in `session.proto`); empty for a
     /// session made during an outage, or from a server without epochs.
     pub epoch: String,
+    /// The write id of the write that made this version ([`Patch::write_id`]); empty when that
+    /// write gave none, or from a server without write ids.
+    pub write_id: String,
 }
 
 impl From<v1::Session> for SessionData {
@@ -354,7 +357,20 @@ impl From<v1::Session> for SessionData {
                 .and_then(|d| Duration::try_from(d).ok())
                 .unwrap_or_default(),
             epoch: s.epoch,
+            write_id: s.write_id,
         }
+    }
+}
+
+/// A fresh write id ([`Patch::write_id`]): 128 random bits, base64url (22 characters). Empty
+/// if the system random source fails (the write then carries none).
+pub fn new_write_id() -> String {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut bytes = [0u8; 16];
+    match ring::rand::SystemRandom::new().fill(&mut bytes) {
+        Ok(()) => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+        Err(_) => String::new(),
     }
 }
 
@@ -391,6 +407,13 @@ pub struct RestoreRequest {
     pub remove: Vec<String>,
     /// The user set offline, if it changed.
     pub user_id: Option<String>,
+    /// This restore's write id: the same on every try of the same snapshot, so that a restore
+    /// whose answer was lost is recognised as the holder's own when sent again (empty: none).
+    pub write_id: String,
+    /// The holder's writes that may have been applied after `base_version` with their answers
+    /// lost: a version one of them made counts as the holder's base (see `Restore` in
+    /// `session.proto`).
+    pub own_write_ids: Vec<String>,
 }
 
 impl RestoreRequest {
@@ -413,6 +436,10 @@ pub struct Patch {
     pub user_id: Option<String>,
     /// New sliding ttl.
     pub ttl: Option<Duration>,
+    /// An id for this write, stored as the new version's [`SessionData::write_id`], so that a
+    /// caller whose answer was lost can tell whether it was applied ([`new_write_id`]). A
+    /// compare-and-set without one gets a fresh one.
+    pub write_id: Option<String>,
 }
 
 impl Patch {
@@ -667,8 +694,9 @@ impl SessionClient {
     /// A compare-and-set update (`expected_version`) is sent again when a try may not have
     /// reached the store; a replay answered ABORTED after a try whose outcome is unknown (the
     /// server died, or lost its store, after the write and before the answer) reads the session:
-    /// when it is at `expected_version + 1` with the patch's values, the first try was applied
-    /// and that session is the answer, never a conflict the caller would retry into a second
+    /// when it carries this write's id (from a server without write ids: when it is at
+    /// `expected_version + 1` with the patch's values), the first try was applied and that
+    /// session is the answer, never a conflict the caller would retry into a second
     /// copy of its change.
     pub async fn update(&self, id: &str, patch: Patch) -> Result<SessionData, ClientError> {
         // Compare-and-set is safe to send again: applied once, a replay finds the version moved.
@@ -676,6 +704,11 @@ impl SessionClient {
             Replay::Safe
         } else {
             Replay::Unsent
+        };
+        let write_id = match (&patch.write_id, patch.expected_version) {
+            (Some(write_id), _) => write_id.clone(),
+            (None, Some(_)) => new_write_id(),
+            (None, None) => String::new(),
         };
         let message = v1::UpdateRequest {
             namespace: self.config.namespace.clone(),
@@ -685,6 +718,7 @@ impl SessionClient {
             expected_version: patch.expected_version,
             user_id: patch.user_id.clone(),
             ttl: patch.ttl.and_then(duration),
+            write_id: write_id.clone(),
         };
         let mut unknown = false;
         let result = self
@@ -697,8 +731,17 @@ impl SessionClient {
         match (result, patch.expected_version) {
             (Ok(session), _) => Ok(session.into()),
             (Err(ClientError::Conflict(reason)), Some(expected)) if unknown => {
+                // Its own write id on the stored session says so; a server without write ids
+                // leaves the version and the values to tell.
+                let ours = |stored: &SessionData| {
+                    if stored.write_id.is_empty() {
+                        stored.version == expected + 1 && patch.applied_to(stored)
+                    } else {
+                        !write_id.is_empty() && stored.write_id == write_id
+                    }
+                };
                 match self.get(id, false).await {
-                    Ok(stored) if stored.version == expected + 1 && patch.applied_to(&stored) => {
+                    Ok(stored) if ours(&stored) => {
                         tracing::debug!(
                             version = stored.version,
                             "a compare-and-set whose answer was lost had been applied"
@@ -820,12 +863,15 @@ impl SessionClient {
                 expires_at: Some(session.expires_at.into()),
                 ttl: duration(session.ttl),
                 epoch: session.epoch,
+                write_id: String::new(),
             }),
             epoch: request.epoch,
             base_version: request.base_version,
             set: request.set,
             remove: request.remove,
             user_id: request.user_id,
+            write_id: request.write_id,
+            own_write_ids: request.own_write_ids,
         };
         let session = rpc!(self, Replay::Safe, restore, message)?;
         Ok(session.into())

@@ -56,7 +56,7 @@ pub mod tls;
 
 pub use client::{
     ClientConfig, ClientError, EPOCH_METADATA, Patch, RestoreRequest, SessionClient, SessionData,
-    SessionPage,
+    SessionPage, new_write_id,
 };
 pub use endpoints::EndpointState;
 pub use layer::{

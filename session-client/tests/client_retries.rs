@@ -68,6 +68,8 @@ async fn call(
                     set: Default::default(),
                     remove: Vec::new(),
                     user_id: None,
+                    own_write_ids: Default::default(),
+                    write_id: Default::default(),
                 })
                 .await?;
             assert_eq!(restored.id, session.id, "Restore answered with the session");

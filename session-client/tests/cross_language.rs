@@ -168,6 +168,8 @@ fn snapshots() -> Vec<Snapshot> {
         offline_removed: vec!["gone".into(), "clé ✗".into()],
         offline_user: true,
         confirmed_at_ms: NOW_MS - 60_000,
+        unsure_write_id: Default::default(),
+        write_id: Default::default(),
     };
     let confirmed = Snapshot {
         id: "A".repeat(32),

@@ -41,8 +41,14 @@ pub(crate) const METHODS: [&str; 10] = [
 /// `applied`, the session returned `unchanged`, `recreated` in a store of another epoch,
 /// `refused` (FAILED_PRECONDITION: deleted or expired) or a `conflict` (ABORTED: the store
 /// wins). A Restore that failed otherwise (store down, bad input) is in the call counts only.
-pub const RESTORE_OUTCOMES: [&str; 5] =
-    ["applied", "unchanged", "recreated", "refused", "conflict"];
+pub const RESTORE_OUTCOMES: [&str; 6] = [
+    "applied",
+    "unchanged",
+    "recreated",
+    "rebased",
+    "refused",
+    "conflict",
+];
 
 /// What the session cap did (`stickless_session_cap_total{action}`): a session `evicted` to make
 /// room for a user's new one, or a new one `refused` (see [`crate::store::cap`]).

@@ -64,6 +64,16 @@ pub const MAX_NAMESPACE_LEN: usize = 64;
 pub const MAX_USER_ID_LEN: usize = 256;
 /// Longest attribute key, in bytes.
 pub const MAX_ATTR_KEY_LEN: usize = 256;
+/// Longest write id (`UpdateRequest.write_id`, `RestoreRequest.write_id`), in bytes.
+pub const MAX_WRITE_ID_LEN: usize = 64;
+/// Most `RestoreRequest.own_write_ids`.
+pub const MAX_OWN_WRITE_IDS: usize = 8;
+/// The attribute a session's write id (`Session.write_id`) is kept in: with the attributes,
+/// so that every store writes it atomically with the patch that made the version, with no
+/// schema or record format of its own. Attribute keys starting with NUL are reserved for it
+/// (INVALID_ARGUMENT); it never leaves the server as an attribute (see [`to_proto`]), and its
+/// key and value count toward `--max-session-bytes` (at most 73 bytes).
+pub const WRITE_ID_ATTR: &str = "\0write_id";
 /// Tries at making a fresh id before giving up; a collision of 192 random bits means the random
 /// source is broken, so more tries would not help.
 const ID_TRIES: usize = 3;
@@ -349,12 +359,52 @@ fn check_attr_key(key: &str) -> Result<(), Status> {
             "attribute keys must be 1 to {MAX_ATTR_KEY_LEN} bytes"
         )));
     }
+    if key.starts_with('\0') {
+        return Err(Status::invalid_argument(
+            "attribute keys starting with NUL are reserved for the server",
+        ));
+    }
     Ok(())
 }
 
+fn check_write_id(write_id: &str) -> Result<(), Status> {
+    if write_id.len() > MAX_WRITE_ID_LEN || write_id.contains(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "write_id must be at most {MAX_WRITE_ID_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Stamps a patch with the write id of the version it makes ([`WRITE_ID_ATTR`]): written when
+/// the caller gave one, removed otherwise (a later write without one must not leave an older
+/// write's id on the version it makes).
+fn stamp(set: &mut HashMap<String, Vec<u8>>, remove: &mut Vec<String>, write_id: &str) {
+    if write_id.is_empty() {
+        remove.push(WRITE_ID_ATTR.to_owned());
+    } else {
+        set.insert(WRITE_ID_ATTR.to_owned(), write_id.as_bytes().to_vec());
+    }
+}
+
+/// The write id a stored session carries ([`WRITE_ID_ATTR`]; empty when none).
+fn write_id_of(record: &SessionRecord) -> &str {
+    record
+        .attrs
+        .get(WRITE_ID_ATTR)
+        .and_then(|id| std::str::from_utf8(id).ok())
+        .unwrap_or("")
+}
+
 /// The wire form of a stored session, in a store of epoch `epoch`.
-pub fn to_proto(record: SessionRecord, epoch: &str) -> v1::Session {
+pub fn to_proto(mut record: SessionRecord, epoch: &str) -> v1::Session {
+    let write_id = record
+        .attrs
+        .remove(WRITE_ID_ATTR)
+        .and_then(|id| String::from_utf8(id).ok())
+        .unwrap_or_default();
     v1::Session {
+        write_id,
         id: record.id,
         namespace: record.namespace,
         user_id: record.user_id,
@@ -437,9 +487,12 @@ impl SessionStoreApi for SessionService {
             let (req, namespace) = admit(request, "Update", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             self.check_patch(&req.set, &req.remove, req.user_id.as_deref())?;
+            check_write_id(&req.write_id)?;
+            let (mut set, mut remove) = (req.set, req.remove);
+            stamp(&mut set, &mut remove, &req.write_id);
             let patch = Patch {
-                set: req.set,
-                remove: req.remove,
+                set,
+                remove,
                 expected_version: req.expected_version,
                 user_id: req.user_id,
                 ttl: self.ttl(req.ttl)?,

@@ -25,6 +25,8 @@ mod restore;
 mod users;
 #[path = "conformance/watch.rs"]
 mod watch;
+#[path = "conformance/write_ids.rs"]
+mod write_ids;
 #[path = "conformance/writes.rs"]
 mod writes;
 
@@ -98,4 +100,8 @@ conformance!(
     cap::restore_with_a_user_is_capped,
     cap::a_burst_of_creates_never_leaves_a_user_over_the_cap,
     cap::a_burst_under_refuse_admits_exactly_the_cap,
+    write_ids::write_ids_are_kept_with_the_version_they_made,
+    write_ids::restore_rebases_onto_its_own_write_whose_answer_was_lost,
+    write_ids::restore_still_loses_to_another_writers_change,
+    write_ids::restore_of_another_epoch_rebases_onto_its_own_recreation,
 );

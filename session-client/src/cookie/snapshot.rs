@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use session_proto::v1::Snapshot;
 
 use super::{CookieCodec, MAX_COOKIE_BYTES};
-use crate::client::{RestoreRequest, SessionData};
+use crate::client::{RestoreRequest, SessionData, new_write_id};
 
 /// How long past the store's last confirmation a snapshot may stand in, unless configured
 /// otherwise (`--snapshot-max-age`): an outage shorter than this logs out nobody who was active
@@ -95,13 +95,23 @@ pub trait SnapshotPolicy: Sized {
     fn has_offline_changes(&self) -> bool;
 
     /// Records one request's changes made while the store is unreachable: attributes set and
-    /// removed, the user when it changed. The version goes up by one; the base stays.
+    /// removed, the user when it changed. The version goes up by one; the base stays. The
+    /// first offline change gives the snapshot the write id its `Restore` carries.
     fn record_offline(
         &mut self,
         set: &HashMap<String, Vec<u8>>,
         remove: &[String],
         user_id: Option<&str>,
     );
+
+    /// Records that a write with id `write_id` ([`crate::client::Patch::write_id`]) was sent
+    /// against the base version while the store went away, and its answer never came: it may
+    /// have made `base_version + 1`, which the snapshot's `Restore` then takes for its own base
+    /// (`own_write_ids`) rather than for another writer's change that wins. Call it with the
+    /// write's changes recorded ([`SnapshotPolicy::record_offline`]), and only for a write sent
+    /// at the snapshot's base version with its values: the offline changes are then a superset
+    /// of it. The first such write is kept (later ones are never sent against the base).
+    fn record_unsure_write(&mut self, write_id: &str);
 
     /// Slides the expiry to `now` plus the ttl, as a store's touch would, for a snapshot that
     /// stands in for an unreachable store; never past `max_age` after the store last confirmed
@@ -144,6 +154,8 @@ impl SnapshotPolicy for Snapshot {
             offline_removed: Vec::new(),
             offline_user: false,
             confirmed_at_ms: now_ms,
+            write_id: String::new(),
+            unsure_write_id: String::new(),
         }
     }
 
@@ -160,6 +172,7 @@ impl SnapshotPolicy for Snapshot {
         snapshot.version = 1;
         snapshot.offline_set = snapshot.attrs.keys().cloned().collect();
         snapshot.offline_user = !snapshot.user_id.is_empty();
+        snapshot.write_id = new_write_id();
         snapshot.expires_at_ms = now_ms
             .saturating_add(snapshot.ttl_ms)
             .min(now_ms.saturating_add(ms(max_age)));
@@ -219,7 +232,16 @@ impl SnapshotPolicy for Snapshot {
             user_id.clone_into(&mut self.user_id);
             self.offline_user = true;
         }
+        if self.write_id.is_empty() {
+            self.write_id = new_write_id();
+        }
         self.version = self.version.saturating_add(1);
+    }
+
+    fn record_unsure_write(&mut self, write_id: &str) {
+        if self.unsure_write_id.is_empty() {
+            write_id.clone_into(&mut self.unsure_write_id);
+        }
     }
 
     fn slide_offline(&mut self, now: SystemTime, max_age: Duration) {
@@ -243,6 +265,7 @@ impl SnapshotPolicy for Snapshot {
             expires_at: at(self.expires_at_ms),
             ttl: Duration::from_millis(self.ttl_ms),
             epoch: self.epoch.clone(),
+            write_id: String::new(),
         }
     }
 
@@ -258,6 +281,11 @@ impl SnapshotPolicy for Snapshot {
                 .collect(),
             remove: self.offline_removed.clone(),
             user_id: self.offline_user.then(|| self.user_id.clone()),
+            write_id: self.write_id.clone(),
+            own_write_ids: Some(self.unsure_write_id.clone())
+                .filter(|id| !id.is_empty())
+                .into_iter()
+                .collect(),
         }
     }
 }
@@ -337,6 +365,7 @@ mod tests {
             expires_at: at(NOW_MS + TTL_MS),
             ttl: Duration::from_millis(TTL_MS),
             epoch: "e1".into(),
+            write_id: Default::default(),
         }
     }
 
@@ -376,6 +405,8 @@ mod tests {
                 offline_removed: vec![],
                 offline_user: false,
                 confirmed_at_ms: NOW_MS,
+                unsure_write_id: Default::default(),
+                write_id: Default::default(),
             }
         );
         assert!(!snapshot.has_offline_changes());
@@ -612,6 +643,8 @@ mod tests {
                 set: set(&[("new", b"n")]),
                 remove: keys(&["k"]),
                 user_id: Some("bob".into()),
+                write_id: snapshot.write_id.clone(),
+                own_write_ids: Vec::new(),
             }
         );
 
@@ -620,6 +653,49 @@ mod tests {
         assert_eq!((restore.epoch.as_str(), restore.base_version), ("", 0));
         assert_eq!(restore.set, session().attrs, "every attribute");
         assert_eq!(restore.user_id.as_deref(), Some("ann"));
+        assert_eq!(restore.write_id.len(), 22, "a recreation has its write id");
+    }
+
+    #[test]
+    fn the_restore_write_id_is_made_once_per_outage_and_kept_in_the_cookie() {
+        let confirmed = confirmed();
+        assert!(confirmed.write_id.is_empty() && confirmed.unsure_write_id.is_empty());
+        assert!(confirmed.to_restore().write_id.is_empty());
+
+        let mut snapshot = confirmed.clone();
+        snapshot.record_offline(&set(&[("a", b"1")]), &[], None);
+        let first = snapshot.write_id.clone();
+        assert_eq!(first.len(), 22, "128 random bits, base64url");
+        snapshot.record_offline(&set(&[("b", b"2")]), &[], None);
+        assert_eq!(snapshot.write_id, first, "one id for the whole outage");
+        assert_eq!(snapshot.to_restore().write_id, first, "every try sends the same");
+
+        let mut other = confirmed.clone();
+        other.record_offline(&set(&[("a", b"1")]), &[], None);
+        assert_ne!(other.write_id, first, "another outage (another tab): another id");
+
+        // Through the cookie and back.
+        let codec = CookieCodec::new(
+            KeyRing::new(vec![CookieKey::new(&[3; 32]).unwrap()]).unwrap(),
+            Encryption::Aes256Gcm,
+        );
+        let decoded = codec
+            .decode_at(&codec.encode(&snapshot).unwrap(), at(NOW_MS))
+            .unwrap();
+        assert_eq!(decoded.write_id, first);
+    }
+
+    #[test]
+    fn an_unsure_write_is_an_own_write_of_the_restore() {
+        let mut snapshot = confirmed();
+        snapshot.record_offline(&set(&[("cart", b"[a]")]), &[], None);
+        snapshot.record_unsure_write("w-1");
+        snapshot.record_unsure_write("w-2");
+        assert_eq!(snapshot.unsure_write_id, "w-1", "the write sent at the base");
+        let restore = snapshot.to_restore();
+        assert_eq!(restore.own_write_ids, vec!["w-1".to_owned()]);
+        assert_eq!(restore.base_version, 4, "the base stays");
+        assert_eq!(restore.set, set(&[("cart", b"[a]")]), "its change is an offline one");
     }
 
     /// A snapshot cookie of a live session confirmed now with a 1 h max age, and the codec.

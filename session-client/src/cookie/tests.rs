@@ -35,6 +35,8 @@ fn snapshot(value_len: usize) -> Snapshot {
         offline_removed: vec!["gone".into()],
         offline_user: true,
         confirmed_at_ms: now - 500,
+        unsure_write_id: Default::default(),
+        write_id: Default::default(),
     }
 }
 
@@ -246,6 +248,8 @@ fn spec_snapshot() -> Snapshot {
         offline_removed: vec!["old".into()],
         offline_user: false,
         confirmed_at_ms: 1_700_000_000_000,
+        unsure_write_id: Default::default(),
+        write_id: Default::default(),
     }
 }
 

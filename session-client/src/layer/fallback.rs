@@ -25,7 +25,7 @@ use ring::rand::{SecureRandom as _, SystemRandom};
 use super::backend::SessionBackend;
 use super::session::{Source, State};
 use super::{FallbackMode, SessionConfig, SessionError};
-use crate::client::{ClientError, RestoreRequest, SessionData};
+use crate::client::{ClientError, RestoreRequest, SessionData, new_write_id};
 use crate::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
 use crate::outage::OutageGrace;
 
@@ -445,6 +445,9 @@ impl Fallback {
     }
 
     async fn save_changes(&self, state: &mut State) -> Result<(), SessionError> {
+        // The patch's write id: should the store go away before answering, the snapshot keeps
+        // it, so that a `Restore` finding the patch applied takes it for its own base.
+        let write_id = new_write_id();
         let outcome = match state.source {
             Source::New => self
                 .backend
@@ -458,7 +461,7 @@ impl Fallback {
                     LearnedTtl::remember(&self.ttl.created_ms, &created);
                     Some(created)
                 }),
-            Source::Store => self.save_to_store(state).await,
+            Source::Store => self.save_to_store(state, &write_id).await,
             Source::Snapshot => Err(ClientError::Unavailable(
                 "session lives in its snapshot".into(),
             )),
@@ -472,14 +475,20 @@ impl Fallback {
             }
             Ok(None) => Ok(()),
             Err(error) if self.codec.is_some() && self.fallback_on() && self.is_outage(&error) => {
-                self.apply_locally(state, error)
+                let sent = (state.source == Source::Store).then_some(write_id.as_str());
+                self.apply_locally(state, error, sent)
             }
             Err(error) => Err(self.failure(error)),
         }
     }
 
-    /// Regenerate (if asked), then one patch; `None` when there was nothing to write.
-    async fn save_to_store(&self, state: &State) -> Result<Option<SessionData>, ClientError> {
+    /// Regenerate (if asked), then one patch under `write_id`; `None` when there was nothing to
+    /// write.
+    async fn save_to_store(
+        &self,
+        state: &State,
+        write_id: &str,
+    ) -> Result<Option<SessionData>, ClientError> {
         let mut id = state.current.id.clone();
         let mut latest = None;
         if state.changes.regenerate {
@@ -487,10 +496,11 @@ impl Fallback {
             id.clone_from(&moved.id);
             latest = Some(moved);
         }
-        let patch = state.patch();
+        let mut patch = state.patch();
         if patch.is_empty() {
             return Ok(latest);
         }
+        patch.write_id = Some(write_id.to_owned());
         self.backend.update(&id, patch).await.map(Some)
     }
 
@@ -502,7 +512,16 @@ impl Fallback {
     /// Regenerating an existing session is refused (`error`, a 503): done offline, it would
     /// turn a stored session into one made offline, whose attributes a store would take on
     /// recovery whatever it had changed meanwhile (the store would no longer win).
-    fn apply_locally(&self, state: &mut State, error: ClientError) -> Result<(), SessionError> {
+    ///
+    /// `sent` is the write id of the patch this request sent to the store against the version
+    /// it had just confirmed: the store may have applied it before going away, so the snapshot
+    /// records it as an unsure write of its own ([`SnapshotPolicy::record_unsure_write`]).
+    fn apply_locally(
+        &self,
+        state: &mut State,
+        error: ClientError,
+        sent: Option<&str>,
+    ) -> Result<(), SessionError> {
         let now = SystemTime::now();
         let max_age = self.config.snapshot_max_age;
         if state.changes.regenerate && !state.current.id.is_empty() {
@@ -527,6 +546,9 @@ impl Fallback {
             Some(mut snapshot) if !fresh_id => {
                 let patch = state.patch();
                 snapshot.record_offline(&patch.set, &patch.remove, patch.user_id.as_deref());
+                if let Some(write_id) = sent.filter(|_| !state.changes.regenerate) {
+                    snapshot.record_unsure_write(write_id);
+                }
                 snapshot
             }
             _ => Snapshot::made_offline(&state.current, self.namespace(), now, max_age),

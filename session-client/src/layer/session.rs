@@ -91,6 +91,7 @@ impl State {
                 expires_at: SystemTime::UNIX_EPOCH,
                 ttl: Duration::ZERO,
                 epoch: String::new(),
+                write_id: String::new(),
             },
             source: Source::New,
             snapshot: None,
@@ -112,6 +113,7 @@ impl State {
             expected_version: None,
             user_id: changes.user.then(|| self.current.user_id.clone()),
             ttl: None,
+            write_id: None,
         }
     }
 }

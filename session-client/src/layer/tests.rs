@@ -300,6 +300,7 @@ impl SessionBackend for FakeStore {
                 expires_at: now + ttl,
                 ttl,
                 epoch: data.epoch.clone(),
+                write_id: Default::default(),
             };
             data.sessions.insert(session.id.clone(), session.clone());
             Ok(session)
@@ -420,6 +421,7 @@ fn session_of(store: &FakeStore, id: &str, user: &str, version: u64) -> SessionD
         expires_at: now + FAKE_DEFAULT_TTL,
         ttl: FAKE_DEFAULT_TTL,
         epoch: store.epoch(),
+        write_id: Default::default(),
     };
     store.put(session.clone());
     session
@@ -1449,6 +1451,7 @@ fn replay_of(id: &str) -> Browser {
         expires_at: now + FAKE_DEFAULT_TTL,
         ttl: FAKE_DEFAULT_TTL,
         epoch: String::new(),
+        write_id: Default::default(),
     };
     let snapshot = Snapshot::made_offline(&session, "shop", now, DEFAULT_SNAPSHOT_MAX_AGE);
     Browser {

@@ -9,18 +9,28 @@
 //!   the request's `session`, unless the id is live (ABORTED) or a tombstone
 //!   (FAILED_PRECONDITION).
 //!
+//! - Either way, a version conflict is looked at once more: when the stored version's write id
+//!   ([`WRITE_ID_ATTR`](super::WRITE_ID_ATTR)) is the request's or one of its `own_write_ids`,
+//!   that version is the holder's own write whose answer was lost (the server or the store went
+//!   away after applying it), and the offline changes are applied on top of it, compare-and-set
+//!   at that version (a rebase). Only the last write's id counts, so a change another writer
+//!   made after it still wins.
+//!
 //! The epoch read and the write are two store calls; [`crate::store`] says why that only ever
 //! errs toward refusing.
 //!
 //! [`SessionStore::update`]: crate::store::SessionStore::update
 //! [`SessionStore::restore`]: crate::store::SessionStore::restore
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use session_proto::v1;
 use tonic::{Code, Response, Status};
 
-use super::{SessionService, check_id, check_user};
+use super::{
+    MAX_OWN_WRITE_IDS, SessionService, check_id, check_user, check_write_id, stamp, write_id_of,
+};
 use crate::store::{Patch, SessionRecord, StoreError, StoreResult};
 
 /// What a Restore did, as counted in the metrics.
@@ -32,6 +42,9 @@ enum RestoreOutcome {
     Unchanged,
     /// Another or no epoch, id absent: recreated at version 1.
     Recreated,
+    /// The stored version was the holder's own write (its answer lost): the offline changes
+    /// applied on top of it.
+    Rebased,
 }
 
 impl RestoreOutcome {
@@ -43,6 +56,7 @@ impl RestoreOutcome {
                 RestoreOutcome::Applied => "applied",
                 RestoreOutcome::Unchanged => "unchanged",
                 RestoreOutcome::Recreated => "recreated",
+                RestoreOutcome::Rebased => "rebased",
             }),
             Err(status) => match status.code() {
                 Code::FailedPrecondition => Some("refused"),
@@ -82,6 +96,15 @@ impl SessionService {
         check_user(&session.user_id)?;
         self.check_size(&session.attrs)?;
         self.check_patch(&req.set, &req.remove, req.user_id.as_deref())?;
+        check_write_id(&req.write_id)?;
+        if req.own_write_ids.len() > MAX_OWN_WRITE_IDS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_OWN_WRITE_IDS} own_write_ids"
+            )));
+        }
+        for write_id in &req.own_write_ids {
+            check_write_id(write_id)?;
+        }
         let ttl = self
             .ttl(session.ttl)?
             .unwrap_or(self.limits.default_ttl.min(self.limits.max_ttl));
@@ -92,15 +115,14 @@ impl SessionService {
             .current_epoch()
             .await
             .map_err(|e| self.status(e))?;
+        let offline = Offline {
+            set: req.set,
+            remove: req.remove,
+            user_id: req.user_id,
+            write_id: req.write_id,
+        };
         let (outcome, result) = if !req.epoch.is_empty() && *req.epoch == *epoch {
-            let patch = Patch {
-                set: req.set,
-                remove: req.remove,
-                expected_version: Some(req.base_version),
-                user_id: req.user_id,
-                ttl: None,
-            };
-            self.restore_in_epoch(&namespace, &session.id, req.base_version, patch)
+            self.restore_in_epoch(&namespace, &session.id, req.base_version, offline.clone())
                 .await
         } else {
             let now = SystemTime::now();
@@ -109,17 +131,27 @@ impl SessionService {
                 .and_then(|t| SystemTime::try_from(t).ok())
                 .filter(|t| *t <= now)
                 .unwrap_or(now);
+            let mut attrs = session.attrs;
+            let mut no_removal = Vec::new();
+            stamp(&mut attrs, &mut no_removal, &offline.write_id);
             let record = SessionRecord {
-                id: session.id,
-                namespace,
+                id: session.id.clone(),
+                namespace: namespace.clone(),
                 user_id: session.user_id,
-                attrs: session.attrs,
+                attrs,
                 version: 1,
                 created_at,
                 expires_at: now + ttl,
                 ttl,
             };
             (RestoreOutcome::Recreated, self.store.restore(record).await)
+        };
+        let (outcome, result) = match result {
+            Err(StoreError::Conflict { expected, actual }) => self
+                .rebase(&namespace, &session.id, offline, &req.own_write_ids)
+                .await
+                .unwrap_or((outcome, Err(StoreError::Conflict { expected, actual }))),
+            other => (outcome, other),
         };
         let answer = match result {
             Ok(record) => Ok(Response::new(self.session(record))),
@@ -138,13 +170,14 @@ impl SessionService {
         namespace: &str,
         id: &str,
         base_version: u64,
-        patch: Patch,
+        offline: Offline,
     ) -> (RestoreOutcome, StoreResult<SessionRecord>) {
-        let unchanged = patch.set.is_empty() && patch.remove.is_empty() && patch.user_id.is_none();
-        if !unchanged {
+        if !offline.is_empty() {
             return (
                 RestoreOutcome::Applied,
-                self.store.update(namespace, id, patch).await,
+                self.store
+                    .update(namespace, id, offline.patch(base_version))
+                    .await,
             );
         }
         let stored = match self.store.get(namespace, id, false).await {
@@ -155,5 +188,65 @@ impl SessionService {
             other => other,
         };
         (RestoreOutcome::Unchanged, stored)
+    }
+
+    /// A Restore that found the store moved past its base: when the stored version was made by
+    /// one of the holder's own writes (its write id is the request's or one of
+    /// `own_write_ids`: a write applied whose answer was lost), the offline changes go on top
+    /// of it, at that version; `None` when it was made by another writer (the store wins).
+    async fn rebase(
+        &self,
+        namespace: &str,
+        id: &str,
+        offline: Offline,
+        own_write_ids: &[String],
+    ) -> Option<(RestoreOutcome, StoreResult<SessionRecord>)> {
+        let stored = self.store.get(namespace, id, false).await.ok()?;
+        let made_by = write_id_of(&stored);
+        let own = !made_by.is_empty()
+            && (made_by == offline.write_id || own_write_ids.iter().any(|w| w == made_by));
+        if !own {
+            return None;
+        }
+        tracing::debug!(
+            version = stored.version,
+            "restore: the stored version is the holder's own write, offline changes rebased onto it"
+        );
+        if offline.is_empty() {
+            return Some((RestoreOutcome::Unchanged, Ok(stored)));
+        }
+        let patch = offline.patch(stored.version);
+        Some((
+            RestoreOutcome::Rebased,
+            self.store.update(namespace, id, patch).await,
+        ))
+    }
+}
+
+/// A Restore's offline changes and the write id they are written under.
+#[derive(Debug, Clone)]
+struct Offline {
+    set: HashMap<String, Vec<u8>>,
+    remove: Vec<String>,
+    user_id: Option<String>,
+    write_id: String,
+}
+
+impl Offline {
+    fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty() && self.user_id.is_none()
+    }
+
+    /// The changes as one compare-and-set patch at `version`, stamped with the write id.
+    fn patch(self, version: u64) -> Patch {
+        let (mut set, mut remove) = (self.set, self.remove);
+        stamp(&mut set, &mut remove, &self.write_id);
+        Patch {
+            set,
+            remove,
+            expected_version: Some(version),
+            user_id: self.user_id,
+            ttl: None,
+        }
     }
 }

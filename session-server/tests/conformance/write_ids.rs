@@ -1,0 +1,240 @@
+//! Write ids: a write's caller-given id is kept with the version it made (`Session.write_id`),
+//! so a writer whose answer was lost (the server or the store went away after applying it) can
+//! recognise its own write; a Restore rebases onto a version its holder's own write made, and
+//! still loses to any other writer's change.
+
+use std::time::Duration;
+
+use session_proto::v1::*;
+use tonic::Code;
+
+use crate::calls::*;
+use crate::restore::{restore_code, restore_of};
+use crate::support::harness::Backend;
+
+/// An update that sets `pairs` under write id `write_id`.
+fn set_as(id: &str, write_id: &str, pairs: &[(&str, &str)]) -> UpdateRequest {
+    UpdateRequest {
+        write_id: write_id.into(),
+        ..set("", id, pairs)
+    }
+}
+
+/// The write id comes back with the version it made, on every read, and never as an attribute;
+/// a write without one clears it; a touch keeps it; keys starting with NUL are reserved and
+/// write ids are bounded.
+pub async fn write_ids_are_kept_with_the_version_they_made(backend: Backend) {
+    let Some((_server, mut c)) = start(backend, "write_ids_kept").await else {
+        return;
+    };
+    let s = create(&mut c, "", "wes", &[("a", "1")], None).await;
+    assert_eq!(s.write_id, "", "a create carries none");
+    let written = c
+        .update(set_as(&s.id, "w-1", &[("b", "2")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((written.version, written.write_id.as_str()), (2, "w-1"));
+    assert_eq!(
+        written.attrs,
+        attrs(&[("a", "1"), ("b", "2")]),
+        "not an attribute"
+    );
+    let read = get(&mut c, "", &s.id).await.unwrap();
+    assert_eq!(
+        (read.write_id.as_str(), &read.attrs),
+        ("w-1", &written.attrs)
+    );
+    let touched = c
+        .touch(TouchRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(touched.write_id, "w-1", "a touch makes no version");
+    let listed = c
+        .list_by_user(ListByUserRequest {
+            user_id: "wes".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sessions[0].write_id, "w-1");
+    assert_eq!(listed.sessions[0].attrs, written.attrs);
+
+    let plain = c
+        .update(set("", &s.id, &[("c", "3")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (plain.version, plain.write_id.as_str()),
+        (3, ""),
+        "a write without an id leaves no older write's id on its version"
+    );
+
+    let refused =
+        |r: Result<tonic::Response<Session>, tonic::Status>| r.err().map(|status| status.code());
+    assert_eq!(
+        refused(c.update(set("", &s.id, &[("\0write_id", "forged")])).await),
+        Some(Code::InvalidArgument),
+        "the reserved attribute cannot be written"
+    );
+    assert_eq!(
+        refused(
+            c.update(UpdateRequest {
+                remove: vec!["\0x".into()],
+                ..set("", &s.id, &[])
+            })
+            .await
+        ),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        refused(
+            c.update(set_as(&s.id, &"w".repeat(65), &[("d", "4")]))
+                .await
+        ),
+        Some(Code::InvalidArgument),
+        "write ids are at most 64 bytes"
+    );
+    assert_eq!(
+        refused(c.update(set_as(&s.id, "w\n", &[("d", "4")])).await),
+        Some(Code::InvalidArgument)
+    );
+    assert_eq!(
+        get(&mut c, "", &s.id).await.unwrap().version,
+        3,
+        "nothing written"
+    );
+}
+
+/// Same epoch: the holder's write at the base was applied and its answer lost, so the store
+/// is one version past the snapshot's base. A Restore naming that write among its own rebases
+/// the offline changes onto it (nothing dropped); sent again (its own answer lost), it is
+/// recognised by its own write id.
+pub async fn restore_rebases_onto_its_own_write_whose_answer_was_lost(backend: Backend) {
+    let Some((server, mut c)) = start(backend, "restore_rebases").await else {
+        return;
+    };
+    let s = create(&mut c, "", "", &[("cart", "[]")], None).await;
+    // The write whose answer was lost: applied at version 1.
+    let lost = c
+        .update(set_as(&s.id, "w-lost", &[("cart", "[a]")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lost.version, 2);
+    // The snapshot holds it as an offline change on top of version 1, then one more item.
+    let request = RestoreRequest {
+        set: attrs(&[("cart", "[a,b]")]),
+        write_id: "r-1".into(),
+        own_write_ids: vec!["w-lost".into()],
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    let restored = c.restore(request.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        (restored.version, restored.write_id.as_str()),
+        (3, "r-1"),
+        "applied on top of the holder's own version"
+    );
+    assert_eq!(restored.attrs, attrs(&[("cart", "[a,b]")]));
+    assert_eq!(server.metrics.restores("rebased"), 1);
+
+    // The restore's answer lost too: the same request again is the holder's own again.
+    let again = c.restore(request).await.unwrap().into_inner();
+    assert_eq!(again.attrs, attrs(&[("cart", "[a,b]")]), "nothing doubled");
+    assert_eq!(again.write_id, "r-1");
+
+    // Without offline changes, the holder's own version is simply its session.
+    let unchanged = c
+        .restore(RestoreRequest {
+            write_id: "r-1".into(),
+            ..restore_of(&s, &s.epoch, 1)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.version, again.version, "nothing written");
+}
+
+/// The rebase is only ever onto the holder's own last write: a version another writer made
+/// after it (with another write id, or none) wins as before (ABORTED, nothing applied).
+pub async fn restore_still_loses_to_another_writers_change(backend: Backend) {
+    let Some((_server, mut c)) = start(backend, "restore_loses_to_others").await else {
+        return;
+    };
+    let s = create(&mut c, "", "", &[("role", "admin")], None).await;
+    let request = RestoreRequest {
+        set: attrs(&[("cart", "[a]")]),
+        write_id: "r-mine".into(),
+        own_write_ids: vec!["w-mine".into()],
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    c.update(set_as(&s.id, "w-mine", &[("cart", "[a]")]))
+        .await
+        .unwrap();
+    // An administrator's change after it, without a write id.
+    c.update(UpdateRequest {
+        remove: vec!["role".into()],
+        ..set("", &s.id, &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(restore_code(&mut c, request.clone()).await, Code::Aborted);
+    // And with another write id.
+    c.update(set_as(&s.id, "w-theirs", &[("x", "1")]))
+        .await
+        .unwrap();
+    assert_eq!(restore_code(&mut c, request).await, Code::Aborted);
+    let stored = get(&mut c, "", &s.id).await.unwrap();
+    assert_eq!(stored.version, 4, "nothing applied");
+    assert!(!stored.attrs.contains_key("role"), "the removal stands");
+}
+
+/// Another epoch: a recreation whose answer was lost is found under the request's write id,
+/// and the offline changes made since go on top of it instead of being dropped.
+pub async fn restore_of_another_epoch_rebases_onto_its_own_recreation(backend: Backend) {
+    let Some((_server, mut c)) = start(backend, "restore_recreation_rebases").await else {
+        return;
+    };
+    let lost = Session {
+        id: crate::support::ids::new_id(),
+        namespace: "default".into(),
+        attrs: attrs(&[("cart", "[a]")]),
+        version: 1,
+        ttl: ttl(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    let first = RestoreRequest {
+        set: attrs(&[("cart", "[a]")]),
+        write_id: "r-made".into(),
+        ..restore_of(&lost, "", 0)
+    };
+    let made = c.restore(first).await.unwrap().into_inner();
+    assert_eq!((made.version, made.write_id.as_str()), (1, "r-made"));
+    // One more offline change before the answer was seen: the same snapshot, one item more.
+    let later = Session {
+        attrs: attrs(&[("cart", "[a,b]")]),
+        ..lost.clone()
+    };
+    let second = RestoreRequest {
+        set: attrs(&[("cart", "[a,b]")]),
+        write_id: "r-made".into(),
+        ..restore_of(&later, "", 0)
+    };
+    let rebased = c.restore(second.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        (rebased.version, &rebased.attrs),
+        (2, &attrs(&[("cart", "[a,b]")]))
+    );
+    // Without its write id it is somebody else's recreation: the store wins.
+    let foreign = RestoreRequest {
+        write_id: "r-other".into(),
+        ..second
+    };
+    assert_eq!(restore_code(&mut c, foreign).await, Code::Aborted);
+}
