@@ -493,6 +493,7 @@ fn create_request(value: &[u8], user: u64) -> CreateRequest {
         user_id: format!("load-{user}"),
         attrs: [(ATTR.to_owned(), value.to_vec())].into_iter().collect(),
         ttl: Some(prost_duration(SESSION_TTL)),
+        max_lifetime: Default::default(),
     }
 }
 

@@ -336,6 +336,8 @@ pub struct SessionData {
     /// The write id of the write that made this version ([`Patch::write_id`]); empty when that
     /// write gave none, or from a server without write ids.
     pub write_id: String,
+    /// When the session ends whatever its activity (its absolute lifetime); `None`: never.
+    pub ends_at: Option<SystemTime>,
 }
 
 impl From<v1::Session> for SessionData {
@@ -358,6 +360,7 @@ impl From<v1::Session> for SessionData {
                 .unwrap_or_default(),
             epoch: s.epoch,
             write_id: s.write_id,
+            ends_at: s.ends_at.and_then(|t| SystemTime::try_from(t).ok()),
         }
     }
 }
@@ -423,6 +426,20 @@ impl RestoreRequest {
     }
 }
 
+/// What [`SessionClient::create_with`] creates.
+#[derive(Debug, Clone, Default)]
+pub struct NewSession {
+    /// Owner, or empty for an anonymous session.
+    pub user_id: String,
+    /// Initial attributes.
+    pub attrs: HashMap<String, Vec<u8>>,
+    /// Sliding ttl (`None`: the server's default).
+    pub ttl: Option<Duration>,
+    /// Absolute lifetime from creation: the session ends at `created_at + max_lifetime`
+    /// whatever its activity ([`SessionData::ends_at`]); the server's `--max-lifetime` caps it.
+    pub max_lifetime: Option<Duration>,
+}
+
 /// An attribute-level patch for [`SessionClient::update`].
 #[derive(Debug, Clone, Default)]
 pub struct Patch {
@@ -440,6 +457,9 @@ pub struct Patch {
     /// caller whose answer was lost can tell whether it was applied ([`new_write_id`]). A
     /// compare-and-set without one gets a fresh one.
     pub write_id: Option<String>,
+    /// New absolute lifetime, counted from the session's creation (see
+    /// [`NewSession::max_lifetime`]).
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Patch {
@@ -464,6 +484,7 @@ impl Patch {
             && self.remove.is_empty()
             && self.user_id.is_none()
             && self.ttl.is_none()
+            && self.max_lifetime.is_none()
     }
 }
 
@@ -668,11 +689,23 @@ impl SessionClient {
         attrs: HashMap<String, Vec<u8>>,
         ttl: Option<Duration>,
     ) -> Result<SessionData, ClientError> {
-        let message = v1::CreateRequest {
-            namespace: self.config.namespace.clone(),
+        self.create_with(NewSession {
             user_id: user_id.to_owned(),
             attrs,
-            ttl: ttl.and_then(duration),
+            ttl,
+            max_lifetime: None,
+        })
+        .await
+    }
+
+    /// Creates a session with every option of [`NewSession`] (an absolute lifetime, say).
+    pub async fn create_with(&self, new: NewSession) -> Result<SessionData, ClientError> {
+        let message = v1::CreateRequest {
+            namespace: self.config.namespace.clone(),
+            user_id: new.user_id,
+            attrs: new.attrs,
+            ttl: new.ttl.and_then(duration),
+            max_lifetime: new.max_lifetime.and_then(duration),
         };
         let session = rpc!(self, Replay::Unsent, create, message)?;
         Ok(session.into())
@@ -719,6 +752,7 @@ impl SessionClient {
             user_id: patch.user_id.clone(),
             ttl: patch.ttl.and_then(duration),
             write_id: write_id.clone(),
+            max_lifetime: patch.max_lifetime.and_then(duration),
         };
         let mut unknown = false;
         let result = self
@@ -864,6 +898,7 @@ impl SessionClient {
                 ttl: duration(session.ttl),
                 epoch: session.epoch,
                 write_id: String::new(),
+                ends_at: None,
             }),
             epoch: request.epoch,
             base_version: request.base_version,

@@ -55,8 +55,8 @@ pub mod outage;
 pub mod tls;
 
 pub use client::{
-    ClientConfig, ClientError, EPOCH_METADATA, Patch, RestoreRequest, SessionClient, SessionData,
-    SessionPage, new_write_id,
+    ClientConfig, ClientError, EPOCH_METADATA, NewSession, Patch, RestoreRequest, SessionClient,
+    SessionData, SessionPage, new_write_id,
 };
 pub use endpoints::EndpointState;
 pub use layer::{

@@ -414,6 +414,7 @@ pub fn to_proto(mut record: SessionRecord, epoch: &str) -> v1::Session {
         expires_at: Some(record.expires_at.into()),
         ttl: prost_types::Duration::try_from(record.ttl).ok(),
         epoch: epoch.to_owned(),
+        ends_at: Default::default(),
     }
 }
 

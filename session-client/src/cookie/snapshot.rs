@@ -266,6 +266,7 @@ impl SnapshotPolicy for Snapshot {
             ttl: Duration::from_millis(self.ttl_ms),
             epoch: self.epoch.clone(),
             write_id: String::new(),
+            ends_at: Default::default(),
         }
     }
 
@@ -366,6 +367,7 @@ mod tests {
             ttl: Duration::from_millis(TTL_MS),
             epoch: "e1".into(),
             write_id: Default::default(),
+            ends_at: Default::default(),
         }
     }
 
@@ -668,11 +670,18 @@ mod tests {
         assert_eq!(first.len(), 22, "128 random bits, base64url");
         snapshot.record_offline(&set(&[("b", b"2")]), &[], None);
         assert_eq!(snapshot.write_id, first, "one id for the whole outage");
-        assert_eq!(snapshot.to_restore().write_id, first, "every try sends the same");
+        assert_eq!(
+            snapshot.to_restore().write_id,
+            first,
+            "every try sends the same"
+        );
 
         let mut other = confirmed.clone();
         other.record_offline(&set(&[("a", b"1")]), &[], None);
-        assert_ne!(other.write_id, first, "another outage (another tab): another id");
+        assert_ne!(
+            other.write_id, first,
+            "another outage (another tab): another id"
+        );
 
         // Through the cookie and back.
         let codec = CookieCodec::new(
@@ -691,11 +700,18 @@ mod tests {
         snapshot.record_offline(&set(&[("cart", b"[a]")]), &[], None);
         snapshot.record_unsure_write("w-1");
         snapshot.record_unsure_write("w-2");
-        assert_eq!(snapshot.unsure_write_id, "w-1", "the write sent at the base");
+        assert_eq!(
+            snapshot.unsure_write_id, "w-1",
+            "the write sent at the base"
+        );
         let restore = snapshot.to_restore();
         assert_eq!(restore.own_write_ids, vec!["w-1".to_owned()]);
         assert_eq!(restore.base_version, 4, "the base stays");
-        assert_eq!(restore.set, set(&[("cart", b"[a]")]), "its change is an offline one");
+        assert_eq!(
+            restore.set,
+            set(&[("cart", b"[a]")]),
+            "its change is an offline one"
+        );
     }
 
     /// A snapshot cookie of a live session confirmed now with a 1 h max age, and the codec.

@@ -92,6 +92,7 @@ impl State {
                 ttl: Duration::ZERO,
                 epoch: String::new(),
                 write_id: String::new(),
+                ends_at: Default::default(),
             },
             source: Source::New,
             snapshot: None,
@@ -114,6 +115,7 @@ impl State {
             user_id: changes.user.then(|| self.current.user_id.clone()),
             ttl: None,
             write_id: None,
+            max_lifetime: Default::default(),
         }
     }
 }

@@ -301,6 +301,7 @@ impl SessionBackend for FakeStore {
                 ttl,
                 epoch: data.epoch.clone(),
                 write_id: Default::default(),
+                ends_at: Default::default(),
             };
             data.sessions.insert(session.id.clone(), session.clone());
             Ok(session)
@@ -422,6 +423,7 @@ fn session_of(store: &FakeStore, id: &str, user: &str, version: u64) -> SessionD
         ttl: FAKE_DEFAULT_TTL,
         epoch: store.epoch(),
         write_id: Default::default(),
+        ends_at: Default::default(),
     };
     store.put(session.clone());
     session
@@ -1452,6 +1454,7 @@ fn replay_of(id: &str) -> Browser {
         ttl: FAKE_DEFAULT_TTL,
         epoch: String::new(),
         write_id: Default::default(),
+        ends_at: Default::default(),
     };
     let snapshot = Snapshot::made_offline(&session, "shop", now, DEFAULT_SNAPSHOT_MAX_AGE);
     Browser {

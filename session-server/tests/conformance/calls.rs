@@ -53,6 +53,7 @@ pub async fn create(
             user_id: user.into(),
             attrs: attrs(pairs),
             ttl: t.and_then(ttl),
+            max_lifetime: Default::default(),
         })
         .await
         .expect("create")
