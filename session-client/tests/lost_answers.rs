@@ -285,6 +285,15 @@ where
     }
 }
 
+/// Returns once the relay has swallowed some of the server's answer (the answer was sent, so
+/// closing the connection now loses it rather than racing it).
+async fn swallowed(relay: &Relay) {
+    until("the server's answer reached the relay", || async {
+        (relay.swallowed() > 0).then_some(())
+    })
+    .await;
+}
+
 /// The stored session once it is at `version` (read by the direct client).
 async fn stored_at(direct: &SessionClient, id: &str, version: u64) -> SessionData {
     until(&format!("the store holds version {version}"), || async {
@@ -411,6 +420,7 @@ impl World {
         let (reply_b, stored_b) =
             tokio::join!(self.send("POST", "/add-then-cut/B", &sid, &snap_a), async {
                 let stored = stored_at(&self.direct, &sid, base + 1).await;
+                swallowed(&self.relay).await;
                 self.relay.sever();
                 stored
             });
@@ -569,6 +579,7 @@ async fn a_compare_and_set_whose_answer_was_lost_is_recognised_on_retry() {
     };
     let (outcome, applied) = tokio::join!(through.update(&session.id, patch), async {
         let applied = stored_at(&direct, &session.id, session.version + 1).await;
+        swallowed(&relay).await;
         relay.sever_and_restore();
         applied
     });

@@ -103,5 +103,6 @@ conformance!(
     write_ids::write_ids_are_kept_with_the_version_they_made,
     write_ids::restore_rebases_onto_its_own_write_whose_answer_was_lost,
     write_ids::restore_still_loses_to_another_writers_change,
+    write_ids::an_unsure_write_is_the_base_only_right_after_it,
     write_ids::restore_of_another_epoch_rebases_onto_its_own_recreation,
 );

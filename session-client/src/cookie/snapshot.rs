@@ -282,7 +282,13 @@ impl SnapshotPolicy for Snapshot {
                 .collect(),
             remove: self.offline_removed.clone(),
             user_id: self.offline_user.then(|| self.user_id.clone()),
-            write_id: self.write_id.clone(),
+            // The lineage and the local version: a store holding a later snapshot of this
+            // lineage is not rolled back by an earlier one.
+            write_id: if self.write_id.is_empty() {
+                String::new()
+            } else {
+                format!("{}.{}", self.write_id, self.version)
+            },
             own_write_ids: Some(self.unsure_write_id.clone())
                 .filter(|id| !id.is_empty())
                 .into_iter()
@@ -645,7 +651,7 @@ mod tests {
                 set: set(&[("new", b"n")]),
                 remove: keys(&["k"]),
                 user_id: Some("bob".into()),
-                write_id: snapshot.write_id.clone(),
+                write_id: format!("{}.5", snapshot.write_id),
                 own_write_ids: Vec::new(),
             }
         );
@@ -655,7 +661,12 @@ mod tests {
         assert_eq!((restore.epoch.as_str(), restore.base_version), ("", 0));
         assert_eq!(restore.set, session().attrs, "every attribute");
         assert_eq!(restore.user_id.as_deref(), Some("ann"));
-        assert_eq!(restore.write_id.len(), 22, "a recreation has its write id");
+        assert_eq!(
+            restore.write_id,
+            format!("{}.1", made.write_id),
+            "a recreation has its write id"
+        );
+        assert_eq!(made.write_id.len(), 22, "128 random bits, base64url");
     }
 
     #[test]
@@ -670,9 +681,15 @@ mod tests {
         assert_eq!(first.len(), 22, "128 random bits, base64url");
         snapshot.record_offline(&set(&[("b", b"2")]), &[], None);
         assert_eq!(snapshot.write_id, first, "one id for the whole outage");
+        let sent = snapshot.to_restore().write_id;
+        assert_eq!(
+            sent,
+            format!("{first}.{}", snapshot.version),
+            "lineage and local version"
+        );
         assert_eq!(
             snapshot.to_restore().write_id,
-            first,
+            sent,
             "every try sends the same"
         );
 

@@ -9,12 +9,13 @@
 //!   the request's `session`, unless the id is live (ABORTED) or a tombstone
 //!   (FAILED_PRECONDITION).
 //!
-//! - Either way, a version conflict is looked at once more: when the stored version's write id
-//!   ([`WRITE_ID_ATTR`](super::WRITE_ID_ATTR)) is the request's or one of its `own_write_ids`,
-//!   that version is the holder's own write whose answer was lost (the server or the store went
-//!   away after applying it), and the offline changes are applied on top of it, compare-and-set
-//!   at that version (a rebase). Only the last write's id counts, so a change another writer
-//!   made after it still wins.
+//! - Either way, a version conflict is looked at once more (`rebase`): when the stored version's
+//!   write id ([`WRITE_ID_ATTR`](super::WRITE_ID_ATTR)) says it is the holder's own write whose
+//!   answer was lost (the server or the store went away after applying it), the offline
+//!   changes are applied on top of it, compare-and-set at that version. Only the last write's
+//!   id counts, so a change another writer made after it still wins; an older snapshot of the
+//!   same holder never rolls back a newer one (write ids of a snapshot's restores carry its
+//!   local version as a sequence number).
 //!
 //! The epoch read and the write are two store calls; [`crate::store`] says why that only ever
 //! errs toward refusing.
@@ -121,7 +122,8 @@ impl SessionService {
             user_id: req.user_id,
             write_id: req.write_id,
         };
-        let (outcome, result) = if !req.epoch.is_empty() && *req.epoch == *epoch {
+        let same_epoch = !req.epoch.is_empty() && *req.epoch == *epoch;
+        let (outcome, result) = if same_epoch {
             self.restore_in_epoch(&namespace, &session.id, req.base_version, offline.clone())
                 .await
         } else {
@@ -147,10 +149,12 @@ impl SessionService {
             (RestoreOutcome::Recreated, self.store.restore(record).await)
         };
         let (outcome, result) = match result {
-            Err(StoreError::Conflict { expected, actual }) => self
-                .rebase(&namespace, &session.id, offline, &req.own_write_ids)
-                .await
-                .unwrap_or((outcome, Err(StoreError::Conflict { expected, actual }))),
+            Err(StoreError::Conflict { expected, actual }) => {
+                let unsure = same_epoch.then_some((req.base_version, &req.own_write_ids[..]));
+                self.rebase(&namespace, &session.id, offline, unsure)
+                    .await
+                    .unwrap_or((outcome, Err(StoreError::Conflict { expected, actual })))
+            }
             other => (outcome, other),
         };
         let answer = match result {
@@ -190,23 +194,53 @@ impl SessionService {
         (RestoreOutcome::Unchanged, stored)
     }
 
-    /// A Restore that found the store moved past its base: when the stored version was made by
-    /// one of the holder's own writes (its write id is the request's or one of
-    /// `own_write_ids`: a write applied whose answer was lost), the offline changes go on top
-    /// of it, at that version; `None` when it was made by another writer (the store wins).
+    /// A Restore that found the store moved past its base: `None` when the stored version is
+    /// another writer's (the store wins), else what the holder's own version makes of it. The
+    /// stored version is the holder's own when its write id is
+    /// - of the request's lineage ([`lineage`]: the same outage of the same snapshot) at a
+    ///   sequence number no later than the request's: this restore, or an older snapshot of
+    ///   the same holder, was applied and its answer lost. The offline changes go on top of it
+    ///   (a later snapshot holds every change of an earlier one), or, at the same sequence,
+    ///   nothing is written when they are all there already (the same restore sent again); a
+    ///   later sequence in the store means a newer snapshot of the holder won already.
+    /// - in the same epoch (`unsure`: the base version and `own_write_ids`), one of the
+    ///   holder's unsure writes, at exactly `base_version + 1`: that write was applied at the
+    ///   base, with no other writer before it, and its answer lost.
     async fn rebase(
         &self,
         namespace: &str,
         id: &str,
         offline: Offline,
-        own_write_ids: &[String],
+        unsure: Option<(u64, &[String])>,
     ) -> Option<(RestoreOutcome, StoreResult<SessionRecord>)> {
-        let stored = self.store.get(namespace, id, false).await.ok()?;
+        let stored = match self.store.get(namespace, id, false).await {
+            Ok(stored) => stored,
+            // The store went away (or the session did) meanwhile: its error, not a conflict
+            // that would make the holder drop its changes.
+            Err(error) => return Some((RestoreOutcome::Rebased, Err(error))),
+        };
         let made_by = write_id_of(&stored);
-        let own = !made_by.is_empty()
-            && (made_by == offline.write_id || own_write_ids.iter().any(|w| w == made_by));
-        if !own {
+        if made_by.is_empty() {
             return None;
+        }
+        let (stored_lineage, stored_seq) = lineage(made_by);
+        let (own_lineage, own_seq) = lineage(&offline.write_id);
+        if !offline.write_id.is_empty() && stored_lineage == own_lineage {
+            if stored_seq > own_seq {
+                return None;
+            }
+            if stored_seq == own_seq {
+                return offline
+                    .is_in(&stored)
+                    .then_some((RestoreOutcome::Unchanged, Ok(stored)));
+            }
+        } else {
+            let unsure_write = unsure.is_some_and(|(base, own)| {
+                stored.version == base.saturating_add(1) && own.iter().any(|w| w == made_by)
+            });
+            if !unsure_write {
+                return None;
+            }
         }
         tracing::debug!(
             version = stored.version,
@@ -223,6 +257,15 @@ impl SessionService {
     }
 }
 
+/// A write id's lineage and sequence number: `<lineage>.<n>` with `n` decimal (a snapshot's
+/// restores, `n` its local version), else the whole id at 0.
+fn lineage(write_id: &str) -> (&str, u64) {
+    write_id
+        .rsplit_once('.')
+        .and_then(|(lineage, n)| Some((lineage, n.parse().ok()?)))
+        .unwrap_or((write_id, 0))
+}
+
 /// A Restore's offline changes and the write id they are written under.
 #[derive(Debug, Clone)]
 struct Offline {
@@ -235,6 +278,13 @@ struct Offline {
 impl Offline {
     fn is_empty(&self) -> bool {
         self.set.is_empty() && self.remove.is_empty() && self.user_id.is_none()
+    }
+
+    /// Whether `stored` already holds every change (values set, keys removed, the user).
+    fn is_in(&self, stored: &SessionRecord) -> bool {
+        self.set.iter().all(|(k, v)| stored.attrs.get(k) == Some(v))
+            && self.remove.iter().all(|k| !stored.attrs.contains_key(k))
+            && self.user_id.as_ref().is_none_or(|u| *u == stored.user_id)
     }
 
     /// The changes as one compare-and-set patch at `version`, stamped with the write id.

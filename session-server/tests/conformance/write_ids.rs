@@ -131,34 +131,96 @@ pub async fn restore_rebases_onto_its_own_write_whose_answer_was_lost(backend: B
     // The snapshot holds it as an offline change on top of version 1, then one more item.
     let request = RestoreRequest {
         set: attrs(&[("cart", "[a,b]")]),
-        write_id: "r-1".into(),
+        write_id: "r.3".into(),
         own_write_ids: vec!["w-lost".into()],
         ..restore_of(&s, &s.epoch, 1)
     };
     let restored = c.restore(request.clone()).await.unwrap().into_inner();
     assert_eq!(
         (restored.version, restored.write_id.as_str()),
-        (3, "r-1"),
+        (3, "r.3"),
         "applied on top of the holder's own version"
     );
     assert_eq!(restored.attrs, attrs(&[("cart", "[a,b]")]));
     assert_eq!(server.metrics.restores("rebased"), 1);
 
-    // The restore's answer lost too: the same request again is the holder's own again.
+    // The restore's answer lost too: the same request again finds it applied, writes nothing.
     let again = c.restore(request).await.unwrap().into_inner();
-    assert_eq!(again.attrs, attrs(&[("cart", "[a,b]")]), "nothing doubled");
-    assert_eq!(again.write_id, "r-1");
+    assert_eq!(
+        (again.version, &again.attrs, again.write_id.as_str()),
+        (3, &attrs(&[("cart", "[a,b]")]), "r.3"),
+        "nothing written twice"
+    );
+
+    // A later snapshot of the same outage (one item more) goes on top.
+    let later = RestoreRequest {
+        set: attrs(&[("cart", "[a,b,c]")]),
+        write_id: "r.4".into(),
+        own_write_ids: vec!["w-lost".into()],
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    let newer = c.restore(later).await.unwrap().into_inner();
+    assert_eq!((newer.version, newer.write_id.as_str()), (4, "r.4"));
+    // An older snapshot of it (a request that was still on its way) never rolls it back.
+    let older = RestoreRequest {
+        set: attrs(&[("cart", "[a]")]),
+        write_id: "r.2".into(),
+        own_write_ids: vec!["w-lost".into()],
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    assert_eq!(restore_code(&mut c, older).await, Code::Aborted);
+    // Nor does a sibling of the same sequence with other changes (another tab).
+    let sibling = RestoreRequest {
+        set: attrs(&[("cart", "[a,b,x]")]),
+        write_id: "r.4".into(),
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    assert_eq!(restore_code(&mut c, sibling).await, Code::Aborted);
+    let stored = get(&mut c, "", &s.id).await.unwrap();
+    assert_eq!(
+        (stored.version, &stored.attrs),
+        (4, &attrs(&[("cart", "[a,b,c]")]))
+    );
 
     // Without offline changes, the holder's own version is simply its session.
     let unchanged = c
         .restore(RestoreRequest {
-            write_id: "r-1".into(),
+            write_id: "r.4".into(),
             ..restore_of(&s, &s.epoch, 1)
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(unchanged.version, again.version, "nothing written");
+    assert_eq!(unchanged.version, 4, "nothing written");
+}
+
+/// An unsure write counts as the holder's base only at exactly `base_version + 1`: a write it
+/// sent without compare-and-set may have landed on top of another writer's version, whose
+/// change the offline values (made from the older base) would undo.
+pub async fn an_unsure_write_is_the_base_only_right_after_it(backend: Backend) {
+    let Some((_server, mut c)) = start(backend, "unsure_write_right_after_base").await else {
+        return;
+    };
+    let s = create(&mut c, "", "", &[("cart", "[A]")], None).await;
+    // Another tab checks out (version 2), then the holder's blind write lands (version 3).
+    c.update(set("", &s.id, &[("cart", "[]"), ("order", "1")]))
+        .await
+        .unwrap();
+    c.update(set_as(&s.id, "w-blind", &[("wish", "1")]))
+        .await
+        .unwrap();
+    let stale = RestoreRequest {
+        set: attrs(&[("wish", "1"), ("cart", "[A,C]")]),
+        write_id: "r.3".into(),
+        own_write_ids: vec!["w-blind".into()],
+        ..restore_of(&s, &s.epoch, 1)
+    };
+    assert_eq!(restore_code(&mut c, stale).await, Code::Aborted);
+    let stored = get(&mut c, "", &s.id).await.unwrap();
+    assert_eq!(
+        stored.attrs.get("cart").map(Vec::as_slice),
+        Some(&b"[]"[..])
+    );
 }
 
 /// The rebase is only ever onto the holder's own last write: a version another writer made
@@ -211,11 +273,11 @@ pub async fn restore_of_another_epoch_rebases_onto_its_own_recreation(backend: B
     };
     let first = RestoreRequest {
         set: attrs(&[("cart", "[a]")]),
-        write_id: "r-made".into(),
+        write_id: "r-made.1".into(),
         ..restore_of(&lost, "", 0)
     };
     let made = c.restore(first).await.unwrap().into_inner();
-    assert_eq!((made.version, made.write_id.as_str()), (1, "r-made"));
+    assert_eq!((made.version, made.write_id.as_str()), (1, "r-made.1"));
     // One more offline change before the answer was seen: the same snapshot, one item more.
     let later = Session {
         attrs: attrs(&[("cart", "[a,b]")]),
@@ -223,7 +285,7 @@ pub async fn restore_of_another_epoch_rebases_onto_its_own_recreation(backend: B
     };
     let second = RestoreRequest {
         set: attrs(&[("cart", "[a,b]")]),
-        write_id: "r-made".into(),
+        write_id: "r-made.2".into(),
         ..restore_of(&later, "", 0)
     };
     let rebased = c.restore(second.clone()).await.unwrap().into_inner();
@@ -233,7 +295,7 @@ pub async fn restore_of_another_epoch_rebases_onto_its_own_recreation(backend: B
     );
     // Without its write id it is somebody else's recreation: the store wins.
     let foreign = RestoreRequest {
-        write_id: "r-other".into(),
+        write_id: "r-other.3".into(),
         ..second
     };
     assert_eq!(restore_code(&mut c, foreign).await, Code::Aborted);
