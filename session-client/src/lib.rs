@@ -60,7 +60,8 @@ pub use client::{
 };
 pub use endpoints::EndpointState;
 pub use layer::{
-    DEFAULT_OUTAGE_GRACE, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,
+    DEFAULT_ID_HEADER, DEFAULT_OUTAGE_GRACE, EXPIRY_ATTRIBUTE, Expiry, FallbackMode, IdSource,
+    Session, SessionConfig, SessionError, SessionLayer, SessionService,
 };
 pub use outage::OutageGrace;
 pub use tls::{ClientIdentity, ClientTls};

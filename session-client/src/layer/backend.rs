@@ -4,12 +4,10 @@
 //! Crate-private on purpose: a public trait would freeze the shape of calls (such as `restore`)
 //! that follow the store's protocol as it evolves.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
 
-use crate::client::{ClientError, Patch, RestoreRequest, SessionClient, SessionData};
+use crate::client::{ClientError, NewSession, Patch, RestoreRequest, SessionClient, SessionData};
 
 /// A store call in flight (boxed, so the layer can hold any backend behind one pointer).
 pub(crate) type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T, ClientError>> + Send + 'a>>;
@@ -23,13 +21,8 @@ pub(crate) trait SessionBackend: Send + Sync + 'static {
     /// Reads a session; with `touch`, also slides its expiry ([`SessionClient::get`]).
     fn get<'a>(&'a self, id: &'a str, touch: bool) -> Call<'a, SessionData>;
 
-    /// Creates a session; `ttl` `None` is the server's default ([`SessionClient::create`]).
-    fn create<'a>(
-        &'a self,
-        user_id: &'a str,
-        attrs: HashMap<String, Vec<u8>>,
-        ttl: Option<Duration>,
-    ) -> Call<'a, SessionData>;
+    /// Creates a session; `ttl` `None` is the server's default ([`SessionClient::create_with`]).
+    fn create(&self, new: NewSession) -> Call<'_, SessionData>;
 
     /// Applies an attribute-level patch, compare-and-set when it carries an expected version
     /// ([`SessionClient::update`]).
@@ -54,13 +47,8 @@ impl SessionBackend for SessionClient {
         Box::pin(SessionClient::get(self, id, touch))
     }
 
-    fn create<'a>(
-        &'a self,
-        user_id: &'a str,
-        attrs: HashMap<String, Vec<u8>>,
-        ttl: Option<Duration>,
-    ) -> Call<'a, SessionData> {
-        Box::pin(SessionClient::create(self, user_id, attrs, ttl))
+    fn create(&self, new: NewSession) -> Call<'_, SessionData> {
+        Box::pin(SessionClient::create_with(self, new))
     }
 
     fn update<'a>(&'a self, id: &'a str, patch: Patch) -> Call<'a, SessionData> {

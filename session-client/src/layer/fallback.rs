@@ -15,6 +15,7 @@
 //! [`CookieUpdate`] for the service to apply.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -23,9 +24,10 @@ use parking_lot::Mutex;
 use ring::rand::{SecureRandom as _, SystemRandom};
 
 use super::backend::SessionBackend;
-use super::session::{Source, State};
-use super::{FallbackMode, SessionConfig, SessionError};
-use crate::client::{ClientError, RestoreRequest, SessionData, new_write_id};
+use super::expiry::{Expiry, ExpiryRecord};
+use super::session::{Source, State, write_record};
+use super::{FallbackMode, IdSource, SessionConfig, SessionError};
+use crate::client::{ClientError, NewSession, RestoreRequest, SessionData, new_write_id};
 use crate::cookie::{CookieCodec, Snapshot, SnapshotPolicy, fits_in_cookie, unix_ms};
 use crate::outage::OutageGrace;
 
@@ -51,11 +53,25 @@ pub(super) enum CookieUpdate {
     Clear,
     /// Write the id cookie when it changed, and act on the snapshot cookie.
     Write {
-        /// The new session id, when it differs from the request's.
+        /// The session id to send, when it differs from the request's or its persistent
+        /// cookie is due again.
         id: Option<String>,
+        /// The lifetime the id cookie gets when it is sent.
+        lifetime: IdLifetime,
         /// The snapshot cookie.
         snapshot: SnapshotCookie,
     },
+}
+
+/// How long the browser keeps the id cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdLifetime {
+    /// Until the browser closes (no `Max-Age`).
+    Session,
+    /// `Max-Age`.
+    MaxAge(Duration),
+    /// `Expires`.
+    Until(SystemTime),
 }
 
 /// What happens to the snapshot cookie.
@@ -109,9 +125,9 @@ impl LearnedTtl {
 /// snapshot codec, the settings.
 pub(super) struct Fallback {
     /// The session store.
-    backend: Box<dyn SessionBackend>,
+    backend: Arc<dyn SessionBackend>,
     /// The snapshot codec (present whenever the fallback is on).
-    codec: Option<CookieCodec>,
+    codec: Option<Arc<CookieCodec>>,
     /// Cookie and fallback settings.
     config: SessionConfig,
     /// Ids for sessions made during an outage.
@@ -133,12 +149,18 @@ impl Fallback {
     /// The state machine over `backend`; `codec` is needed for any fallback mode other than
     /// `Off` (without one, fallback is turned off and a warning logged).
     pub(super) fn new(
-        backend: Box<dyn SessionBackend>,
-        codec: Option<CookieCodec>,
+        backend: Arc<dyn SessionBackend>,
+        codec: Option<Arc<CookieCodec>>,
         mut config: SessionConfig,
     ) -> Self {
         if codec.is_none() && config.fallback != FallbackMode::Off {
             tracing::warn!("cookie fallback needs a CookieCodec; fallback turned off");
+            config.fallback = FallbackMode::Off;
+        }
+        if matches!(config.id_source, IdSource::Header(_)) && config.fallback != FallbackMode::Off {
+            tracing::warn!(
+                "the snapshot fallback rides in cookies: off for header-only session ids"
+            );
             config.fallback = FallbackMode::Off;
         }
         Fallback {
@@ -250,6 +272,13 @@ impl Fallback {
                     }
                     (None, _) => None,
                 }
+            }
+            Err(ClientError::Invalid(reason)) => {
+                // Not an id the server makes (a forged or mangled cookie or header): no
+                // session, as for an unknown one, not an error page.
+                self.answered();
+                tracing::debug!(%reason, "session id refused by the store as invalid");
+                None
             }
             Err(error) if self.fallback_on() && self.is_outage(&error) => {
                 let Some(snap) = snapshot else {
@@ -404,10 +433,93 @@ impl Fallback {
         if !state.loaded {
             return Ok(CookieUpdate::Keep);
         }
+        let resend = self.plan_expiry(state, SystemTime::now());
         if state.changes.any() {
             self.save_changes(state).await?;
         }
-        Ok(self.cookies(state))
+        Ok(self.cookies(state, resend))
+    }
+
+    /// The expiry that applies to the session: its own, else the layer's.
+    fn expiry_of(&self, state: &State) -> Expiry {
+        ExpiryRecord::read(&state.current.attrs)
+            .own()
+            .unwrap_or(self.config.expiry)
+    }
+
+    /// Turns the session's expiry into store changes (ttl, absolute lifetime) when it is set or
+    /// the session is created, and schedules the persistent id cookie: whether the response
+    /// must send the id cookie again (its lifetime changed, the session changed, or half the
+    /// cookie's life has passed; the time it was sent is then recorded in the session).
+    fn plan_expiry(&self, state: &mut State, now: SystemTime) -> bool {
+        let new = state.source == Source::New;
+        if new && !state.changes.any() {
+            // Nothing to create: an anonymous read makes no session.
+            return false;
+        }
+        if state.source == Source::Snapshot {
+            // Served from the snapshot: no store to follow; the cookie goes with a new id only.
+            return state.changes.expiry;
+        }
+        let setting = state.changes.expiry || new;
+        let mut record = ExpiryRecord::read(&state.current.attrs);
+        let layer_ttl = || self.ttl.for_new_session(self.config.ttl);
+        match self.expiry_of(state) {
+            Expiry::BrowserSession => {
+                if state.changes.expiry && !new && state.changes.ttl.is_none() {
+                    // Back from "remember me": the layer's ttl again.
+                    state.changes.ttl = Some(layer_ttl());
+                }
+                if record.has_cookie_schedule() {
+                    record.forget_cookie();
+                    write_record(state, record);
+                }
+                state.changes.expiry
+            }
+            Expiry::OnInactivity(inactivity) => {
+                if setting && state.changes.ttl.is_none() {
+                    state.changes.ttl = Some(inactivity);
+                }
+                let life = state.changes.ttl.unwrap_or(if state.current.ttl.is_zero() {
+                    inactivity
+                } else {
+                    state.current.ttl
+                });
+                let due =
+                    setting || state.changes.any() || record.cookie_due(now, state.current.ttl);
+                if due {
+                    record.cookie_sent(now, now + life);
+                    write_record(state, record);
+                }
+                due
+            }
+            Expiry::AtDateTime(end) => {
+                if setting {
+                    let left = end.duration_since(now).unwrap_or_default();
+                    let base = if new { now } else { state.current.created_at };
+                    let lifetime = end
+                        .duration_since(base)
+                        .unwrap_or_default()
+                        .max(Duration::from_secs(1));
+                    state.changes.max_lifetime = Some(lifetime);
+                    let ttl = state.changes.ttl.unwrap_or_else(|| {
+                        if new || state.current.ttl.is_zero() {
+                            layer_ttl()
+                        } else {
+                            state.current.ttl
+                        }
+                    });
+                    if new || ttl > left || state.changes.ttl.is_some() {
+                        state.changes.ttl = Some(ttl.min(left).max(Duration::from_secs(1)));
+                    }
+                }
+                if record.has_cookie_schedule() {
+                    record.forget_cookie();
+                    write_record(state, record);
+                }
+                setting
+            }
+        }
     }
 
     /// Logout: deletes the session and clears both cookies, also when the store is unreachable
@@ -449,18 +561,24 @@ impl Fallback {
         // it, so that a `Restore` finding the patch applied takes it for its own base.
         let write_id = new_write_id();
         let outcome = match state.source {
-            Source::New => self
-                .backend
-                .create(
-                    &state.current.user_id,
-                    state.current.attrs.clone(),
-                    self.config.ttl,
-                )
-                .await
-                .map(|created| {
-                    LearnedTtl::remember(&self.ttl.created_ms, &created);
-                    Some(created)
-                }),
+            Source::New => {
+                let own_ttl = state.changes.ttl.is_some();
+                self.backend
+                    .create(NewSession {
+                        user_id: state.current.user_id.clone(),
+                        attrs: state.current.attrs.clone(),
+                        ttl: state.changes.ttl.or(self.config.ttl),
+                        max_lifetime: state.changes.max_lifetime,
+                    })
+                    .await
+                    .map(|created| {
+                        // A session's own ttl ("remember me") says nothing of the layer's.
+                        if !own_ttl {
+                            LearnedTtl::remember(&self.ttl.created_ms, &created);
+                        }
+                        Some(created)
+                    })
+            }
             Source::Store => self.save_to_store(state, &write_id).await,
             Source::Snapshot => Err(ClientError::Unavailable(
                 "session lives in its snapshot".into(),
@@ -564,8 +682,9 @@ impl Fallback {
     }
 
     /// The cookies for the session as saved: none when there is none (stale ones cleared), the
-    /// id cookie when the id changed, and the snapshot as [`Fallback::snapshot_cookie`] says.
-    fn cookies(&self, state: &State) -> CookieUpdate {
+    /// id cookie when the id changed or `resend` (its lifetime is due, see
+    /// [`Fallback::plan_expiry`]), and the snapshot as [`Fallback::snapshot_cookie`] says.
+    fn cookies(&self, state: &State, resend: bool) -> CookieUpdate {
         if state.current.id.is_empty() {
             // No session (the cookie named a deleted or unknown one): drop stale cookies.
             return if state.cookie_id.is_some() {
@@ -574,11 +693,32 @@ impl Fallback {
                 CookieUpdate::Keep
             };
         }
-        let id = (state.cookie_id.as_deref() != Some(state.current.id.as_str()))
+        let id = (resend || state.cookie_id.as_deref() != Some(state.current.id.as_str()))
             .then(|| state.current.id.clone());
         CookieUpdate::Write {
             id,
+            lifetime: self.id_lifetime(state),
             snapshot: self.snapshot_cookie(state),
+        }
+    }
+
+    /// The id cookie's lifetime: none for a browser session; the time the store keeps the
+    /// session for `OnInactivity` (to its absolute end, if sooner); the end for `AtDateTime`.
+    fn id_lifetime(&self, state: &State) -> IdLifetime {
+        let now = SystemTime::now();
+        match self.expiry_of(state) {
+            Expiry::BrowserSession => IdLifetime::Session,
+            Expiry::OnInactivity(inactivity) => {
+                let current = &state.current;
+                let until = current
+                    .ends_at
+                    .map_or(current.expires_at, |end| end.min(current.expires_at));
+                match until.duration_since(now) {
+                    Ok(left) if state.source == Source::Store => IdLifetime::MaxAge(left),
+                    _ => IdLifetime::MaxAge(inactivity),
+                }
+            }
+            Expiry::AtDateTime(end) => IdLifetime::Until(end),
         }
     }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::SessionError;
+use super::expiry::{EXPIRY_ATTRIBUTE, Expiry, ExpiryRecord};
 use super::fallback::{CookieUpdate, Fallback};
 use crate::client::{Patch, SessionData};
 use crate::cookie::Snapshot;
@@ -39,6 +40,12 @@ pub(super) struct Changes {
     pub(super) regenerate: bool,
     /// `destroy` was called.
     pub(super) destroy: bool,
+    /// The session's own expiry was set (or reset to the layer's) with `set_expiry`.
+    pub(super) expiry: bool,
+    /// New sliding ttl for the store (`set_ttl`, or the expiry's).
+    pub(super) ttl: Option<Duration>,
+    /// New absolute lifetime for the store (an `AtDateTime` expiry's).
+    pub(super) max_lifetime: Option<Duration>,
 }
 
 impl Changes {
@@ -49,13 +56,16 @@ impl Changes {
             || self.user
             || self.regenerate
             || self.destroy
+            || self.expiry
+            || self.ttl.is_some()
+            || self.max_lifetime.is_some()
     }
 }
 
 /// Per-request state behind a [`Session`].
 #[derive(Debug)]
 pub(super) struct State {
-    /// Id from the request's cookie.
+    /// Id the request sent (in its cookie or header, see [`IdSource`](super::IdSource)).
     pub(super) cookie_id: Option<String>,
     /// Raw snapshot cookie from the request.
     pub(super) cookie_snapshot: Option<String>,
@@ -113,9 +123,9 @@ impl State {
             remove: changes.remove.iter().cloned().collect(),
             expected_version: None,
             user_id: changes.user.then(|| self.current.user_id.clone()),
-            ttl: None,
+            ttl: changes.ttl,
             write_id: None,
-            max_lifetime: Default::default(),
+            max_lifetime: changes.max_lifetime,
         }
     }
 }
@@ -184,14 +194,115 @@ impl Session {
         Ok(())
     }
 
-    /// Removes `key`.
-    pub async fn remove(&self, key: &str) -> Result<(), SessionError> {
+    /// Removes `key` and returns the value it held (`None`: there was none). A value that does
+    /// not deserialize as `T` is an error and stays (see [`Session::remove_value`]).
+    pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
         let mut state = self.loaded().await?;
-        if state.current.attrs.remove(key).is_some() || state.source != Source::New {
+        let old = match state.current.attrs.get(key) {
+            Some(bytes) => Some(serde_json::from_slice(bytes)?),
+            None => None,
+        };
+        Self::remove_key(&mut state, key);
+        Ok(old)
+    }
+
+    /// Removes `key` without reading its value; whether it held one.
+    pub async fn remove_value(&self, key: &str) -> Result<bool, SessionError> {
+        let mut state = self.loaded().await?;
+        Ok(Self::remove_key(&mut state, key))
+    }
+
+    /// Removes every attribute (the user, the id and the expiry stay): the session is kept,
+    /// empty. Keys another request adds meanwhile are not removed.
+    pub async fn clear(&self) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        let keys: Vec<String> = state
+            .current
+            .attrs
+            .keys()
+            .filter(|k| k.as_str() != EXPIRY_ATTRIBUTE)
+            .cloned()
+            .collect();
+        for key in keys {
+            Self::remove_key(&mut state, &key);
+        }
+        Ok(())
+    }
+
+    /// The value under `key`, or `make()`'s, written under `key` first.
+    pub async fn get_or_insert_with<T, F>(&self, key: &str, make: F) -> Result<T, SessionError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> T,
+    {
+        let mut state = self.loaded().await?;
+        if let Some(bytes) = state.current.attrs.get(key) {
+            return Ok(serde_json::from_slice(bytes)?);
+        }
+        let value = make();
+        let bytes = serde_json::to_vec(&value)?;
+        state.current.attrs.insert(key.to_owned(), bytes);
+        state.changes.remove.remove(key);
+        state.changes.set.insert(key.to_owned());
+        Ok(value)
+    }
+
+    /// Whether this request changed the session (it is saved after the handler if so).
+    pub async fn is_modified(&self) -> bool {
+        self.state.lock().await.changes.any()
+    }
+
+    /// Removes `key` from the state and records the removal; whether it was there.
+    fn remove_key(state: &mut State, key: &str) -> bool {
+        let was = state.current.attrs.remove(key).is_some();
+        if was || state.source != Source::New {
             state.changes.set.remove(key);
             state.changes.remove.insert(key.to_owned());
         }
+        was
+    }
+
+    /// The session's own expiry (`None`: it follows the layer's [`SessionConfig::expiry`]).
+    ///
+    /// [`SessionConfig::expiry`]: super::SessionConfig::expiry
+    pub async fn expiry(&self) -> Result<Option<Expiry>, SessionError> {
+        let state = self.loaded().await?;
+        Ok(ExpiryRecord::read(&state.current.attrs).own())
+    }
+
+    /// Gives this session an expiry of its own ("remember me": `Some(Expiry::OnInactivity(30
+    /// days))`), or `None` to follow the layer's again. Saved with the session; the id cookie
+    /// is sent again with its new lifetime.
+    ///
+    /// Going back from `AtDateTime` does not lift the store's absolute end already set.
+    pub async fn set_expiry(&self, expiry: Option<Expiry>) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        let mut record = ExpiryRecord::read(&state.current.attrs);
+        if record.own() == expiry {
+            return Ok(());
+        }
+        record.set_own(expiry);
+        write_record(&mut state, record);
+        state.changes.expiry = true;
         Ok(())
+    }
+
+    /// Sets this session's sliding ttl in the store (from the next save on, each request
+    /// extends it by `ttl`); a persistent id cookie follows it.
+    pub async fn set_ttl(&self, ttl: Duration) -> Result<(), SessionError> {
+        let mut state = self.loaded().await?;
+        state.changes.ttl = Some(ttl);
+        Ok(())
+    }
+
+    /// When the store expires the session unless a request comes first (`None`: no session
+    /// yet).
+    pub async fn expires_at(&self) -> Result<Option<SystemTime>, SessionError> {
+        let state = self.loaded().await?;
+        Ok(
+            (!state.current.id.is_empty() && state.current.expires_at > SystemTime::UNIX_EPOCH)
+                .then_some(state.current.expires_at),
+        )
     }
 
     /// The logged-in user, if any.
@@ -216,6 +327,11 @@ impl Session {
         Ok(())
     }
 
+    /// [`Session::regenerate`], by tower-sessions' name.
+    pub async fn cycle_id(&self) -> Result<(), SessionError> {
+        self.regenerate().await
+    }
+
     /// Deletes the session (log out) and clears its cookies.
     pub async fn destroy(&self) -> Result<(), SessionError> {
         let mut state = self.state.lock().await;
@@ -234,6 +350,14 @@ impl Session {
         Ok(self.loaded().await?.source == Source::Snapshot)
     }
 
+    /// The session of this request, outside axum: what [`SessionLayer`] put into the request's
+    /// extensions (`None` without the layer).
+    ///
+    /// [`SessionLayer`]: super::SessionLayer
+    pub fn from_request<B>(request: &http::Request<B>) -> Option<Session> {
+        request.extensions().get::<Session>().cloned()
+    }
+
     /// The state, loaded on first use.
     async fn loaded(&self) -> Result<tokio::sync::MutexGuard<'_, State>, SessionError> {
         let mut state = self.state.lock().await;
@@ -249,5 +373,20 @@ impl Session {
     pub(super) async fn save(&self) -> Result<CookieUpdate, SessionError> {
         let mut state = self.state.lock().await;
         self.fallback.save(&mut state).await
+    }
+}
+
+/// Writes the expiry record into the session (or removes it when empty), as a change.
+pub(super) fn write_record(state: &mut State, record: ExpiryRecord) {
+    let key = EXPIRY_ATTRIBUTE.to_owned();
+    if record.is_empty() {
+        if state.current.attrs.remove(&key).is_some() {
+            state.changes.set.remove(&key);
+            state.changes.remove.insert(key);
+        }
+    } else {
+        state.current.attrs.insert(key.clone(), record.to_bytes());
+        state.changes.remove.remove(&key);
+        state.changes.set.insert(key);
     }
 }

@@ -18,10 +18,12 @@ use parking_lot::Mutex;
 use tower::ServiceExt as _;
 
 use super::backend::{Call, SessionBackend};
-use super::fallback::{CookieUpdate, Fallback, SnapshotCookie};
+use super::fallback::{CookieUpdate, Fallback, IdLifetime, SnapshotCookie};
 use super::session::{Source, State};
-use super::{FallbackMode, Session, SessionConfig, SessionError, SessionLayer};
-use crate::client::{ClientError, Patch, RestoreRequest, SessionData};
+use super::{
+    EXPIRY_ATTRIBUTE, Expiry, FallbackMode, Session, SessionConfig, SessionError, SessionLayer,
+};
+use crate::client::{ClientError, NewSession, Patch, RestoreRequest, SessionData};
 use crate::cookie::{
     CookieCodec, CookieKey, DEFAULT_SNAPSHOT_MAX_AGE, Encryption, KeyRing, Snapshot,
     SnapshotPolicy as _, unix_ms,
@@ -280,20 +282,21 @@ impl SessionBackend for FakeStore {
         })
     }
 
-    fn create<'a>(
-        &'a self,
-        user_id: &'a str,
-        attrs: HashMap<String, Vec<u8>>,
-        ttl: Option<Duration>,
-    ) -> Call<'a, SessionData> {
-        self.call(Called::Create(user_id.into()), |data| {
+    fn create(&self, new: NewSession) -> Call<'_, SessionData> {
+        let NewSession {
+            user_id,
+            attrs,
+            ttl,
+            max_lifetime,
+        } = new;
+        self.call(Called::Create(user_id.clone()), |data| {
             data.made += 1;
             let now = SystemTime::now();
             let ttl = ttl.unwrap_or(FAKE_DEFAULT_TTL);
             let session = SessionData {
                 id: format!("{:A>32}", data.made),
                 namespace: "shop".into(),
-                user_id: user_id.into(),
+                user_id,
                 attrs,
                 version: 1,
                 created_at: now,
@@ -301,7 +304,7 @@ impl SessionBackend for FakeStore {
                 ttl,
                 epoch: data.epoch.clone(),
                 write_id: Default::default(),
-                ends_at: Default::default(),
+                ends_at: max_lifetime.map(|lifetime| now + lifetime),
             };
             data.sessions.insert(session.id.clone(), session.clone());
             Ok(session)
@@ -315,6 +318,12 @@ impl SessionBackend for FakeStore {
                 return Err(ClientError::Conflict("version moved on".into()));
             }
             apply(session, patch.set, &patch.remove, patch.user_id);
+            if let Some(ttl) = patch.ttl {
+                session.ttl = ttl;
+            }
+            if let Some(lifetime) = patch.max_lifetime {
+                session.ends_at = Some(session.created_at + lifetime);
+            }
             session.version += 1;
             slide(session);
             Ok(session.clone())
@@ -403,7 +412,7 @@ fn machine(store: &FakeStore) -> Fallback {
 
 /// The state machine over `store` with `config`.
 fn machine_with(store: &FakeStore, config: SessionConfig) -> Fallback {
-    Fallback::new(Box::new(store.clone()), Some(codec()), config)
+    Fallback::new(Arc::new(store.clone()), Some(Arc::new(codec())), config)
 }
 
 /// A session in the store: `user`'s, version `version`, with `role=admin` and `theme=dark`.
@@ -535,7 +544,7 @@ impl Browser {
         match &update {
             CookieUpdate::Keep => {}
             CookieUpdate::Clear => *self = Browser::default(),
-            CookieUpdate::Write { id, snapshot } => {
+            CookieUpdate::Write { id, snapshot, .. } => {
                 if let Some(id) = id {
                     self.id = Some(id.clone());
                 }
@@ -855,6 +864,7 @@ async fn an_up_to_date_snapshot_is_left_alone_on_a_read() {
         fallback.save(&mut state).await.unwrap(),
         CookieUpdate::Write {
             id: None,
+            lifetime: IdLifetime::Session,
             snapshot: SnapshotCookie::Keep
         }
     );
@@ -1594,4 +1604,229 @@ async fn a_logout_the_store_cannot_take_stays_queued_until_it_can() {
     bob_browser.read(&fallback).await.unwrap();
     assert!(store.stored(&ann.id).is_none());
     assert!(store.has_tombstone(&ann.id));
+}
+
+/// The record a layer keeps under [`EXPIRY_ATTRIBUTE`] for a persistent cookie sent at `sent`
+/// that runs out at `until`.
+fn cookie_record(sent: SystemTime, until: SystemTime) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "cookie_sent_ms": unix_ms(sent),
+        "cookie_until_ms": unix_ms(until),
+    }))
+    .unwrap()
+}
+
+/// A session of the fake store with a 30-day ttl whose persistent cookie was sent at `sent`.
+fn remembered_session(store: &FakeStore, sent: SystemTime) -> SessionData {
+    let month = Duration::from_secs(30 * 24 * 3600);
+    let mut session = stored_session(store, 1);
+    session.ttl = month;
+    session.expires_at = SystemTime::now() + month;
+    session
+        .attrs
+        .insert(EXPIRY_ATTRIBUTE.into(), cookie_record(sent, sent + month));
+    store.put(session.clone());
+    session
+}
+
+#[tokio::test]
+async fn a_persistent_cookie_is_sent_again_only_after_half_its_life() {
+    let store = FakeStore::new();
+    let month = Duration::from_secs(30 * 24 * 3600);
+    let fallback = machine_with(
+        &store,
+        config(FallbackMode::Off).with_expiry(Expiry::OnInactivity(month)),
+    );
+
+    // Sent an hour ago: a read sends nothing and writes nothing.
+    let fresh = remembered_session(&store, SystemTime::now() - Duration::from_secs(3600));
+    let mut browser = Browser {
+        id: Some(fresh.id.clone()),
+        snapshot: None,
+    };
+    let (_, update) = browser.read(&fallback).await.unwrap();
+    assert!(
+        matches!(update, CookieUpdate::Write { id: None, .. }),
+        "{update:?}"
+    );
+    assert_eq!(store.take_calls(), [Called::Get(fresh.id.clone())]);
+
+    // Sent 20 days ago (past half of 30): sent again with the store's expiry, and the time
+    // recorded in the session.
+    let old = remembered_session(
+        &store,
+        SystemTime::now() - Duration::from_secs(20 * 24 * 3600),
+    );
+    let (_, update) = browser.read(&fallback).await.unwrap();
+    let CookieUpdate::Write {
+        id: Some(id),
+        lifetime: IdLifetime::MaxAge(max_age),
+        ..
+    } = &update
+    else {
+        panic!("the cookie is due: {update:?}");
+    };
+    assert_eq!(id, &old.id);
+    assert!(*max_age > month - Duration::from_secs(60), "{max_age:?}");
+    assert_eq!(
+        store.take_calls(),
+        [Called::Get(old.id.clone()), Called::Update(old.id.clone())]
+    );
+    let record = store.stored(&old.id).unwrap().attrs[EXPIRY_ATTRIBUTE].clone();
+    let record: serde_json::Value = serde_json::from_slice(&record).unwrap();
+    let sent = record["cookie_sent_ms"].as_u64().unwrap();
+    assert!(sent + 60_000 > unix_ms(SystemTime::now()), "{record}");
+
+    // And not again on the next request.
+    let (_, update) = browser.read(&fallback).await.unwrap();
+    assert!(
+        matches!(update, CookieUpdate::Write { id: None, .. }),
+        "{update:?}"
+    );
+    assert_eq!(store.take_calls(), [Called::Get(old.id.clone())]);
+}
+
+/// `set_ttl`, `clear` (which keeps the expiry record) and `set_expiry`, through the layer.
+async fn remember_and_clear(session: Session) -> Result<(), SessionError> {
+    session.insert("cart", &3).await?;
+    session
+        .set_expiry(Some(Expiry::OnInactivity(Duration::from_secs(7200))))
+        .await?;
+    session.clear().await?;
+    assert!(session.is_modified().await);
+    Ok(())
+}
+
+async fn set_short_ttl(session: Session) -> Result<(), SessionError> {
+    session.set_ttl(Duration::from_secs(90)).await
+}
+
+#[tokio::test]
+async fn clear_keeps_the_expiry_and_set_ttl_reaches_the_store() {
+    let store = FakeStore::new();
+    let session = stored_session(&store, 1);
+    let layer = SessionLayer::with_backend(store.clone(), None, config(FallbackMode::Off));
+    let app = Router::new()
+        .route("/remember", post(remember_and_clear))
+        .route("/short", post(set_short_ttl))
+        .layer(layer);
+    let send = |path: &'static str| {
+        http::Request::post(path)
+            .header(http::header::COOKIE, format!("sid={}", session.id))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    let response = app.clone().oneshot(send("/remember")).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let set_cookie = response.headers()[http::header::SET_COOKIE]
+        .to_str()
+        .unwrap();
+    assert!(set_cookie.contains("Max-Age=7200"), "{set_cookie}");
+    let stored = store.stored(&session.id).unwrap();
+    assert_eq!(
+        stored.attrs.keys().collect::<Vec<_>>(),
+        [EXPIRY_ATTRIBUTE],
+        "every attribute cleared but the expiry"
+    );
+    assert_eq!(stored.ttl, Duration::from_secs(7200));
+
+    let response = app.oneshot(send("/short")).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(
+        store.stored(&session.id).unwrap().ttl,
+        Duration::from_secs(90)
+    );
+    let set_cookie = response.headers()[http::header::SET_COOKIE]
+        .to_str()
+        .unwrap();
+    assert!(
+        set_cookie.contains("Max-Age=9"),
+        "the cookie follows: {set_cookie}"
+    );
+}
+
+#[tokio::test]
+async fn an_expiry_at_a_date_sends_a_lifetime_and_a_capped_ttl_to_the_store() {
+    let store = FakeStore::new();
+    let end = SystemTime::now() + Duration::from_secs(120);
+    let fallback = machine_with(
+        &store,
+        config(FallbackMode::Off).with_expiry(Expiry::AtDateTime(end)),
+    );
+    let mut browser = Browser::default();
+    let (state, update) = browser
+        .send(&fallback, |state| insert(state, "cart", "1"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(update, CookieUpdate::Write { id: Some(_), lifetime: IdLifetime::Until(t), .. } if t == end),
+        "{update:?}"
+    );
+    let stored = store.stored(&state.current.id).unwrap();
+    assert!(stored.ttl <= Duration::from_secs(120), "{:?}", stored.ttl);
+    let ends_at = stored.ends_at.expect("an absolute end");
+    let skew = ends_at.duration_since(end).unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(2), "{skew:?}");
+}
+
+#[test]
+fn header_only_ids_turn_the_snapshot_fallback_off() {
+    let store = FakeStore::new();
+    let fallback = machine_with(
+        &store,
+        config(FallbackMode::Always).with_id_source(super::IdSource::header()),
+    );
+    assert_eq!(fallback.config().fallback, FallbackMode::Off);
+    let fallback = machine_with(
+        &store,
+        config(FallbackMode::Always).with_id_source(super::IdSource::both()),
+    );
+    assert_eq!(fallback.config().fallback, FallbackMode::Always);
+}
+
+#[test]
+fn every_error_answers_with_its_status() {
+    use http::StatusCode;
+    let cases = [
+        (
+            SessionError::Unavailable(ClientError::Unavailable("down".into())),
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+        ),
+        (
+            SessionError::TimedOut(ClientError::TimedOut("slow".into())),
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("1"),
+        ),
+        (
+            SessionError::Value(serde_json::from_str::<u8>("x").unwrap_err()),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+        ),
+        (
+            SessionError::Store(ClientError::PermissionDenied("no".into())),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+        ),
+        (
+            SessionError::MissingLayer,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+        ),
+    ];
+    for (error, status, retry) in cases {
+        let empty: http::Response<String> = error.empty_response();
+        assert_eq!((empty.status(), empty.body().as_str()), (status, ""));
+        let response = error.into_response();
+        assert_eq!(response.status(), status);
+        for headers in [empty.headers(), response.headers()] {
+            assert_eq!(
+                headers
+                    .get(http::header::RETRY_AFTER)
+                    .map(|v| v.to_str().unwrap()),
+                retry
+            );
+        }
+    }
 }
