@@ -40,6 +40,7 @@ pub mod mode;
 pub mod report;
 pub mod scenarios;
 pub mod soak;
+pub mod staleness;
 pub mod svg;
 pub mod users;
 

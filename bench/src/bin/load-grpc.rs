@@ -77,6 +77,18 @@ struct Cli {
     /// After the load, run `redis-benchmark` against this Redis for a baseline.
     #[arg(long)]
     vs_redis: Option<String>,
+    /// Measure staleness instead of throughput: write through one server (`--target`, or the
+    /// first spawned), read through another (`--read-target`, or a second spawned on the same
+    /// store), and count reads older than the caller's acknowledged write (`--count` trials,
+    /// default 10 000, over `--concurrency` sessions).
+    #[arg(long)]
+    staleness: bool,
+    /// The server reads go through with `--staleness` (ignored with --spawn).
+    #[arg(long, default_value = "http://127.0.0.1:50052")]
+    read_target: String,
+    /// With `--staleness`: reads are plain Gets instead of Gets that touch.
+    #[arg(long)]
+    no_touch: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -177,6 +189,44 @@ fn spawn_server(cli: &Cli) -> Result<(Spawned, SocketAddr), String> {
     }
 }
 
+/// `--staleness`: two servers on one store, writes through one and reads through the other.
+async fn staleness(cli: Cli) -> Result<(), String> {
+    if cli.spawn && cli.store == Store::Memory {
+        return Err("--staleness needs two servers on one store: --store redis".into());
+    }
+    let mut spawned = Vec::new();
+    let (writer, reader) = if cli.spawn {
+        for _ in 0..2 {
+            let (server, addr) = spawn_server(&cli)?;
+            spawned.push((server, addr));
+        }
+        println!(
+            "load-grpc: spawned two session-servers on one Redis: writes through {}, reads \
+             through {}",
+            spawned[0].1, spawned[1].1
+        );
+        (
+            format!("http://{}", spawned[0].1),
+            format!("http://{}", spawned[1].1),
+        )
+    } else {
+        (cli.target.clone(), cli.read_target.clone())
+    };
+    let settings = bench::staleness::StalenessSettings {
+        writer,
+        reader,
+        sessions: cli.concurrency.max(1),
+        trials: cli.count.unwrap_or(10_000),
+        touch: !cli.no_touch,
+        catch_up_within: Duration::from_secs(5),
+    };
+    let report = bench::staleness::run(&settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("{report}");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -196,6 +246,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    if cli.staleness {
+        return staleness(cli).await;
+    }
     let (_server, target) = if cli.spawn {
         let (server, addr) = spawn_server(&cli)?;
         let store = match cli.store {
