@@ -492,7 +492,7 @@ impl Patch {
 #[derive(Debug, Clone)]
 pub struct SessionClient {
     /// The session servers and their connections.
-    endpoints: Arc<Endpoints>,
+    pub(crate) endpoints: Arc<Endpoints>,
     /// Settings.
     config: Arc<ClientConfig>,
     /// `Bearer <token>`, ready to attach.
@@ -598,7 +598,7 @@ impl SessionClient {
         &self.config.namespace
     }
 
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.config.timeout);
         if let Some(auth) = &self.auth {

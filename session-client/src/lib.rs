@@ -46,6 +46,8 @@
 //!   modes (tower plumbing, the session API and the fallback state machine apart).
 //! - [`tls`]: [`ClientTls`], the CA bundle and client identity of an `https://` session server
 //!   (an `https://` URL is always TLS; `http://` is cleartext and refuses TLS settings).
+//! - [`watch`]: [`SessionClient::watch`], session events as a typed stream that subscribes again
+//!   by itself and says when events may have been missed.
 
 pub mod client;
 pub mod cookie;
@@ -53,6 +55,7 @@ pub mod endpoints;
 pub mod layer;
 pub mod outage;
 pub mod tls;
+pub mod watch;
 
 pub use client::{
     ClientConfig, ClientError, EPOCH_METADATA, NewSession, Patch, RestoreRequest, SessionClient,
@@ -65,3 +68,4 @@ pub use layer::{
 };
 pub use outage::OutageGrace;
 pub use tls::{ClientIdentity, ClientTls};
+pub use watch::{EventKind, MissedReason, SessionEvent, WatchEvent, WatchStream};
