@@ -7,7 +7,8 @@
 //! server restart, UNAVAILABLE, RESOURCE_EXHAUSTED) it subscribes again, on any configured
 //! server, with a capped exponential backoff ([`RESUBSCRIBE_BACKOFF`] doubling up to
 //! [`RESUBSCRIBE_BACKOFF_MAX`], back to the start after each successful subscription). Since
-//! events between two subscriptions are lost, the first item of every new subscription is
+//! events between two subscriptions are lost, a lost subscription is announced at once
+//! ([`WatchEvent::Interrupted`]) and the first item of every new subscription is
 //! [`WatchEvent::Missed`]: re-read what you care about. An error that will not heal
 //! (UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT, UNIMPLEMENTED) is yielded as the
 //! stream's last item. Dropping the stream cancels the gRPC call.
@@ -22,6 +23,7 @@
 //! while let Some(item) = std::future::poll_fn(|cx| std::pin::Pin::new(&mut events).poll_next(cx)).await {
 //!     match item? {
 //!         WatchEvent::Session(event) => println!("{:?} {} v{}", event.kind, event.id, event.version),
+//!         WatchEvent::Interrupted(_) => {} // a cache would stop serving here
 //!         WatchEvent::Missed(reason) => println!("events may be missing ({reason:?}): re-read"),
 //!     }
 //! }
@@ -123,6 +125,10 @@ pub enum MissedReason {
 pub enum WatchEvent {
     /// An event of a session, in the order the store applied them.
     Session(SessionEvent),
+    /// The subscription was lost (this is why): events from now until the next
+    /// [`WatchEvent::Missed`] are not seen. A cache kept exact by the stream must stop
+    /// serving here, not only at the `Missed` that follows the new subscription.
+    Interrupted(MissedReason),
     /// The stream subscribed again after losing its subscription: events between the two are
     /// lost. Re-read what you care about. Comes before the new subscription's events.
     Missed(MissedReason),
@@ -253,6 +259,8 @@ impl Watcher {
                     Ok(None) => {
                         self.stream = None;
                         self.missed = Some(MissedReason::Reconnected);
+                        let interrupted = WatchEvent::Interrupted(MissedReason::Reconnected);
+                        return Some((Ok(interrupted), self));
                     }
                     Err(status) => {
                         let (_, member) = self.stream.take().expect("a live subscription");
@@ -261,11 +269,13 @@ impl Watcher {
                             return Some((Err(status.into()), self));
                         }
                         self.failed(&member, &status);
-                        self.missed = Some(if status.code() == Code::ResourceExhausted {
+                        let reason = if status.code() == Code::ResourceExhausted {
                             MissedReason::FellBehind
                         } else {
                             MissedReason::Reconnected
-                        });
+                        };
+                        self.missed = Some(reason);
+                        return Some((Ok(WatchEvent::Interrupted(reason)), self));
                     }
                 }
                 continue;

@@ -245,6 +245,10 @@ async fn the_stream_subscribes_again_after_a_server_restart_and_says_events_were
     assert_eq!(server.addr, addr, "same address");
 
     match next(&mut events).await {
+        Some(Ok(WatchEvent::Interrupted(MissedReason::Reconnected))) => {}
+        other => panic!("expected the interruption first, got {other:?}"),
+    }
+    match next(&mut events).await {
         Some(Ok(WatchEvent::Missed(MissedReason::Reconnected))) => {}
         other => panic!("expected the missed marker, got {other:?}"),
     }
@@ -280,6 +284,10 @@ async fn the_stream_moves_to_another_configured_server_when_its_own_is_gone() {
     let store = Arc::new(MemoryStore::new(settings.max_session_bytes));
     let back = Server::start(b_addr, settings, store).await;
     assert_ne!(back.addr, a_addr);
+    match next(&mut events).await {
+        Some(Ok(WatchEvent::Interrupted(_))) => {}
+        other => panic!("expected the interruption first, got {other:?}"),
+    }
     match next(&mut events).await {
         Some(Ok(WatchEvent::Missed(_))) => {}
         other => panic!("expected the missed marker, got {other:?}"),
@@ -339,6 +347,10 @@ async fn a_refusal_on_resubscription_ends_the_stream_with_the_error() {
     server.stop().await;
     let _server = Server::start(addr, scoped_settings(), store).await;
     match next(&mut events).await {
+        Some(Ok(WatchEvent::Interrupted(MissedReason::Reconnected))) => {}
+        other => panic!("expected the interruption first, got {other:?}"),
+    }
+    match next(&mut events).await {
         Some(Err(ClientError::PermissionDenied(_))) => {}
         other => panic!("expected PERMISSION_DENIED, got {other:?}"),
     }
@@ -383,8 +395,12 @@ async fn a_watcher_that_fell_behind_is_told_and_subscribes_again() {
                     "every event delivered: nobody fell behind"
                 );
             }
-            Some(Ok(WatchEvent::Missed(reason))) => {
+            Some(Ok(WatchEvent::Interrupted(reason))) => {
                 assert_eq!(reason, MissedReason::FellBehind);
+                match next(&mut events).await {
+                    Some(Ok(WatchEvent::Missed(MissedReason::FellBehind))) => {}
+                    other => panic!("expected the missed marker, got {other:?}"),
+                }
                 eprintln!("{delivered} of {WRITES} events delivered before falling behind");
                 break;
             }
