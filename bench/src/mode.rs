@@ -146,8 +146,6 @@ impl Mode {
             for arg in [
                 "--session-lookup",
                 session_servers,
-                "--session-namespace",
-                "demo",
                 "--session-attr",
                 "cart",
             ] {

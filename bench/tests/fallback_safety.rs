@@ -384,6 +384,7 @@ async fn start_proxy(backend: &Served, session_url: &str, snapshot_max_age: Dura
         timeout: Duration::from_secs(2),
         snapshot_keys: vec![SnapshotKey(KEY.to_vec())],
         snapshot_cookie: "sid_snap".to_owned(),
+        session_header: None,
         snapshot_max_age,
         outage_grace: Duration::from_secs(5),
         tls: None,

@@ -363,7 +363,6 @@ async fn the_proxy_and_its_backends_lose_nobody_when_one_of_two_session_servers_
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    args.extend(["--session-namespace".into(), "demo".into()]);
     args.extend(["--session-attr".into(), "cart".into()]);
     for (_, addr) in &backends {
         args.extend(["--backend".into(), format!("http://{addr}")]);

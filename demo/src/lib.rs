@@ -34,8 +34,8 @@ use session_client::cookie::{
     CookieCodec, CookieKey, DEFAULT_SNAPSHOT_MAX_AGE, Encryption, KeyRing,
 };
 use session_client::{
-    ClientConfig, ClientError, ClientTls, FallbackMode, Session, SessionClient, SessionConfig,
-    SessionError, SessionLayer,
+    ClientConfig, ClientError, ClientTls, FallbackMode, IdSource, Session, SessionClient,
+    SessionConfig, SessionError, SessionLayer,
 };
 use session_server::config::Settings;
 use session_server::metrics::Metrics;
@@ -92,10 +92,24 @@ pub struct DemoConfig {
     /// A store call that times out while the store answered less than this long ago is a 503
     /// with `Retry-After`, not an outage the snapshot stands in for (`--outage-grace`).
     pub outage_grace: Duration,
+    /// `--session-header NAME`: the session id may also travel in this header, for clients
+    /// without cookies (`store` mode: the layer's `IdSource::Both`; `proxy` mode: a login
+    /// answers the new id in it and a logout answers it empty, for session-proxy's
+    /// `--session-header`).
+    pub session_header: Option<http::HeaderName>,
 }
 
-/// The outage grace unless configured otherwise (`session-client`'s layer default too).
-pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5);
+/// The outage grace unless configured otherwise: `session-client`'s layer default (and so
+/// `session-proxy`'s `--session-outage-grace` default).
+pub const DEFAULT_OUTAGE_GRACE: Duration = session_client::layer::DEFAULT_OUTAGE_GRACE;
+
+/// `demo-app --namespace` unless given: the session server's own default namespace (what it
+/// calls an empty one), which is also `session-proxy --session-namespace`'s default, so that
+/// `--sessions proxy` behind the proxy's lookup works with both sides' defaults.
+pub const DEFAULT_NAMESPACE: &str = session_server::service::DEFAULT_NAMESPACE;
+
+/// `demo-app --session-server` unless given: `session-server`'s default listen address.
+pub const DEFAULT_SESSION_SERVER: &str = "http://127.0.0.1:50051";
 
 impl DemoConfig {
     /// A store-backed instance named `name` with defaults (fallback off, secure cookies).
@@ -107,12 +121,13 @@ impl DemoConfig {
             cookie_keys: Vec::new(),
             encryption: Encryption::None,
             secure_cookies: true,
-            namespace: "demo".into(),
+            namespace: DEFAULT_NAMESPACE.into(),
             auth_token: None,
             session_tls: None,
             listener_tls: None,
             snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
             outage_grace: DEFAULT_OUTAGE_GRACE,
+            session_header: None,
         }
     }
 
@@ -202,6 +217,7 @@ pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
             snapshot_max_age: config.snapshot_max_age,
             outage_grace: config.outage_grace,
             timeout: call_timeout,
+            id_header: config.session_header.clone(),
         };
         let routes = proxy_mode::router(instance, client, mode);
         return Ok(finish(routes, &config.name));
@@ -215,6 +231,12 @@ pub async fn app(config: &DemoConfig) -> Result<Router, DemoError> {
         },
         snapshot_max_age: config.snapshot_max_age,
         outage_grace: config.outage_grace,
+        id_source: match &config.session_header {
+            Some(header) => IdSource::Both {
+                header: header.clone(),
+            },
+            None => IdSource::Cookie,
+        },
         ..SessionConfig::default()
     };
     let layer = SessionLayer::with_config(client, codec, session_config);

@@ -66,7 +66,7 @@ struct Cli {
         long,
         value_name = "URL[,URL...]",
         env = "DEMO_SESSION_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = demo::DEFAULT_SESSION_SERVER
     )]
     session_server: String,
     /// CA bundle (PEM) the session server's certificate must chain to, for an `https://`
@@ -102,12 +102,18 @@ struct Cli {
     /// Send cookies without `Secure` (plain-HTTP localhost only).
     #[arg(long)]
     insecure_cookies: bool,
-    /// Session namespace.
-    #[arg(long, default_value = "demo")]
+    /// Session namespace (the session server's and `session-proxy --session-namespace`'s
+    /// default too).
+    #[arg(long, env = "DEMO_NAMESPACE", default_value = demo::DEFAULT_NAMESPACE)]
     namespace: String,
     /// Bearer token for the session server.
     #[arg(long, env = "STICKLESS_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// The session id may also travel in this header, for clients without cookies
+    /// (`x-session-token`, say): read before the cookie, a new id answered in it, a logout
+    /// answers it empty. In `proxy` mode give session-proxy's `--session-header` the same.
+    #[arg(long, value_name = "NAME", env = "DEMO_SESSION_HEADER")]
+    session_header: Option<http::HeaderName>,
     /// How long past the session server's last confirmation a snapshot cookie may stand in
     /// for the session (and be pushed back with Restore); give session-proxy's
     /// `--snapshot-max-age` the same value [default: 1h].
@@ -202,6 +208,7 @@ fn demo_config(cli: Cli) -> Result<DemoConfig, String> {
             .snapshot_max_age
             .unwrap_or(session_client::cookie::DEFAULT_SNAPSHOT_MAX_AGE),
         outage_grace: cli.outage_grace.unwrap_or(demo::DEFAULT_OUTAGE_GRACE),
+        session_header: cli.session_header,
     };
     match config.session_client_config() {
         Some(client_config) => client_config.validate().map_err(|e| e.to_string())?,
@@ -302,6 +309,17 @@ mod tests {
         assert_eq!(parse_key(&b64).unwrap(), vec![7u8; 40]);
         assert!(parse_key("abcd").is_err());
         assert!(parse_key("not a key at all!").is_err());
+    }
+
+    #[test]
+    fn namespace_and_session_server_default_to_the_session_servers_own() {
+        let config = demo_config(cli(&["--sessions", "proxy"])).expect("defaults");
+        assert_eq!(config.namespace, demo::DEFAULT_NAMESPACE);
+        assert_eq!(config.namespace, session_server::service::DEFAULT_NAMESPACE);
+        assert_eq!(
+            cli(&["--sessions", "proxy"]).session_server,
+            format!("http://{}", session_server::config::DEFAULT_LISTEN)
+        );
     }
 
     #[test]
@@ -433,7 +451,7 @@ mod tests {
 
             // The session is in the TLS session server, in the demo's namespace.
             let mut direct = ClientConfig::new(url.clone());
-            direct.namespace = "demo".into();
+            direct.namespace = demo::DEFAULT_NAMESPACE.into();
             direct.tls = Some(tls);
             direct.timeout = PATIENCE;
             let direct = SessionClient::connect_lazy(direct).expect("client");

@@ -80,6 +80,9 @@ pub(crate) struct ProxyModeConfig {
     pub(crate) outage_grace: Duration,
     /// Bound on one store call (the client's own timeout is a backstop past it).
     pub(crate) timeout: Duration,
+    /// `--session-header`: a new session's id is also sent in this response header, and a
+    /// logout answers it empty (the proxy reads the id from it for clients without cookies).
+    pub(crate) id_header: Option<http::HeaderName>,
 }
 
 /// What the proxy-mode handlers share.
@@ -241,6 +244,9 @@ impl ProxyState {
     fn set_session_cookie(&self, id: &str, mut response: Response) -> Response {
         let line = self.cookie_line(&self.config.cookie, id, false);
         Self::append_cookie(&mut response, &line);
+        if let (Some(name), Ok(value)) = (&self.config.id_header, HeaderValue::from_str(id)) {
+            response.headers_mut().insert(name.clone(), value);
+        }
         response
     }
 
@@ -544,6 +550,11 @@ async fn logout(State(state): State<ProxyState>, headers: HeaderMap) -> Response
     for name in [&*state.config.cookie, &*state.snapshot_cookie] {
         let line = state.cookie_line(name, "", true);
         ProxyState::append_cookie(&mut response, &line);
+    }
+    if let Some(name) = &state.config.id_header {
+        response
+            .headers_mut()
+            .insert(name.clone(), HeaderValue::from_static(""));
     }
     response
 }

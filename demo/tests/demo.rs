@@ -188,7 +188,7 @@ async fn outage_keeps_users_logged_in(fallback: FallbackMode) {
     let mut direct = SessionStoreClient::connect(store.url()).await.unwrap();
     let listed = direct
         .list_by_user(ListByUserRequest {
-            namespace: "demo".into(),
+            namespace: demo::DEFAULT_NAMESPACE.into(),
             user_id: "carol".into(),
             ..Default::default()
         })
@@ -377,7 +377,7 @@ async fn proxy_mode_reads_injected_headers_and_writes_to_the_store() {
     let mut direct = SessionStoreClient::connect(store.url()).await.unwrap();
     let stored = direct
         .get(session_proto::v1::GetRequest {
-            namespace: "demo".into(),
+            namespace: demo::DEFAULT_NAMESPACE.into(),
             id: id.clone(),
             touch: false,
         })

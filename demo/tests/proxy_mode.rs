@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 /// The demo's cookie key.
 const KEY: [u8; 32] = [42; 32];
 /// The demo's namespace.
-const NAMESPACE: &str = "demo";
+const NAMESPACE: &str = demo::DEFAULT_NAMESPACE;
 
 /// A `demo-app --sessions proxy` served in-process.
 struct ProxyModeDemo {

@@ -44,6 +44,7 @@
 //! [session_lookup]    # url turns the plugin on
 //! url = "http://127.0.0.1:50051"
 //! attrs = ["cart"]    # also namespace, cookie, on_failure, timeout, auth_token
+//! # header = "x-session-token"   # the session id in a request header too (no cookie needed)
 //! snapshot_keys = ["<hex or base64 of 32+ bytes>"]  # outage fallback; also snapshot_cookie
 //! snapshot_max_age = "1h"   # how long past the store's last word a snapshot may stand in
 //! outage_grace = "5s"       # a timeout within this of the store's last answer is no outage
@@ -75,7 +76,8 @@ pub use tls::TlsConfig;
 use values::Parsed;
 pub(crate) use values::header_name;
 pub use values::{
-    AttrName, CookieName, LookupUrl, Namespace, SecretArg, SnapshotKey, StickyKey, Token,
+    AttrName, CookieName, LookupUrl, Namespace, SecretArg, SessionHeader, SnapshotKey, StickyKey,
+    Token,
 };
 
 /// Default client-facing address: loopback only, so a fresh start exposes nothing.
@@ -94,6 +96,10 @@ pub const MIN_HEADER_BYTES: u64 = 8 * 1024;
 pub const DEFAULT_SESSION_COOKIE: &str = "sid";
 /// Default session namespace (what the session server calls an empty one).
 pub const DEFAULT_SESSION_NAMESPACE: &str = "default";
+/// Default attributes forwarded as `x-session-attr-NAME`: `cart`, the one `demo-app --sessions
+/// proxy` reads, so that the demo behind the lookup works with both sides' defaults (a session
+/// without it gets no such header). `--session-attr` / `attrs` replace the list.
+pub const DEFAULT_SESSION_ATTRS: &[&str] = &["cart"];
 /// Default bound on one session lookup: a slow store must not hold every request for long.
 pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default name of the signed session snapshot cookie (`session-client`'s default too).
@@ -101,8 +107,8 @@ pub const DEFAULT_SNAPSHOT_COOKIE: &str = "sid_snap";
 /// Default limit of a snapshot past the store's last confirmation (`session-client`'s default
 /// too): see [`LookupConfig::snapshot_max_age`].
 pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = session_client::cookie::DEFAULT_SNAPSHOT_MAX_AGE;
-/// Default outage grace (`session-client`'s default too): see [`LookupConfig::outage_grace`].
-pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(5);
+/// Default outage grace (`session-client`'s default): see [`LookupConfig::outage_grace`].
+pub const DEFAULT_OUTAGE_GRACE: Duration = session_client::layer::DEFAULT_OUTAGE_GRACE;
 
 /// One backend as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +190,12 @@ pub struct LookupConfig {
     pub namespace: String,
     /// Name of the cookie holding the session id.
     pub cookie: String,
+    /// Request header carrying the session id too (`--session-header`, lower case), for
+    /// clients without cookies: when present and non-empty it takes precedence over the
+    /// cookie, and it is forwarded to the backends. A backend's response carrying it with an
+    /// empty value ends the session, as one clearing the session cookie does. `None`: cookie
+    /// only.
+    pub session_header: Option<String>,
     /// Attributes forwarded as `x-session-attr-NAME` (values base64, standard alphabet).
     pub attrs: Vec<String>,
     /// Behaviour when the store is unreachable.
@@ -219,6 +231,7 @@ impl std::fmt::Debug for LookupConfig {
             .field("session_servers", &self.session_servers)
             .field("namespace", &self.namespace)
             .field("cookie", &self.cookie)
+            .field("session_header", &self.session_header)
             .field("attrs", &self.attrs)
             .field("on_failure", &self.on_failure)
             .field("auth_token", &self.auth_token.as_ref().map(|_| "<hidden>"))

@@ -16,6 +16,11 @@
 //! | `x-session-attr-<name>` | each configured attribute present, base64 (standard alphabet, padded), since attributes are bytes |
 //! | `x-session-degraded` | `1` when the session comes from its snapshot cookie (store down, see below) |
 //!
+//! With `--session-header NAME` ([`LookupConfig::session_header`]) the id may come in request
+//! header `NAME` instead (clients without cookies): present and non-empty, it takes precedence
+//! over the cookie (an empty one counts as absent), and it is forwarded to the backends, the
+//! one `x-session-*` name a client may send. The snapshot cookie is for cookie-borne ids only.
+//!
 //! No cookie, a malformed id or an unknown session: the request goes on without session
 //! headers. Nothing is cached: a logout is seen by the very next request.
 //!
@@ -72,7 +77,9 @@
 //!   may not make (PERMISSION_DENIED, a read-only token) leaves the snapshot as it is, for a
 //!   backend whose token may write; other refusals drop the offline changes.
 //! - **Logout**: a response that clears the session cookie (its `Set-Cookie` has an empty
-//!   value, `Max-Age=0` or an `Expires` in the past, see `lookup/set_cookie.rs`) also gets the
+//!   value, `Max-Age=0` or an `Expires` in the past, see `lookup/set_cookie.rs`), or carries the
+//!   `--session-header` with an empty value (Spring's `HeaderHttpSessionIdResolver` and
+//!   `session-client`'s header id source on logout), also gets the
 //!   snapshot cookie expired (same attributes, `Max-Age=0`) unless the backend expires or sets
 //!   it itself, whatever the lookup found, and never a fresh snapshot: every session cookie
 //!   leaves the browser together. The sticky balancer's cookie is left alone: it pins a
@@ -140,8 +147,16 @@ pub const REJECT_LOOKUP_FAILED: &str = "lookup_failed";
 /// although it answered within the outage grace (a slow store, not a lost one), and the plugin
 /// fails closed.
 pub const REJECT_LOOKUP_TIMED_OUT: &str = "lookup_timeout";
+/// The session id, set for the backend (`demo-app --sessions proxy` reads it).
+pub const SESSION_ID_HEADER: &str = "x-session-id";
+/// The session's user id, set for the backend (absent for anonymous sessions).
+pub const SESSION_USER_HEADER: &str = "x-session-user";
+/// Prefix of the headers carrying configured attributes (`x-session-attr-NAME`, base64).
+pub const SESSION_ATTR_PREFIX: &str = "x-session-attr-";
 /// Set (to `1`) when the session comes from its snapshot because the store is down.
-const DEGRADED_HEADER: HeaderName = HeaderName::from_static("x-session-degraded");
+pub const SESSION_DEGRADED_HEADER: &str = "x-session-degraded";
+/// [`SESSION_DEGRADED_HEADER`] as a header name.
+const DEGRADED_HEADER: HeaderName = HeaderName::from_static(SESSION_DEGRADED_HEADER);
 /// Longest cookie value sent to the store as an id: real ids are 32 characters; anything much
 /// longer is garbage not worth a round trip.
 const MAX_ID_LEN: usize = 128;
@@ -166,6 +181,9 @@ pub enum LookupError {
         "the session snapshot cookie name must be non-empty and differ from the session cookie"
     )]
     SnapshotCookie,
+    /// A session header that is no header name, or one the plugin sets itself.
+    #[error("session header {0:?} is not a header name, or is one the plugin sets itself")]
+    SessionHeader(String),
     /// A snapshot max age of zero: no snapshot would ever be valid.
     #[error("the snapshot max age must be above zero")]
     SnapshotMaxAge,
@@ -192,6 +210,8 @@ struct Plugin {
     /// The snapshot cookie, when keys are configured; shared with the response filters of
     /// requests in flight.
     snapshots: Option<Arc<Snapshots>>,
+    /// `--session-header`: the request header carrying the session id too.
+    session_header: Option<HeaderName>,
 }
 
 impl SessionLookup {
@@ -218,10 +238,11 @@ impl SessionLookup {
         headers: &mut HeaderMap,
         secure: bool,
     ) -> Result<Option<Box<dyn ResponseFilter>>, Reject> {
-        strip_session_headers(headers);
         let Some(plugin) = &self.plugin else {
+            strip_session_headers(headers, None);
             return Ok(None);
         };
+        strip_session_headers(headers, plugin.session_header.as_ref());
         let update = self.lookup(plugin, headers, secure).await?.or_else(|| {
             // A request carrying a snapshot cookie always gets the filter, so that a logout
             // response (clearing the session cookie) expires that cookie too.
@@ -239,18 +260,30 @@ impl SessionLookup {
         headers: &mut HeaderMap,
         secure: bool,
     ) -> Result<Option<SnapshotUpdate>, Reject> {
-        // The last one, as the backends' cookie jar (tower-cookies) keeps it.
-        let Some(id) = cookie_value(headers, &plugin.config.cookie) else {
-            self.metrics.lookup("no_cookie");
-            return Ok(None);
+        // The session header first (present and non-empty), then the cookie: the last one, as
+        // the backends' cookie jar (tower-cookies) keeps it.
+        let (id, from_header) = match plugin.header_id(headers) {
+            Some(id) => (id, true),
+            None => match cookie_value(headers, &plugin.config.cookie) {
+                Some(id) => (id, false),
+                None => {
+                    self.metrics.lookup("no_cookie");
+                    return Ok(None);
+                }
+            },
         };
         if !plausible_id(id) {
             self.metrics.lookup("malformed");
-            tracing::debug!("session cookie is not a session id; forwarding without session");
+            tracing::debug!(
+                from_header,
+                "session id (cookie or header) is not a session id; forwarding without session"
+            );
             return Ok(None);
         }
         let id = id.to_owned();
-        let snapshots = plugin.snapshots.as_ref();
+        // The snapshot rides in cookies, for cookie-borne ids only (as session-client's layer
+        // does): a request with the id in the header gets none set, and none stands in for it.
+        let snapshots = plugin.snapshots.as_ref().filter(|_| !from_header);
         let sent = snapshots.map_or(Sent::Absent, |s| s.sent(headers, &id, SystemTime::now()));
         let resolved = match plugin.store.get(&id).await {
             Ok(stored) => match &sent {
@@ -380,7 +413,7 @@ impl RequestFilter for SessionLookup {
     ) -> Filtered<'a> {
         if self.plugin.is_none() {
             // Off: stripping is all there is, done now, without a future to allocate.
-            strip_session_headers(&mut head.headers);
+            strip_session_headers(&mut head.headers, None);
             return Filtered::pass();
         }
         Filtered::later(self.apply(&mut head.headers, ctx.https()))
@@ -392,11 +425,21 @@ impl Plugin {
         if config.cookie.trim().is_empty() {
             return Err(LookupError::CookieName);
         }
+        let session_header = config
+            .session_header
+            .as_deref()
+            .map(|name| {
+                header_name(name)
+                    .ok()
+                    .filter(|header| !is_plugin_header(header.as_str()))
+                    .ok_or_else(|| LookupError::SessionHeader(name.to_owned()))
+            })
+            .transpose()?;
         let attrs = config
             .attrs
             .iter()
             .map(|name| {
-                header_name(&format!("{SESSION_HEADER_PREFIX}attr-{name}"))
+                header_name(&format!("{SESSION_ATTR_PREFIX}{name}"))
                     .map(|header| (name.clone(), header))
                     .map_err(|_| LookupError::AttrName(name.clone()))
             })
@@ -411,7 +454,19 @@ impl Plugin {
             store: Store::new(config)?,
             attrs,
             snapshots,
+            session_header,
         })
+    }
+
+    /// The session id in the request's session header, when configured, present and not
+    /// empty. A value that is not text comes back as `"\0"`, never a plausible id, so that it
+    /// counts as malformed rather than absent.
+    fn header_id<'h>(&self, headers: &'h HeaderMap) -> Option<&'h str> {
+        let value = headers.get(self.session_header.as_ref()?)?;
+        if value.as_bytes().trim_ascii().is_empty() {
+            return None;
+        }
+        Some(value.to_str().map_or("\0", str::trim))
     }
 
     /// Sets the session headers from a session (store or snapshot): its id, user and the
@@ -424,12 +479,12 @@ impl Plugin {
         attr: impl Fn(&str) -> Option<&'s Vec<u8>>,
     ) {
         if let Ok(id) = HeaderValue::from_str(id) {
-            headers.insert(HeaderName::from_static("x-session-id"), id);
+            headers.insert(HeaderName::from_static(SESSION_ID_HEADER), id);
         }
         if !user_id.is_empty() {
             match HeaderValue::from_bytes(user_id.as_bytes()) {
                 Ok(user) => {
-                    headers.insert(HeaderName::from_static("x-session-user"), user);
+                    headers.insert(HeaderName::from_static(SESSION_USER_HEADER), user);
                 }
                 Err(_) => {
                     tracing::warn!("session user id is not a valid header value; not forwarded")
@@ -445,6 +500,17 @@ impl Plugin {
             }
         }
     }
+}
+
+/// Whether `name` (lower case) is one of the headers this plugin sets for the backends.
+pub(crate) fn is_plugin_header(name: &str) -> bool {
+    [
+        SESSION_ID_HEADER,
+        SESSION_USER_HEADER,
+        SESSION_DEGRADED_HEADER,
+    ]
+    .contains(&name)
+        || name.starts_with(SESSION_ATTR_PREFIX)
 }
 
 /// Whether a cookie value looks like a session id (base64url, bounded length).

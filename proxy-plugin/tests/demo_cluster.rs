@@ -51,8 +51,6 @@ async fn proxy(
     for flag in [
         "--session-lookup",
         session_server,
-        "--session-namespace",
-        "demo",
         "--session-attr",
         "cart",
         "--health-check",

@@ -17,8 +17,9 @@ use crate::mode::Mode;
 
 use super::SoakSettings;
 
-/// The namespace of the honest users' sessions, which the Watch flood floods too.
-pub(crate) const NAMESPACE: &str = "demo";
+/// The namespace of the honest users' sessions, which the Watch flood floods too: the one
+/// demo-app and session-proxy use by default.
+pub(crate) const NAMESPACE: &str = "default";
 /// Backends behind the proxy.
 const BACKENDS: usize = 2;
 /// Where each child binds: any free loopback port, reported back.

@@ -13,7 +13,7 @@ use super::admin::AdminToken;
 use super::client_limits::FileRate;
 use super::values::{
     AtLeastOne, AttrName, ByteRate, CookieName, HeaderBytes, LookupUrl, Namespace, Parsed,
-    SnapshotKey, StickyKey, Token, backend, parse_setting,
+    SessionHeader, SnapshotKey, StickyKey, Token, backend, parse_setting,
 };
 use super::{BackendConfig, HealthCheckKind, LookupFailure};
 use crate::balance::{BalanceMode, HashType};
@@ -151,6 +151,8 @@ pub(super) struct FileLookup {
     pub(super) url: Option<FileUrls>,
     pub(super) namespace: Option<Parsed<Namespace>>,
     pub(super) cookie: Option<Parsed<CookieName>>,
+    /// `--session-header`.
+    pub(super) header: Option<Parsed<SessionHeader>>,
     pub(super) attrs: Option<Vec<Parsed<AttrName>>>,
     pub(super) on_failure: Option<Parsed<LookupFailure>>,
     pub(super) timeout: Option<Parsed<Duration>>,

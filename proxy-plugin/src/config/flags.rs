@@ -11,8 +11,8 @@ use ipnet::IpNet;
 
 use super::client_limits::RateSetting;
 use super::values::{
-    AttrName, CookieName, LookupUrl, Namespace, SecretArg, byte_rate, parse_setting, positive,
-    secret_arg,
+    AttrName, CookieName, LookupUrl, Namespace, SecretArg, SessionHeader, byte_rate, parse_setting,
+    positive, secret_arg,
 };
 use super::{BackendConfig, HealthCheckKind, LookupFailure, MIN_HEADER_BYTES};
 use crate::balance::{BalanceMode, HashType};
@@ -330,8 +330,20 @@ pub struct Cli {
         value_parser = parse_setting::<CookieName>,
     )]
     pub session_cookie: Option<CookieName>,
+    /// Request header carrying the session id too, for clients without cookies (as
+    /// `session-client`'s header id source sends it, e.g. `x-session-token`): present and
+    /// non-empty, it takes precedence over the cookie; it is forwarded to the backends, and a
+    /// response carrying it empty ends the session like one clearing the cookie [default: none,
+    /// cookie only].
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "STICKLESS_PROXY_SESSION_HEADER",
+        value_parser = parse_setting::<SessionHeader>,
+    )]
+    pub session_header: Option<SessionHeader>,
     /// Session attribute forwarded as `x-session-attr-NAME`; repeat for more. Replaces the
-    /// file's list.
+    /// file's list [default: cart, the one `demo-app --sessions proxy` reads].
     #[arg(
         long = "session-attr",
         value_name = "NAME",

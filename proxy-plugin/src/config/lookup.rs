@@ -12,9 +12,9 @@ use session_client::{ClientError, ClientTls};
 
 use super::file::FileLookup;
 use super::{
-    Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_OUTAGE_GRACE, DEFAULT_SESSION_COOKIE,
-    DEFAULT_SESSION_NAMESPACE, DEFAULT_SNAPSHOT_COOKIE, DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig,
-    LookupFailure, SnapshotKey, Token, pick,
+    Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_OUTAGE_GRACE, DEFAULT_SESSION_ATTRS,
+    DEFAULT_SESSION_COOKIE, DEFAULT_SESSION_NAMESPACE, DEFAULT_SNAPSHOT_COOKIE,
+    DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig, LookupFailure, SnapshotKey, Token, pick,
 };
 
 /// The plugin is on when a session server URL is given (flag or file); its other settings
@@ -38,6 +38,7 @@ pub(super) fn resolve(
         let stray = [
             ("--session-namespace", cli.session_namespace.is_some()),
             ("--session-cookie", cli.session_cookie.is_some()),
+            ("--session-header", cli.session_header.is_some()),
             ("--session-attr", !cli.session_attrs.is_empty()),
             ("--session-fail", cli.session_fail.is_some()),
             ("--session-timeout", cli.session_timeout.is_some()),
@@ -58,6 +59,7 @@ pub(super) fn resolve(
                 "[session_lookup] settings",
                 file.namespace.is_some()
                     || file.cookie.is_some()
+                    || file.header.is_some()
                     || file.attrs.is_some()
                     || file.on_failure.is_some()
                     || file.timeout.is_some()
@@ -109,12 +111,21 @@ pub(super) fn resolve(
             .map(|c| c.0)
             .or(file.cookie.map(|c| c.0.0))
             .unwrap_or_else(|| DEFAULT_SESSION_COOKIE.to_owned()),
+        session_header: cli
+            .session_header
+            .clone()
+            .map(|h| h.0)
+            .or(file.header.map(|h| h.0.0)),
         attrs: if cli.session_attrs.is_empty() {
-            file.attrs
-                .unwrap_or_default()
-                .into_iter()
-                .map(|a| a.0.0)
-                .collect()
+            file.attrs.map_or_else(
+                || {
+                    DEFAULT_SESSION_ATTRS
+                        .iter()
+                        .map(|&a| a.to_owned())
+                        .collect()
+                },
+                |attrs| attrs.into_iter().map(|a| a.0.0).collect(),
+            )
         } else {
             cli.session_attrs.iter().map(|a| a.0.clone()).collect()
         },

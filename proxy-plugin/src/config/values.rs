@@ -491,6 +491,31 @@ impl ParseSetting for AttrName {
     }
 }
 
+/// The request header carrying the session id (`--session-header`), read besides the session
+/// cookie: a lower-case header name without `_` (the hygiene filter drops those), and none of
+/// the headers the plugin sets itself (`x-session-id`, `x-session-user`, `x-session-degraded`,
+/// `x-session-attr-*`), which a client must never be able to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionHeader(pub String);
+
+impl ParseSetting for SessionHeader {
+    fn parse_setting(text: &str) -> Result<Self, String> {
+        let name = text.trim().to_ascii_lowercase();
+        header_name(&name).map_err(|_| format!("session header {text:?} is not a header name"))?;
+        if name.contains('_') {
+            return Err(format!(
+                "session header {text:?} contains `_`: such names are dropped from requests"
+            ));
+        }
+        if crate::lookup::is_plugin_header(&name) {
+            return Err(format!(
+                "session header {text:?} is a header the session-lookup plugin sets itself"
+            ));
+        }
+        Ok(SessionHeader(name))
+    }
+}
+
 /// The session server's bearer token (never printed).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(pub String);

@@ -8,7 +8,9 @@
 //! - **Every `x-session-*` spelling** (`x-session-…`, `x_session_…`, `x-session_…`) is
 //!   dropped, always: those headers are the session-lookup plugin's word, set after this filter
 //!   runs, and a client must never be able to claim a user, not even under a spelling that a
-//!   backend's framework folds into the same name.
+//!   backend's framework folds into the same name. The one exception is the session-lookup
+//!   plugin's `--session-header` (say `x-session-token`), in exactly that spelling: it carries
+//!   the client's session id, like the session cookie, and is never one the plugin sets.
 //! - **`Host`** (RFC 9112 §3.2, RFC 9113 §8.3.1): 400 for two `Host` lines, for an HTTP/1.1
 //!   request without one, for one that is not a `host[:port]`, and for one that names another
 //!   authority than an absolute-form target (`GET http://a.example/ HTTP/1.1`) or an HTTP/2
@@ -37,14 +39,23 @@ pub struct HeaderHygiene {
     /// Forward header names containing `_` (`--allow-underscore-headers`); `x_session_*`
     /// spellings are dropped anyway.
     allow_underscores: bool,
+    /// The session-lookup plugin's `--session-header`, kept in its exact spelling.
+    session_header: Option<HeaderName>,
 }
 
 /// Its entry in the default filter list.
 pub(crate) fn factory() -> FilterFactory {
     FilterFactory::new("hygiene", |setup| {
-        Ok(Some(Arc::new(HeaderHygiene::new(
-            setup.config.allow_underscore_headers,
-        ))))
+        let session_header = setup
+            .config
+            .lookup
+            .as_ref()
+            .and_then(|lookup| lookup.session_header.as_deref())
+            .and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok());
+        Ok(Some(Arc::new(
+            HeaderHygiene::new(setup.config.allow_underscore_headers)
+                .keeping_session_header(session_header),
+        )))
     })
 }
 
@@ -64,7 +75,17 @@ impl RequestFilter for HeaderHygiene {
 impl HeaderHygiene {
     /// The filter; `allow_underscores` keeps header names containing `_`.
     pub fn new(allow_underscores: bool) -> Self {
-        HeaderHygiene { allow_underscores }
+        HeaderHygiene {
+            allow_underscores,
+            session_header: None,
+        }
+    }
+
+    /// The filter keeping `session_header` (the session-lookup plugin's `--session-header`,
+    /// exactly that spelling) although it may be an `x-session-*` name.
+    pub fn keeping_session_header(mut self, session_header: Option<HeaderName>) -> Self {
+        self.session_header = session_header;
+        self
     }
 
     /// Applies the rules to `head`; `Err` is the 400 to answer.
@@ -82,8 +103,9 @@ impl HeaderHygiene {
         let doomed: Vec<HeaderName> = headers
             .keys()
             .filter(|name| {
+                let kept = self.session_header.as_ref() == Some(*name);
                 let name = name.as_str();
-                is_session_header(name)
+                (is_session_header(name) && !kept)
                     || (name.contains('_')
                         && (!self.allow_underscores || is_forwarding_spelling(name)))
             })
@@ -101,12 +123,13 @@ impl HeaderHygiene {
     }
 }
 
-/// Removes every `x-session-*` header whatever its spelling (`_` for `-`); also run by the
-/// session-lookup plugin itself before it sets its headers.
-pub(crate) fn strip_session_headers(headers: &mut HeaderMap) {
+/// Removes every `x-session-*` header whatever its spelling (`_` for `-`) but `keep` (the
+/// plugin's `--session-header`, that exact name); also run by the session-lookup plugin itself
+/// before it sets its headers.
+pub(crate) fn strip_session_headers(headers: &mut HeaderMap, keep: Option<&HeaderName>) {
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_session_header(name.as_str()))
+        .filter(|name| is_session_header(name.as_str()) && keep != Some(*name))
         .cloned()
         .collect();
     for name in names {
@@ -296,7 +319,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x_session_user", HeaderValue::from_static("admin"));
         h.insert("x_other", HeaderValue::from_static("kept"));
-        strip_session_headers(&mut h);
+        strip_session_headers(&mut h, None);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x_other"));
     }

@@ -32,6 +32,9 @@ pub(super) struct Snapshots {
     /// Name of the session cookie: a response setting it changed the session, so its snapshot
     /// is left to the next request.
     session_cookie: String,
+    /// `--session-header`: a response carrying it empty is a logout, one carrying a new id a
+    /// new session, as for the session cookie.
+    session_header: Option<http::header::HeaderName>,
     /// Namespace written into snapshots and required of them.
     namespace: String,
     /// How long past the store's last confirmation a snapshot may stand in: written snapshots
@@ -95,6 +98,10 @@ impl Snapshots {
             codec: CookieCodec::new(ring, Encryption::Aes256Gcm),
             cookie: cookie.to_owned(),
             session_cookie: config.cookie.clone(),
+            session_header: config
+                .session_header
+                .as_deref()
+                .and_then(|name| http::header::HeaderName::from_bytes(name.as_bytes()).ok()),
             namespace: config.namespace.clone(),
             max_age: config.snapshot_max_age,
         })
@@ -201,11 +208,20 @@ impl ResponseFilter for SnapshotUpdate {
         let secure = if self.secure { "; Secure" } else { "" };
         let expired = || format!("{name}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
         let session_cookie = &snapshots.session_cookie;
-        let cookie = if clears_cookie(&head.headers, session_cookie, SystemTime::now()) {
-            // A logout: the snapshot goes with the session cookie, so no browser keeps a
-            // snapshot of a session its user ended.
+        // The session header's last value in the response: empty is a logout, anything else a
+        // new id.
+        let header = snapshots
+            .session_header
+            .as_ref()
+            .and_then(|name| head.headers.get_all(name).iter().next_back())
+            .map(|value| value.as_bytes().trim_ascii().is_empty());
+        let cookie = if clears_cookie(&head.headers, session_cookie, SystemTime::now())
+            || header == Some(true)
+        {
+            // A logout: the snapshot goes with the session cookie (or header), so no browser
+            // keeps a snapshot of a session its user ended.
             expired()
-        } else if sets_cookie(&head.headers, session_cookie) {
+        } else if sets_cookie(&head.headers, session_cookie) || header == Some(false) {
             // A new session (login): its snapshot is left to the next request.
             return;
         } else {

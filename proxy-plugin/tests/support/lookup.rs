@@ -27,6 +27,7 @@ pub fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) ->
         session_servers: session_client::client::split_endpoints(server),
         namespace: NAMESPACE.to_owned(),
         cookie: "sid".to_owned(),
+        session_header: None,
         attrs: vec!["cart".to_owned()],
         on_failure,
         auth_token: None,
