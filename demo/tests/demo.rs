@@ -517,3 +517,73 @@ async fn demo_app_binds_port_0_and_reports_the_bound_address_on_stdout() {
         "stdout holds only the address line; also got {rest:?} (stderr: {stderr})"
     );
 }
+
+/// `--session-header x-session-token`: a client without cookies logs in, gets its id in the
+/// header, is known on another instance by the header alone, and a logout answers it empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_cookies_carries_its_session_in_the_header() {
+    let store = StoreServer::start().await;
+    let instance = |name: &'static str| {
+        let mut config = DemoConfig::new(name, Sessions::Store(store.url()));
+        config.secure_cookies = false;
+        config.session_header = Some(http::HeaderName::from_static("x-session-token"));
+        async move {
+            let app = demo::app(&config).await.unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            Demo { url, task }
+        }
+    };
+    let (a, b) = (instance("s1").await, instance("s2").await);
+    // No cookie store: only the header carries the session.
+    let api = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let logged_in = api
+        .post(format!("{}/login", a.url))
+        .form(&[("user", "ada")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logged_in.status(), StatusCode::OK);
+    let token = logged_in.headers()["x-session-token"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(token.len(), 32, "the new id in the header");
+    let me_b = api
+        .get(format!("{}/me", b.url))
+        .header("x-session-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me_b.status(), StatusCode::OK);
+    assert_eq!(me_b.json::<Value>().await.unwrap()["user"], "ada");
+    let out = api
+        .post(format!("{}/logout", b.url))
+        .header("x-session-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::OK);
+    assert_eq!(
+        out.headers()["x-session-token"],
+        "",
+        "a logout answers it empty"
+    );
+    let after = api
+        .get(format!("{}/me", a.url))
+        .header("x-session-token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        after.status(),
+        StatusCode::UNAUTHORIZED,
+        "the session is gone"
+    );
+}
