@@ -232,6 +232,16 @@ pub struct Cli {
     /// `maximumSessions`; 0 means no cap [default: 0].
     #[arg(long, env = "STICKLESS_MAX_SESSIONS_PER_USER")]
     pub max_sessions_per_user: Option<u32>,
+    /// Absolute lifetime of every session from its creation (OWASP): no touch or write keeps a
+    /// session past `created_at` + this; a per-session `max_lifetime` is capped by it
+    /// [default: none].
+    #[arg(long, env = "STICKLESS_MAX_LIFETIME", value_parser = parse_duration)]
+    pub max_lifetime: Option<Duration>,
+    /// A touch (Touch, Get with touch) that would move a session's expiry by less than this is
+    /// not written; `0` writes every touch [default: auto, the larger of 1s and 1% of the
+    /// session's ttl].
+    #[arg(long, env = "STICKLESS_TOUCH_GRANULARITY", value_parser = parse_duration)]
+    pub touch_granularity: Option<Duration>,
     /// What a session past `--max-sessions-per-user` does: `evict-oldest` deletes the user's
     /// oldest session, `refuse` fails it with RESOURCE_EXHAUSTED [default: evict-oldest].
     #[arg(long, env = "STICKLESS_ON_SESSION_CAP")]
@@ -333,6 +343,10 @@ struct FileConfig {
     max_ttl: Option<Duration>,
     max_session_bytes: Option<usize>,
     max_sessions_per_user: Option<u32>,
+    #[serde(default, with = "humantime_serde_opt")]
+    max_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    touch_granularity: Option<Duration>,
     on_session_cap: Option<OnCap>,
     auth_token: Option<Secret>,
     auth_token_file: Option<PathBuf>,
@@ -459,6 +473,11 @@ pub struct Settings {
     pub max_sessions_per_user: u32,
     /// What a session past `max_sessions_per_user` does.
     pub on_session_cap: OnCap,
+    /// Absolute lifetime of every session from its creation, if any (`--max-lifetime`).
+    pub max_lifetime: Option<Duration>,
+    /// Least expiry move a touch writes (`--touch-granularity`); `None` is auto: the larger of
+    /// 1 s and 1% of the session's ttl, see [`crate::service::TouchGranularity`].
+    pub touch_granularity: Option<Duration>,
     /// Bearer token accepted on SessionStore calls in every namespace, read-write, if any.
     pub auth_token: Option<Secret>,
     /// File of scoped tokens, if any (read when the settings are resolved).
@@ -584,6 +603,8 @@ impl Settings {
                 .on_session_cap
                 .or(file.on_session_cap)
                 .unwrap_or_default(),
+            max_lifetime: cli.max_lifetime.or(file.max_lifetime),
+            touch_granularity: cli.touch_granularity.or(file.touch_granularity),
             auth_token: cli.auth_token.or(file.auth_token),
             auth_token_file,
             auth_file_tokens,
@@ -676,6 +697,9 @@ impl Settings {
                 "default-ttl ({:?}) is above max-ttl ({:?})",
                 self.default_ttl, self.max_ttl
             ));
+        }
+        if self.max_lifetime.is_some_and(|lifetime| lifetime.is_zero()) {
+            return invalid("max-lifetime must be above zero (leave it out for none)".into());
         }
         if self.max_session_bytes == 0 || self.max_session_bytes > MAX_SESSION_BYTES_CEILING {
             return invalid(format!(
@@ -879,6 +903,28 @@ mod tests {
         assert_eq!(mysql.serve_threads(), 1, "MySQL: the main runtime");
         let file = Settings::resolve(Cli::default(), Some("serve_threads = 4")).unwrap();
         assert_eq!(file.serve_threads(), 4);
+    }
+
+    #[test]
+    fn lifetime_and_touch_granularity_come_from_flags_or_file() {
+        let defaults = Settings::default();
+        assert_eq!(
+            defaults.max_lifetime, None,
+            "no absolute lifetime by default"
+        );
+        assert_eq!(
+            defaults.touch_granularity, None,
+            "auto granularity by default"
+        );
+        let file = "max_lifetime = \"8h\"\ntouch_granularity = \"0s\"\n";
+        let s = Settings::resolve(Cli::default(), Some(file)).unwrap();
+        assert_eq!(s.max_lifetime, Some(Duration::from_secs(8 * 3600)));
+        assert_eq!(s.touch_granularity, Some(Duration::ZERO));
+        let flags = cli(&["--max-lifetime", "12h", "--touch-granularity", "5s"]);
+        let s = Settings::resolve(flags, Some(file)).unwrap();
+        assert_eq!(s.max_lifetime, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(s.touch_granularity, Some(Duration::from_secs(5)));
+        assert!(Settings::resolve(cli(&["--max-lifetime", "0s"]), None).is_err());
     }
 
     #[test]

@@ -54,6 +54,11 @@ pub const RESTORE_OUTCOMES: [&str; 6] = [
 /// room for a user's new one, or a new one `refused` (see [`crate::store::cap`]).
 pub const SESSION_CAP_ACTIONS: [&str; 2] = ["evicted", "refused"];
 
+/// What a touch (Touch, Get with touch) did (`stickless_touches_total{outcome}`): `written`
+/// to the store, or `skipped` because it would have moved the expiry by less than
+/// `--touch-granularity`.
+pub const TOUCH_OUTCOMES: [&str; 2] = ["written", "skipped"];
+
 /// A method's series resolved once: the label lookup (hashing the label values under a lock)
 /// is then off the path of every successful call.
 #[derive(Debug, Clone)]
@@ -85,6 +90,8 @@ pub struct Metrics {
     /// counted by the service as it answers; `evicted` is brought up to the store's own count
     /// ([`SessionStore::session_cap_evictions`]) at each rendering.
     session_cap: IntCounterVec,
+    /// `stickless_touches_total{outcome}` (see [`TOUCH_OUTCOMES`]).
+    touches: IntCounterVec,
     /// Held while `evicted` is brought up to the store's count, so that two scrapes at once
     /// never add the same evictions twice.
     cap_sync: Arc<parking_lot::Mutex<()>>,
@@ -165,6 +172,18 @@ impl Metrics {
         for action in SESSION_CAP_ACTIONS {
             session_cap.with_label_values(&[action]);
         }
+        let touches = IntCounterVec::new(
+            Opts::new(
+                "stickless_touches_total",
+                "Touches (Touch, Get with touch) written to the store, and skipped as inside \
+                 --touch-granularity",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in TOUCH_OUTCOMES {
+            touches.with_label_values(&[outcome]);
+        }
         let sessions_live = IntGauge::new(
             "stickless_sessions_live",
             "Sessions held by the memory store",
@@ -201,6 +220,7 @@ impl Metrics {
             Box::new(restores.clone()),
             Box::new(sessions_live.clone()),
             Box::new(session_cap.clone()),
+            Box::new(touches.clone()),
             Box::new(connections_open.clone()),
             Box::new(connections_refused.clone()),
             Box::new(watchers.clone()),
@@ -226,6 +246,7 @@ impl Metrics {
             restores,
             sessions_live,
             session_cap,
+            touches,
             cap_sync: Arc::default(),
             connections_open,
             connections_refused,
@@ -260,6 +281,16 @@ impl Metrics {
     /// Records one Restore's outcome (one of [`RESTORE_OUTCOMES`]).
     pub fn restore(&self, outcome: &str) {
         self.restores.with_label_values(&[outcome]).inc();
+    }
+
+    /// Records one touch's outcome (one of [`TOUCH_OUTCOMES`]).
+    pub fn touch(&self, outcome: &str) {
+        self.touches.with_label_values(&[outcome]).inc();
+    }
+
+    /// How many touches had `outcome` (see [`TOUCH_OUTCOMES`]).
+    pub fn touches(&self, outcome: &str) -> u64 {
+        self.touches.with_label_values(&[outcome]).get()
     }
 
     /// Records one action of the session cap (one of [`SESSION_CAP_ACTIONS`]).

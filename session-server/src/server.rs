@@ -22,7 +22,7 @@ use crate::deadline::CallDeadline;
 use crate::dispatch::ApiFirst;
 use crate::health::StoreChecker;
 use crate::metrics::Metrics;
-use crate::service::{Limits, SessionService};
+use crate::service::{Limits, SessionService, TouchGranularity};
 use crate::store::SessionStore;
 use crate::store::cap::SessionCap;
 use crate::store::memory::MemoryStore;
@@ -348,7 +348,11 @@ async fn prepare(
         max_session_bytes: settings.max_session_bytes,
     };
     let service = SessionService::new(store.clone(), limits, metrics.clone(), stop_rx)
-        .with_max_watchers(settings.max_watchers_per_namespace, settings.max_watchers);
+        .with_max_watchers(settings.max_watchers_per_namespace, settings.max_watchers)
+        .with_lifetimes(
+            settings.max_lifetime,
+            TouchGranularity::from_setting(settings.touch_granularity),
+        );
     let max_message = settings
         .max_session_bytes
         .saturating_mul(2)

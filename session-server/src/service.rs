@@ -23,17 +23,19 @@
 //! version: ABORTED), another or no epoch recreates it at version 1 through
 //! [`SessionStore::restore`] (present: ABORTED; a tombstone: FAILED_PRECONDITION).
 
+mod lifetime;
 mod page;
 mod restore;
 mod watchers;
 
+pub use lifetime::{ENDS_AT_ATTR, TouchGranularity};
 pub use page::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::{Stream, StreamExt as _};
 use session_proto::v1;
@@ -104,6 +106,10 @@ pub struct SessionService {
     shutdown: watch::Receiver<bool>,
     /// Watch streams open per namespace, and the most one may have.
     watchers: Arc<watchers::Watchers>,
+    /// The server's absolute lifetime of sessions (`--max-lifetime`), if any.
+    max_lifetime: Option<Duration>,
+    /// Least expiry move a touch writes (`--touch-granularity`).
+    granularity: TouchGranularity,
 }
 
 impl SessionService {
@@ -124,7 +130,49 @@ impl SessionService {
                 crate::config::DEFAULT_MAX_WATCHERS_PER_NAMESPACE,
                 crate::config::DEFAULT_MAX_WATCHERS,
             ),
+            max_lifetime: None,
+            granularity: TouchGranularity::AUTO,
         }
+    }
+
+    /// The same service with an absolute lifetime for every session (`--max-lifetime`; `None`:
+    /// only per-session ones) and a touch granularity (`--touch-granularity`); see
+    /// [`lifetime`](self::lifetime).
+    pub fn with_lifetimes(
+        mut self,
+        max_lifetime: Option<Duration>,
+        granularity: TouchGranularity,
+    ) -> Self {
+        self.max_lifetime = max_lifetime;
+        self.granularity = granularity;
+        self
+    }
+
+    /// Get (`touch` false) or a touch with the session's own ttl (Get with touch, Touch
+    /// without a ttl): read first, and written only when the slide moves the expiry by at
+    /// least the granularity (counted in `stickless_touches_total`).
+    async fn get_or_touch(
+        &self,
+        namespace: &str,
+        id: &str,
+        touch: bool,
+        new_ttl: Option<Duration>,
+    ) -> StoreResult<SessionRecord> {
+        let read = lifetime::alive(self.store.get(namespace, id, false).await?)?;
+        if !touch {
+            return Ok(read);
+        }
+        let same_ttl = new_ttl.is_none_or(|ttl| ttl == read.ttl);
+        if same_ttl && lifetime::touch_is_skippable(&read, self.granularity, SystemTime::now()) {
+            self.metrics.touch("skipped");
+            return Ok(read);
+        }
+        let written = match new_ttl {
+            Some(ttl) => self.store.touch(namespace, id, Some(ttl)).await?,
+            None => self.store.get(namespace, id, true).await?,
+        };
+        self.metrics.touch("written");
+        lifetime::alive(written)
     }
 
     /// The same service with at most `max` Watch streams open at once on one namespace
@@ -403,6 +451,12 @@ pub fn to_proto(mut record: SessionRecord, epoch: &str) -> v1::Session {
         .remove(WRITE_ID_ATTR)
         .and_then(|id| String::from_utf8(id).ok())
         .unwrap_or_default();
+    let ends_at = lifetime::ends_at_of(&record);
+    record.attrs.remove(ENDS_AT_ATTR);
+    let expires_at = match ends_at {
+        Some(ends_at) => record.expires_at.min(ends_at),
+        None => record.expires_at,
+    };
     v1::Session {
         write_id,
         id: record.id,
@@ -411,10 +465,10 @@ pub fn to_proto(mut record: SessionRecord, epoch: &str) -> v1::Session {
         attrs: record.attrs,
         version: record.version,
         created_at: Some(record.created_at.into()),
-        expires_at: Some(record.expires_at.into()),
+        expires_at: Some(expires_at.into()),
         ttl: prost_types::Duration::try_from(record.ttl).ok(),
         epoch: epoch.to_owned(),
-        ends_at: Default::default(),
+        ends_at: ends_at.map(Into::into),
     }
 }
 
@@ -451,11 +505,16 @@ impl SessionStoreApi for SessionService {
             let ttl = self
                 .ttl(req.ttl)?
                 .unwrap_or(self.limits.default_ttl.min(self.limits.max_ttl));
+            let mut attrs = req.attrs;
+            if let Some(lifetime) = lifetime::resolve(req.max_lifetime, self.max_lifetime)? {
+                let ends_at = SystemTime::now() + lifetime;
+                attrs.insert(ENDS_AT_ATTR.to_owned(), lifetime::encode_ends_at(ends_at));
+            }
             let mut new = NewSession {
                 id: String::new(),
                 namespace,
                 user_id: req.user_id,
-                attrs: req.attrs,
+                attrs,
                 ttl,
             };
             for _ in 0..ID_TRIES {
@@ -474,8 +533,11 @@ impl SessionStoreApi for SessionService {
         self.observed("Get", async {
             let (req, namespace) = admit(request, "Get", Access::Read, |r| &r.namespace)?;
             check_id(&req.id)?;
-            self.answer(self.store.get(&namespace, &req.id, req.touch).await)
-                .await
+            self.answer(
+                self.get_or_touch(&namespace, &req.id, req.touch, None)
+                    .await,
+            )
+            .await
         })
         .await
     }
@@ -491,6 +553,24 @@ impl SessionStoreApi for SessionService {
             check_write_id(&req.write_id)?;
             let (mut set, mut remove) = (req.set, req.remove);
             stamp(&mut set, &mut remove, &req.write_id);
+            if req.max_lifetime.is_some() {
+                // counted from created_at, which only a read tells (a session past its end
+                // is NOT_FOUND here already)
+                let lifetime = lifetime::resolve(req.max_lifetime, self.max_lifetime)?;
+                let stored = self
+                    .store
+                    .get(&namespace, &req.id, false)
+                    .await
+                    .and_then(lifetime::alive);
+                let stored = match stored {
+                    Ok(stored) => stored,
+                    Err(error) => return Err(self.failure(error).await),
+                };
+                if let Some(lifetime) = lifetime {
+                    let ends_at = stored.created_at + lifetime;
+                    set.insert(ENDS_AT_ATTR.to_owned(), lifetime::encode_ends_at(ends_at));
+                }
+            }
             let patch = Patch {
                 set,
                 remove,
@@ -498,8 +578,8 @@ impl SessionStoreApi for SessionService {
                 user_id: req.user_id,
                 ttl: self.ttl(req.ttl)?,
             };
-            self.answer(self.store.update(&namespace, &req.id, patch).await)
-                .await
+            let updated = self.store.update(&namespace, &req.id, patch).await;
+            self.answer(updated.and_then(lifetime::alive)).await
         })
         .await
     }
@@ -512,7 +592,7 @@ impl SessionStoreApi for SessionService {
             let (req, namespace) = admit(request, "Touch", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             let ttl = self.ttl(req.ttl)?;
-            self.answer(self.store.touch(&namespace, &req.id, ttl).await)
+            self.answer(self.get_or_touch(&namespace, &req.id, true, ttl).await)
                 .await
         })
         .await
@@ -529,7 +609,7 @@ impl SessionStoreApi for SessionService {
                 let new_id = self.new_id()?;
                 match self.store.regenerate(&namespace, &req.id, &new_id).await {
                     Err(StoreError::IdTaken) => continue,
-                    result => return self.answer(result).await,
+                    result => return self.answer(result.and_then(lifetime::alive)).await,
                 }
             }
             Err(self.status(StoreError::IdTaken))
@@ -568,6 +648,11 @@ impl SessionStoreApi for SessionService {
                 .list_by_user(&namespace, &req.user_id)
                 .await
                 .map_err(|e| self.status(e))?;
+            let now = SystemTime::now();
+            let records = records
+                .into_iter()
+                .filter_map(|r| lifetime::alive_at(r, now).ok())
+                .collect();
             let (records, next_page_token) = page::page(records, after.as_deref(), size);
             Ok(Response::new(v1::ListByUserResponse {
                 sessions: records.into_iter().map(|r| self.session(r)).collect(),

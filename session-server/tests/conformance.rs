@@ -17,6 +17,8 @@ mod epochs;
 mod expiry;
 #[path = "conformance/lifecycle.rs"]
 mod lifecycle;
+#[path = "conformance/lifetime.rs"]
+mod lifetime;
 #[path = "conformance/limits.rs"]
 mod limits;
 #[path = "conformance/restore.rs"]
@@ -105,4 +107,8 @@ conformance!(
     write_ids::restore_still_loses_to_another_writers_change,
     write_ids::an_unsure_write_is_the_base_only_right_after_it,
     write_ids::restore_of_another_epoch_rebases_onto_its_own_recreation,
+    lifetime::touched_session_ends_at_its_absolute_lifetime,
+    lifetime::server_max_lifetime_caps_the_session_lifetime,
+    lifetime::touches_inside_the_granularity_are_not_written,
+    lifetime::a_touch_past_the_granularity_is_written,
 );

@@ -30,7 +30,8 @@ use session_proto::v1;
 use tonic::{Code, Response, Status};
 
 use super::{
-    MAX_OWN_WRITE_IDS, SessionService, check_id, check_user, check_write_id, stamp, write_id_of,
+    ENDS_AT_ATTR, MAX_OWN_WRITE_IDS, SessionService, check_id, check_user, check_write_id,
+    lifetime, stamp, write_id_of,
 };
 use crate::store::{Patch, SessionRecord, StoreError, StoreResult};
 
@@ -136,6 +137,16 @@ impl SessionService {
             let mut attrs = session.attrs;
             let mut no_removal = Vec::new();
             stamp(&mut attrs, &mut no_removal, &offline.write_id);
+            // The absolute end is kept: the snapshot's, capped by --max-lifetime counted from
+            // the kept created_at.
+            let snapshot_end = session.ends_at.and_then(|t| SystemTime::try_from(t).ok());
+            let ends_at = match (snapshot_end, self.max_lifetime.map(|l| created_at + l)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(ends_at) = ends_at {
+                attrs.insert(ENDS_AT_ATTR.to_owned(), lifetime::encode_ends_at(ends_at));
+            }
             let record = SessionRecord {
                 id: session.id.clone(),
                 namespace: namespace.clone(),
@@ -146,7 +157,12 @@ impl SessionService {
                 expires_at: now + ttl,
                 ttl,
             };
-            (RestoreOutcome::Recreated, self.store.restore(record).await)
+            if ends_at.is_some_and(|ends_at| ends_at <= now) {
+                // Past its absolute lifetime: it ended, as an expired session, and stays so.
+                (RestoreOutcome::Recreated, Err(StoreError::Deleted))
+            } else {
+                (RestoreOutcome::Recreated, self.store.restore(record).await)
+            }
         };
         let (outcome, result) = match result {
             Err(StoreError::Conflict { expected, actual }) => {
