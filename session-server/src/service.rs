@@ -73,8 +73,8 @@ pub const MAX_OWN_WRITE_IDS: usize = 8;
 /// The attribute a session's write id (`Session.write_id`) is kept in: with the attributes,
 /// so that every store writes it atomically with the patch that made the version, with no
 /// schema or record format of its own. Attribute keys starting with NUL are reserved for it
-/// (INVALID_ARGUMENT); it never leaves the server as an attribute (see [`to_proto`]), and its
-/// key and value count toward `--max-session-bytes` (at most 73 bytes).
+/// (INVALID_ARGUMENT); it never leaves the server as an attribute (see [`to_proto`]), and it
+/// does not count toward `--max-session-bytes` ([`crate::store::attrs_size`]).
 pub const WRITE_ID_ATTR: &str = "\0write_id";
 /// Tries at making a fresh id before giving up; a collision of 192 random bits means the random
 /// source is broken, so more tries would not help.

@@ -106,6 +106,7 @@ conformance!(
     write_ids::restore_rebases_onto_its_own_write_whose_answer_was_lost,
     write_ids::restore_still_loses_to_another_writers_change,
     write_ids::an_unsure_write_is_the_base_only_right_after_it,
+    write_ids::reserved_attributes_do_not_count_toward_the_size_limit,
     write_ids::restore_of_another_epoch_rebases_onto_its_own_recreation,
     lifetime::touched_session_ends_at_its_absolute_lifetime,
     lifetime::server_max_lifetime_caps_the_session_lifetime,

@@ -7,8 +7,8 @@
 //! (unix milliseconds, decimal ASCII): every store writes it atomically with the record (a
 //! create's attributes, an update's patch), regenerate and update carry it with the data, and no
 //! store format or schema changed. It never leaves the server as an attribute ([`super::to_proto`]
-//! turns it into `Session.ends_at`), and its 8-byte key and value count toward
-//! `--max-session-bytes` (at most 21 bytes).
+//! turns it into `Session.ends_at`), and it does not count toward `--max-session-bytes`
+//! ([`crate::store::attrs_size`]).
 //!
 //! # Enforcement
 //! The service enforces the lifetime on every answer: a session whose `ends_at` has passed is

@@ -64,7 +64,7 @@ use self::users::UserIndex;
 use super::cap::SessionCap;
 use super::{
     EVENT_BUFFER, EventKind, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
-    StoreError, StoreResult, attrs_size,
+    StoreError, StoreResult, attr_size, attrs_size,
 };
 
 /// Number of shards. A power of two well above the core count keeps lock contention negligible
@@ -392,7 +392,7 @@ impl SessionStore for MemoryStore {
                     .map(|(name, value)| (name.as_bytes(), value.as_slice())),
             );
             // Size of the merged result, checked before anything changes.
-            inner.check_size(merged.clone().map(|(n, v)| n.len() + v.len()).sum())?;
+            inner.check_size(merged.clone().map(|(n, v)| attr_size(n, v)).sum())?;
 
             let user_id = patch.user_id.as_deref().unwrap_or(old_user_id);
             let old_user = (user_id != old_user_id).then(|| old_user_id.to_owned());

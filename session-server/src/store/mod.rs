@@ -339,9 +339,23 @@ impl EpochCell {
 }
 
 /// Total size of a set of attributes: the sum of key and value lengths. The one definition of
-/// "session size" that every store enforces against `--max-session-bytes`.
+/// "session size" that every store enforces against `--max-session-bytes` (the Redis scripts
+/// count the same way). The server's own attributes (keys starting with NUL: the write id, the
+/// absolute lifetime's end) are not counted: a caller's session may use the whole limit.
 pub fn attrs_size<'a>(attrs: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>) -> usize {
-    attrs.into_iter().map(|(k, v)| k.len() + v.len()).sum()
+    attrs
+        .into_iter()
+        .map(|(k, v)| attr_size(k.as_bytes(), v))
+        .sum()
+}
+
+/// One attribute's part of [`attrs_size`]: 0 for the server's own (a key starting with NUL).
+pub fn attr_size(key: &[u8], value: &[u8]) -> usize {
+    if key.first() == Some(&0) {
+        0
+    } else {
+        key.len() + value.len()
+    }
 }
 
 #[cfg(test)]

@@ -300,3 +300,52 @@ pub async fn restore_of_another_epoch_rebases_onto_its_own_recreation(backend: B
     };
     assert_eq!(restore_code(&mut c, foreign).await, Code::Aborted);
 }
+
+/// The server's own attributes (the write id, the lifetime's end) never count toward
+/// `--max-session-bytes`: a session at exactly the limit still takes writes with a write id,
+/// and a recreation with one, as it would without.
+pub async fn reserved_attributes_do_not_count_toward_the_size_limit(backend: Backend) {
+    let settings = session_server::config::Settings {
+        max_session_bytes: 100,
+        max_lifetime: Some(Duration::from_secs(3600)),
+        ..session_server::config::Settings::default()
+    };
+    let Some((_server, mut c)) = start_with(backend, "reserved_attrs_unsized", settings).await
+    else {
+        return;
+    };
+    let full = "x".repeat(99); // key "k" + 99 bytes: exactly the limit
+    let s = create(&mut c, "", "", &[("k", &full)], None).await;
+    assert!(s.ends_at.is_some(), "the lifetime's end is kept too");
+    let written = c
+        .update(set_as(&s.id, &"w".repeat(64), &[("k", &full)]))
+        .await
+        .expect("a write id does not push a full session over the limit")
+        .into_inner();
+    assert_eq!(written.write_id.len(), 64);
+    // One byte more of the caller's own is still refused.
+    let over = c
+        .update(set_as(&s.id, "w2", &[("k", &"x".repeat(100))]))
+        .await
+        .expect_err("over the limit");
+    assert_eq!(over.code(), Code::InvalidArgument);
+    // A recreation (another epoch) at the limit, with a write id.
+    let lost = Session {
+        id: crate::support::ids::new_id(),
+        namespace: "default".into(),
+        attrs: attrs(&[("k", &full)]),
+        version: 1,
+        ttl: ttl(Duration::from_secs(600)),
+        ..Default::default()
+    };
+    let made = c
+        .restore(RestoreRequest {
+            set: attrs(&[("k", &full)]),
+            write_id: "r.1".into(),
+            ..restore_of(&lost, "", 0)
+        })
+        .await
+        .expect("recreated at the limit")
+        .into_inner();
+    assert_eq!(made.write_id, "r.1");
+}

@@ -185,7 +185,7 @@ impl Packed {
     #[cfg(test)]
     pub(super) fn size(&self) -> usize {
         self.attrs()
-            .map(|(name, value)| name.len() + value.len())
+            .map(|(name, value)| crate::store::attr_size(name, value))
             .sum()
     }
 

@@ -16,7 +16,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 local size = 0
 for i = 12, #ARGV, 2 do
-  size = size + #ARGV[i] + #ARGV[i + 1]
+  if string.byte(ARGV[i], 1) ~= 0 then
+    size = size + #ARGV[i] + #ARGV[i + 1]
+  end
 end
 if size > tonumber(ARGV[6]) then
   return {'toolarge', size}

@@ -27,7 +27,9 @@ if h then
 end
 local size = 0
 for i = 11, #ARGV, 2 do
-  size = size + #ARGV[i] + #ARGV[i + 1]
+  if string.byte(ARGV[i], 1) ~= 0 then
+    size = size + #ARGV[i] + #ARGV[i + 1]
+  end
 end
 if size > tonumber(ARGV[5]) then
   return {'toolarge', size}

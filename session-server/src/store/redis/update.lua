@@ -47,9 +47,12 @@ for i = 12, 11 + 2 * n, 2 do
   sets[#sets + 1] = f
   sets[#sets + 1] = ARGV[i + 1]
 end
+-- The server's own attributes (a name starting with NUL) are not counted (see attrs_size).
 local size = 0
 for f, v in pairs(merged) do
-  size = size + #f - 2 + #v
+  if string.byte(f, 3) ~= 0 then
+    size = size + #f - 2 + #v
+  end
 end
 if size > tonumber(ARGV[5]) then
   return {'toolarge', size}
