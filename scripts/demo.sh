@@ -333,7 +333,7 @@ done
 start session-proxy "$BIN/session-proxy" --listen "127.0.0.1:$PROXY_PORT" \
   --admin-listen "127.0.0.1:$ADMIN_PORT" "${backend_flags[@]}" --balance round-robin \
   --health-check http:/healthz --health-interval 1s \
-  --session-lookup "${SERVER_URLS[0]}" --session-namespace demo --session-attr cart
+  --session-lookup "${SERVER_URLS[0]}" --session-attr cart
 await_address session-proxy proxy
 PROXY_ADDR=$ADDR
 await_address session-proxy admin

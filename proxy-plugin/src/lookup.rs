@@ -504,12 +504,14 @@ impl Plugin {
 
 /// Whether `name` (lower case) is one of the headers this plugin sets for the backends.
 pub(crate) fn is_plugin_header(name: &str) -> bool {
+    // In any spelling: a backend that folds `_` into `-` reads `x_session_user` as the other.
+    let name = name.to_ascii_lowercase().replace('_', "-");
     [
         SESSION_ID_HEADER,
         SESSION_USER_HEADER,
         SESSION_DEGRADED_HEADER,
     ]
-    .contains(&name)
+    .contains(&name.as_str())
         || name.starts_with(SESSION_ATTR_PREFIX)
 }
 

@@ -6,7 +6,8 @@
 //! session servers, and when the subscription ends or fails for a reason that may heal (a
 //! server restart, UNAVAILABLE, RESOURCE_EXHAUSTED) it subscribes again, on any configured
 //! server, with a capped exponential backoff ([`RESUBSCRIBE_BACKOFF`] doubling up to
-//! [`RESUBSCRIBE_BACKOFF_MAX`], back to the start after each successful subscription). Since
+//! [`RESUBSCRIBE_BACKOFF_MAX`], back to the start once a subscription delivers an event, so a
+//! server that accepts and drops subscriptions at once is not hammered). Since
 //! events between two subscriptions are lost, a lost subscription is announced at once
 //! ([`WatchEvent::Interrupted`]) and the first item of every new subscription is
 //! [`WatchEvent::Missed`]: re-read what you care about. An error that will not heal
@@ -252,18 +253,23 @@ impl Watcher {
             if let Some((stream, _)) = self.stream.as_mut() {
                 match stream.message().await {
                     Ok(Some(event)) => {
+                        // A subscription that delivers is a good one: the next loss starts
+                        // the backoff over (one that fails at once keeps doubling it).
+                        self.backoff = RESUBSCRIBE_BACKOFF;
                         if let Some(event) = SessionEvent::from_proto(event) {
                             return Some((Ok(WatchEvent::Session(event)), self));
                         }
                     }
                     Ok(None) => {
                         self.stream = None;
+                        self.backoff = self.backoff.saturating_mul(2).min(RESUBSCRIBE_BACKOFF_MAX);
                         self.missed = Some(MissedReason::Reconnected);
                         let interrupted = WatchEvent::Interrupted(MissedReason::Reconnected);
                         return Some((Ok(interrupted), self));
                     }
                     Err(status) => {
                         let (_, member) = self.stream.take().expect("a live subscription");
+                        self.backoff = self.backoff.saturating_mul(2).min(RESUBSCRIBE_BACKOFF_MAX);
                         if is_fatal(&status) {
                             self.done = true;
                             return Some((Err(status.into()), self));
@@ -283,7 +289,6 @@ impl Watcher {
             tokio::time::sleep(self.backoff).await;
             match self.subscribe().await {
                 Ok(()) => {
-                    self.backoff = RESUBSCRIBE_BACKOFF;
                     let reason = self.missed.take().unwrap_or(MissedReason::Reconnected);
                     return Some((Ok(WatchEvent::Missed(reason)), self));
                 }

@@ -110,6 +110,9 @@ async fn a_header_only_client_logs_in_reads_regenerates_and_logs_out() {
     let id = reply.token().expect("the new id in the header").to_owned();
     assert!(!id.is_empty());
     assert_eq!(client.get(&id, false).await.unwrap().user_id, "ann");
+    // No shared cache may keep a response that hands out a session id.
+    assert_eq!(reply.headers["cache-control"], "no-store");
+    assert_eq!(reply.headers["vary"], HEADER);
 
     let reply = send(&app, "GET", "/me", &[(HEADER, &id)]).await;
     assert_eq!(reply.body, json!({ "user": "ann", "cart": 3 }));
@@ -138,6 +141,7 @@ async fn a_header_only_client_logs_in_reads_regenerates_and_logs_out() {
     let reply = send(&app, "POST", "/logout", &[(HEADER, &new_id)]).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.token(), Some(""), "an empty id: the session is gone");
+    assert_eq!(reply.headers["cache-control"], "no-store");
     assert!(reply.set_cookies().is_empty());
     assert!(matches!(
         client.get(&new_id, false).await,

@@ -478,6 +478,8 @@ fn event_to_proto(event: SessionEvent) -> v1::SessionEvent {
         EventKind::Updated => v1::session_event::Kind::Updated,
         EventKind::Deleted => v1::session_event::Kind::Deleted,
         EventKind::Expired => v1::session_event::Kind::Expired,
+        // Ends the stream before it is ever converted (see `watch`).
+        EventKind::Gap => v1::session_event::Kind::Unspecified,
     };
     v1::SessionEvent {
         kind: kind.into(),
@@ -710,6 +712,12 @@ impl SessionStoreApi for SessionService {
             let events = BroadcastStream::new(self.store.subscribe())
                 .filter_map(move |item| {
                     let out = match item {
+                        Ok(event) if event.kind == EventKind::Gap => {
+                            Some(Err(Status::unavailable(
+                                "the store's event feed was interrupted: events may have been \
+                                 missed; re-read and watch again",
+                            )))
+                        }
                         Ok(event)
                             if event.namespace == namespace
                                 && (user.is_empty() || event.user_id == user) =>

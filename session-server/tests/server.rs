@@ -462,3 +462,94 @@ async fn redis_that_stops_gives_unavailable_then_recovers_without_restart() {
         .unwrap();
     assert_eq!(got.into_inner().user_id, "h");
 }
+
+/// A Watch never misses events unknowingly: when the server loses its Redis event feed (Redis
+/// stopped), every open Watch ends with UNAVAILABLE ("events may have been missed"); once
+/// Redis is back, a Watch opened while the feed was down is ended too when the feed resumes,
+/// and a new one hears writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_end_with_unavailable_when_the_event_feed_is_lost_and_when_it_resumes() {
+    let Some(binary) = services::redis_server_binary("watch_feed_gap") else {
+        return;
+    };
+    let mut redis = OwnRedis::start(binary);
+    let settings = Settings {
+        store_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    };
+    let store = Arc::new(redis_store(&redis.url(), "watch_feed_gap", &settings));
+    support::wait::events_ready(store.as_ref()).await;
+    let server = TestServer::start(settings.clone(), store).await;
+    let mut client = server.client().await;
+    let mut watch = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let made = client
+        .create(CreateRequest::default())
+        .await
+        .expect("create")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("an event")
+        .expect("open")
+        .expect("an event, not an error");
+    assert_eq!(first.id, made.id);
+
+    redis.stop();
+    let ended = tokio::time::timeout(Duration::from_secs(30), watch.next())
+        .await
+        .expect("the watch is told within the subscriber's ping timeout");
+    let status = ended.expect("an item").expect_err("an error, not an event");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Opened while the feed is down: ended when it resumes.
+    let mut during = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    redis.restart();
+    let resumed = tokio::time::timeout(Duration::from_secs(30), during.next())
+        .await
+        .expect("the watch opened during the outage is told when the feed resumes");
+    assert_eq!(
+        resumed.expect("an item").expect_err("an error").code(),
+        Code::Unavailable
+    );
+    // A new watch hears writes.
+    let mut after = client
+        .watch(WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    // (Writes go on at once; the feed comes back on the subscriber's backoff.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    'heard: loop {
+        assert!(tokio::time::Instant::now() < deadline, "no event heard");
+        let Ok(made) = client.create(CreateRequest::default()).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let made = made.into_inner();
+        let wait = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Some(item)) = tokio::time::timeout_at(wait, after.next()).await {
+            match item {
+                Ok(event) if event.id == made.id => break 'heard,
+                Ok(_) => {}
+                // Opened before the feed resumed: told so, and watching again.
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable);
+                    after = client
+                        .watch(WatchRequest::default())
+                        .await
+                        .expect("watch")
+                        .into_inner();
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -334,6 +334,19 @@ fn remove_sent(cookies: &Cookies, config: &SessionConfig, name: &str) {
 /// Applies the state machine's answer to the response: its cookie jar, and the id header
 /// when ids travel in one. A new id goes back where the request's came from (with
 /// [`IdSource::Both`] and no id in the request: both).
+/// A response carrying a session id in a header is never stored by a shared cache (which
+/// knows nothing of that header, unlike `Set-Cookie`, and would hand one session to every
+/// visitor): `Cache-Control: no-store`, and `Vary` on the header for caches that key on it.
+fn never_cached(headers: &mut HeaderMap, name: &http::HeaderName) {
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    if let Ok(vary) = HeaderValue::from_str(name.as_str()) {
+        headers.append(http::header::VARY, vary);
+    }
+}
+
 fn write_out(
     cookies: &Cookies,
     headers: &mut HeaderMap,
@@ -364,6 +377,7 @@ fn write_out(
             if let Some(name) = header {
                 // Spring's way: an empty id tells the client its session is gone.
                 headers.insert(name.clone(), HeaderValue::from_static(""));
+                never_cached(headers, name);
             }
         }
         CookieUpdate::Write {
@@ -376,6 +390,7 @@ fn write_out(
                     && let Ok(value) = HeaderValue::from_str(&id)
                 {
                     headers.insert(name.clone(), value);
+                    never_cached(headers, name);
                 }
                 if id_in_cookie {
                     cookies.add(id_cookie(config, id, lifetime));

@@ -173,6 +173,9 @@ impl SessionService {
             }
             other => (outcome, other),
         };
+        // A session past its absolute lifetime is expired here as everywhere (NOT_FOUND from
+        // the store's side: FAILED_PRECONDITION, never its data).
+        let result = result.and_then(lifetime::alive);
         let answer = match result {
             Ok(record) => Ok(Response::new(self.session(record))),
             Err(error) => Err(refusal(error).unwrap_or_else(|e| self.status(e))),

@@ -141,6 +141,11 @@ pub enum EventKind {
     Deleted,
     /// Reached its expiry.
     Expired,
+    /// Not a session's event: the store's event feed was lost or came back (a network store's
+    /// subscription), so events may have been missed. The service ends every Watch stream
+    /// with UNAVAILABLE on it, and the clients subscribe again (`session-client`'s
+    /// `WatchStream` announces the gap); never sent to a client as an event.
+    Gap,
 }
 
 /// One session event, as stores broadcast it to watchers.

@@ -214,9 +214,24 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
         .expect("watch")
         .into_inner();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut watching = server.client().await;
     let watcher = tokio::spawn(async move {
-        while let Some(Ok(event)) = watch.next().await {
-            let _ = seen_tx.send((event.id, event.version));
+        // The server ends a watch with UNAVAILABLE when its event feed moves off the dead
+        // node (events may have been missed there): a watcher subscribes again, as
+        // session-client's WatchStream does.
+        loop {
+            while let Some(Ok(event)) = watch.next().await {
+                let _ = seen_tx.send((event.id, event.version));
+            }
+            loop {
+                match watching.watch(WatchRequest::default()).await {
+                    Ok(stream) => {
+                        watch = stream.into_inner();
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
         }
     });
 
@@ -302,7 +317,8 @@ async fn master_failover_answers_unavailable_at_worst_and_keeps_acknowledged_wri
         );
     }
 
-    // Watchers hear writes again: the event subscription moved off the dead node.
+    // Watchers hear writes again: the event subscription moved off the dead node (and the
+    // watcher, told of the gap, subscribed again).
     let deadline = Instant::now() + PHASE_WITHIN;
     'heard: loop {
         assert!(

@@ -133,6 +133,7 @@ impl Subscriber {
         let mut backoff = MIN_BACKOFF;
         let mut checked_notifications = false;
         let mut was_connected = true;
+        let mut lost_once = false;
         let channels = [self.events.as_str(), self.expired.as_str()];
         loop {
             let subscribed = match self.server().await {
@@ -151,7 +152,9 @@ impl Subscriber {
                         checked_notifications = true;
                         self.check_notifications(&client).await;
                     }
-                    self.listen_until(pubsub, switched.notified()).await;
+                    self.listen_until(pubsub, switched.notified(), lost_once)
+                        .await;
+                    lost_once = true;
                     tracing::warn!(channel = %self.events, "redis event subscription lost or moved; reconnecting");
                 }
                 Err(error) if was_connected => {
@@ -203,13 +206,46 @@ impl Subscriber {
         }
     }
 
-    /// Forwards messages until the connection ends or stops answering pings.
-    async fn listen(&self, pubsub: ::redis::aio::PubSub) {
-        self.listen_until(pubsub, std::future::pending()).await;
+    /// Forwards messages until the connection ends or stops answering pings (see
+    /// `listen_until`).
+    async fn listen(&self, pubsub: ::redis::aio::PubSub, resumed: bool) {
+        self.listen_until(pubsub, std::future::pending(), resumed)
+            .await;
     }
 
-    /// Like `listen`, ending also when `until` completes.
-    async fn listen_until(&self, pubsub: ::redis::aio::PubSub, until: impl Future<Output = ()>) {
+    /// Like `listen`, ending also when `until` completes. A gap is broadcast
+    /// ([`EventKind::Gap`]) when the subscription ends, and when it starts again after one
+    /// was lost (`resumed`): watchers on the feed when it went, and those that subscribed while
+    /// it was down, are ended and subscribe again, so none misses events unknowingly. (Before
+    /// the first subscription of a server's life there is no gap: a watcher that subscribes in
+    /// the moment between a server's start and its first subscription may miss events.)
+    async fn listen_until(
+        &self,
+        pubsub: ::redis::aio::PubSub,
+        until: impl Future<Output = ()>,
+        resumed: bool,
+    ) {
+        if resumed {
+            self.gap();
+        }
+        self.relay(pubsub, until).await;
+        self.gap();
+    }
+
+    /// Tells watchers that events may have been missed.
+    fn gap(&self) {
+        let _ = self.sender.send(SessionEvent {
+            kind: EventKind::Gap,
+            namespace: String::new(),
+            id: String::new(),
+            user_id: String::new(),
+            version: 0,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Forwards messages until the connection ends, stops answering pings, or `until`.
+    async fn relay(&self, pubsub: ::redis::aio::PubSub, until: impl Future<Output = ()>) {
         let (mut sink, mut stream) = pubsub.split();
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.reset();

@@ -114,7 +114,7 @@ impl Supervisor {
             .retain(|address, l| masters.contains(address) && !l.task.is_finished());
         for node in nodes.iter().filter(|n| n.master) {
             if !self.expiry.contains_key(&node.address()) {
-                let listener = self.listen(node, self.subscriber.expired.clone());
+                let listener = self.listen(node, self.subscriber.expired.clone(), false);
                 self.expiry.insert(node.address(), listener);
             }
         }
@@ -123,7 +123,8 @@ impl Supervisor {
         if !events_up && !nodes.is_empty() {
             let node = &nodes[self.next_events_node % nodes.len()];
             self.next_events_node = self.next_events_node.wrapping_add(1);
-            self.events = Some(self.listen(node, self.subscriber.events.clone()));
+            let resumed = self.events.is_some();
+            self.events = Some(self.listen(node, self.subscriber.events.clone(), resumed));
         }
 
         if !self.checked_notifications
@@ -179,7 +180,7 @@ impl Supervisor {
 
     /// Starts a task that subscribes to `channel` on `node` and listens until the connection
     /// ends; it then wakes the supervisor.
-    fn listen(&self, node: &Node, channel: String) -> Listener {
+    fn listen(&self, node: &Node, channel: String, resumed: bool) -> Listener {
         let subscriber = self.subscriber.clone();
         let info = node.connection_info(&self.seeds[0]);
         let ended = self.ended.clone();
@@ -192,7 +193,7 @@ impl Supervisor {
             match subscribed {
                 Ok(pubsub) => {
                     tracing::info!(node = %node_address, %channel, "redis cluster subscription established");
-                    subscriber.listen(pubsub).await;
+                    subscriber.listen(pubsub, resumed).await;
                     tracing::warn!(node = %node_address, %channel, "redis cluster subscription lost");
                 }
                 Err(error) => {
