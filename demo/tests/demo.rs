@@ -37,7 +37,12 @@ async fn demo(name: &str, sessions: Sessions, fallback: FallbackMode) -> Demo {
     config.fallback = fallback;
     config.cookie_keys = vec![vec![42u8; 32]];
     config.secure_cookies = false;
-    let app = demo::app(&config).await.unwrap();
+    serve(&config).await
+}
+
+/// An instance of `config` served on a free loopback port.
+async fn serve(config: &DemoConfig) -> Demo {
+    let app = demo::app(config).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
@@ -527,17 +532,9 @@ async fn a_client_without_cookies_carries_its_session_in_the_header() {
         let mut config = DemoConfig::new(name, Sessions::Store(store.url()));
         config.secure_cookies = false;
         config.session_header = Some(http::HeaderName::from_static("x-session-token"));
-        async move {
-            let app = demo::app(&config).await.unwrap();
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            let task = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
-            });
-            Demo { url, task }
-        }
+        config
     };
-    let (a, b) = (instance("s1").await, instance("s2").await);
+    let (a, b) = (serve(&instance("s1")).await, serve(&instance("s2")).await);
     // No cookie store: only the header carries the session.
     let api = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
