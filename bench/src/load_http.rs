@@ -134,7 +134,8 @@ pub struct Spawned {
 }
 
 impl Spawned {
-    fn spawn(name: &str, command: &mut Command, log: &Path) -> Result<Spawned, String> {
+    /// Spawns `command` as `name`, its stdout and stderr into `log`.
+    pub fn spawn(name: &str, command: &mut Command, log: &Path) -> Result<Spawned, String> {
         let file = File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let file_too = file
             .try_clone()
@@ -198,7 +199,7 @@ impl Spawned {
     }
 
     /// Waits (bounded) until `addr` accepts; the end of the log when the process exits first.
-    fn wait_accepting(&mut self, addr: SocketAddr) -> Result<(), String> {
+    pub fn wait_accepting(&mut self, addr: SocketAddr) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(why) = self.exited() {
@@ -251,9 +252,11 @@ pub fn start_session_proxy(
     backend: SocketAddr,
     workers: usize,
     lookup: Option<(&str, &str)>,
+    extra_args: &[String],
     workdir: &Path,
 ) -> Result<(Spawned, SocketAddr), String> {
     let mut command = Command::new(binary);
+    command.args(extra_args);
     command
         .args(["--listen", "127.0.0.1:0"])
         .arg("--backend")

@@ -387,6 +387,7 @@ async fn start_proxy(backend: &Served, session_url: &str, snapshot_max_age: Dura
         session_header: None,
         snapshot_max_age,
         outage_grace: Duration::from_secs(5),
+        cache: 0,
         tls: None,
     };
     let config = ProxyConfig {

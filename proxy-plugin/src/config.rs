@@ -48,6 +48,7 @@
 //! snapshot_keys = ["<hex or base64 of 32+ bytes>"]  # outage fallback; also snapshot_cookie
 //! snapshot_max_age = "1h"   # how long past the store's last word a snapshot may stand in
 //! outage_grace = "5s"       # a timeout within this of the store's last answer is no outage
+//! # cache = 10000           # lookup cache of N sessions, kept exact by a Watch stream (0: off)
 //! # ca = "/etc/stickless/ca.pem"   # for an https:// url; also client_cert, client_key (mTLS)
 //! ```
 
@@ -107,6 +108,9 @@ pub const DEFAULT_SNAPSHOT_COOKIE: &str = "sid_snap";
 /// Default limit of a snapshot past the store's last confirmation (`session-client`'s default
 /// too): see [`LookupConfig::snapshot_max_age`].
 pub const DEFAULT_SNAPSHOT_MAX_AGE: Duration = session_client::cookie::DEFAULT_SNAPSHOT_MAX_AGE;
+/// Largest `--session-cache`: a bound on the memory a typo can claim (a million sessions of a
+/// few hundred bytes each is a few hundred MiB).
+pub const MAX_SESSION_CACHE: usize = 1_000_000;
 /// Default outage grace (`session-client`'s default): see [`LookupConfig::outage_grace`].
 pub const DEFAULT_OUTAGE_GRACE: Duration = session_client::layer::DEFAULT_OUTAGE_GRACE;
 
@@ -219,6 +223,11 @@ pub struct LookupConfig {
     /// (503 with `Retry-After` when failing closed), not an outage: the snapshot stands in only
     /// for an unreachable store, or one silent for longer than this (`--session-outage-grace`).
     pub outage_grace: Duration,
+    /// Sessions the lookup cache holds at most (`--session-cache`, `cache`); 0 (the default):
+    /// no cache, every request reads the store. See `lookup/cache.rs`: entries are invalidated
+    /// by a `Watch` stream of the namespace (bypassed while it is down) and by responses that
+    /// end or replace the session.
+    pub cache: usize,
     /// TLS settings of an `https://` session server, read from the `--session-ca` /
     /// `--session-client-cert` / `--session-client-key` files (`None`: the system's roots).
     /// Holds the files' contents, so a reload that reads changed files rebuilds the client.
@@ -240,6 +249,7 @@ impl std::fmt::Debug for LookupConfig {
             .field("snapshot_cookie", &self.snapshot_cookie)
             .field("snapshot_max_age", &self.snapshot_max_age)
             .field("outage_grace", &self.outage_grace)
+            .field("cache", &self.cache)
             .field("tls", &self.tls)
             .finish()
     }

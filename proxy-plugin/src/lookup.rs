@@ -22,7 +22,22 @@
 //! one `x-session-*` name a client may send. The snapshot cookie is for cookie-borne ids only.
 //!
 //! No cookie, a malformed id or an unknown session: the request goes on without session
-//! headers. Nothing is cached: a logout is seen by the very next request.
+//! headers. By default nothing is cached: a logout, or any write, is seen by the very next
+//! request.
+//!
+//! # The lookup cache (`--session-cache N`, off by default)
+//! With `N` above zero, sessions the store returned are kept (at most `N`) and served to the
+//! next requests of the same id, as `lookup/cache.rs` details: only while a `Watch` stream of
+//! the namespace is up (emptied and bypassed while it is down, emptied again when events were
+//! missed), each removed by any event of it, and at once (without waiting for the event) by a
+//! response that clears the session cookie or sets it to another id, carries
+//! `--session-header` empty or with another id, or answers an unsafe method. An entry is
+//! served only within one touch window (the larger of 1 s and 1% of the ttl) of the `Get`
+//! that touched the session, so the sliding expiry still slides: an active user's session
+//! never expires because of the cache. A request whose snapshot cookie holds offline changes
+//! bypasses it (they are pushed with `Restore` as below), and so do the outage and timeout
+//! rules: a miss reads the store exactly as without a cache. A write made elsewhere (another
+//! backend, an administrator) is seen once its event arrives, not by a request already served.
 //!
 //! # When the store fails
 //! Two failures are told apart, as `session-client`'s layer tells them apart:
@@ -116,6 +131,8 @@
 //! - `store`: the calls to the store, the outage rule and `Restore`.
 //! - `snapshots`: the snapshot cookie read from the request and the response filter writing it.
 //! - `set_cookie`: reading a backend's `Set-Cookie` lines (login, logout).
+//! - `cache`: the lookup cache (entries, tickets, touch window).
+//! - `invalidation`: what invalidates it: its Watch stream and the responses.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -132,10 +149,14 @@ use crate::filter::hygiene::strip_session_headers;
 use crate::filter::{FilterContext, Filtered, Reject, RequestFilter, ResponseFilter};
 use crate::metrics::ProxyMetrics;
 
+mod cache;
+mod invalidation;
 mod set_cookie;
 mod snapshots;
 mod store;
 
+use cache::{Cached, SessionCache, Ticket};
+use invalidation::Forget;
 use snapshots::{Sent, SnapshotAction, SnapshotUpdate, Snapshots};
 use store::{Store, Stored};
 
@@ -212,6 +233,20 @@ struct Plugin {
     snapshots: Option<Arc<Snapshots>>,
     /// `--session-header`: the request header carrying the session id too.
     session_header: Option<HeaderName>,
+    /// The lookup cache (`--session-cache` above zero).
+    cache: Option<Arc<SessionCache>>,
+    /// The task following the cache's Watch stream, ended with the plugin.
+    _watch: Option<WatchTask>,
+}
+
+/// A spawned task aborted when dropped.
+#[derive(Debug)]
+struct WatchTask(tokio::task::AbortHandle);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl SessionLookup {
@@ -220,7 +255,7 @@ impl SessionLookup {
     pub fn new(config: Option<&LookupConfig>, metrics: ProxyMetrics) -> Result<Self, LookupError> {
         let plugin = match config {
             None => None,
-            Some(config) => Some(Plugin::new(config)?),
+            Some(config) => Some(Plugin::new(config, &metrics)?),
         };
         Ok(SessionLookup { plugin, metrics })
     }
@@ -238,28 +273,48 @@ impl SessionLookup {
         headers: &mut HeaderMap,
         secure: bool,
     ) -> Result<Option<Box<dyn ResponseFilter>>, Reject> {
+        self.apply_request(headers, secure, false).await
+    }
+
+    /// [`SessionLookup::apply`]; `unsafe_method`: the request's method may write the session
+    /// (the lookup cache forgets it on the response).
+    async fn apply_request(
+        &self,
+        headers: &mut HeaderMap,
+        secure: bool,
+        unsafe_method: bool,
+    ) -> Result<Option<Box<dyn ResponseFilter>>, Reject> {
         let Some(plugin) = &self.plugin else {
             strip_session_headers(headers, None);
             return Ok(None);
         };
         strip_session_headers(headers, plugin.session_header.as_ref());
-        let update = self.lookup(plugin, headers, secure).await?.or_else(|| {
+        let id = self.request_id(plugin, headers);
+        let update = match &id {
+            Some((id, from_header)) => {
+                self.lookup(plugin, headers, id, *from_header, secure)
+                    .await?
+            }
+            None => None,
+        };
+        let update = update.or_else(|| {
             // A request carrying a snapshot cookie always gets the filter, so that a logout
             // response (clearing the session cookie) expires that cookie too.
             let snapshots = plugin.snapshots.as_ref()?;
             cookie_value(headers, &snapshots.cookie)?;
             Some(snapshots.update(SnapshotAction::Keep, true, secure))
         });
-        Ok(update.map(|update| Box::new(update) as Box<dyn ResponseFilter>))
+        Ok(match (&plugin.cache, id) {
+            (Some(cache), Some((id, _))) => {
+                Some(Box::new(Forget::new(cache, id, unsafe_method, update)))
+            }
+            _ => update.map(|update| Box::new(update) as Box<dyn ResponseFilter>),
+        })
     }
 
-    /// Looks the session up and sets its headers; returns what to do with the snapshot cookie.
-    async fn lookup(
-        &self,
-        plugin: &Plugin,
-        headers: &mut HeaderMap,
-        secure: bool,
-    ) -> Result<Option<SnapshotUpdate>, Reject> {
+    /// The request's session id, when it has a plausible one, and whether it came in the
+    /// session header.
+    fn request_id(&self, plugin: &Plugin, headers: &HeaderMap) -> Option<(String, bool)> {
         // The session header first (present and non-empty), then the cookie: the last one, as
         // the backends' cookie jar (tower-cookies) keeps it.
         let (id, from_header) = match plugin.header_id(headers) {
@@ -268,7 +323,7 @@ impl SessionLookup {
                 Some(id) => (id, false),
                 None => {
                     self.metrics.lookup("no_cookie");
-                    return Ok(None);
+                    return None;
                 }
             },
         };
@@ -278,24 +333,62 @@ impl SessionLookup {
                 from_header,
                 "session id (cookie or header) is not a session id; forwarding without session"
             );
-            return Ok(None);
+            return None;
         }
-        let id = id.to_owned();
+        Some((id.to_owned(), from_header))
+    }
+
+    /// Looks session `id` up and sets its headers; returns what to do with the snapshot cookie.
+    async fn lookup(
+        &self,
+        plugin: &Plugin,
+        headers: &mut HeaderMap,
+        id: &str,
+        from_header: bool,
+        secure: bool,
+    ) -> Result<Option<SnapshotUpdate>, Reject> {
         // The snapshot rides in cookies, for cookie-borne ids only (as session-client's layer
         // does): a request with the id in the header gets none set, and none stands in for it.
         let snapshots = plugin.snapshots.as_ref().filter(|_| !from_header);
-        let sent = snapshots.map_or(Sent::Absent, |s| s.sent(headers, &id, SystemTime::now()));
-        let resolved = match plugin.store.get(&id).await {
+        let sent = snapshots.map_or(Sent::Absent, |s| s.sent(headers, id, SystemTime::now()));
+        let offline = matches!(&sent, Sent::Valid(snapshot) if snapshot.has_offline_changes());
+        let mut ticket: Option<Ticket> = None;
+        if let Some(cache) = &plugin.cache {
+            if offline {
+                // Offline changes go to the store (Restore), never around it.
+                cache.bypass();
+            } else {
+                match cache.lookup(id) {
+                    Cached::Hit(session) => {
+                        let hit = Stored {
+                            session,
+                            outcome: "found",
+                            keep_snapshot: false,
+                        };
+                        return Ok(self.found(plugin, headers, hit, snapshots, &sent, secure));
+                    }
+                    Cached::Miss(miss) => ticket = Some(miss),
+                    Cached::Bypassed => {}
+                }
+            }
+        }
+        let resolved = match plugin.store.get(id).await {
             Ok(stored) => match &sent {
                 // Changes a backend made during an outage: pushed back under the store's rules.
                 Sent::Valid(snapshot) if snapshot.has_offline_changes() => {
                     plugin.store.resync(snapshot, Some(stored)).await
                 }
-                _ => Ok(Some(Stored {
-                    session: stored,
-                    outcome: "found",
-                    keep_snapshot: false,
-                })),
+                _ => {
+                    let session = Arc::new(stored);
+                    if let (Some(cache), Some(ticket)) = (&plugin.cache, ticket) {
+                        cache.fill(ticket, session.clone());
+                    }
+                    Ok(Some(Stored {
+                        session,
+                        outcome: "found",
+                        keep_snapshot: false,
+                    }))
+                }
             },
             Err(ClientError::NotFound { epoch }) => match (&sent, epoch) {
                 // The store lost it (another epoch), or it was made during an outage. The store
@@ -326,26 +419,39 @@ impl SessionLookup {
             Err(error) => Err(error),
         };
         match resolved {
-            Ok(Some(Stored {
-                session,
-                outcome,
-                keep_snapshot,
-            })) => {
-                self.metrics.lookup(outcome);
-                plugin.set_headers(headers, &session.id, &session.user_id, |name| {
-                    session.attrs.get(name)
-                });
-                if keep_snapshot {
-                    return Ok(None);
-                }
-                Ok(snapshots.and_then(|s| s.refresh(&sent, headers, &session, secure)))
-            }
+            Ok(Some(stored)) => Ok(self.found(plugin, headers, stored, snapshots, &sent, secure)),
             Ok(None) => {
                 self.metrics.lookup("missing");
                 Ok(snapshots.and_then(|s| s.expire(headers, secure)))
             }
             Err(error) => self.failed(plugin, headers, sent, error, secure),
         }
+    }
+
+    /// The session is found (in the store or the cache): its headers are set; returns what to
+    /// do with the snapshot cookie.
+    fn found(
+        &self,
+        plugin: &Plugin,
+        headers: &mut HeaderMap,
+        stored: Stored,
+        snapshots: Option<&Arc<Snapshots>>,
+        sent: &Sent,
+        secure: bool,
+    ) -> Option<SnapshotUpdate> {
+        let Stored {
+            session,
+            outcome,
+            keep_snapshot,
+        } = stored;
+        self.metrics.lookup(outcome);
+        plugin.set_headers(headers, &session.id, &session.user_id, |name| {
+            session.attrs.get(name)
+        });
+        if keep_snapshot {
+            return None;
+        }
+        snapshots.and_then(|s| s.refresh(sent, headers, &session, secure))
     }
 
     /// The store did not answer, or failed: the snapshot stands in during an outage,
@@ -416,12 +522,15 @@ impl RequestFilter for SessionLookup {
             strip_session_headers(&mut head.headers, None);
             return Filtered::pass();
         }
-        Filtered::later(self.apply(&mut head.headers, ctx.https()))
+        // Methods that may write the session (not GET, HEAD, OPTIONS, TRACE): the lookup
+        // cache forgets it on the response.
+        let unsafe_method = !head.method.is_safe();
+        Filtered::later(self.apply_request(&mut head.headers, ctx.https(), unsafe_method))
     }
 }
 
 impl Plugin {
-    fn new(config: &LookupConfig) -> Result<Self, LookupError> {
+    fn new(config: &LookupConfig, metrics: &ProxyMetrics) -> Result<Self, LookupError> {
         if config.cookie.trim().is_empty() {
             return Err(LookupError::CookieName);
         }
@@ -449,12 +558,27 @@ impl Plugin {
         } else {
             Some(Arc::new(Snapshots::new(config)?))
         };
+        let store = Store::new(config)?;
+        let (cache, watch) = if config.cache == 0 {
+            (None, None)
+        } else {
+            let cache = Arc::new(SessionCache::new(
+                config.cache,
+                &config.cookie,
+                session_header.clone(),
+                metrics.clone(),
+            ));
+            let task = tokio::spawn(invalidation::follow(cache.clone(), store.client().clone()));
+            (Some(cache), Some(WatchTask(task.abort_handle())))
+        };
         Ok(Plugin {
             config: config.clone(),
-            store: Store::new(config)?,
+            store,
             attrs,
             snapshots,
             session_header,
+            cache,
+            _watch: watch,
         })
     }
 

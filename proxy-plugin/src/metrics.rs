@@ -36,6 +36,17 @@ const LOOKUP_OUTCOMES: [&str; 11] = [
     "timeout_closed",
 ];
 
+/// The session lookup cache's events (`--session-cache`), whose counters are kept at hand.
+const SESSION_CACHE_EVENTS: [&str; 7] = [
+    "hit",
+    "miss",
+    "bypassed",
+    "invalidated",
+    "forgotten",
+    "evicted",
+    "cleared",
+];
+
 /// Why the proxy itself (its limits, timeouts and backends) answered a request instead of a
 /// backend. Request filters answer with a [`Reject`](crate::filter::Reject) of their own,
 /// counted under its own `reason` label.
@@ -108,6 +119,14 @@ pub struct ProxyMetrics {
     lookups: IntCounterVec,
     /// `lookups` of each of [`LOOKUP_OUTCOMES`], resolved on first use (shared by clones).
     lookup_outcomes: Arc<[OnceLock<IntCounter>; LOOKUP_OUTCOMES.len()]>,
+    /// Lookup cache events by kind ([`SESSION_CACHE_EVENTS`]).
+    session_cache: IntCounterVec,
+    /// `session_cache` of each of [`SESSION_CACHE_EVENTS`], resolved on first use.
+    session_cache_events: Arc<[OnceLock<IntCounter>; SESSION_CACHE_EVENTS.len()]>,
+    /// Sessions in the lookup cache now.
+    session_cache_entries: IntGauge,
+    /// Whether the lookup cache's Watch stream is up (1: the cache is used) or not (0).
+    session_cache_up: IntGauge,
     /// Whether each current backend is up (1) or down (0), refreshed at render time.
     backend_up: IntGaugeVec,
     /// Requests in flight per current backend, refreshed at render time.
@@ -151,6 +170,24 @@ impl ProxyMetrics {
             Opts::new("proxy_session_lookups_total", "Session lookups by outcome."),
             &["outcome"],
         )?;
+        let session_cache = IntCounterVec::new(
+            Opts::new(
+                "proxy_session_cache_total",
+                "Session lookup cache events: hit, miss, bypassed (stream down, offline \
+                 changes), invalidated (an entry removed by an event), forgotten (a response ended or replaced \
+                 its session, or answered an unsafe method), evicted, cleared \
+                 (stream lost or events missed).",
+            ),
+            &["event"],
+        )?;
+        let session_cache_entries = IntGauge::new(
+            "proxy_session_cache_entries",
+            "Sessions in the lookup cache.",
+        )?;
+        let session_cache_up = IntGauge::new(
+            "proxy_session_cache_up",
+            "Whether the lookup cache's Watch stream is up (1) and the cache used.",
+        )?;
         let backend_up = IntGaugeVec::new(
             Opts::new(
                 "proxy_backend_up",
@@ -171,6 +208,9 @@ impl ProxyMetrics {
         registry.register(Box::new(rejects.clone()))?;
         registry.register(Box::new(active_connections.clone()))?;
         registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(session_cache.clone()))?;
+        registry.register(Box::new(session_cache_entries.clone()))?;
+        registry.register(Box::new(session_cache_up.clone()))?;
         registry.register(Box::new(backend_up.clone()))?;
         registry.register(Box::new(backend_active.clone()))?;
         let client_timeouts = ClientTimeouts::register(&registry)?;
@@ -184,6 +224,10 @@ impl ProxyMetrics {
             active_connections,
             lookups,
             lookup_outcomes: Arc::default(),
+            session_cache,
+            session_cache_events: Arc::default(),
+            session_cache_entries,
+            session_cache_up,
             backend_up,
             backend_active,
             client_timeouts,
@@ -250,6 +294,26 @@ impl ProxyMetrics {
                 .inc(),
             None => self.lookups.with_label_values(&[outcome]).inc(),
         }
+    }
+
+    /// Counts a session lookup cache event.
+    pub fn session_cache(&self, event: &str) {
+        match SESSION_CACHE_EVENTS.iter().position(|e| *e == event) {
+            Some(i) => self.session_cache_events[i]
+                .get_or_init(|| self.session_cache.with_label_values(&[event]))
+                .inc(),
+            None => self.session_cache.with_label_values(&[event]).inc(),
+        }
+    }
+
+    /// Adds `delta` to the number of sessions in the lookup cache.
+    pub fn session_cache_entries(&self, delta: i64) {
+        self.session_cache_entries.add(delta);
+    }
+
+    /// Notes whether the lookup cache's Watch stream is up.
+    pub fn session_cache_up(&self, up: bool) {
+        self.session_cache_up.set(i64::from(up));
     }
 
     /// A client connection opened.

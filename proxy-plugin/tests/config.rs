@@ -255,6 +255,7 @@ fn a_file_alone_configures_everything() {
                 snapshot_cookie: "sid_snap".into(),
                 snapshot_max_age: Duration::from_secs(600),
                 outage_grace: Duration::from_secs(2),
+                cache: 0,
                 tls: None,
             }),
             tls: None,
@@ -424,6 +425,7 @@ fn session_lookup_is_on_with_a_url_and_has_defaults() {
             snapshot_cookie: "sid_snap".into(),
             snapshot_max_age: Duration::from_secs(60 * 60),
             outage_grace: Duration::from_secs(5),
+            cache: 0,
             tls: None,
         })
     );

@@ -163,6 +163,8 @@ pub(super) struct FileLookup {
     pub(super) snapshot_max_age: Option<Parsed<Duration>>,
     /// `--session-outage-grace`.
     pub(super) outage_grace: Option<Parsed<Duration>>,
+    /// `--session-cache`.
+    pub(super) cache: Option<usize>,
     /// CA bundle of an `https://` url (a path, relative to the working directory).
     pub(super) ca: Option<PathBuf>,
     /// Client certificate for mTLS (a path).

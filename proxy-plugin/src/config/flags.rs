@@ -431,4 +431,12 @@ pub struct Cli {
         value_parser = parse_setting::<Duration>,
     )]
     pub session_outage_grace: Option<Duration>,
+    /// Sessions the lookup cache holds at most (0: no cache). Entries are invalidated by a
+    /// Watch stream of the namespace (the cache is emptied and bypassed while it is down) and
+    /// at once by a response that ends or replaces the session, or answers an unsafe method;
+    /// each is served within one touch window (1 s or 1% of the ttl) of the store's last
+    /// touch, so expiry still slides. Needs a store whose Watch sees every server's writes
+    /// (not mysql behind several servers) [default: 0].
+    #[arg(long, value_name = "N", env = "STICKLESS_PROXY_SESSION_CACHE")]
+    pub session_cache: Option<usize>,
 }

@@ -14,7 +14,8 @@ use super::file::FileLookup;
 use super::{
     Cli, ConfigError, DEFAULT_LOOKUP_TIMEOUT, DEFAULT_OUTAGE_GRACE, DEFAULT_SESSION_ATTRS,
     DEFAULT_SESSION_COOKIE, DEFAULT_SESSION_NAMESPACE, DEFAULT_SNAPSHOT_COOKIE,
-    DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig, LookupFailure, SnapshotKey, Token, pick,
+    DEFAULT_SNAPSHOT_MAX_AGE, LookupConfig, LookupFailure, MAX_SESSION_CACHE, SnapshotKey, Token,
+    pick,
 };
 
 /// The plugin is on when a session server URL is given (flag or file); its other settings
@@ -52,6 +53,7 @@ pub(super) fn resolve(
             ),
             ("--snapshot-max-age", cli.snapshot_max_age.is_some()),
             ("--session-outage-grace", cli.session_outage_grace.is_some()),
+            ("--session-cache", cli.session_cache.is_some()),
             ("--session-ca", cli.session_ca.is_some()),
             ("--session-client-cert", cli.session_client_cert.is_some()),
             ("--session-client-key", cli.session_client_key.is_some()),
@@ -68,6 +70,7 @@ pub(super) fn resolve(
                     || file.snapshot_cookie.is_some()
                     || file.snapshot_max_age.is_some()
                     || file.outage_grace.is_some()
+                    || file.cache.is_some()
                     || file.ca.is_some()
                     || file.client_cert.is_some()
                     || file.client_key.is_some(),
@@ -174,7 +177,15 @@ pub(super) fn resolve(
             file.outage_grace,
             DEFAULT_OUTAGE_GRACE,
         ),
+        cache: cli.session_cache.or(file.cache).unwrap_or(0),
     };
+    if config.cache > MAX_SESSION_CACHE {
+        return Err(ConfigError::Invalid(format!(
+            "--session-cache / [session_lookup] cache of {} sessions is above the limit of \
+             {MAX_SESSION_CACHE}",
+            config.cache
+        )));
+    }
     if config.snapshot_cookie == config.cookie {
         return Err(ConfigError::Invalid(format!(
             "the session snapshot cookie and the session cookie are both named {:?}; give them \
@@ -420,6 +431,34 @@ mod tests {
         assert!(m.contains("line 3") && m.contains("above zero"), "{m}");
         let m = message(&[], Some("[session_lookup]\noutage_grace = \"1s\"\n"));
         assert!(m.contains("session_lookup"), "{m}");
+    }
+
+    #[test]
+    fn the_session_cache_comes_from_flag_or_file_is_off_by_default_and_bounded() {
+        let url = ["--session-lookup", "http://127.0.0.1:1"];
+        let cache = |args: &[&str], file: Option<&str>| {
+            resolve(args, file).map(|c| c.expect("lookup on").cache)
+        };
+        assert_eq!(cache(&url, None).unwrap(), 0);
+        assert_eq!(
+            cache(&[url[0], url[1], "--session-cache", "5000"], None).unwrap(),
+            5000
+        );
+        let file = "[session_lookup]\nurl = \"http://127.0.0.1:1\"\ncache = 100\n";
+        assert_eq!(cache(&[], Some(file)).unwrap(), 100);
+        assert_eq!(cache(&["--session-cache", "0"], Some(file)).unwrap(), 0);
+        let too_many = cache(&[url[0], url[1], "--session-cache", "1000001"], None);
+        assert!(
+            too_many
+                .unwrap_err()
+                .to_string()
+                .contains("above the limit")
+        );
+        assert!(cache(&[url[0], url[1], "--session-cache", "-1"], None).is_err());
+        let stray = resolve(&["--session-cache", "10"], None).unwrap_err();
+        assert!(stray.to_string().contains("--session-cache"), "{stray}");
+        let stray = resolve(&[], Some("[session_lookup]\ncache = 10\n")).unwrap_err();
+        assert!(stray.to_string().contains("session_lookup"), "{stray}");
     }
 
     #[test]

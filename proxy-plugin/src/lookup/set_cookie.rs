@@ -31,6 +31,14 @@ pub(super) fn sets_cookie(headers: &HeaderMap, name: &str) -> bool {
     lines_for(headers, name).next().is_some()
 }
 
+/// The value the last `Set-Cookie` line naming cookie `name` sets (empty when it clears it
+/// that way), if any.
+pub(super) fn set_value<'a>(headers: &'a HeaderMap, name: &'a str) -> Option<&'a str> {
+    let line = lines_for(headers, name).last()?;
+    let pair = line.split(';').next().unwrap_or("");
+    Some(pair.split_once('=').map_or("", |(_, value)| value.trim()))
+}
+
 /// Whether a response clears cookie `name` (at `now`): its last `Set-Cookie` line for that
 /// name, the one a browser keeps, removes the cookie.
 pub(super) fn clears_cookie(headers: &HeaderMap, name: &str, now: SystemTime) -> bool {
@@ -182,6 +190,14 @@ mod tests {
 
     fn clears(lines: &[&'static str], name: &str) -> bool {
         clears_cookie(&response(lines), name, now())
+    }
+
+    #[test]
+    fn the_value_set_is_the_last_lines() {
+        let headers = response(&["sid=old; Path=/", "sid= new ; Max-Age=60", "sidx=z"]);
+        assert_eq!(set_value(&headers, "sid"), Some("new"));
+        assert_eq!(set_value(&response(&["sid=; Max-Age=0"]), "sid"), Some(""));
+        assert_eq!(set_value(&headers, "theme"), None);
     }
 
     #[test]

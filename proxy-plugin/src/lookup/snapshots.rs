@@ -199,6 +199,13 @@ impl Snapshots {
 
 impl ResponseFilter for SnapshotUpdate {
     fn response_filter(self: Box<Self>, head: &mut http::response::Parts) {
+        self.respond(head);
+    }
+}
+
+impl SnapshotUpdate {
+    /// The response filter's work, also run by the lookup cache's filter after its own.
+    pub(super) fn respond(self, head: &mut http::response::Parts) {
         let snapshots = &self.snapshots;
         let name = &snapshots.cookie;
         if sets_cookie(&head.headers, name) {

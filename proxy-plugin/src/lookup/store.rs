@@ -5,6 +5,7 @@
 //! `Restore` under the store's rules (see `Restore` in `session.proto`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use session_client::cookie::{Snapshot, SnapshotPolicy};
@@ -32,8 +33,8 @@ pub(super) struct Store {
 /// [`Store::resync`] means there is none (deleted, expired, or refused as a snapshot).
 #[derive(Debug)]
 pub(super) struct Stored {
-    /// The stored session.
-    pub(super) session: SessionData,
+    /// The stored session (shared with the lookup cache).
+    pub(super) session: Arc<SessionData>,
     /// The lookup outcome counted: `found`, `restored` (a snapshot pushed back and applied, or
     /// recreated in a store that lost its data) or `conflict` (the store changed the session
     /// meanwhile: it wins, the offline changes are dropped).
@@ -88,6 +89,11 @@ impl Store {
         result
     }
 
+    /// The client every call goes through (the lookup cache's Watch stream too).
+    pub(super) fn client(&self) -> &SessionClient {
+        &self.client
+    }
+
     /// Reads session `id`, sliding its expiry (as a backend's read would).
     pub(super) async fn get(&self, id: &str) -> Result<SessionData, ClientError> {
         self.call(self.client.get(id, true)).await
@@ -113,7 +119,7 @@ impl Store {
         let session = id_prefix(&snapshot.id);
         let found = |session, outcome, keep_snapshot| {
             Some(Stored {
-                session,
+                session: Arc::new(session),
                 outcome,
                 keep_snapshot,
             })

@@ -36,6 +36,7 @@ pub fn lookup_config(server: &str, on_failure: LookupFailure, keys: &[&[u8]]) ->
         snapshot_cookie: "sid_snap".to_owned(),
         snapshot_max_age: DEFAULT_SNAPSHOT_MAX_AGE,
         outage_grace: DEFAULT_OUTAGE_GRACE,
+        cache: 0,
         tls: None,
     }
 }

@@ -77,6 +77,13 @@ impl TestSessionServer {
             .sum()
     }
 
+    /// `Get` calls the server answered since it first started, whatever the answer.
+    pub fn get_calls(&self) -> u64 {
+        (0..=16)
+            .map(|code| self.metrics.calls("Get", tonic::Code::from_i32(code)))
+            .sum()
+    }
+
     /// `Restore` calls answered with `code`.
     pub fn restore_calls_with(&self, code: tonic::Code) -> u64 {
         self.metrics.calls("Restore", code)
