@@ -12,6 +12,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -45,8 +46,8 @@ pub(crate) struct CallDeadline<S> {
     /// The server's deadline of one call.
     timeout: Duration,
     /// Where a call that missed its deadline is counted (its own bookkeeping is dropped with
-    /// it).
-    metrics: Metrics,
+    /// it). Shared, so that a call takes one reference count, not a copy of every metric handle.
+    metrics: Arc<Metrics>,
 }
 
 impl<S> CallDeadline<S> {
@@ -55,7 +56,7 @@ impl<S> CallDeadline<S> {
         CallDeadline {
             inner,
             timeout,
-            metrics,
+            metrics: Arc::new(metrics),
         }
     }
 }
@@ -118,7 +119,7 @@ where
         // Made here, before tonic makes its own timer for the caller's deadline (see above).
         let deadline = tokio::time::Instant::from_std(start) + timeout;
         let call = self.inner.call(request);
-        let metrics = self.metrics.clone();
+        let metrics = Arc::clone(&self.metrics);
         Either::Left(Box::pin(async move {
             match tokio::time::timeout_at(deadline, call).await {
                 Ok(answer) => answer,

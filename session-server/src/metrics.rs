@@ -1,7 +1,7 @@
 //! Prometheus metrics: calls by method and code, call latency, store errors, Restore outcomes,
 //! live sessions, open and refused connections, open and refused Watch streams, sessions the
-//! per-user session cap evicted or refused, and whether the store answered the last health
-//! check.
+//! per-user session cap evicted or refused, whether the store answered the last health
+//! check, and what the Redis near cache did.
 //!
 //! Served as text on `GET /metrics` of their own listener (`--metrics-listen`, off by default),
 //! so scraping never competes with gRPC traffic for the same port or auth.
@@ -59,6 +59,12 @@ pub const SESSION_CAP_ACTIONS: [&str; 2] = ["evicted", "refused"];
 /// `--touch-granularity`.
 pub const TOUCH_OUTCOMES: [&str; 2] = ["written", "skipped"];
 
+/// What the Redis near cache did with a plain read (`stickless_near_cache_total{outcome}`):
+/// answered it (`hit`), read Redis and kept the answer if it could (`miss`), or read Redis
+/// because its invalidation feed was down (`bypass`). Brought up to the store's counts
+/// ([`SessionStore::near_cache_stats`]) at each rendering; absent without a near cache.
+pub const NEAR_CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "bypass"];
+
 /// A method's series resolved once: the label lookup (hashing the label values under a lock)
 /// is then off the path of every successful call.
 #[derive(Debug, Clone)]
@@ -108,6 +114,11 @@ pub struct Metrics {
     /// `stickless_store_up`: 1 when the store answered the health service's last check, 0
     /// when it did not (see `health.rs`).
     store_up: IntGauge,
+    /// `stickless_near_cache_total{outcome}` (see [`NEAR_CACHE_OUTCOMES`]).
+    near_cache: IntCounterVec,
+    /// `stickless_near_cache_invalidations_total`: cached sessions dropped because they were
+    /// written, expired or flushed, or the invalidation feed was lost.
+    near_cache_invalidations: IntCounter,
     /// The series of every method in [`METHODS`].
     methods: Arc<[MethodSeries]>,
 }
@@ -213,6 +224,24 @@ impl Metrics {
              else 0",
         )
         .expect("valid metric");
+        let near_cache = IntCounterVec::new(
+            Opts::new(
+                "stickless_near_cache_total",
+                "Plain reads of the Redis near cache (--cache-capacity) by outcome: hit, miss, \
+                 bypass (invalidation feed down)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in NEAR_CACHE_OUTCOMES {
+            near_cache.with_label_values(&[outcome]);
+        }
+        let near_cache_invalidations = IntCounter::new(
+            "stickless_near_cache_invalidations_total",
+            "Sessions dropped from the Redis near cache: written, expired or flushed, or the \
+             invalidation feed was lost",
+        )
+        .expect("valid metric");
         for metric in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -226,6 +255,8 @@ impl Metrics {
             Box::new(watchers.clone()),
             Box::new(watchers_refused.clone()),
             Box::new(store_up.clone()),
+            Box::new(near_cache.clone()),
+            Box::new(near_cache_invalidations.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
         }
@@ -253,7 +284,15 @@ impl Metrics {
             watchers,
             watchers_refused,
             store_up,
+            near_cache,
+            near_cache_invalidations,
         }
+    }
+
+    /// How many plain reads the near cache counted with `outcome` (see
+    /// [`NEAR_CACHE_OUTCOMES`]), as of the last rendering.
+    pub fn near_cache(&self, outcome: &str) -> u64 {
+        self.near_cache.with_label_values(&[outcome]).get()
     }
 
     /// Records one finished call.
@@ -374,6 +413,18 @@ impl Metrics {
             let evicted = self.session_cap.with_label_values(&["evicted"]);
             let behind = store.session_cap_evictions().saturating_sub(evicted.get());
             evicted.inc_by(behind);
+            if let Some(near) = store.near_cache_stats() {
+                for (outcome, count) in [
+                    ("hit", near.hits),
+                    ("miss", near.misses),
+                    ("bypass", near.bypasses),
+                ] {
+                    let counter = self.near_cache.with_label_values(&[outcome]);
+                    counter.inc_by(count.saturating_sub(counter.get()));
+                }
+                let dropped = &self.near_cache_invalidations;
+                dropped.inc_by(near.invalidations.saturating_sub(dropped.get()));
+            }
         }
         if let Some(live) = store.live_sessions() {
             self.sessions_live
@@ -382,6 +433,9 @@ impl Metrics {
         let mut families = self.registry.gather();
         if store.live_sessions().is_none() {
             families.retain(|f| f.name() != "stickless_sessions_live");
+        }
+        if store.near_cache_stats().is_none() {
+            families.retain(|f| !f.name().starts_with("stickless_near_cache"));
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -35,7 +35,8 @@ mod writes;
 use support::harness::Backend;
 
 /// One test per body and store: `conformance!(module::body, …)` makes `memory::body`,
-/// `redis::body`, `redis_cluster::body` and `mysql::body`.
+/// `redis::body`, `redis_near_cache::body` (Redis with a near cache), `redis_cluster::body` and
+/// `mysql::body`.
 macro_rules! conformance {
     ($($module:ident :: $name:ident),* $(,)?) => {
         mod memory {
@@ -51,6 +52,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$module::$name(super::Backend::Redis).await;
+                }
+            )*
+        }
+        mod redis_near_cache {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$module::$name(super::Backend::RedisNearCache).await;
                 }
             )*
         }

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -18,6 +18,7 @@ use support::cluster::RedisCluster;
 use support::ids::new_id;
 use support::outage::fails_as_outage;
 use support::ports::RefusedPort;
+use support::redis_record;
 use support::wait::{events_ready, eventually_ok, next_event, update_until_heard};
 
 const NS: &str = "shop";
@@ -82,7 +83,7 @@ async fn keys_of_a_session_share_a_slot_and_sessions_spread_over_masters() {
         // The script ran on the master of the slot: the hash is there.
         let master = cluster.master_of_slot(slot).await;
         let mut node = cluster.node(master).await;
-        let fields: HashMap<String, Vec<u8>> = node.hgetall(&key).await.expect("HGETALL");
+        let fields = redis_record::fields(&mut node, &key).await;
         assert_eq!(fields.get("user"), Some(&new.user_id.as_bytes().to_vec()));
         masters.insert(master);
 
@@ -324,7 +325,7 @@ async fn run_script(
 ) -> String {
     let helpers = include_str!("../src/store/redis/common.lua");
     let reply: redis::Value = redis::cmd("EVAL")
-        .arg(format!("{helpers}\n{script}"))
+        .arg(format!("local WRITE_FORMAT = '2'\n{helpers}\n{script}"))
         .arg(keys.len())
         .arg(keys)
         .arg(args)
@@ -387,8 +388,8 @@ async fn a_write_resent_after_a_lost_reply_is_applied_once() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_eq!(run_script(&mut node, update, &[&key], &args).await, "ok");
     }
-    let version: String = node.hget(&key, "ver").await.expect("HGET");
-    assert_eq!(version, "2", "applied once");
+    let version = redis_record::field(&mut node, &key, "ver").await;
+    assert_eq!(version.as_deref(), Some(&b"2"[..]), "applied once");
     let args = cas("u2");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_eq!(

@@ -26,6 +26,7 @@ use session_server::store::{NewSession, SessionStore, StoreError};
 use support::harness::TestServer;
 use support::ids::new_id;
 use support::process::run_bounded;
+use support::redis_record;
 use support::wait::{events_ready, update_until_heard};
 use tonic::Code;
 
@@ -123,7 +124,7 @@ async fn calls_go_through_the_sentinels_to_the_primary() {
         .connect(deployment.primary_port())
         .await
         .expect("primary");
-    let on_primary: Option<Vec<u8>> = primary.hget(&key, "a:cart").await.expect("HGET");
+    let on_primary = redis_record::field(&mut primary, &key, "a:cart").await;
     assert_eq!(on_primary.as_deref(), Some(&b"3 pears"[..]));
     assert_eq!(
         deployment.named_primary().await,
@@ -266,6 +267,121 @@ async fn a_switchover_is_followed_and_no_write_after_the_promotion_is_lost() {
         "after the switchover",
     )
     .await;
+}
+
+/// The near cache (`--cache-capacity`) on Sentinel: its tracking connection is on the primary
+/// the sentinels name (a write through another store is invalidated), and after a switchover
+/// it is on the new one: a write there through another store still reaches this store's reads,
+/// and hits resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_follows_a_switchover() {
+    let test = "the_near_cache_follows_a_switchover";
+    let Some(deployment) = Deployment::start(test).await else {
+        return;
+    };
+    let mut config = deployment.config(test, &settings());
+    config.cache_capacity = 100;
+    let mut plain = config.clone();
+    plain.cache_capacity = 0;
+    let cached = RedisStore::new(config).expect("store");
+    support::harness::near_cache_up(&cached).await;
+    let other = RedisStore::new(plain).expect("store");
+    let made = cached
+        .create(NewSession {
+            id: new_id(),
+            namespace: "default".into(),
+            user_id: String::new(),
+            attrs: [("n".to_string(), b"0".to_vec())].into(),
+            ttl: Duration::from_secs(300),
+        })
+        .await
+        .expect("create");
+    let hits = || cached.near_cache_stats().expect("a near cache").hits;
+    // Reads until `version` is read, each retried through outages; then one more, a hit.
+    let reads_version = |version: u64, within: Duration| {
+        let (cached, id) = (&cached, made.id.clone());
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                let read = cached.get("default", &id, false).await;
+                if matches!(&read, Ok(r) if r.version == version) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "still read {read:?}, not version {version}, after {within:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let update = |n: &'static str| {
+        let (other, id) = (&other, made.id.clone());
+        async move {
+            let deadline = Instant::now() + FOLLOW_WITHIN;
+            loop {
+                let patch = session_server::store::Patch {
+                    set: [("n".to_string(), n.as_bytes().to_vec())].into(),
+                    ..Default::default()
+                };
+                match other.update("default", &id, patch).await {
+                    Ok(record) => return record.version,
+                    Err(StoreError::Unavailable(_) | StoreError::Timeout(_))
+                        if Instant::now() < deadline => {}
+                    Err(error) => panic!("update: {error:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // The create's own invalidation may arrive after the first read's fill and drop it: read
+    // until a read is a hit.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let before = hits();
+    while hits() == before {
+        assert!(Instant::now() < deadline, "no read was a hit");
+        reads_version(1, Duration::from_secs(2)).await;
+    }
+    let two = update("1").await;
+    reads_version(two, Duration::from_secs(2)).await;
+
+    deployment.wait_until_replicated().await;
+    let mut sentinel = deployment
+        .connect(deployment.sentinel_port())
+        .await
+        .expect("sentinel");
+    let () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER)
+        .query_async(&mut sentinel)
+        .await
+        .expect("SENTINEL FAILOVER");
+    assert!(
+        deployment.wait_until_promoted(FOLLOW_WITHIN).await,
+        "the sentinel did not promote the replica within {FOLLOW_WITHIN:?}"
+    );
+    let demoted = deployment.primary_port();
+    let deadline = Instant::now() + FOLLOW_WITHIN;
+    while deployment.role(demoted).await.as_deref() != Some("slave") {
+        assert!(Instant::now() < deadline, "the old primary was not demoted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Through the new primary: read (and cached), then written by the other store.
+    reads_version(two, FOLLOW_WITHIN).await;
+    support::harness::near_cache_up(&cached).await;
+    let three = update("2").await;
+    reads_version(three, Duration::from_secs(2)).await;
+    let four = update("3").await;
+    reads_version(four, Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let before = hits();
+    while hits() == before {
+        assert!(
+            Instant::now() < deadline,
+            "hits did not resume on the new primary"
+        );
+        reads_version(four, Duration::from_secs(2)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

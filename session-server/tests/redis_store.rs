@@ -1,5 +1,6 @@
-//! Behaviour only the Redis store has: its key layout, undecodable records, the user index,
-//! expiry notifications, its epoch key, and surviving a Redis that is down or restarts. What every store must
+//! Behaviour only the Redis store has: its key layout and record formats, undecodable records,
+//! the user index, expiry notifications, its epoch key, and surviving a Redis that is down or
+//! restarts. What every store must
 //! do is in the conformance suite.
 
 mod support;
@@ -10,12 +11,13 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use session_server::config::Settings;
-use session_server::store::redis::{RedisConfig, RedisStore};
+use session_server::store::redis::{RecordFormat, RedisConfig, RedisStore};
 use session_server::store::{EventKind, NewSession, Patch, SessionEvent, SessionStore, StoreError};
 use support::harness;
 use support::ids::new_id;
 use support::outage::fails_as_outage;
 use support::ports::RefusedPort;
+use support::redis_record;
 use support::services;
 use support::wait::{events_ready, eventually, eventually_ok, next_event, update_until_heard};
 
@@ -39,6 +41,14 @@ struct Fixture {
 impl Fixture {
     async fn new(test: &str, url: &str, max_session_bytes: usize) -> Fixture {
         Fixture::with_timeout(test, url, max_session_bytes, TIMEOUT).await
+    }
+
+    /// A second store on the same keys, writing records in `format`.
+    fn store_writing(&self, url: &str, format: RecordFormat) -> RedisStore {
+        let mut config = harness::redis_config(url, "unused", &Settings::default());
+        config.key_prefix = self.prefix.clone();
+        config.record_format = format;
+        RedisStore::new(config).expect("store")
     }
 
     /// A fixture whose store calls may take up to `timeout`.
@@ -72,8 +82,35 @@ impl Fixture {
         format!("{}:{NS}:u:{{{user}}}", self.prefix)
     }
 
+    /// The record at `key` as the fields of its format-1 hash, whichever format it is in
+    /// (`fmt` says which), decoded by Redis's own MessagePack; a string that is no packed record
+    /// is `{"raw": value}`.
     async fn hash(&mut self, key: &str) -> HashMap<String, Vec<u8>> {
-        self.raw.hgetall(key).await.expect("HGETALL")
+        redis_record::fields(&mut self.raw, key).await
+    }
+
+    /// The redis type of `key`: `hash` for format 1, `string` for format 2.
+    async fn kind(&mut self, key: &str) -> String {
+        redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut self.raw)
+            .await
+            .expect("TYPE")
+    }
+
+    /// Gives the record at `key` another user, in its own format, as if behind the store's back.
+    async fn set_user(&mut self, key: &str, user: &str) {
+        let () = redis::Script::new(
+            "if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then \
+               redis.call('HSET', KEYS[1], 'user', ARGV[1]) return end \
+             local r = cmsgpack.unpack(redis.call('GET', KEYS[1])) r[2] = ARGV[1] \
+             redis.call('SET', KEYS[1], cmsgpack.pack(r), 'KEEPTTL')",
+        )
+        .key(key)
+        .arg(user)
+        .invoke_async(&mut self.raw)
+        .await
+        .expect("set user");
     }
 
     async fn pttl(&mut self, key: &str) -> i64 {
@@ -99,6 +136,8 @@ impl Fixture {
     }
 }
 
+const MINUTE: Duration = Duration::from_secs(60);
+
 fn session(user: &str, attrs: &[(&str, &[u8])], ttl: Duration) -> NewSession {
     NewSession {
         id: new_id(),
@@ -122,7 +161,8 @@ async fn keys_carry_prefix_namespace_and_hash_tag() {
     let record = fx.store.create(new.clone()).await.expect("create");
 
     let hash = fx.hash(&fx.session_key(&new.id)).await;
-    assert_eq!(hash.get("fmt").map(Vec::as_slice), Some(&b"1"[..]));
+    assert_eq!(fx.kind(&fx.session_key(&new.id)).await, "string");
+    assert_eq!(hash.get("fmt").map(Vec::as_slice), Some(&b"2"[..]));
     assert_eq!(hash.get("user").map(Vec::as_slice), Some(&b"alice"[..]));
     assert_eq!(hash.get("ver").map(Vec::as_slice), Some(&b"1"[..]));
     assert_eq!(hash.get("ttl").map(Vec::as_slice), Some(&b"60000"[..]));
@@ -178,12 +218,41 @@ async fn undecodable_record_is_not_found_and_left_alone() {
         ],
         &[("user", "bob"), ("a:x", "y")],
     ];
-    for fields in cases {
+    // Format-2 strings that are no record: not MessagePack, an unknown format, too few
+    // elements, an attribute key without its value, a bad number, truncated.
+    let packed = |elements: &[&str]| {
+        let mut out = vec![0x90 | elements.len() as u8];
+        for e in elements {
+            out.push(0xa0 | e.len() as u8);
+            out.extend_from_slice(e.as_bytes());
+        }
+        out
+    };
+    let good = packed(&["2", "bob", "1", "1", "0", "60000", "", "x", "y"]);
+    let strings: Vec<Vec<u8>> = vec![
+        b"text".to_vec(),
+        packed(&["3", "bob", "1", "1", "0", "60000", ""]),
+        packed(&["2", "bob", "1"]),
+        packed(&["2", "bob", "1", "1", "0", "60000", "", "x"]),
+        packed(&["2", "bob", "one", "1", "0", "60000", ""]),
+        good[..good.len() - 1].to_vec(),
+    ];
+    let hashes = cases.iter().map(|fields| format!("hash {fields:?}"));
+    let texts = strings.iter().map(|bytes| format!("string {bytes:?}"));
+    for (n, what) in hashes.chain(texts).enumerate() {
         let id = new_id();
         let key = fx.session_key(&id);
-        let _: () = fx.raw.hset_multiple(&key, fields).await.expect("HSET");
+        match cases.get(n) {
+            Some(fields) => fx.raw.hset_multiple(&key, fields).await.expect("HSET"),
+            None => fx
+                .raw
+                .set(&key, &strings[n - cases.len()])
+                .await
+                .expect("SET"),
+        }
         let _: () = fx.raw.pexpire(&key, 60_000).await.expect("PEXPIRE");
         let before = fx.hash(&key).await;
+        let fields = &what;
 
         let got = fx.store.get(NS, &id, true).await;
         assert!(
@@ -224,10 +293,10 @@ async fn undecodable_record_is_not_found_and_left_alone() {
         assert!(fx.pttl(&key).await > 55_000, "{fields:?}: expiry untouched");
     }
 
-    // Not even a hash.
+    // Neither a string nor a hash.
     let id = new_id();
     let key = fx.session_key(&id);
-    let _: () = fx.raw.set_ex(&key, "text", 60).await.expect("SET");
+    let _: () = fx.raw.sadd(&key, "text").await.expect("SADD");
     assert!(matches!(
         fx.store.get(NS, &id, false).await,
         Err(StoreError::NotFound)
@@ -275,6 +344,83 @@ async fn touch_slides_expiry_and_writes_only_the_ttl() {
     fx.store.get(NS, &new.id, false).await.expect("get");
     assert!(fx.pttl(&key).await <= 10_000, "a plain get does not slide");
     assert_eq!(fx.hash(&key).await, expected);
+    fx.cleanup().await;
+}
+
+#[tokio::test]
+async fn both_record_formats_are_read_and_a_write_moves_a_record_to_the_written_one() {
+    let Some(url) = services::redis_url(
+        "both_record_formats_are_read_and_a_write_moves_a_record_to_the_written_one",
+    ) else {
+        return;
+    };
+    let mut fx = Fixture::new("formats", &url, 1024).await;
+    // An older server (format 1) wrote these sessions, during a rolling upgrade.
+    let old = fx.store_writing(&url, RecordFormat::Hash);
+    let new = session(
+        "dana",
+        &[("cart", b"2 pears"), ("bin", &[0, 255, 10])],
+        MINUTE,
+    );
+    let written = old.create(new.clone()).await.expect("create");
+    let other = session("dana", &[("x", b"1")], MINUTE);
+    old.create(other.clone()).await.expect("create");
+    let key = fx.session_key(&new.id);
+    assert_eq!(fx.kind(&key).await, "hash");
+    assert_eq!(
+        fx.hash(&key).await.get("fmt").map(Vec::as_slice),
+        Some(&b"1"[..])
+    );
+
+    // This server reads them as they are, without writing.
+    let read = fx.store.get(NS, &new.id, false).await.expect("get");
+    assert_eq!(read.attrs, written.attrs);
+    assert_eq!((read.version, read.created_at), (1, written.created_at));
+    assert_eq!(fx.kind(&key).await, "hash", "a plain read writes nothing");
+    let listed = fx.store.list_by_user(NS, "dana").await.expect("list");
+    assert_eq!(listed.len(), 2);
+
+    // Its first write stores the record in format 2, nothing lost.
+    let patch = Patch {
+        set: [("note".into(), b"n".to_vec())].into(),
+        expected_version: Some(1),
+        ..Patch::default()
+    };
+    let updated = fx.store.update(NS, &new.id, patch).await.expect("update");
+    assert_eq!(updated.version, 2);
+    assert_eq!(fx.kind(&key).await, "string");
+    let again = fx.store.get(NS, &new.id, false).await.expect("get");
+    assert_eq!(again.attrs.len(), 3);
+    assert_eq!(again.attrs.get("bin"), Some(&vec![0, 255, 10]));
+    assert_eq!(again.created_at, written.created_at);
+    // A touch is a write too.
+    fx.store.touch(NS, &other.id, None).await.expect("touch");
+    assert_eq!(fx.kind(&fx.session_key(&other.id)).await, "string");
+
+    // And the older format's writer reads format 2 and writes its own again.
+    let back = old
+        .get(NS, &new.id, false)
+        .await
+        .expect("old reads format 2");
+    assert_eq!(back.attrs, again.attrs);
+    let patch = Patch {
+        remove: vec!["note".into()],
+        expected_version: Some(2),
+        ..Patch::default()
+    };
+    assert_eq!(
+        old.update(NS, &new.id, patch)
+            .await
+            .expect("update")
+            .version,
+        3
+    );
+    assert_eq!(fx.kind(&key).await, "hash");
+    assert_eq!(
+        fx.store.get(NS, &new.id, false).await.expect("get").attrs,
+        written.attrs
+    );
+    drop(old);
     fx.cleanup().await;
 }
 
@@ -378,11 +524,7 @@ async fn stale_user_index_entries_are_skipped_and_removed() {
     }
     // As if it expired, and as if an owner change crashed before fixing the old index.
     let _: () = fx.raw.del(fx.session_key(&expired.id)).await.expect("DEL");
-    let _: () = fx
-        .raw
-        .hset(fx.session_key(&handed_over.id), "user", "erin")
-        .await
-        .expect("HSET");
+    fx.set_user(&fx.session_key(&handed_over.id), "erin").await;
     let _: () = fx
         .raw
         .sadd(fx.user_key("dave"), "never-existed")

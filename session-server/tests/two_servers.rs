@@ -44,6 +44,8 @@ const EVENT_WITHIN: Duration = Duration::from_secs(20);
 enum Shared {
     /// The shared Redis on 127.0.0.1:6379, under a key prefix of the test's own.
     Redis,
+    /// The same, each server with a near cache (`--cache-capacity`).
+    RedisNearCache,
     /// A 3-master Redis Cluster the test starts itself.
     RedisCluster,
 }
@@ -67,6 +69,12 @@ async fn two_servers(shared: Shared, test: &str) -> Option<TwoServers> {
             let url = services::redis_url(test)?;
             (harness::redis_config(&url, test, &settings), Box::new(()))
         }
+        Shared::RedisNearCache => {
+            let url = services::redis_url(test)?;
+            let mut config = harness::redis_config(&url, test, &settings);
+            config.cache_capacity = harness::NEAR_CACHE_CAPACITY;
+            (config, Box::new(()))
+        }
         Shared::RedisCluster => {
             let cluster = RedisCluster::start(test, 3, 0).await?;
             (cluster.config(test, &settings), Box::new(cluster))
@@ -76,6 +84,9 @@ async fn two_servers(shared: Shared, test: &str) -> Option<TwoServers> {
     for _ in 0..2 {
         let store = RedisStore::new(config.clone()).expect("valid store settings");
         events_ready(&store).await;
+        if config.cache_capacity > 0 {
+            harness::near_cache_up(&store).await;
+        }
         servers.push(TestServer::start(settings.clone(), Arc::new(store)).await);
     }
     let two = servers.pop().expect("two servers");
@@ -271,6 +282,20 @@ mod redis {
     async fn watch_on_one_server_sees_the_other_servers_writes_in_order() {
         super::watch_on_one_server_sees_the_other_servers_writes_in_order(super::Shared::Redis)
             .await;
+    }
+}
+
+mod redis_near_cache {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cas_increments_split_across_two_servers_lose_nothing() {
+        let shared = super::Shared::RedisNearCache;
+        super::cas_increments_split_across_two_servers_lose_nothing(shared).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_on_one_server_sees_the_other_servers_writes_in_order() {
+        let shared = super::Shared::RedisNearCache;
+        super::watch_on_one_server_sees_the_other_servers_writes_in_order(shared).await;
     }
 }
 

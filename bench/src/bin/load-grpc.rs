@@ -89,6 +89,10 @@ struct Cli {
     /// With `--staleness`: reads are plain Gets instead of Gets that touch.
     #[arg(long)]
     no_touch: bool,
+    /// `--cache-capacity` of the spawned servers with `--store redis` (their near cache of
+    /// sessions; 0 is off) [default: the server's, 0].
+    #[arg(long)]
+    cache_capacity: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -162,7 +166,11 @@ fn spawn_server(cli: &Cli) -> Result<(Spawned, SocketAddr), String> {
                 &url,
                 "--redis-prefix",
                 &prefix,
-            ])
+            ]);
+            if let Some(capacity) = cli.cache_capacity {
+                command.args(["--cache-capacity", &capacity.to_string()]);
+            }
+            &mut command
         }
     };
     let child = command
@@ -245,11 +253,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// CPU time (user + system, in clock ticks of 10 ms) a process has used so far, from
+/// `/proc/<pid>/stat`; `None` where there is no such file.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis,
+    // where utime and stime are the 12th and 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     if cli.staleness {
         return staleness(cli).await;
     }
-    let (_server, target) = if cli.spawn {
+    let (server, target) = if cli.spawn {
         let (server, addr) = spawn_server(&cli)?;
         let store = match cli.store {
             Store::Memory => "memory",
@@ -279,8 +299,21 @@ async fn run(cli: Cli) -> Result<(), String> {
         "load-grpc: NOTE client and server share this {cores}-core machine; the numbers are \
          for the pair, a lower bound for the server alone"
     );
+    let server_cpu =
+        |server: &Option<Spawned>| server.as_ref().and_then(|s| cpu_ticks(s.child.id()));
+    let cpu_before = server_cpu(&server);
     let report = load_grpc::run(&settings).await.map_err(|e| e.to_string())?;
     println!("{report}");
+    if let (Some(before), Some(after)) = (cpu_before, server_cpu(&server)) {
+        // Ticks of 10 ms (Linux's USER_HZ); the pool's creates are in it too.
+        let micros = after.saturating_sub(before) as f64 * 10_000.0;
+        println!(
+            "  server CPU (user+system) {:.1} us per call ({} calls, and {} creates of the pool)",
+            micros / report.calls().max(1) as f64,
+            report.calls(),
+            settings.pool
+        );
+    }
 
     let Some(redis_url) = &cli.vs_redis else {
         return Ok(());

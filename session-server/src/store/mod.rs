@@ -304,6 +304,30 @@ pub trait SessionStore: Send + Sync + 'static {
     fn session_cap_evictions(&self) -> u64 {
         0
     }
+
+    /// What the store's near cache did so far (Redis with `--cache-capacity`); `None` without
+    /// one.
+    fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        None
+    }
+}
+
+/// The counts of a store's near cache (see [`SessionStore::near_cache_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NearCacheStats {
+    /// Plain reads answered from the cache.
+    pub hits: u64,
+    /// Plain reads that went to the store while the cache was usable.
+    pub misses: u64,
+    /// Plain reads that went to the store because the cache's invalidation feed was down.
+    pub bypasses: u64,
+    /// Entries removed because their session was written, expired or flushed, or the feed was
+    /// lost.
+    pub invalidations: u64,
+    /// Entries held now.
+    pub entries: u64,
+    /// Whether the invalidation feed is up (the cache is in use).
+    pub up: bool,
 }
 
 /// A fresh epoch for a store ([`crate::id::new_epoch`]); a failed random source is

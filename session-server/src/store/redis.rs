@@ -3,10 +3,18 @@
 //! (on by default).
 //!
 //! # Key layout
-//! - `{prefix}:{ns}:s:{<id>}`: the session hash. Fields `fmt` (record format, `"1"`), `user`,
-//!   `ver`, `created` (unix ms; `created_ns` adds the nanoseconds of a restored snapshot's
-//!   time), `ttl` (ms), `op` (cluster only: the id of the last write call, see below) and
-//!   `a:<key>` per attribute. `PEXPIRE`d by its ttl.
+//! - `{prefix}:{ns}:s:{<id>}`: the session record, expiring with its ttl: `user`, `ver`,
+//!   `created` (unix ms, and `created_ns`, the nanoseconds of a restored snapshot's time),
+//!   `ttl` (ms), `op` (cluster only: the id of the last write call, see below) and the
+//!   attributes. Two formats, both always read (`common.lua` has the details): **format 2**
+//!   (written by default), one string, a MessagePack array of strings, so a `Get` is one `GET`
+//!   of one small value pipelined with its `PTTL`; and **format 1**, the first release's, a
+//!   hash with a field per item (`fmt` = `"1"`, `a:<key>` per attribute), whose
+//!   `HGETALL` reply cost the server more to parse than the rest of a `Get`. Writes use
+//!   [`RedisConfig::record_format`] (`--redis-record-format`), so a record moves to it on its
+//!   next write; a rolling upgrade from a release that reads only format 1 runs the new
+//!   servers with format 1 until no old one is left, since an old server takes a format-2
+//!   record for an undecodable one (absent, never overwritten).
 //! - `{prefix}:{ns}:t:{<id>}`: the tombstone a delete leaves for one ttl of the session: restore
 //!   refuses to bring the id back while it lives.
 //! - `{prefix}:{ns}:u:{<user>}`: set of the ids of one user's sessions. Kept alive at least as
@@ -98,7 +106,11 @@
 //!   `regenerate`: the move to a new id; `restore`: recreating a session from a client's
 //!   snapshot; `epoch`: the epoch key, read and refreshed; `cap`: the per-user session cap,
 //!   in the write's script on one server and under a per-user lease on a cluster (with its
-//!   bounds).
+//!   bounds);
+//! - `near_cache`: the optional cache of decoded sessions that plain reads use
+//!   (`RedisConfig::cache_capacity`), and `tracking`: the RESP3 `CLIENT TRACKING` connection
+//!   whose invalidation pushes keep it exact. Every write of this file drops its sessions'
+//!   entries before it is sent and after its reply (`forgetting`); not on a cluster.
 
 mod cap;
 mod codec;
@@ -106,13 +118,16 @@ mod config;
 mod connection;
 mod epoch;
 mod events;
+mod near_cache;
 mod regenerate;
 mod restore;
 mod script;
 mod sentinel;
 mod topology;
+mod tracking;
 mod user_index;
 
+pub use self::codec::RecordFormat;
 pub use self::config::RedisConfig;
 
 use std::future::Future;
@@ -126,11 +141,13 @@ use tokio::task::JoinHandle;
 use self::codec::Reply;
 use self::connection::{Connection, Connections, redis_error};
 use self::epoch::Epoch;
+use self::near_cache::{Lookup, NearCache};
 use self::script::{OpIds, Scripts};
+use self::tracking::Tracking;
 use super::cap::Evictions;
 use super::{
-    EVENT_BUFFER, NewSession, Patch, SessionEvent, SessionRecord, SessionStore, StoreError,
-    StoreResult,
+    EVENT_BUFFER, NearCacheStats, NewSession, Patch, SessionEvent, SessionRecord, SessionStore,
+    StoreError, StoreResult,
 };
 
 /// A [`SessionStore`] on Redis: one server (at a fixed URL or found through Sentinel) or a
@@ -155,6 +172,17 @@ pub struct RedisStore {
     epoch_refresh: JoinHandle<()>,
     /// Sessions evicted for the session cap so far (see `cap`).
     evicted: Evictions,
+    /// The near cache (`cache_capacity` above 0) and its tracking connection (see
+    /// `near_cache`, `tracking`).
+    near: Option<Near>,
+}
+
+/// A store's near cache, the tracking that keeps it exact, and the tracking task (aborted on
+/// drop).
+struct Near {
+    cache: Arc<NearCache>,
+    tracking: Arc<Tracking>,
+    task: JoinHandle<()>,
 }
 
 impl RedisStore {
@@ -178,17 +206,72 @@ impl RedisStore {
             config.timeout,
         ));
         let epoch_refresh = Epoch::spawn_refresh(&epoch, connections.clone(), &runtime);
+        let near = match config.cache_capacity {
+            0 => None,
+            _ if config.cluster => {
+                return Err(StoreError::Internal(
+                    "the near cache (cache-capacity) is not available on a redis cluster: \
+                     every master would need its own tracking connection, followed through \
+                     failovers and resharding"
+                        .into(),
+                ));
+            }
+            capacity => {
+                let cache = Arc::new(NearCache::new(capacity));
+                let tracking = Arc::new(Tracking::new(&config, cache.clone()).map_err(bad_url)?);
+                let task = tracking.spawn(&runtime);
+                Some(Near {
+                    cache,
+                    tracking,
+                    task,
+                })
+            }
+        };
         Ok(RedisStore {
+            scripts: Scripts::load(config.record_format),
             connections,
             ops: OpIds::new(config.cluster)?,
             config,
-            scripts: Scripts::load(),
+
             events,
             subscriber,
             epoch,
             epoch_refresh,
             evicted: Evictions::default(),
+            near,
         })
+    }
+
+    /// Drops the near cache's entries of `ids` now and again when the guard goes (after the
+    /// write's reply, or when the call is dropped), so that no read begun before the write
+    /// fills the cache with what it read (see `near_cache`).
+    fn forgetting(&self, namespace: &str, ids: &[&str]) -> Forget<'_> {
+        let keys = match &self.near {
+            Some(_) => ids
+                .iter()
+                .map(|id| self.session_key(namespace, id))
+                .collect(),
+            None => Vec::new(),
+        };
+        let forget = Forget { store: self, keys };
+        forget.now();
+        forget
+    }
+
+    /// Runs a write that may evict other sessions of its user for the session cap (inside its
+    /// script, so their ids are unknown here); when it did, waits until the tracking connection
+    /// has handled their invalidations, so this server never answers an evicted session from
+    /// its cache after the write's reply.
+    async fn capped_write<T>(&self, write: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let Some(near) = &self.near else {
+            return write.await;
+        };
+        let before = self.evicted.get();
+        let result = write.await;
+        if self.evicted.get() != before {
+            near.tracking.barrier().await;
+        }
+        result
     }
 
     /// Runs `call` within the configured timeout; a Redis timeout inside it reports the
@@ -229,7 +312,7 @@ impl RedisStore {
     }
 
     /// Reads one session: with `touch`, `get.lua` also slides its expiry; without, a plain
-    /// `PTTL` + `HGETALL` pipeline.
+    /// `PTTL` + `GET` pipeline (`PTTL` + `HGETALL` for a record of format 1).
     async fn read(
         &self,
         conn: &mut Connection,
@@ -244,32 +327,59 @@ impl RedisStore {
         }
         // Nothing to write: two plain commands in one round trip cost Redis far less than a
         // script. decode_record checks the fields as strictly as the scripts do.
-        // A hash of the wrong type answers WRONGTYPE: kept as a value, not failing the pipeline.
+        match self.read_plain(conn, &key, "GET").await? {
+            // A format-1 hash: read again as one (rare once its sessions were written).
+            Err(error) if error.code() == "WRONGTYPE" => {
+                match self.read_plain(conn, &key, "HGETALL").await? {
+                    Err(error) if error.code() == "WRONGTYPE" => {
+                        Ok(Reply::Corrupt("neither a packed record nor a hash".into()))
+                    }
+                    Err(error) => Err(redis_error(error.into())),
+                    Ok(reply) => Ok(reply),
+                }
+            }
+            Err(error) => Err(redis_error(error.into())),
+            Ok(reply) => Ok(reply),
+        }
+    }
+
+    /// `PTTL` and `command` (`GET` or `HGETALL`) of `key` in one round trip. The inner `Err` is
+    /// `command`'s own error (WRONGTYPE for a record of the other format).
+    async fn read_plain(
+        &self,
+        conn: &mut Connection,
+        key: &str,
+        command: &str,
+    ) -> StoreResult<Result<Reply, ::redis::ServerError>> {
+        // An error of a command is kept as a value, not failing the pipeline.
         let reply: Vec<Value> = ::redis::pipe()
             .ignore_errors()
             .cmd("PTTL")
-            .arg(&key)
-            .cmd("HGETALL")
-            .arg(&key)
+            .arg(key)
+            .cmd(command)
+            .arg(key)
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        match <[Value; 2]>::try_from(reply) {
+        Ok(match <[Value; 2]>::try_from(reply) {
             // Absent, or deleted between the two commands.
-            Ok([Value::Int(-2), _]) => Ok(Reply::NotFound),
+            Ok([Value::Int(-2), _] | [_, Value::Nil]) => Ok(Reply::NotFound),
             Ok([_, Value::Array(flat)]) if flat.is_empty() => Ok(Reply::NotFound),
-            Ok([pttl, flat @ Value::Array(_)]) => Ok(Reply::Ok(vec![pttl, flat])),
-            Ok([_, Value::ServerError(error)]) if error.code() == "WRONGTYPE" => {
-                Ok(Reply::Corrupt("not a hash".into()))
+            Ok([pttl, record @ (Value::BulkString(_) | Value::Array(_))]) => {
+                Ok(Reply::Ok(vec![pttl, record]))
             }
+            // WRONGTYPE: the caller decides.
+            Ok([_, Value::ServerError(error)]) if error.code() == "WRONGTYPE" => Err(error),
             // LOADING, MASTERDOWN and the like: sorted as any other command's error.
             Ok([Value::ServerError(error), _] | [_, Value::ServerError(error)]) => {
-                Err(redis_error(error.into()))
+                return Err(redis_error(error.into()));
             }
-            other => Err(StoreError::Internal(format!(
-                "unexpected PTTL/HGETALL reply {other:?}"
-            ))),
-        }
+            other => {
+                return Err(StoreError::Internal(format!(
+                    "unexpected PTTL/{command} reply {other:?}"
+                )));
+            }
+        })
     }
 
     /// Runs `delete.lua` on one session.
@@ -280,6 +390,8 @@ impl RedisStore {
         id: &str,
         only: DeleteIf<'_>,
     ) -> StoreResult<Reply> {
+        // Also the deletes of DeleteByUser, whose ids are known only here.
+        let _forget = self.forgetting(namespace, &[id]);
         let number = |n: Option<u64>| n.map(|v| v.to_string()).unwrap_or_default();
         let prefix = &self.config.key_prefix;
         let reply = self
@@ -455,6 +567,31 @@ impl Drop for RedisStore {
     fn drop(&mut self) {
         self.subscriber.abort();
         self.epoch_refresh.abort();
+        if let Some(near) = &self.near {
+            near.task.abort();
+        }
+    }
+}
+
+/// The near cache keys of one write, invalidated when made and when dropped.
+struct Forget<'a> {
+    store: &'a RedisStore,
+    keys: Vec<String>,
+}
+
+impl Forget<'_> {
+    fn now(&self) {
+        if let Some(near) = &self.store.near {
+            for key in &self.keys {
+                near.cache.invalidate(key.as_bytes());
+            }
+        }
+    }
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.now();
     }
 }
 
@@ -485,6 +622,7 @@ impl SessionStore for RedisStore {
 
     async fn create(&self, new: NewSession) -> StoreResult<SessionRecord> {
         let (namespace, user, id) = (new.namespace.clone(), new.user_id.clone(), new.id.clone());
+        let _forget = self.forgetting(&namespace, &[&id]);
         let write = async {
             let mut conn = self.conn().await?;
             let now = now_ms();
@@ -515,16 +653,37 @@ impl SessionStore for RedisStore {
             .await
         };
         let joins = async { Ok(true) };
-        self.bounded(self.capped(&namespace, &user, &id, joins, write))
+        self.capped_write(self.bounded(self.capped(&namespace, &user, &id, joins, write)))
             .await
     }
 
     async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord> {
-        let slide = if touch { Slide::Stored } else { Slide::Keep };
-        self.bounded(self.read_sliding(namespace, id, slide)).await
+        let near = match &self.near {
+            Some(near) if !touch => near,
+            _ => {
+                let slid: &[&str] = if touch { &[id] } else { &[] };
+                let _forget = self.forgetting(namespace, slid);
+                let slide = if touch { Slide::Stored } else { Slide::Keep };
+                return self.bounded(self.read_sliding(namespace, id, slide)).await;
+            }
+        };
+        let key = self.session_key(namespace, id);
+        let ticket = match near.cache.lookup(&key, SystemTime::now()) {
+            Lookup::Hit(record) => return Ok(record),
+            Lookup::Miss(ticket) => Some(ticket),
+            Lookup::Bypass => None,
+        };
+        let record = self
+            .bounded(self.read_sliding(namespace, id, Slide::Keep))
+            .await?;
+        if let Some(ticket) = ticket {
+            near.cache.fill(&key, ticket, record.clone());
+        }
+        Ok(record)
     }
 
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
+        let _forget = self.forgetting(namespace, &[id]);
         let user = patch.user_id.as_deref().unwrap_or_default();
         let write = async {
             let mut conn = self.conn().await?;
@@ -579,7 +738,7 @@ impl SessionStore for RedisStore {
             Ok(record)
         };
         let joins = self.update_joins(namespace, id, user, &patch);
-        self.bounded(self.capped(namespace, user, id, joins, write))
+        self.capped_write(self.bounded(self.capped(namespace, user, id, joins, write)))
             .await
     }
 
@@ -589,6 +748,7 @@ impl SessionStore for RedisStore {
         id: &str,
         ttl: Option<Duration>,
     ) -> StoreResult<SessionRecord> {
+        let _forget = self.forgetting(namespace, &[id]);
         let slide = ttl.map_or(Slide::Stored, Slide::To);
         self.bounded(self.read_sliding(namespace, id, slide)).await
     }
@@ -599,11 +759,13 @@ impl SessionStore for RedisStore {
         old_id: &str,
         new_id: &str,
     ) -> StoreResult<SessionRecord> {
+        let _forget = self.forgetting(namespace, &[old_id, new_id]);
         self.bounded(self.regenerate_in(namespace, old_id, new_id))
             .await
     }
 
     async fn delete(&self, namespace: &str, id: &str) -> StoreResult<bool> {
+        let _forget = self.forgetting(namespace, &[id]);
         self.bounded(async {
             let mut conn = self.conn().await?;
             match self
@@ -644,7 +806,10 @@ impl SessionStore for RedisStore {
     }
 
     async fn restore(&self, record: SessionRecord) -> StoreResult<SessionRecord> {
-        self.bounded(self.restore_in(record)).await
+        let (namespace, id) = (record.namespace.clone(), record.id.clone());
+        let _forget = self.forgetting(&namespace, &[&id]);
+        self.capped_write(self.bounded(self.restore_in(record)))
+            .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<SessionEvent> {
@@ -653,6 +818,10 @@ impl SessionStore for RedisStore {
 
     fn session_cap_evictions(&self) -> u64 {
         self.evicted.get()
+    }
+
+    fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.near.as_ref().map(|near| near.cache.stats())
     }
 }
 

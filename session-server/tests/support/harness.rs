@@ -29,6 +29,8 @@ pub enum Backend {
     Memory,
     /// The shared Redis on 127.0.0.1:6379, under a key prefix of the test's own.
     Redis,
+    /// As [`Backend::Redis`], with a near cache (`--cache-capacity`) whose tracking is up.
+    RedisNearCache,
     /// A 3-master Redis Cluster the test starts itself on free loopback ports.
     RedisCluster,
     /// The shared MariaDB on 127.0.0.1:3306, in a table of the test's own.
@@ -75,6 +77,17 @@ pub async fn store_for(
             Some((Arc::new(store), Box::new(()), Some(wipe)))
         }
         #[cfg(feature = "redis-store")]
+        Backend::RedisNearCache => {
+            let url = services::redis_url(test)?;
+            let mut config = redis_config(&url, test, settings);
+            config.cache_capacity = NEAR_CACHE_CAPACITY;
+            let wipe = redis_wipe(url, config.key_prefix.clone());
+            let store = RedisStore::new(config).expect("valid Redis URL");
+            super::wait::events_ready(&store).await;
+            near_cache_up(&store).await;
+            Some((Arc::new(store), Box::new(()), Some(wipe)))
+        }
+        #[cfg(feature = "redis-store")]
         Backend::RedisCluster => super::cluster::store(test, settings).await,
         #[cfg(feature = "mysql-store")]
         Backend::Mysql => super::mysql::store(test, settings).await,
@@ -84,6 +97,24 @@ pub async fn store_for(
             &format!("session-server was built without the store of {left_out:?}"),
         ),
     }
+}
+
+/// The near cache capacity of [`Backend::RedisNearCache`] stores.
+pub const NEAR_CACHE_CAPACITY: usize = 10_000;
+
+/// Waits (at most 10 s) until the store's near cache has its tracking on, so that reads use it.
+pub async fn near_cache_up(store: &dyn SessionStore) {
+    super::wait::eventually(
+        "near cache tracking on",
+        Duration::from_secs(10),
+        || async {
+            store
+                .near_cache_stats()
+                .filter(|stats| stats.up)
+                .map(|_| ())
+        },
+    )
+    .await;
 }
 
 /// Deletes every key of `prefix` (sessions, tombstones, indexes and the epoch) from the Redis at

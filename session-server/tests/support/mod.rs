@@ -15,6 +15,8 @@ pub mod outage;
 pub mod ports;
 pub mod process;
 #[cfg(feature = "redis-store")]
+pub mod redis_record;
+#[cfg(feature = "redis-store")]
 pub mod redis_tls;
 pub mod services;
 pub mod tls;

@@ -9,9 +9,33 @@ use serde::Deserialize;
 
 use crate::store::{EventKind, SessionEvent, SessionRecord};
 
-/// The format version this code writes in the `fmt` field of every session hash. A record with
-/// another value (a newer server during a rolling upgrade, or garbage) is treated as absent.
-pub(crate) const FORMAT: &str = "1";
+/// The version in the `fmt` field of a format-1 session hash (see `common.lua`). A hash with
+/// another value (garbage, or a later revision) is treated as absent.
+pub(crate) const HASH_FORMAT: &str = "1";
+
+/// The first element of a format-2 (packed) record.
+pub(crate) const PACKED_FORMAT: &[u8] = b"2";
+
+/// The record format the store writes (`--redis-record-format`); both are always read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordFormat {
+    /// Format 1: one hash per session, the first release's format. For a rolling upgrade from
+    /// a release that reads only this format: write it until no such server is left.
+    Hash,
+    /// Format 2: one MessagePack string per session, read with one `GET` (the default).
+    #[default]
+    Packed,
+}
+
+impl RecordFormat {
+    /// The value of `WRITE_FORMAT` in the scripts.
+    pub(crate) fn lua(self) -> &'static str {
+        match self {
+            RecordFormat::Hash => "1",
+            RecordFormat::Packed => "2",
+        }
+    }
+}
 
 /// Prefix of the hash fields that hold attributes (`a:<key>`), keeping them apart from the
 /// record's own fields.
@@ -149,8 +173,10 @@ pub(crate) fn integer(value: &Value) -> Option<u64> {
     }
 }
 
-/// Decodes `[pttl, flat HGETALL, ...]` (the `Ok` values of a session reply) into a record.
-/// `Err` carries why the stored data is not a record this code understands.
+/// Decodes `[pttl, record, ...]` (the `Ok` values of a session reply, or of a plain read)
+/// into a record: the record is a format-2 string (every script reply, and a plain `GET`) or a
+/// format-1 flat `HGETALL`. `Err` carries why the stored data is not a record this code
+/// understands.
 pub(crate) fn decode_record(
     namespace: &str,
     id: &str,
@@ -162,9 +188,77 @@ pub(crate) fn decode_record(
         Some(Value::Int(_)) => return Err("no expiry".into()),
         other => return Err(format!("bad PTTL {other:?}")),
     };
-    let Some(Value::Array(flat)) = values.get(1) else {
-        return Err("no fields".into());
+    let fields = match values.get(1) {
+        Some(Value::BulkString(packed)) => unpack_record(packed)?,
+        Some(Value::Array(flat)) => hash_record(flat)?,
+        _ => return Err("no record".into()),
     };
+    Ok(SessionRecord {
+        id: id.to_string(),
+        namespace: namespace.to_string(),
+        user_id: fields.user,
+        attrs: fields.attrs,
+        version: fields.version,
+        created_at: UNIX_EPOCH
+            + Duration::from_millis(fields.created_ms)
+            + Duration::from_nanos(fields.created_ns),
+        expires_at: UNIX_EPOCH + Duration::from_millis(now_ms.saturating_add(pttl)),
+        ttl: Duration::from_millis(fields.ttl_ms),
+    })
+}
+
+/// The stored fields of a record, either format.
+struct Fields {
+    user: String,
+    version: u64,
+    created_ms: u64,
+    created_ns: u64,
+    ttl_ms: u64,
+    attrs: HashMap<String, Vec<u8>>,
+}
+
+/// Decodes a format-2 record: a MessagePack array of strings `[fmt, user, ver, created,
+/// created_ns, ttl, op, key, value, ...]` (see `common.lua`).
+fn unpack_record(packed: &[u8]) -> Result<Fields, String> {
+    let mut input = packed;
+    let len = msgpack::array_len(&mut input)?;
+    if len < 7 || len.is_multiple_of(2) {
+        return Err(format!("packed record of {len} elements"));
+    }
+    let remaining = input.len();
+    let mut next = || msgpack::string(&mut input);
+    if next()? != PACKED_FORMAT {
+        return Err("unknown packed format".into());
+    }
+    let user = String::from_utf8(next()?.to_vec()).map_err(|_| "user not UTF-8")?;
+    let version = digits(next()?).ok_or("bad ver")?;
+    let created_ms = digits(next()?).ok_or("bad created")?;
+    let created_ns = digits(next()?)
+        .filter(|n| *n < 1_000_000)
+        .ok_or("bad created_ns")?;
+    let ttl_ms = digits(next()?).filter(|t| *t > 0).ok_or("bad ttl")?;
+    next()?; // op: only the scripts read it
+    // Each element takes at least one byte: a length beyond the input is a lie, not a size.
+    let mut attrs = HashMap::with_capacity(((len - 7) / 2).min(remaining / 2));
+    for _ in 0..(len - 7) / 2 {
+        let key = String::from_utf8(next()?.to_vec()).map_err(|_| "key not UTF-8")?;
+        attrs.insert(key, next()?.to_vec());
+    }
+    if !input.is_empty() {
+        return Err("bytes after the packed record".into());
+    }
+    Ok(Fields {
+        user,
+        version,
+        created_ms,
+        created_ns,
+        ttl_ms,
+        attrs,
+    })
+}
+
+/// Decodes a format-1 record: the flat `HGETALL` of its hash.
+fn hash_record(flat: &[Value]) -> Result<Fields, String> {
     let (mut fmt, mut user, mut version, mut created, mut ttl) = (None, None, None, None, None);
     let mut created_ns = 0;
     let mut attrs = HashMap::new();
@@ -192,24 +286,65 @@ pub(crate) fn decode_record(
             }
         }
     }
-    if fmt != Some(FORMAT.as_bytes()) {
+    if fmt != Some(HASH_FORMAT.as_bytes()) {
         return Err(format!(
             "unknown format {:?}",
             fmt.map(String::from_utf8_lossy)
         ));
     }
-    Ok(SessionRecord {
-        id: id.to_string(),
-        namespace: namespace.to_string(),
-        user_id: user.ok_or("no user")?,
-        attrs,
+    Ok(Fields {
+        user: user.ok_or("no user")?,
         version: version.ok_or("no ver")?,
-        created_at: UNIX_EPOCH
-            + Duration::from_millis(created.ok_or("no created")?)
-            + Duration::from_nanos(created_ns),
-        expires_at: UNIX_EPOCH + Duration::from_millis(now_ms.saturating_add(pttl)),
-        ttl: Duration::from_millis(ttl.ok_or("no ttl")?),
+        created_ms: created.ok_or("no created")?,
+        created_ns,
+        ttl_ms: ttl.ok_or("no ttl")?,
+        attrs,
     })
+}
+
+/// The few MessagePack types a packed record uses: one array of strings. Redis's `cmsgpack`
+/// writes Lua strings as `str` (fixstr, str 8/16/32); `bin` is read too.
+mod msgpack {
+    /// Reads an array header; the number of elements.
+    pub(super) fn array_len(input: &mut &[u8]) -> Result<usize, String> {
+        let marker = take(input, 1)?[0];
+        match marker {
+            0x90..=0x9f => Ok(usize::from(marker & 0x0f)),
+            0xdc => Ok(usize::from(u16::from_be_bytes(take_array(input)?))),
+            0xdd => Ok(u32::from_be_bytes(take_array(input)?) as usize),
+            other => Err(format!("packed record is not an array (marker {other:#x})")),
+        }
+    }
+
+    /// Reads one string (or binary) element.
+    pub(super) fn string<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], String> {
+        let marker = take(input, 1)?[0];
+        let len = match marker {
+            0xa0..=0xbf => usize::from(marker & 0x1f),
+            0xd9 | 0xc4 => usize::from(take(input, 1)?[0]),
+            0xda | 0xc5 => usize::from(u16::from_be_bytes(take_array(input)?)),
+            0xdb | 0xc6 => u32::from_be_bytes(take_array(input)?) as usize,
+            other => {
+                return Err(format!(
+                    "packed element is not a string (marker {other:#x})"
+                ));
+            }
+        };
+        take(input, len)
+    }
+
+    fn take<'a>(input: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if input.len() < n {
+            return Err("truncated packed record".into());
+        }
+        let (head, rest) = input.split_at(n);
+        *input = rest;
+        Ok(head)
+    }
+
+    fn take_array<const N: usize>(input: &mut &[u8]) -> Result<[u8; N], String> {
+        Ok(take(input, N)?.try_into().expect("take returns N bytes"))
+    }
 }
 
 /// A field of ASCII digits as a number.
@@ -324,6 +459,76 @@ mod tests {
                 "{field}={bad}"
             );
         }
+    }
+
+    /// A format-2 record as `cmsgpack` writes it: an array of `str` elements.
+    fn packed(elements: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![0xdc];
+        out.extend_from_slice(&(elements.len() as u16).to_be_bytes());
+        for e in elements {
+            match e.len() {
+                0..=31 => out.push(0xa0 | e.len() as u8),
+                32..=255 => out.extend_from_slice(&[0xd9, e.len() as u8]),
+                _ => {
+                    out.push(0xda);
+                    out.extend_from_slice(&(e.len() as u16).to_be_bytes());
+                }
+            }
+            out.extend_from_slice(e);
+        }
+        out
+    }
+
+    const PACKED: &[&[u8]] = &[
+        b"2", b"u1", b"3", b"1000", b"500", b"60000", b"", b"cart", b"x",
+    ];
+
+    #[test]
+    fn a_packed_record_decodes_like_its_hash() {
+        let long = vec![b'v'; 300];
+        let mut elements = PACKED.to_vec();
+        elements.extend_from_slice(&[b"long", &long]);
+        let values = vec![Value::Int(5_000), Value::BulkString(packed(&elements))];
+        let record = decode_record("ns", "id", 10_000, &values).expect("decodes");
+        let from_hash = decode_record("ns", "id", 10_000, &stored(GOOD)).expect("decodes");
+        assert_eq!(record.user_id, from_hash.user_id);
+        assert_eq!(record.version, from_hash.version);
+        assert_eq!(record.ttl, from_hash.ttl);
+        assert_eq!(record.created_at, from_hash.created_at);
+        assert_eq!(record.expires_at, from_hash.expires_at);
+        assert_eq!(record.attrs.get("cart"), Some(&b"x".to_vec()));
+        assert_eq!(record.attrs.get("long"), Some(&long));
+    }
+
+    #[test]
+    fn bad_packed_records_do_not_decode() {
+        let decode = |bytes: Vec<u8>| {
+            decode_record("ns", "id", 0, &[Value::Int(1), Value::BulkString(bytes)])
+        };
+        let good = packed(PACKED);
+        // Every truncation, and trailing bytes.
+        for cut in 0..good.len() {
+            assert!(decode(good[..cut].to_vec()).is_err(), "cut at {cut}");
+        }
+        let mut longer = good.clone();
+        longer.push(0xa0);
+        assert!(decode(longer).is_err());
+        for (i, bad) in [
+            (0, &b"1"[..]),
+            (2, b"x"),
+            (4, b"1000000"),
+            (5, b"0"),
+            (3, b"-1"),
+        ] {
+            let mut elements = PACKED.to_vec();
+            elements[i] = bad;
+            assert!(decode(packed(&elements)).is_err(), "element {i}");
+        }
+        // An even count (a key without its value), too few elements, a lying array length.
+        assert!(decode(packed(&PACKED[..8])).is_err());
+        assert!(decode(packed(&PACKED[..6])).is_err());
+        assert!(decode(vec![0xdd, 0xff, 0xff, 0xff, 0xff, 0xa1, b'2']).is_err());
+        assert!(decode(vec![0x01]).is_err());
     }
 
     #[test]

@@ -1,50 +1,92 @@
--- Helpers prepended to every session script of the Redis store (see ../redis.rs).
--- A session is one hash: fmt ("1"), user, ver, created (unix ms), optional created_ns
--- (nanoseconds past that millisecond, for a restored snapshot's exact time), ttl (ms), optional
--- op (unique id of the last write call, cluster only), and one
--- "a:<key>" field per attribute. Every script touches only its one session key (KEYS[1]),
--- but for the session cap's admission on one server (`admit` below).
+-- Helpers prepended to every session script of the Redis store (see ../redis.rs), after one
+-- line the store writes itself: `local WRITE_FORMAT = '1'` or `'2'` (--redis-record-format).
+--
+-- A session is one record at its key, in one of two formats, both read by every script:
+-- - format 2 (packed): a string, the MessagePack array of strings {'2', user, ver, created (unix
+--   ms), created_ns (nanoseconds past that millisecond, '0' but for a restored snapshot's exact
+--   time), ttl (ms), op (unique id of the last write call, cluster only, else ''), then one
+--   key, value pair per attribute}. A read is one GET of one small value.
+-- - format 1 (the first release's): a hash with fields fmt ('1'), user, ver, created, optional
+--   created_ns, ttl, optional op, and one "a:<key>" field per attribute.
+-- Every write stores the record in WRITE_FORMAT (so a record of format 1 moves to format 2 on
+-- its next write). Scripts work on the decoded fields `h`, as format 1 names them. Every
+-- script touches only its one session key (KEYS[1]), but for the session cap's admission on
+-- one server (`admit` below).
 
--- Reads the session hash at `key`. Returns (fields, flat HGETALL) for a record this code
--- understands, (nil, nil) when there is none, and (nil, reason) when it cannot be decoded
--- (unknown format, bad numbers, wrong type): such a record is never read or overwritten.
+-- Reads the session at `key`. Returns (fields, packed) for a record this code understands
+-- (packed: its stored format-2 string, nil for a format-1 hash), (nil, nil) when there is
+-- none, and (nil, reason) when it cannot be decoded (unknown format, bad numbers, wrong
+-- type): such a record is never read or overwritten.
 local function load_session(key)
-  local flat = redis.pcall('HGETALL', key)
-  if type(flat) ~= 'table' or flat['err'] then
-    return nil, 'not a hash'
-  end
-  if #flat == 0 then
-    return nil, nil
-  end
+  local raw = redis.pcall('GET', key)
   local h = {}
-  for i = 1, #flat, 2 do
-    h[flat[i]] = flat[i + 1]
+  local packed = nil
+  if type(raw) == 'string' then
+    local ok, r = pcall(cmsgpack.unpack, raw)
+    if not ok or type(r) ~= 'table' or r[1] ~= '2' or #r < 7 or #r % 2 ~= 1 then
+      return nil, 'unknown packed format'
+    end
+    h['user'], h['ver'], h['created'], h['created_ns'], h['ttl'] = r[2], r[3], r[4], r[5], r[6]
+    if r[7] ~= '' then
+      h['op'] = r[7]
+    end
+    for i = 8, #r, 2 do
+      if type(r[i]) ~= 'string' or type(r[i + 1]) ~= 'string' then
+        return nil, 'bad attribute'
+      end
+      h['a:' .. r[i]] = r[i + 1]
+    end
+    packed = raw
+  elseif raw == false then
+    return nil, nil
+  else
+    -- Not a string: a format-1 hash answers WRONGTYPE to GET.
+    local flat = redis.pcall('HGETALL', key)
+    if type(flat) ~= 'table' or flat['err'] then
+      return nil, 'neither a packed record nor a hash'
+    end
+    if #flat == 0 then
+      return nil, nil
+    end
+    for i = 1, #flat, 2 do
+      h[flat[i]] = flat[i + 1]
+    end
+    if h['fmt'] ~= '1' then
+      return nil, 'unknown format ' .. tostring(h['fmt'])
+    end
+    h['fmt'] = nil
   end
-  if h['fmt'] ~= '1' then
-    return nil, 'unknown format ' .. tostring(h['fmt'])
-  end
-  if not h['user'] then
+  if type(h['user']) ~= 'string' then
     return nil, 'no user field'
   end
-  if not (h['ver'] and string.match(h['ver'], '^%d+$')) then
+  if not (type(h['ver']) == 'string' and string.match(h['ver'], '^%d+$')) then
     return nil, 'bad ver'
   end
-  if not (h['created'] and string.match(h['created'], '^%d+$')) then
+  if not (type(h['created']) == 'string' and string.match(h['created'], '^%d+$')) then
     return nil, 'bad created'
   end
+  if h['created_ns'] and not (type(h['created_ns']) == 'string'
+      and string.match(h['created_ns'], '^%d+$')) then
+    return nil, 'bad created_ns'
+  end
   -- a ttl of 0 would make PEXPIRE delete the session
-  if not (h['ttl'] and string.match(h['ttl'], '^[1-9]%d*$')) then
+  if not (type(h['ttl']) == 'string' and string.match(h['ttl'], '^[1-9]%d*$')) then
     return nil, 'bad ttl'
   end
-  return h, flat
+  return h, packed
 end
 
--- The reply for a session that cannot be read: absent or undecodable.
-local function missing(reason)
-  if reason then
-    return {'corrupt', reason}
+-- The format-2 string of the fields `h`.
+local function pack_session(h)
+  local r = {'2', h['user'], h['ver'], h['created'], h['created_ns'] or '0', h['ttl'],
+    h['op'] or ''}
+  for f, v in pairs(h) do
+    if string.sub(f, 1, 2) == 'a:' then
+      r[#r + 1] = string.sub(f, 3)
+      r[#r + 1] = v
+    end
   end
-  return {'notfound'}
+  return cmsgpack.pack(r)
 end
 
 -- Runs `command` on `key` with the items of `list` as arguments, in chunks, because unpack()
@@ -55,6 +97,47 @@ local function call_chunked(command, key, list, chunk)
   end
 end
 
+-- Stores the fields `h` at `key` in WRITE_FORMAT, replacing whatever is there, expiring one
+-- ttl from now. Returns the record's format-2 string (the scripts' replies always carry it).
+local function store_session(key, h)
+  local packed = pack_session(h)
+  if WRITE_FORMAT == '2' then
+    redis.call('SET', key, packed, 'PX', h['ttl'])
+    return packed
+  end
+  local fields = {'fmt', '1'}
+  for f, v in pairs(h) do
+    fields[#fields + 1] = f
+    fields[#fields + 1] = v
+  end
+  redis.call('DEL', key)
+  call_chunked('HSET', key, fields, 200)
+  redis.call('PEXPIRE', key, h['ttl'])
+  return packed
+end
+
+-- Slides the expiry of the session at `key` (fields `h`, `packed` as load_session gave them)
+-- by its ttl, moving a record of another format to WRITE_FORMAT. Returns its format-2 string.
+local function slide_session(key, h, packed)
+  if packed and WRITE_FORMAT == '2' then
+    redis.call('PEXPIRE', key, h['ttl'])
+    return packed
+  end
+  if not packed and WRITE_FORMAT == '1' then
+    redis.call('PEXPIRE', key, h['ttl'])
+    return pack_session(h)
+  end
+  return store_session(key, h)
+end
+
+-- The reply for a session that cannot be read: absent or undecodable.
+local function missing(reason)
+  if reason then
+    return {'corrupt', reason}
+  end
+  return {'notfound'}
+end
+
 -- Publishes one event on `channel`, inside the script that made the write, so events come out
 -- in the order of the writes. Numbers travel as strings (cjson would round big ones).
 local function publish(channel, kind, ns, id, user, ver, at)
@@ -63,9 +146,10 @@ local function publish(channel, kind, ns, id, user, ver, at)
   }))
 end
 
--- The reply for a live session: {'ok', PTTL, flat HGETALL}.
-local function reply_session(key)
-  return {'ok', redis.call('PTTL', key), redis.call('HGETALL', key)}
+-- The reply for the live session at `key`, as stored now (fields `h`, format-2 string
+-- `packed` or nil): {'ok', PTTL, format-2 string}.
+local function reply_session(key, h, packed)
+  return {'ok', redis.call('PTTL', key), packed or pack_session(h)}
 end
 
 -- The per-user session cap (see ../cap.rs). Create, update and restore may take it as an

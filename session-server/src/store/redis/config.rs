@@ -1,5 +1,6 @@
 //! The settings of the Redis store.
 
+use super::codec::RecordFormat;
 use crate::config::{ConfigError, Settings, StoreKind};
 use crate::store::cap::SessionCap;
 use crate::store::redact_url as redacted;
@@ -39,6 +40,12 @@ pub struct RedisConfig {
     /// The per-user session cap (see `cap`: kept by the write's own script on one server,
     /// under a per-user lease on a cluster).
     pub session_cap: SessionCap,
+    /// The record format writes use (`--redis-record-format`); both formats are always read,
+    /// and a record moves to this one on its next write (see `common.lua`).
+    pub record_format: RecordFormat,
+    /// Sessions the near cache holds (`--cache-capacity`; see `near_cache`); 0: no cache.
+    /// Not with `cluster`.
+    pub cache_capacity: usize,
 }
 
 impl RedisConfig {
@@ -54,6 +61,8 @@ impl RedisConfig {
             max_session_bytes,
             tls_ca: None,
             session_cap: SessionCap::UNLIMITED,
+            record_format: RecordFormat::default(),
+            cache_capacity: 0,
         }
     }
 
@@ -84,6 +93,16 @@ impl RedisConfig {
             max_session_bytes: settings.max_session_bytes,
             tls_ca,
             session_cap: SessionCap::from_settings(settings),
+            cache_capacity: settings.cache_capacity,
+            record_format: match settings.redis_record_format {
+                1 => RecordFormat::Hash,
+                2 => RecordFormat::Packed,
+                other => {
+                    return Err(ConfigError::Invalid(format!(
+                        "redis-record-format {other}: expected 1 or 2"
+                    )));
+                }
+            },
         })
     }
 
@@ -119,6 +138,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("max_session_bytes", &self.max_session_bytes)
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "set"))
             .field("session_cap", &self.session_cap)
+            .field("cache_capacity", &self.cache_capacity)
             .finish()
     }
 }

@@ -4,13 +4,15 @@
 --       op (this call's unique id, '' for none), created_ns (nanoseconds past created_ms),
 --       then attribute key/value pairs.
 -- Before ARGV, optionally: the session cap (see take_cap in common.lua), removed here.
--- Replies {'taken'}, {'toolarge', size}, {'capped'} or the session followed by how many
+-- Replies {'taken'}, {'toolarge', size}, {'capped'} or the session ({'ok', ttl, format-2
+-- string}) followed by how many
 -- sessions the cap evicted. A session this very call wrote (same op: a cluster client retried
 -- the call after a lost reply) is answered as created.
 local cap = take_cap()
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  if ARGV[10] ~= '' and redis.pcall('HGET', KEYS[1], 'op') == ARGV[10] then
-    return reply_session(KEYS[1])
+  local h, packed = load_session(KEYS[1])
+  if h and ARGV[10] ~= '' and h['op'] == ARGV[10] then
+    return reply_session(KEYS[1], h, packed)
   end
   return {'taken'}
 end
@@ -27,22 +29,16 @@ local evicted = admit(cap, ARGV[7], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
 if not evicted then
   return {'capped'}
 end
-local fields = {'fmt', '1', 'user', ARGV[7], 'ver', ARGV[9], 'created', ARGV[8], 'ttl', ARGV[5]}
+local h = {user = ARGV[7], ver = ARGV[9], created = ARGV[8], ttl = ARGV[5]}
 if ARGV[10] ~= '' then
-  fields[#fields + 1] = 'op'
-  fields[#fields + 1] = ARGV[10]
+  h['op'] = ARGV[10]
 end
 if ARGV[11] ~= '0' then
-  fields[#fields + 1] = 'created_ns'
-  fields[#fields + 1] = ARGV[11]
+  h['created_ns'] = ARGV[11]
 end
 for i = 12, #ARGV, 2 do
-  fields[#fields + 1] = 'a:' .. ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
+  h['a:' .. ARGV[i]] = ARGV[i + 1]
 end
-call_chunked('HSET', KEYS[1], fields, 200)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local stored = store_session(KEYS[1], h)
 publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[7], ARGV[9], ARGV[4])
-local reply = reply_session(KEYS[1])
-reply[4] = evicted
-return reply
+return {'ok', tonumber(ARGV[5]), stored, evicted}

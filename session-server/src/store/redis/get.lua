@@ -1,11 +1,11 @@
--- Reads a session and slides its expiry by its stored ttl (no other write). A read without a
--- slide needs no script: the store pipelines PTTL and HGETALL.
+-- Reads a session and slides its expiry by its stored ttl (no other write; a record of the
+-- other format is rewritten in WRITE_FORMAT). A read without a slide needs no script: the
+-- store pipelines PTTL and GET.
 -- KEYS[1]: session key. No ARGV.
--- Replies {'notfound'}, {'corrupt', reason} or {'ok', ttl, flat HGETALL}: the ttl just set is
--- the PTTL, and the fields are those load_session read (nothing else ran in between).
-local h, flat = load_session(KEYS[1])
+-- Replies {'notfound'}, {'corrupt', reason} or {'ok', ttl, format-2 string}: the ttl just set
+-- is the PTTL.
+local h, packed = load_session(KEYS[1])
 if not h then
-  return missing(flat)
+  return missing(packed)
 end
-redis.call('PEXPIRE', KEYS[1], h['ttl'])
-return {'ok', tonumber(h['ttl']), flat}
+return {'ok', tonumber(h['ttl']), slide_session(KEYS[1], h, packed)}

@@ -15,13 +15,13 @@ local cap = take_cap()
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'deleted'}
 end
-local h, reason = load_session(KEYS[1])
-if not h and reason then
-  return {'corrupt', reason}
+local h, packed = load_session(KEYS[1])
+if not h and packed then
+  return {'corrupt', packed}
 end
 if h then
   if ARGV[10] ~= '' and h['op'] == ARGV[10] then
-    return reply_session(KEYS[1])
+    return reply_session(KEYS[1], h, packed)
   end
   return {'conflict', h['ver']}
 end
@@ -38,22 +38,16 @@ local evicted = admit(cap, ARGV[6], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
 if not evicted then
   return {'capped'}
 end
-local fields = {'fmt', '1', 'user', ARGV[6], 'ver', '1', 'created', ARGV[7], 'ttl', ARGV[8]}
+h = {user = ARGV[6], ver = '1', created = ARGV[7], ttl = ARGV[8]}
 if ARGV[9] ~= '0' then
-  fields[#fields + 1] = 'created_ns'
-  fields[#fields + 1] = ARGV[9]
+  h['created_ns'] = ARGV[9]
 end
 if ARGV[10] ~= '' then
-  fields[#fields + 1] = 'op'
-  fields[#fields + 1] = ARGV[10]
+  h['op'] = ARGV[10]
 end
 for i = 11, #ARGV, 2 do
-  fields[#fields + 1] = 'a:' .. ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
+  h['a:' .. ARGV[i]] = ARGV[i + 1]
 end
-call_chunked('HSET', KEYS[1], fields, 200)
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
+local stored = store_session(KEYS[1], h)
 publish(ARGV[1], 'created', ARGV[2], ARGV[3], ARGV[6], 1, ARGV[4])
-local reply = reply_session(KEYS[1])
-reply[4] = evicted
-return reply
+return {'ok', tonumber(ARGV[8]), stored, evicted}

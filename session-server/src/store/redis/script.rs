@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ::redis::aio::ConnectionLike;
 use ::redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, ServerErrorKind, ToRedisArgs};
 
+use super::codec::RecordFormat;
 use crate::store::{StoreError, StoreResult};
 
 /// The scripts, each with the shared helpers of `common.lua` prepended.
@@ -39,10 +40,15 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    /// The scripts of this build.
-    pub(super) fn load() -> Self {
-        let with_helpers =
-            |body: &str| LuaScript::new(format!("{}\n{body}", include_str!("common.lua")));
+    /// The scripts of this build, writing records in `format` (see `common.lua`).
+    pub(super) fn load(format: RecordFormat) -> Self {
+        let with_helpers = |body: &str| {
+            LuaScript::new(format!(
+                "local WRITE_FORMAT = '{}'\n{}\n{body}",
+                format.lua(),
+                include_str!("common.lua")
+            ))
+        };
         Scripts {
             create: with_helpers(include_str!("create.lua")),
             get: with_helpers(include_str!("get.lua")),

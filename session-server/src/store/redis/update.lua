@@ -8,17 +8,17 @@
 -- Before ARGV, optionally: the session cap (see take_cap in common.lua), removed here; it
 -- applies when the patch gives the session another user.
 -- Replies {'notfound'}, {'corrupt', reason}, {'conflict', stored_version},
--- {'toolarge', size}, {'capped'} or the session followed by the previous user and how many
--- sessions the cap evicted. If the last write was this
+-- {'toolarge', size}, {'capped'} or the session ({'ok', ttl, format-2 string}) followed by
+-- the previous user and how many sessions the cap evicted. If the last write was this
 -- very call (same op: a cluster client retried it after a lost reply), nothing is written again
 -- and the session is the reply, as if just written.
 local cap = take_cap()
-local h, reason = load_session(KEYS[1])
+local h, packed = load_session(KEYS[1])
 if not h then
-  return missing(reason)
+  return missing(packed)
 end
 if ARGV[11] ~= '' and h['op'] == ARGV[11] then
-  local reply = reply_session(KEYS[1])
+  local reply = reply_session(KEYS[1], h, packed)
   reply[4] = h['user']
   return reply
 end
@@ -64,25 +64,23 @@ if ARGV[7] == '1' and ARGV[8] ~= h['user'] then
     return {'capped'}
   end
 end
-call_chunked('HDEL', KEYS[1], dels, 200)
-call_chunked('HSET', KEYS[1], sets, 200)
-local user = h['user']
-if ARGV[7] == '1' then
-  user = ARGV[8]
-  redis.call('HSET', KEYS[1], 'user', user)
+local old_user = h['user']
+for _, f in ipairs(dels) do
+  h[f] = nil
 end
-local ttl = h['ttl']
+for i = 1, #sets, 2 do
+  h[sets[i]] = sets[i + 1]
+end
+if ARGV[7] == '1' then
+  h['user'] = ARGV[8]
+end
 if ARGV[9] ~= '' then
-  ttl = ARGV[9]
-  redis.call('HSET', KEYS[1], 'ttl', ttl)
+  h['ttl'] = ARGV[9]
 end
 if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[1], 'op', ARGV[11])
+  h['op'] = ARGV[11]
 end
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('PEXPIRE', KEYS[1], ttl)
-publish(ARGV[1], 'updated', ARGV[2], ARGV[3], user, ver, ARGV[4])
-local reply = reply_session(KEYS[1])
-reply[4] = h['user']
-reply[5] = evicted
-return reply
+h['ver'] = string.format('%.0f', tonumber(h['ver']) + 1)
+local stored = store_session(KEYS[1], h)
+publish(ARGV[1], 'updated', ARGV[2], ARGV[3], h['user'], h['ver'], ARGV[4])
+return {'ok', tonumber(h['ttl']), stored, old_user, evicted}
