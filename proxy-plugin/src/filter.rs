@@ -267,6 +267,8 @@ pub struct Peer {
     tls: bool,
     /// The forwarding filter's values for this peer.
     forwarding: forwarding::PeerValues,
+    /// The `Host` the hygiene filter last found valid on this connection.
+    checked_host: hygiene::CheckedHost,
 }
 
 impl Peer {
@@ -277,6 +279,7 @@ impl Peer {
             addr,
             tls,
             forwarding: forwarding::PeerValues::new(addr.ip()),
+            checked_host: hygiene::CheckedHost::default(),
         }
     }
 

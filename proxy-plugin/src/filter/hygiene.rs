@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, Entry, HeaderName};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Version};
+use parking_lot::Mutex;
 
 use super::forwarding::is_forwarding_header;
 use super::{FilterContext, FilterFactory, Filtered, Reject, RequestFilter};
@@ -63,9 +64,9 @@ impl RequestFilter for HeaderHygiene {
     fn request_filter<'a>(
         &'a self,
         head: &'a mut http::request::Parts,
-        _ctx: &'a FilterContext,
+        ctx: &'a FilterContext,
     ) -> Filtered<'a> {
-        match self.apply(head) {
+        match self.apply_checked(head, Some(&ctx.peer().checked_host)) {
             Ok(()) => Filtered::pass(),
             Err(reject) => Filtered::reject(reject),
         }
@@ -90,7 +91,17 @@ impl HeaderHygiene {
 
     /// Applies the rules to `head`; `Err` is the 400 to answer.
     pub fn apply(&self, head: &mut http::request::Parts) -> Result<(), Reject> {
-        check_host(head)?;
+        self.apply_checked(head, None)
+    }
+
+    /// [`HeaderHygiene::apply`], for a request on the connection whose last valid `Host` is
+    /// `checked`: the same `Host` again is not parsed again.
+    fn apply_checked(
+        &self,
+        head: &mut http::request::Parts,
+        checked: Option<&CheckedHost>,
+    ) -> Result<(), Reject> {
+        check_host(head, checked)?;
         self.drop_names(&mut head.headers);
         join_cookie_crumbs(&mut head.headers);
         Ok(())
@@ -156,11 +167,39 @@ fn is_session_header(name: &str) -> bool {
 
 /// Whether `authority` can name the host of a request: a host, no userinfo (`user@`).
 fn valid_host(authority: &Authority) -> bool {
-    !authority.host().is_empty() && !authority.as_str().contains('@')
+    // What `!authority.host().is_empty() && !contains('@')` says, without `host()`'s
+    // splitting: without `@`, the host is empty only when the authority is, or begins with
+    // the `:` of a port.
+    let text = authority.as_str();
+    !text.is_empty() && !text.starts_with(':') && !text.contains('@')
 }
 
-/// The `Host` rules; an HTTP/2 request without `Host` gets its `:authority`.
-fn check_host(head: &mut http::request::Parts) -> Result<(), Reject> {
+/// The `Host` a connection's last request had, once the hygiene filter found it valid: an
+/// HTTP/1 client sends the same `Host` on every request of a connection, and the same bytes
+/// need no second parse (which also copied them).
+#[derive(Debug, Default)]
+pub(crate) struct CheckedHost(Mutex<Option<HeaderValue>>);
+
+impl CheckedHost {
+    /// Whether `host` is the one last found valid.
+    fn holds(&self, host: &HeaderValue) -> bool {
+        self.0.lock().as_ref() == Some(host)
+    }
+
+    /// Remembers `host` as valid (a copy: a clone would keep the client's read buffer alive).
+    fn remember(&self, host: &HeaderValue) {
+        if let Ok(copy) = HeaderValue::from_bytes(host.as_bytes()) {
+            *self.0.lock() = Some(copy);
+        }
+    }
+}
+
+/// The `Host` rules; an HTTP/2 request without `Host` gets its `:authority`. A `Host` equal
+/// to `checked`'s on a request without a target authority is known valid.
+fn check_host(
+    head: &mut http::request::Parts,
+    checked: Option<&CheckedHost>,
+) -> Result<(), Reject> {
     // The target's authority (HTTP/2 `:authority`, HTTP/1 absolute form) passes the same
     // check as `Host`: it may become `Host` below, and RFC 9110 §4.2.4 makes userinfo an error.
     if let Some(target) = head.uri.authority()
@@ -188,16 +227,26 @@ fn check_host(head: &mut http::request::Parts) -> Result<(), Reject> {
             _ => Ok(()),
         };
     };
-    let host = match Authority::try_from(host.as_bytes()) {
-        Ok(host) if valid_host(&host) => host,
+    let target = head.uri.authority();
+    if target.is_none() && checked.is_some_and(|checked| checked.holds(host)) {
+        return Ok(());
+    }
+    let parsed = match Authority::try_from(host.as_bytes()) {
+        Ok(parsed) if valid_host(&parsed) => parsed,
         _ => return Err(Reject::bad_request("invalid_host")),
     };
-    if let Some(target) = head.uri.authority()
-        && !same_authority(target, head.uri.scheme(), &host)
-    {
-        return Err(Reject::bad_request("host_mismatch"));
+    match target {
+        Some(target) if !same_authority(target, head.uri.scheme(), &parsed) => {
+            Err(Reject::bad_request("host_mismatch"))
+        }
+        Some(_) => Ok(()),
+        None => {
+            if let Some(checked) = checked {
+                checked.remember(host);
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Whether `host` names the same host and port as the target's `authority` (host names are
@@ -326,10 +375,39 @@ mod tests {
 
     #[test]
     fn host_rules() {
+        host_rules_with(None);
+    }
+
+    /// The same rules on one connection, its last valid `Host` remembered between requests.
+    #[test]
+    fn host_rules_with_a_remembered_host() {
+        let checked = CheckedHost::default();
+        host_rules_with(Some(&checked));
+        for _ in 0..2 {
+            let mut same = head(Version::HTTP_11, "/", &[("host", "example.com")]);
+            assert_eq!(reason(check_host(&mut same, Some(&checked))), None);
+            assert!(checked.holds(&HeaderValue::from_static("example.com")));
+        }
+        // A remembered `Host` still has to match a target's authority.
+        let mut other = head(
+            Version::HTTP_11,
+            "http://other.example/",
+            &[("host", "example.com")],
+        );
+        let why = reason(check_host(&mut other, Some(&checked)));
+        assert_eq!(why.as_deref(), Some("host_mismatch"));
+        // An invalid one is never remembered.
+        let mut bad = head(Version::HTTP_11, "/", &[("host", "user@example.com")]);
+        let why = reason(check_host(&mut bad, Some(&checked)));
+        assert_eq!(why.as_deref(), Some("invalid_host"));
+        assert!(checked.holds(&HeaderValue::from_static("example.com")));
+    }
+
+    fn host_rules_with(checked: Option<&CheckedHost>) {
         let check = |version, target, hosts: &[&str]| {
             let headers: Vec<_> = hosts.iter().map(|h| ("host", *h)).collect();
             let mut head = head(version, target, &headers);
-            let result = reason(check_host(&mut head));
+            let result = reason(check_host(&mut head, checked));
             (result, head)
         };
         let ok = |version, target, hosts: &[&str]| {
@@ -365,6 +443,9 @@ mod tests {
         refused(V::HTTP_11, "/", &[""], "invalid_host");
         refused(V::HTTP_11, "/", &["user@a.example"], "invalid_host");
         refused(V::HTTP_11, "/", &["a.example/x"], "invalid_host");
+        refused(V::HTTP_11, "/", &[":80"], "invalid_host");
+        ok(V::HTTP_11, "/", &["[::1]:8080"]);
+        ok(V::HTTP_11, "/", &["example.com"]);
 
         ok(V::HTTP_11, "http://a.example/p", &["A.example"]);
         ok(V::HTTP_11, "http://a.example/p", &["a.example:80"]);

@@ -525,7 +525,15 @@ impl Body for Download {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let mut poll = Pin::new(&mut this.inner).poll_frame(cx);
+        if poll.is_pending()
+            && let Some(conn) = &mut this.conn
+        {
+            // The body arrives through the connection's I/O, which this request drives.
+            conn.poll_driver(cx);
+            poll = Pin::new(&mut this.inner).poll_frame(cx);
+        }
+        match poll {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle = None;
                 this.park_if_complete();
@@ -611,7 +619,7 @@ impl ClientBody {
         let send_watch = match &inner {
             ResponseBody::Download(download) => download
                 .upstream()
-                .and_then(|upstream| SendWatch::start(request.conn(), upstream.task())),
+                .and_then(|upstream| SendWatch::start(request.conn(), upstream.task()?)),
             ResponseBody::Full(_) => None,
         };
         ClientBody {

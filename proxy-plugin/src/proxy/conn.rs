@@ -27,6 +27,7 @@
 //! On a TLS listener the wrapper sits on the TLS stream ([`ClientStream::Tls`]), after the
 //! handshake: the deadline, the 408 and the lingering close then speak TLS too.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -152,6 +153,9 @@ pub(crate) struct ConnState {
     partial_head: AtomicBool,
     /// The connection speaks HTTP/2.
     http2: AtomicBool,
+    /// An HTTP/1 request was received: unless `http2` is set (a preface sniffed), the
+    /// connection speaks HTTP/1 for good, and its HTTP/2-only watchers can stop.
+    http1: AtomicBool,
     /// The deadline passed with part of a head received, and a 408 was sent.
     timed_out: AtomicBool,
     /// Close by draining the client's input, so an early answer (413, 431) is not destroyed by
@@ -166,6 +170,8 @@ pub(crate) struct ConnState {
     upgraded: AtomicBool,
     /// The tunnel to run once hyper hands the socket over, for the connection task to await.
     tunnel: Mutex<Option<Tunnel>>,
+    /// The timer of the response timeout, kept between requests ([`ConnState::response_timer`]).
+    response_timer: Mutex<Option<Pin<Box<Sleep>>>>,
 }
 
 /// The requests of a connection being handled.
@@ -254,6 +260,34 @@ impl Drop for SendWatch {
     }
 }
 
+/// A request's response-timeout timer, lent by its connection ([`ConnState::response_timer`]).
+#[derive(Debug)]
+pub(crate) struct ResponseTimer<'a> {
+    /// The connection it goes back to.
+    conn: &'a ConnState,
+    /// The timer (`None` only while being dropped).
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl ResponseTimer<'_> {
+    /// The timer.
+    pub(crate) fn sleep(&mut self) -> Pin<&mut Sleep> {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut(),
+            None => unreachable!("a response timer has its sleep until dropped"),
+        }
+    }
+}
+
+impl Drop for ResponseTimer<'_> {
+    fn drop(&mut self) {
+        let mut kept = self.conn.response_timer.lock();
+        if kept.is_none() {
+            *kept = self.sleep.take();
+        }
+    }
+}
+
 /// Held from a request's head to the end of its response (dropped with the response body, or
 /// with the request if no response was made): the connection's next head is then due, and an
 /// HTTP/2 connection may become idle.
@@ -297,13 +331,35 @@ impl ConnState {
             sends: Mutex::new(Vec::new()),
             partial_head: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             linger: AtomicBool::new(false),
             reader: AtomicWaker::new(),
             returned: Mutex::new(None),
             upgraded: AtomicBool::new(false),
             tunnel: Mutex::new(None),
+            response_timer: Mutex::new(None),
         })
+    }
+
+    /// A timer set to `deadline`, for a request's response timeout: the connection's own,
+    /// reset, when no other request of it has that one (a timer made and dropped per request
+    /// costs a registration in the runtime's timer wheel and its removal; resetting a
+    /// registered one to a later deadline costs neither). Goes back to the connection when
+    /// dropped.
+    pub(crate) fn response_timer(&self, deadline: Instant) -> ResponseTimer<'_> {
+        let kept = self.response_timer.lock().take();
+        let sleep = match kept {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        ResponseTimer {
+            conn: self,
+            sleep: Some(sleep),
+        }
     }
 
     /// A whole request head arrived (the service was called): stop the clock until the
@@ -311,6 +367,8 @@ impl ConnState {
     pub(crate) fn request_started(self: &Arc<Self>, http2: bool) -> RequestGuard {
         if http2 {
             self.http2.store(true, Ordering::Relaxed);
+        } else {
+            self.http1.store(true, Ordering::Relaxed);
         }
         *self.deadline.lock() = None;
         let mut streams = self.streams.lock();
@@ -380,6 +438,12 @@ impl ConnState {
     /// The socket, once hyper is done with it.
     pub(crate) fn take_stream(&self) -> Option<ClientStream> {
         self.returned.lock().take()
+    }
+
+    /// Whether the connection is known to speak HTTP/1: a request came, and it was not
+    /// HTTP/2 (what [`http2_idle`] and [`http2_send_watch`] wait for before they stop).
+    fn known_http1(&self) -> bool {
+        self.http1.load(Ordering::Relaxed) && !self.http2.load(Ordering::Relaxed)
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -609,6 +673,43 @@ impl AsyncWrite for ClientIo {
         let this = self.get_mut();
         let poll = this.stream()?.poll_shutdown(cx);
         this.poll_sent(cx, poll)
+    }
+}
+
+/// An HTTP/2-only watcher of a connection ([`http2_idle`], [`http2_send_watch`]), polled
+/// until the connection is known to speak HTTP/1 and never again after that: the connection
+/// task is woken a few times per HTTP/1 request, and each wake would otherwise poll the
+/// watchers' timers for nothing.
+pub(crate) struct Http2Only<'a, F> {
+    /// The connection.
+    state: &'a ConnState,
+    /// The watcher; `None` once the connection is known to speak HTTP/1.
+    inner: Option<Pin<&'a mut F>>,
+}
+
+impl<'a, F: Future> Http2Only<'a, F> {
+    /// Polls `inner` as long as `state` may speak HTTP/2.
+    pub(crate) fn new(state: &'a ConnState, inner: Pin<&'a mut F>) -> Self {
+        Http2Only {
+            state,
+            inner: Some(inner),
+        }
+    }
+}
+
+impl<F: Future> Future for Http2Only<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        if this.inner.is_some() && this.state.known_http1() {
+            // Such a watcher never completes on HTTP/1: it would only be polled for nothing.
+            this.inner = None;
+        }
+        match &mut this.inner {
+            Some(inner) => inner.as_mut().poll(cx),
+            None => Poll::Pending,
+        }
     }
 }
 

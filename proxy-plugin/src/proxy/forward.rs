@@ -227,13 +227,16 @@ impl Proxy {
             }
             let in_flight = InFlight::start(backend.clone());
             let started = Instant::now();
-            let exchange = pool.send(request, upgrade.is_some());
+            // An HTTP/2 client's response may stall on its flow control: its connection gets
+            // a task of its own, which the connection's send watch can end.
+            let detached = parts.version == Version::HTTP_2;
+            let exchange = pool.send(request, upgrade.is_some(), detached);
             let upload = match &plan {
                 BodyPlan::Buffered(_) => None,
                 BodyPlan::Streamed(slot) => Some(slot.state()),
             };
             let timeout = limits.response_timeout;
-            let failure = match on_backend_time(exchange, timeout, started, upload).await {
+            let failure = match on_backend_time(exchange, timeout, started, upload, conn).await {
                 Ok(Ok((response, upstream))) => {
                     if upgrade.is_none() && response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         // hyper would send it and close: a backend's error, not to relay.
@@ -375,17 +378,18 @@ async fn plan_body(
 /// `response_timeout` of the backend's time: from `started` with a body in memory; with a
 /// streamed `upload`, from the client's last piece of body, the clock stopped while the proxy
 /// waits for the next (that is the client's time, bounded by `body_read_timeout`). `Err` when
-/// the backend took too long.
+/// the backend took too long. The timer is `conn`'s, reset (see [`ConnState::response_timer`]).
 async fn on_backend_time<F: Future>(
     exchange: F,
     response_timeout: std::time::Duration,
     started: Instant,
     upload: Option<&UploadState>,
+    conn: &ConnState,
 ) -> Result<F::Output, Failure> {
     let mut exchange = std::pin::pin!(exchange);
     let mut check = started + response_timeout;
-    let sleep = tokio::time::sleep_until(check);
-    let mut sleep = std::pin::pin!(sleep);
+    let mut timer = conn.response_timer(check);
+    let mut sleep = timer.sleep();
     loop {
         tokio::select! {
             biased;

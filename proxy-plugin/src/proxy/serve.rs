@@ -319,19 +319,36 @@ async fn connection(
     } = watcher;
     let result = {
         let mut conn = std::pin::pin!(builder.serve_connection_with_upgrades(io, service));
-        let idle = conn::http2_idle(&state, limits.idle_timeout, Instant::now());
+        let idle = std::pin::pin!(conn::http2_idle(
+            &state,
+            limits.idle_timeout,
+            Instant::now()
+        ));
         let timeouts = proxy.metrics.client_timeout_counters();
-        let send_watch = conn::http2_send_watch(&state, limits.send_timeout, timeouts);
+        let send_watch = std::pin::pin!(conn::http2_send_watch(
+            &state,
+            limits.send_timeout,
+            timeouts
+        ));
         // `keep_alive(false)` closes an HTTP/1 connection over the limit after its 503; an
         // HTTP/2 one gets GOAWAY once its first stream (the 503) is over.
-        let served = async {
+        let served = std::pin::pin!(async {
             if over_limit {
                 conn::http2_idle(&state, OVER_LIMIT_CHECK, Instant::now()).await;
             } else {
                 std::future::pending::<()>().await;
             }
-        };
+        });
+        // The HTTP/2-only watchers are polled no more once the connection turns out to speak
+        // HTTP/1 (they would never complete there).
+        let (idle, send_watch, served) = (
+            conn::Http2Only::new(&state, idle),
+            conn::Http2Only::new(&state, send_watch),
+            conn::Http2Only::new(&state, served),
+        );
         tokio::select! {
+            // The connection first: it is what every wake of this task is almost always for.
+            biased;
             result = conn.as_mut() => result,
             // Never completes: ends the backend requests of streams the client does not read.
             never = send_watch => match never {},

@@ -14,12 +14,27 @@
 //! nothing reached the backend. The connection is parked again ([`Pooled::park`]) once the
 //! response body has been read to its end; a response cut short closes it, since HTTP/1 cannot
 //! abandon a response and reuse the connection. A sweeper task closes connections idle for
-//! [`POOL_IDLE_TIMEOUT`] and ends with the pools. A checked-out connection can also be ended
-//! at once from outside ([`Pooled::task`]: a client that takes none of its HTTP/2 response).
-//! An upgrade request (WebSocket) gets a new connection of its own that can switch protocols,
-//! and is never parked, whatever the answer (see `proxy/tunnel.rs`).
+//! [`POOL_IDLE_TIMEOUT`] and ends with the pools. An upgrade request (WebSocket) gets a new
+//! connection of its own that can switch protocols, and is never parked, whatever the answer
+//! (see `proxy/tunnel.rs`).
+//!
+//! A connection's I/O (hyper's `Connection` future) is driven by the request using it, in
+//! that request's task ([`Pooled::poll_driver`]: while it waits for the response head, then
+//! from the response body's polls), not by a task of its own: handing every exchange over to
+//! a second task and back cost a wake, a schedule and a poll of that task per request. A parked
+//! connection is polled by nobody: a close from the backend is seen when the connection is
+//! next used (hyper reads before it writes: the request then comes back unsent, for a new
+//! connection). Two kinds of exchange still get a task for their connection
+//! ([`Pooled::task`]): an HTTP/2 client's, whose response may stall on the client's flow
+//! control while the connection must be ended from outside after `send_timeout` (its send
+//! watch), and an upgrade's (hyper hands the upgraded connection over from there). Such a
+//! connection keeps its task when parked and reused.
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::uri::Authority;
@@ -28,7 +43,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -74,12 +89,26 @@ pub(crate) struct Pool {
 /// A parked connection.
 #[derive(Debug)]
 struct Idle {
-    /// The connection's request handle (its I/O runs in a task of its own).
+    /// The connection's request handle.
     sender: SendRequest<UpstreamBody>,
-    /// That task.
-    task: AbortHandle,
+    /// What does its I/O.
+    driver: Driver,
     /// When it was parked.
     since: Instant,
+}
+
+/// hyper's side of a backend connection: the future doing its I/O.
+type Connection = http1::Connection<TokioIo<BackendStream>, UpstreamBody>;
+
+/// What does a backend connection's I/O.
+#[derive(Debug)]
+enum Driver {
+    /// The connection's future, polled by the request using it ([`Pooled::poll_driver`]).
+    Inline(Box<Connection>),
+    /// A task of its own: aborting it closes the connection.
+    Task(AbortHandle),
+    /// The connection's future has ended: it is closed.
+    Ended,
 }
 
 /// A connection checked out of a [`Pool`], for one request and its response.
@@ -87,8 +116,8 @@ struct Idle {
 pub(crate) struct Pooled {
     /// The connection's request handle.
     sender: SendRequest<UpstreamBody>,
-    /// The task doing the connection's I/O: aborting it closes the connection.
-    task: AbortHandle,
+    /// What does the connection's I/O.
+    driver: Driver,
     /// Where it goes back.
     pool: Arc<Pool>,
     /// Whether it may go back: not a connection made for an upgrade request, whatever its
@@ -124,14 +153,18 @@ impl Pool {
 
     /// Sends `request` on a pooled or new connection; the response head and the connection,
     /// to park once the response body is read. An `upgrade` request (WebSocket) goes on a new
-    /// connection that can switch protocols and is never parked.
+    /// connection that can switch protocols and is never parked. With `detached` (an HTTP/2
+    /// client's request) the connection's I/O runs in a task of its own ([`Pooled::task`]);
+    /// otherwise the caller drives it, by polling the response body.
     pub(crate) async fn send(
         self: &Arc<Self>,
         mut request: Request<UpstreamBody>,
         upgrade: bool,
+        detached: bool,
     ) -> Result<(Response<Incoming>, Pooled), SendError> {
-        if !upgrade && let Some(mut conn) = self.checkout().await {
-            match conn.sender.try_send_request(request).await {
+        if !upgrade && let Some(mut conn) = self.checkout(detached).await {
+            let response = conn.sender.try_send_request(request);
+            match conn.driving(response).await {
                 Ok(response) => return Ok((response, conn)),
                 Err(mut error) => match error.take_message() {
                     // The backend closed the pooled connection before the request was
@@ -143,7 +176,7 @@ impl Pool {
         }
         // Boxed: connecting is the rare case, and its future would make every request's
         // future (moved as it is polled) larger.
-        Box::pin(self.send_on_new(request, upgrade)).await
+        Box::pin(self.send_on_new(request, upgrade, detached)).await
     }
 
     /// Sends `request` on a new connection (one for an `upgrade`, see [`Pool::send`]).
@@ -151,42 +184,50 @@ impl Pool {
         self: &Arc<Self>,
         request: Request<UpstreamBody>,
         upgrade: bool,
+        detached: bool,
     ) -> Result<(Response<Incoming>, Pooled), SendError> {
-        let mut conn = self.connect(upgrade).await?;
-        match conn.sender.send_request(request).await {
+        let mut conn = self.connect(upgrade, detached).await?;
+        let response = conn.sender.send_request(request);
+        match conn.driving(response).await {
             Ok(response) => Ok((response, conn)),
             Err(error) => Err(SendError::Exchange(error_chain(&error))),
         }
     }
 
-    /// The most recently parked connection that is open and ready.
-    async fn checkout(self: &Arc<Self>) -> Option<Pooled> {
+    /// The most recently parked connection that is open and ready, its I/O in a task of its
+    /// own when `detached`.
+    async fn checkout(self: &Arc<Self>, detached: bool) -> Option<Pooled> {
         loop {
             let Idle {
-                mut sender,
-                task,
+                sender,
+                driver,
                 since,
             } = self.idle.lock().pop()?;
             if sender.is_closed() || since.elapsed() >= POOL_IDLE_TIMEOUT {
                 continue;
             }
-            // Ready at once but for a response whose last bytes the connection's task has yet
-            // to account for; an error means the backend closed it.
-            if sender.ready().await.is_ok() {
-                return Some(Pooled {
-                    sender,
-                    task,
-                    pool: self.clone(),
-                    reusable: true,
-                });
+            let mut conn = Pooled {
+                sender,
+                driver,
+                pool: self.clone(),
+                reusable: true,
+            };
+            // Ready at once but for the end of the last exchange, which the connection has
+            // yet to account for (polled, it also reads a close the backend sent while the
+            // connection was parked); an error means the backend closed it.
+            if std::future::poll_fn(|cx| conn.poll_ready(cx)).await.is_ok() {
+                if detached {
+                    conn.detach();
+                }
+                return Some(conn);
             }
         }
     }
 
     /// A new connection (TCP, then TLS for an `https://` backend, both within
-    /// `connect_timeout`), its I/O spawned; one that can switch protocols and is never parked
-    /// for an `upgrade` request.
-    async fn connect(self: &Arc<Self>, upgrade: bool) -> Result<Pooled, SendError> {
+    /// `connect_timeout`), its I/O in a task of its own when `detached`; one that can switch
+    /// protocols (its I/O in a task) and is never parked for an `upgrade` request.
+    async fn connect(self: &Arc<Self>, upgrade: bool, detached: bool) -> Result<Pooled, SendError> {
         let authority = self.authority.as_str();
         let connecting = async {
             let stream = TcpStream::connect(authority)
@@ -195,19 +236,18 @@ impl Pool {
             // Requests and responses are written whole: Nagle would only delay them.
             let _ = stream.set_nodelay(true);
             let Some(tls) = &self.tls else {
-                return Ok(Dialled::Plain(stream));
+                return Ok(BackendStream::Plain(stream));
             };
             match tls.connect(stream).await {
-                Ok(stream) => Ok(Dialled::Tls(Box::new(stream))),
+                Ok(stream) => Ok(BackendStream::Tls(Box::new(stream))),
                 Err(error) => Err(format!(
                     "TLS handshake with {authority}: {}",
                     error_chain(&error)
                 )),
             }
         };
-        let (sender, task) = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(Dialled::Plain(stream))) => handshake(stream, upgrade).await?,
-            Ok(Ok(Dialled::Tls(stream))) => handshake(stream, upgrade).await?,
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(SendError::Connect(error)),
             Err(_) => {
                 return Err(SendError::Connect(format!(
@@ -216,12 +256,32 @@ impl Pool {
                 )));
             }
         };
-        Ok(Pooled {
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Connect(error_chain(&error)))?;
+        let driver = if upgrade {
+            // With upgrades, a 101 hands the connection over (`hyper::upgrade::on` the
+            // response): that needs the connection's future to run to its end on its own.
+            let task = tokio::spawn(async move {
+                if let Err(error) = connection.with_upgrades().await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            Driver::Task(task.abort_handle())
+        } else {
+            Driver::Inline(Box::new(connection))
+        };
+        let mut conn = Pooled {
             sender,
-            task,
+            driver,
             pool: self.clone(),
             reusable: !upgrade,
-        })
+        };
+        if detached {
+            conn.detach();
+        }
+        Ok(conn)
     }
 
     /// Closes the connections idle since before `cutoff`, and those the backend closed.
@@ -233,60 +293,148 @@ impl Pool {
 }
 
 impl Pooled {
-    /// The connection's I/O task: aborting it ends the exchange and closes the connection
-    /// (only while this is checked out: a parked connection may serve another request).
-    pub(crate) fn task(&self) -> &AbortHandle {
-        &self.task
+    /// The connection's I/O task, if it has one (see [`Pool::send`]'s `detached`): aborting
+    /// it ends the exchange and closes the connection (only while this is checked out: a
+    /// parked connection may serve another request).
+    pub(crate) fn task(&self) -> Option<&AbortHandle> {
+        match &self.driver {
+            Driver::Task(task) => Some(task),
+            Driver::Inline(_) | Driver::Ended => None,
+        }
+    }
+
+    /// Does the connection's pending I/O, when this request drives it (no task of its own):
+    /// sends the request (and its body), reads the response into its head and body. To be
+    /// called whenever the request polls for the response head or body, so that the same
+    /// wakes reach it. Once the connection's future ends, the connection is closed.
+    pub(crate) fn poll_driver(&mut self, cx: &mut Context<'_>) {
+        let Driver::Inline(connection) = &mut self.driver else {
+            return;
+        };
+        if let Poll::Ready(ended) = Pin::new(&mut **connection).poll(cx) {
+            if let Err(error) = ended {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+            // Dropped now, so that whatever waits on it (a response head) learns at once.
+            self.driver = Driver::Ended;
+        }
+    }
+
+    /// Whether the connection takes a request now; an error when it is closed. Driven only
+    /// when not ready yet: a close the backend sent while the connection was parked is read
+    /// before the request is written (hyper reads first), and the request then comes back
+    /// unsent, for a new connection.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        if let Poll::Ready(Ok(())) = self.sender.poll_ready(cx) {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_driver(cx);
+        self.sender.poll_ready(cx)
+    }
+
+    /// Awaits `exchange` (a response head on this connection), driving the connection.
+    async fn driving<F: Future>(&mut self, exchange: F) -> F::Output {
+        let mut exchange = std::pin::pin!(exchange);
+        std::future::poll_fn(|cx| {
+            self.poll_driver(cx);
+            exchange.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Moves the connection's I/O to a task of its own.
+    fn detach(&mut self) {
+        if let Driver::Inline(connection) = std::mem::replace(&mut self.driver, Driver::Ended) {
+            let task = tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "upstream connection ended with an error");
+                }
+            });
+            self.driver = Driver::Task(task.abort_handle());
+        }
     }
 
     /// Puts the connection back for the next request (its response was read to the end).
     pub(crate) fn park(self) {
-        if !self.reusable || self.sender.is_closed() {
+        if !self.reusable || self.sender.is_closed() || matches!(self.driver, Driver::Ended) {
             return;
         }
         let mut idle = self.pool.idle.lock();
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push(Idle {
                 sender: self.sender,
-                task: self.task,
+                driver: self.driver,
                 since: Instant::now(),
             });
         }
     }
 }
 
-/// A new connection to a backend, before HTTP/1.1 is spoken on it.
-enum Dialled {
+/// A connection to a backend.
+#[derive(Debug)]
+enum BackendStream {
     /// An `http://` backend's.
     Plain(TcpStream),
     /// An `https://` backend's, its certificate verified.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// HTTP/1.1 on a new connection to a backend, its I/O spawned in a task of its own; with
-/// `upgrade`, a 101 hands the connection over (`hyper::upgrade::on` the response).
-async fn handshake<S>(
-    stream: S,
-    upgrade: bool,
-) -> Result<(SendRequest<UpstreamBody>, AbortHandle), SendError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|error| SendError::Connect(error_chain(&error)))?;
-    let task = tokio::spawn(async move {
-        let ended = if upgrade {
-            connection.with_upgrades().await
-        } else {
-            connection.await
-        };
-        if let Err(error) = ended {
-            tracing::debug!(%error, "upstream connection ended with an error");
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            BackendStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
         }
-    });
-    Ok((sender, task.abort_handle()))
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            BackendStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            BackendStream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            BackendStream::Plain(stream) => stream.is_write_vectored(),
+            BackendStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            BackendStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            BackendStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Starts the task closing the idle connections of `pools`; it ends once they are all gone.
