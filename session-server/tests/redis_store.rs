@@ -425,6 +425,49 @@ async fn both_record_formats_are_read_and_a_write_moves_a_record_to_the_written_
 }
 
 #[tokio::test]
+async fn a_record_flipping_between_formats_is_never_read_as_absent() {
+    // During a rolling upgrade both formats are written: a plain read that tries one format,
+    // then the other, may find the record rewritten in the first between its tries.
+    let Some(url) =
+        services::redis_url("a_record_flipping_between_formats_is_never_read_as_absent")
+    else {
+        return;
+    };
+    let fx = Fixture::new("flip", &url, 1024).await;
+    let old = fx.store_writing(&url, RecordFormat::Hash);
+    let packed = fx.store_writing(&url, RecordFormat::Packed);
+    let new = session("erin", &[("cart", b"1")], MINUTE);
+    old.create(new.clone()).await.expect("create");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (id, stop) = (new.id.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut flips = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                old.touch(NS, &id, None).await.expect("touch");
+                packed.touch(NS, &id, None).await.expect("touch");
+                flips += 2;
+            }
+            flips
+        })
+    };
+    let mut absent = 0;
+    for _ in 0..2000 {
+        if matches!(
+            fx.store.get(NS, &new.id, false).await,
+            Err(StoreError::NotFound)
+        ) {
+            absent += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flips = flipper.await.expect("flipper");
+    assert!(flips > 100, "the record flipped only {flips} times");
+    assert_eq!(absent, 0, "reads of a live session answered NOT_FOUND");
+    fx.cleanup().await;
+}
+
+#[tokio::test]
 async fn merged_patch_over_the_limit_is_too_large_and_writes_nothing() {
     let Some(url) =
         services::redis_url("merged_patch_over_the_limit_is_too_large_and_writes_nothing")

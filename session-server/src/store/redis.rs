@@ -326,21 +326,24 @@ impl RedisStore {
             return self.parse(reply);
         }
         // Nothing to write: two plain commands in one round trip cost Redis far less than a
-        // script. decode_record checks the fields as strictly as the scripts do.
-        match self.read_plain(conn, &key, "GET").await? {
-            // A format-1 hash: read again as one (rare once its sessions were written).
-            Err(error) if error.code() == "WRONGTYPE" => {
-                match self.read_plain(conn, &key, "HGETALL").await? {
-                    Err(error) if error.code() == "WRONGTYPE" => {
-                        Ok(Reply::Corrupt("neither a packed record nor a hash".into()))
-                    }
-                    Err(error) => Err(redis_error(error.into())),
-                    Ok(reply) => Ok(reply),
+        // script. decode_record checks the fields as strictly as the scripts do. The format
+        // this server writes is tried first; WRONGTYPE means the other one. A record another
+        // server rewrites in the other format between two tries (a rolling upgrade, both
+        // formats written) answers WRONGTYPE to both: tried again, a few times.
+        let commands = match self.config.record_format {
+            RecordFormat::Packed => ["GET", "HGETALL"],
+            RecordFormat::Hash => ["HGETALL", "GET"],
+        };
+        for _ in 0..FORMAT_TRIES {
+            for command in commands {
+                match self.read_plain(conn, &key, command).await? {
+                    Err(error) if error.code() == "WRONGTYPE" => continue,
+                    Err(error) => return Err(redis_error(error.into())),
+                    Ok(reply) => return Ok(reply),
                 }
             }
-            Err(error) => Err(redis_error(error.into())),
-            Ok(reply) => Ok(reply),
         }
+        Ok(Reply::Corrupt("neither a packed record nor a hash".into()))
     }
 
     /// `PTTL` and `command` (`GET` or `HGETALL`) of `key` in one round trip. The inner `Err` is
@@ -531,6 +534,10 @@ impl RedisStore {
         Ok(record)
     }
 }
+
+/// How many times a plain read tries both record formats before it calls the key
+/// undecodable (see [`RedisStore::read`]).
+const FORMAT_TRIES: usize = 5;
 
 /// The conditions of a delete, and what its event reports.
 #[derive(Debug, Default, Clone, Copy)]

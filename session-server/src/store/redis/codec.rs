@@ -239,7 +239,7 @@ fn unpack_record(packed: &[u8]) -> Result<Fields, String> {
     let ttl_ms = digits(next()?).filter(|t| *t > 0).ok_or("bad ttl")?;
     next()?; // op: only the scripts read it
     // Each element takes at least one byte: a length beyond the input is a lie, not a size.
-    let mut attrs = HashMap::with_capacity(((len - 7) / 2).min(remaining / 2));
+    let mut attrs = HashMap::with_capacity(((len - 7) / 2).min(remaining / 2).min(1024));
     for _ in 0..(len - 7) / 2 {
         let key = String::from_utf8(next()?.to_vec()).map_err(|_| "key not UTF-8")?;
         attrs.insert(key, next()?.to_vec());
@@ -347,8 +347,11 @@ mod msgpack {
     }
 }
 
-/// A field of ASCII digits as a number.
+/// A field of ASCII digits as a number (nothing else: no sign, as the scripts' `^%d+$`).
 fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
