@@ -814,6 +814,7 @@ async fn call(
                     namespace: String::new(),
                     id: id(),
                     touch: false,
+                    bypass_cache: false,
                 })
                 .await?;
         }

@@ -385,6 +385,7 @@ async fn proxy_mode_reads_injected_headers_and_writes_to_the_store() {
             namespace: demo::DEFAULT_NAMESPACE.into(),
             id: id.clone(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .unwrap()

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use session_proto::v1::GetRequest;
-//! let req = GetRequest { namespace: "shop".into(), id: "x".repeat(32), touch: true };
+//! let req = GetRequest { namespace: "shop".into(), id: "x".repeat(32), touch: true, ..Default::default() };
 //! assert!(req.touch);
 //! ```
 

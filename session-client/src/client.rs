@@ -713,10 +713,28 @@ impl SessionClient {
 
     /// Reads a session; with `touch`, also slides its expiry.
     pub async fn get(&self, id: &str, touch: bool) -> Result<SessionData, ClientError> {
+        self.get_with(id, touch, false).await
+    }
+
+    /// [`SessionClient::get`] read from the store itself, past the session server's own cache
+    /// (`GetRequest.bypass_cache`, the Redis near cache of `--cache-capacity`): for a caller
+    /// that caches the answer itself, so that a read in the near cache's staleness window is
+    /// not kept for longer.
+    pub async fn get_uncached(&self, id: &str, touch: bool) -> Result<SessionData, ClientError> {
+        self.get_with(id, touch, true).await
+    }
+
+    async fn get_with(
+        &self,
+        id: &str,
+        touch: bool,
+        bypass_cache: bool,
+    ) -> Result<SessionData, ClientError> {
         let message = v1::GetRequest {
             namespace: self.config.namespace.clone(),
             id: id.to_owned(),
             touch,
+            bypass_cache,
         };
         let session = rpc!(self, Replay::Safe, get, message)?;
         Ok(session.into())

@@ -149,7 +149,8 @@ impl SessionService {
     }
 
     /// Get (`touch` false) or a touch with the session's own ttl (Get with touch, Touch
-    /// without a ttl): read first, and written only when the slide moves the expiry by at
+    /// without a ttl): read first (from the store itself with `uncached`, see
+    /// `GetRequest.bypass_cache`), and written only when the slide moves the expiry by at
     /// least the granularity (counted in `stickless_touches_total`).
     async fn get_or_touch(
         &self,
@@ -157,8 +158,14 @@ impl SessionService {
         id: &str,
         touch: bool,
         new_ttl: Option<Duration>,
+        uncached: bool,
     ) -> StoreResult<SessionRecord> {
-        let read = lifetime::alive(self.store.get(namespace, id, false).await?)?;
+        let read = if uncached {
+            self.store.get_uncached(namespace, id).await?
+        } else {
+            self.store.get(namespace, id, false).await?
+        };
+        let read = lifetime::alive(read)?;
         if !touch {
             return Ok(read);
         }
@@ -536,7 +543,7 @@ impl SessionStoreApi for SessionService {
             let (req, namespace) = admit(request, "Get", Access::Read, |r| &r.namespace)?;
             check_id(&req.id)?;
             self.answer(
-                self.get_or_touch(&namespace, &req.id, req.touch, None)
+                self.get_or_touch(&namespace, &req.id, req.touch, None, req.bypass_cache)
                     .await,
             )
             .await
@@ -594,8 +601,11 @@ impl SessionStoreApi for SessionService {
             let (req, namespace) = admit(request, "Touch", Access::Write, |r| &r.namespace)?;
             check_id(&req.id)?;
             let ttl = self.ttl(req.ttl)?;
-            self.answer(self.get_or_touch(&namespace, &req.id, true, ttl).await)
-                .await
+            self.answer(
+                self.get_or_touch(&namespace, &req.id, true, ttl, false)
+                    .await,
+            )
+            .await
         })
         .await
     }

@@ -224,6 +224,7 @@ async fn send(
                     namespace,
                     id,
                     touch: method == Method::GetWithTouch,
+                    bypass_cache: false,
                 },
             ))
             .await
@@ -413,6 +414,7 @@ async fn a_call_outside_the_scope_changes_nothing_and_learns_nothing() {
                 namespace: "demo".into(),
                 id: demo.id.clone(),
                 touch: true,
+                bypass_cache: false,
             },
         ))
         .await
@@ -432,6 +434,7 @@ async fn a_call_outside_the_scope_changes_nothing_and_learns_nothing() {
                     namespace: "shop".into(),
                     id,
                     touch: false,
+                    bypass_cache: false,
                 },
             ))
             .await

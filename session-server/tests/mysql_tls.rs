@@ -242,6 +242,7 @@ async fn binary_serves_create_and_get_over_mysql_with_verify_ca() {
             namespace: "tls".into(),
             id: created.id.clone(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .expect("get")

@@ -123,7 +123,7 @@ async fn a_hit_is_answered_without_redis() {
     let mut raw = raw(&redis.url()).await;
     redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(1500)
+        .arg(3000)
         .arg("ALL")
         .query_async::<()>(&mut raw)
         .await
@@ -139,6 +139,13 @@ async fn a_hit_is_answered_without_redis() {
     );
     let unknown = tokio::time::timeout(Duration::from_millis(500), version(&store, "nope")).await;
     assert!(unknown.is_err(), "a miss must wait for the paused Redis");
+    // GetRequest.bypass_cache (a caller with its own cache) reads Redis, never the cache.
+    let bypass =
+        tokio::time::timeout(Duration::from_millis(500), store.get_uncached(NS, &id)).await;
+    assert!(
+        bypass.is_err(),
+        "a read past the cache must wait for the paused Redis"
+    );
     let counted = stats(&store);
     assert_eq!(
         (counted.hits, counted.misses),

@@ -80,6 +80,7 @@ async fn calls_go_through_the_sentinels_to_the_primary() {
         namespace: String::new(),
         id: id.to_string(),
         touch: false,
+        bypass_cache: false,
     };
     let read = client
         .get(get(&created.id))

@@ -103,6 +103,7 @@ async fn serves_calls_and_watch(settings: Settings) {
             namespace: "tls".into(),
             id: created.id.clone(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .expect("get")
@@ -130,6 +131,7 @@ async fn serves_calls_and_watch(settings: Settings) {
             namespace: "tls".into(),
             id: created.id.clone(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .unwrap_err();
@@ -227,6 +229,7 @@ async fn binary_with_redis_ca_flag_serves_sessions_from_a_tls_redis() {
             namespace: "tls".into(),
             id: created.into_inner().id,
             touch: false,
+            bypass_cache: false,
         })
         .await
         .expect("get");

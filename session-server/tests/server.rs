@@ -179,6 +179,7 @@ async fn metrics_count_calls_by_method_and_code() {
             namespace: "".into(),
             id: s.id.clone(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .unwrap();
@@ -186,6 +187,7 @@ async fn metrics_count_calls_by_method_and_code() {
         namespace: "".into(),
         id: "A".repeat(32),
         touch: false,
+        bypass_cache: false,
     };
     client.get(missing).await.unwrap_err();
 
@@ -270,6 +272,7 @@ async fn serving_threads_answer_every_connection_and_drain_on_shutdown() {
                 namespace: "".into(),
                 id: id.clone(),
                 touch: false,
+                bypass_cache: false,
             })
             .await
             .unwrap()
@@ -375,6 +378,7 @@ async fn redis_at_a_dead_port_is_unavailable_within_the_timeout() {
         namespace: "".into(),
         id: "A".repeat(32),
         touch: false,
+        bypass_cache: false,
     };
     assert_eq!(
         client.get(missing).await.unwrap_err().code(),
@@ -404,6 +408,7 @@ async fn silent_redis_gives_deadline_exceeded_within_the_timeout() {
         namespace: "".into(),
         id: "A".repeat(32),
         touch: false,
+        bypass_cache: false,
     };
     let get = client.get(missing);
     fails_within("get", settings.store_timeout, get, deadline).await;
@@ -457,6 +462,7 @@ async fn redis_that_stops_gives_unavailable_then_recovers_without_restart() {
             namespace: "".into(),
             id: s.id,
             touch: true,
+            bypass_cache: false,
         })
         .await
         .unwrap();

@@ -65,6 +65,7 @@ async fn tls_client_trusting_the_ca_is_served_api_health_and_reflection() {
                 namespace: "tls".into(),
                 id: id.clone(),
                 touch: false,
+                bypass_cache: false,
             })
             .await
             .unwrap()

@@ -123,6 +123,7 @@ async fn cas_increments_split_across_two_servers_lose_nothing(shared: Shared) {
         namespace: String::new(),
         id: counter.id.clone(),
         touch: false,
+        bypass_cache: false,
     };
     let end = servers.two.client().await.get(read).await.expect("get");
     let end = end.into_inner();

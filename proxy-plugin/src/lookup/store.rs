@@ -24,6 +24,11 @@ pub(super) struct Store {
     client: SessionClient,
     /// Bound on one call (`LookupConfig::timeout`).
     timeout: Duration,
+    /// Reads go past the session server's own cache (`GetRequest.bypass_cache`): set when the
+    /// plugin keeps a lookup cache, which would otherwise keep a read of the server's near
+    /// cache made inside its staleness window (after the Watch event that invalidated the
+    /// entry) for a whole touch window.
+    uncached: bool,
     /// Down or slow: a timeout within the outage grace of the store's last answer (or of the
     /// plugin's start) is not an outage.
     outage: OutageGrace,
@@ -68,6 +73,7 @@ impl Store {
         Ok(Store {
             client,
             timeout: config.timeout,
+            uncached: config.cache > 0,
             outage: OutageGrace::new(config.outage_grace),
         })
     }
@@ -94,8 +100,12 @@ impl Store {
         &self.client
     }
 
-    /// Reads session `id`, sliding its expiry (as a backend's read would).
+    /// Reads session `id`, sliding its expiry (as a backend's read would); past the server's
+    /// cache when the plugin has its own.
     pub(super) async fn get(&self, id: &str) -> Result<SessionData, ClientError> {
+        if self.uncached {
+            return self.call(self.client.get_uncached(id, true)).await;
+        }
         self.call(self.client.get(id, true)).await
     }
 

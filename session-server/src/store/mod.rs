@@ -248,6 +248,13 @@ pub trait SessionStore: Send + Sync + 'static {
     /// update, version unchanged).
     async fn get(&self, namespace: &str, id: &str, touch: bool) -> StoreResult<SessionRecord>;
 
+    /// Reads a live session from the store itself, never from a cache this server keeps of it
+    /// (the Redis store's near cache), without sliding its expiry. Stores without a cache:
+    /// [`SessionStore::get`].
+    async fn get_uncached(&self, namespace: &str, id: &str) -> StoreResult<SessionRecord> {
+        self.get(namespace, id, false).await
+    }
+
     /// Applies an attribute-level patch atomically, bumps the version and slides the expiry.
     /// A patch that gives the session another (non-empty) user is subject to the session cap
     /// as a create is ([`cap`]).

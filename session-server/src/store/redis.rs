@@ -689,6 +689,11 @@ impl SessionStore for RedisStore {
         Ok(record)
     }
 
+    async fn get_uncached(&self, namespace: &str, id: &str) -> StoreResult<SessionRecord> {
+        self.bounded(self.read_sliding(namespace, id, Slide::Keep))
+            .await
+    }
+
     async fn update(&self, namespace: &str, id: &str, patch: Patch) -> StoreResult<SessionRecord> {
         let _forget = self.forgetting(namespace, &[id]);
         let user = patch.user_id.as_deref().unwrap_or_default();

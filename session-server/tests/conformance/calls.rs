@@ -67,6 +67,7 @@ pub async fn get(client: &mut Client, ns: &str, id: &str) -> Result<Session, ton
             namespace: ns.into(),
             id: id.into(),
             touch: false,
+            bypass_cache: false,
         })
         .await
         .map(|r| r.into_inner())

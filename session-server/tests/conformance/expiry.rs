@@ -74,6 +74,7 @@ async fn timed_get(c: &mut Client, id: &str) -> Timed {
         namespace: "".into(),
         id: id.into(),
         touch: false,
+        bypass_cache: false,
     };
     timed(c.get(request)).await
 }
@@ -132,6 +133,7 @@ pub async fn expiry_after_ttl(backend: Backend) {
             namespace: "".into(),
             id: s.id.clone(),
             touch: true,
+            bypass_cache: false,
         })
         .await;
     assert_eq!(touching_get.unwrap_err().code(), Code::NotFound);
@@ -201,6 +203,7 @@ async fn touched_outlives_untouched(c: &mut Client) -> Result<(), String> {
                 namespace: "".into(),
                 id: touched.id.clone(),
                 touch: true,
+                bypass_cache: false,
             }))
             .await
         };

@@ -67,6 +67,7 @@ async fn touch(
             namespace: String::new(),
             id: id.into(),
             touch: true,
+            bypass_cache: false,
         })
         .await
     } else {

@@ -123,6 +123,7 @@ async fn grpc_answers_an_outage_while_mysql_is_down_then_recovers() {
         namespace: String::new(),
         id: created.id.clone(),
         touch: true,
+        bypass_cache: false,
     };
 
     db.stop();

@@ -48,6 +48,7 @@ fn get_request(id: &str) -> GetRequest {
         namespace: String::new(),
         id: id.to_string(),
         touch: false,
+        bypass_cache: false,
     }
 }
 

@@ -71,6 +71,7 @@ async fn increment(
                 namespace: namespace.clone(),
                 id: id.clone(),
                 touch: false,
+                bypass_cache: false,
             };
             let current = client.get(read).await.expect("read the counter");
             if std::mem::take(&mut first) {
