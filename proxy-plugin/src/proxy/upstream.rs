@@ -31,7 +31,6 @@
 //! connection keeps its task when parked and reused.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -43,12 +42,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::body::UpstreamBody;
+use super::conn::MaybeTls;
 use crate::tls::BackendTls;
 
 /// Idle upstream connections are closed after this: below the usual backend keep-alive
@@ -370,72 +369,9 @@ impl Pooled {
     }
 }
 
-/// A connection to a backend.
-#[derive(Debug)]
-enum BackendStream {
-    /// An `http://` backend's.
-    Plain(TcpStream),
-    /// An `https://` backend's, its certificate verified.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for BackendStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
-            BackendStream::Tls(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for BackendStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
-            BackendStream::Tls(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-            BackendStream::Tls(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            BackendStream::Plain(stream) => stream.is_write_vectored(),
-            BackendStream::Tls(stream) => stream.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_flush(cx),
-            BackendStream::Tls(stream) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            BackendStream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
-            BackendStream::Tls(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
-    }
-}
+/// A backend connection's byte stream: the socket of an `http://` backend, or the TLS session
+/// of an `https://` one, its certificate verified.
+type BackendStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// Starts the task closing the idle connections of `pools`; it ends once they are all gone.
 pub(crate) fn sweep_idle(pools: &[Arc<Pool>]) {
