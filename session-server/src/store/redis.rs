@@ -327,23 +327,21 @@ impl RedisStore {
         }
         // Nothing to write: two plain commands in one round trip cost Redis far less than a
         // script. decode_record checks the fields as strictly as the scripts do. The format
-        // this server writes is tried first; WRONGTYPE means the other one. A record another
-        // server rewrites in the other format between two tries (a rolling upgrade, both
-        // formats written) answers WRONGTYPE to both: tried again, a few times.
-        let commands = match self.config.record_format {
-            RecordFormat::Packed => ["GET", "HGETALL"],
-            RecordFormat::Hash => ["HGETALL", "GET"],
+        // this server writes is tried; WRONGTYPE means the other one (or not a session at
+        // all), read then by `read.lua` in one atomic step, since another server may rewrite
+        // the record in the other format between two plain tries (a rolling upgrade).
+        let command = match self.config.record_format {
+            RecordFormat::Packed => "GET",
+            RecordFormat::Hash => "HGETALL",
         };
-        for _ in 0..FORMAT_TRIES {
-            for command in commands {
-                match self.read_plain(conn, &key, command).await? {
-                    Err(error) if error.code() == "WRONGTYPE" => continue,
-                    Err(error) => return Err(redis_error(error.into())),
-                    Ok(reply) => return Ok(reply),
-                }
+        match self.read_plain(conn, &key, command).await? {
+            Err(error) if error.code() == "WRONGTYPE" => {
+                let reply = self.scripts.read.key(key).invoke_async(conn).await;
+                self.parse(reply)
             }
+            Err(error) => Err(redis_error(error.into())),
+            Ok(reply) => Ok(reply),
         }
-        Ok(Reply::Corrupt("neither a packed record nor a hash".into()))
     }
 
     /// `PTTL` and `command` (`GET` or `HGETALL`) of `key` in one round trip. The inner `Err` is
@@ -534,10 +532,6 @@ impl RedisStore {
         Ok(record)
     }
 }
-
-/// How many times a plain read tries both record formats before it calls the key
-/// undecodable (see [`RedisStore::read`]).
-const FORMAT_TRIES: usize = 5;
 
 /// The conditions of a delete, and what its event reports.
 #[derive(Debug, Default, Clone, Copy)]

@@ -21,6 +21,8 @@ pub(super) struct Scripts {
     pub(super) create: LuaScript,
     /// `get.lua`: read and slide the expiry.
     pub(super) get: LuaScript,
+    /// `read.lua`: read either format in one step, writing nothing.
+    pub(super) read: LuaScript,
     /// `update.lua`: attribute patch, compare-and-set, owner and ttl change.
     pub(super) update: LuaScript,
     /// `touch.lua`: slide the expiry, optionally to a new ttl.
@@ -52,6 +54,7 @@ impl Scripts {
         Scripts {
             create: with_helpers(include_str!("create.lua")),
             get: with_helpers(include_str!("get.lua")),
+            read: with_helpers(include_str!("read.lua")),
             update: with_helpers(include_str!("update.lua")),
             touch: with_helpers(include_str!("touch.lua")),
             delete: with_helpers(include_str!("delete.lua")),
